@@ -1,0 +1,33 @@
+# Every target creates its own virtual environment, so a fresh clone needs nothing but Python 3.11+.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.confnb-installed
+
+.PHONY: demo test lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/confnb demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check confnb kernel_enclave tests benchmarks
+	$(BIN)/ruff format --check confnb kernel_enclave tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy confnb/attest
+
+test: lint typecheck
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/attest_verify.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,220 @@
+"""The appraisal policy: which genuine SEV-SNP VMs a verifier accepts (the ``[attestation]`` table).
+
+Authenticity says "AMD signed this"; the policy says "and it is the VM I meant": its launch measurement, its
+firmware floor, no debugging, no migration agent, the right privilege level. Analysts and data owners write it in
+TOML. Every key is validated, and every error names the key and the line, because a silently ignored typo in a
+security policy (``reject_debg = true``) is a hole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confnb.attest.errors import PolicyError
+from confnb.attest.report import Product
+from confnb.attest.tcb import COMPONENTS
+
+_HEX = re.compile(r"^[0-9a-fA-F]*$")
+_SIGNING_KEYS = ("VCEK", "VLEK")
+_FIRMWARE = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?$")
+
+
+@dataclass(frozen=True)
+class AttestationPolicy:
+    """Defaults are the strict choices; a key left out keeps its default, an optional allowlist left out is off."""
+
+    allow_simulated: bool = False
+    measurements: tuple[str, ...] | None = None  # None: not pinned; (): reject every measurement
+    host_data: tuple[str, ...] | None = None
+    min_tcb: dict[str, int] = field(default_factory=dict)  # applies to every product
+    min_tcb_by_product: dict[str, dict[str, int]] = field(default_factory=dict)
+    reject_debug: bool = True
+    reject_migration_agent: bool = True
+    max_vmpl: int = 0
+    max_evidence_age_s: int | None = None
+    signing_keys: tuple[str, ...] = _SIGNING_KEYS
+    products: tuple[str, ...] | None = None
+    min_guest_svn: int = 0
+    min_firmware: tuple[int, int, int] | None = None
+    permit_provisional_firmware: bool = False
+    check_revocation: bool = False
+    source: str = field(default="<defaults>", compare=False)
+
+    def minimum_tcb(self, product: Product | None) -> dict[str, int]:
+        """The TCB floor for ``product``: the generic floor, overridden by that product's own table."""
+        floor = dict(self.min_tcb)
+        if product is not None:
+            floor.update(self.min_tcb_by_product.get(product.value, {}))
+        return floor
+
+    def to_dict(self) -> dict[str, Any]:
+        document = asdict(self)
+        document.pop("source")
+        for key, value in list(document.items()):
+            if isinstance(value, tuple):
+                document[key] = list(value)
+        if self.min_firmware is not None:
+            document["min_firmware"] = ".".join(map(str, self.min_firmware))
+        return document
+
+    def digest(self) -> str:
+        """``sha256:<hex>`` of the policy's canonical JSON: what audit entries and receipts name."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return "sha256:" + hashlib.sha256(canonical).hexdigest()
+
+    # -- loading --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> AttestationPolicy:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PolicyError(f"{path}: cannot read policy: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise PolicyError(f"{path}: policy is not UTF-8 text") from None
+        return cls.from_toml(text, source=str(path))
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "<policy>") -> AttestationPolicy:
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"{source}: not valid TOML: {exc}") from None
+        table = document.get("attestation")
+        if table is None:
+            raise PolicyError(f"{source}: no [attestation] table")
+        return _Reader(text, source).read(table)
+
+
+class _Reader:
+    """Validates the ``[attestation]`` table key by key, naming the line of each offending key."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.lines = text.splitlines()
+        self.source = source
+
+    def fail(self, key: str, message: str) -> PolicyError:
+        line = _line_of(self.lines, key)
+        where = f"{self.source}:{line}" if line else self.source
+        return PolicyError(f"{where}: attestation.{key}: {message}")
+
+    def read(self, table: Any) -> AttestationPolicy:
+        if not isinstance(table, dict):
+            raise self.fail("", "[attestation] must be a table")
+        known = {name for name in AttestationPolicy.__dataclass_fields__ if name != "source"} - {"min_tcb_by_product"}
+        for key in table:
+            if key not in known:
+                raise self.fail(key, f"unknown key (known keys: {', '.join(sorted(known))})")
+        values: dict[str, Any] = {"source": self.source}
+        for key in (
+            "allow_simulated",
+            "reject_debug",
+            "reject_migration_agent",
+            "permit_provisional_firmware",
+            "check_revocation",
+        ):
+            if key in table:
+                values[key] = self.boolean(key, table[key])
+        if "measurements" in table:
+            values["measurements"] = self.hex_list("measurements", table["measurements"], 48)
+        if "host_data" in table:
+            values["host_data"] = self.hex_list("host_data", table["host_data"], 32)
+        if "min_tcb" in table:
+            values["min_tcb"], values["min_tcb_by_product"] = self.min_tcb(table["min_tcb"])
+        if "max_vmpl" in table:
+            values["max_vmpl"] = self.integer("max_vmpl", table["max_vmpl"], 0, 3)
+        if "max_evidence_age_s" in table:
+            values["max_evidence_age_s"] = self.integer("max_evidence_age_s", table["max_evidence_age_s"], 1, 10**9)
+        if "min_guest_svn" in table:
+            values["min_guest_svn"] = self.integer("min_guest_svn", table["min_guest_svn"], 0, 2**32 - 1)
+        if "signing_keys" in table:
+            values["signing_keys"] = self.choices("signing_keys", table["signing_keys"], _SIGNING_KEYS)
+        if "products" in table:
+            values["products"] = self.choices("products", table["products"], tuple(p.value for p in Product))
+        if "min_firmware" in table:
+            values["min_firmware"] = self.firmware("min_firmware", table["min_firmware"])
+        return AttestationPolicy(**values)
+
+    def boolean(self, key: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, not {value!r}")
+        return value
+
+    def integer(self, key: str, value: Any, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(key, f"must be an integer from {low} to {high}, not {value!r}")
+        return value
+
+    def hex_list(self, key: str, value: Any, size: int) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise self.fail(key, f"must be a list of {2 * size}-character hex strings")
+        for item in value:
+            if not isinstance(item, str) or len(item) != 2 * size or not _HEX.match(item):
+                raise self.fail(key, f"{item!r} is not {2 * size} hex characters ({size} bytes)")
+        return tuple(item.lower() for item in value)
+
+    def choices(self, key: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.fail(key, f"must be a non-empty list drawn from {', '.join(allowed)}")
+        for item in value:
+            if item not in allowed:
+                raise self.fail(key, f"{item!r} is not one of {', '.join(allowed)}")
+        return tuple(value)
+
+    def firmware(self, key: str, value: Any) -> tuple[int, int, int]:
+        match = _FIRMWARE.match(value) if isinstance(value, str) else None
+        if not match:
+            raise self.fail(key, f'must be a version like "1.55" or "1.55.29", not {value!r}')
+        major, minor, build = (int(part or 0) for part in match.groups())
+        return (major, minor, build)
+
+    def tcb_table(self, key: str, value: Any) -> dict[str, int]:
+        if not isinstance(value, dict):
+            raise self.fail(key, "must be a table of SPLs such as { bootloader = 3, snp = 8 }")
+        for name, spl in value.items():
+            if name not in COMPONENTS:
+                raise self.fail(f"{key}.{name}", f"unknown TCB component (known: {', '.join(COMPONENTS)})")
+            self.integer(f"{key}.{name}", spl, 0, 255)
+        return dict(value)
+
+    def min_tcb(self, value: Any) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        if not isinstance(value, dict):
+            raise self.fail("min_tcb", "must be a table of SPLs, or of per-product tables (Milan, Genoa, Turin)")
+        products = {p.value for p in Product}
+        generic = {name: spl for name, spl in value.items() if name not in products}
+        per_product = {
+            name: self.tcb_table(f"min_tcb.{name}", table) for name, table in value.items() if name in products
+        }
+        return self.tcb_table("min_tcb", generic), per_product
+
+
+def _line_of(lines: list[str], dotted_key: str) -> int | None:
+    """The 1-based line where ``dotted_key`` of the attestation table is set, found by a forgiving scan.
+
+    tomllib reports no positions for values, so this scans the text: inside ``[attestation]`` (or one of its
+    sub-tables) it looks for the last component of the key on the left of an ``=``.
+    """
+    if not dotted_key:
+        return None
+    leaf = dotted_key.rsplit(".", maxsplit=1)[-1]
+    header = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]")
+    assignment = re.compile(rf"(^|[{{,\s.])\"?{re.escape(leaf)}\"?\s*=")
+    in_attestation = False
+    for number, line in enumerate(lines, start=1):
+        found = header.match(line)
+        if found:
+            name = found.group(1).replace(" ", "")
+            in_attestation = name == "attestation" or name.startswith("attestation.")
+            if in_attestation and name.split(".")[-1] == leaf:
+                return number
+            continue
+        if in_attestation and assignment.search(line.split("#", 1)[0]):
+            return number
+    return None

@@ -1,0 +1,138 @@
+"""Fixtures shared by every suite: the real AMD vectors from ../shared, and the verification clock."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from kernel_enclave.tee.simulated import SimulatedBackend
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_VECTORS = REPO.parent / "shared" / "vectors" / "snp"
+NO_VECTORS = (
+    f"real SEV-SNP vectors not found at {SHARED_VECTORS}: they live in ../shared beside the project "
+    "and are never copied into it"
+)
+
+
+@dataclass(frozen=True)
+class Vector:
+    """One real report with its certificates and the outcomes vectors.json promises."""
+
+    id: str
+    report: bytes
+    vek: bytes
+    chain: bytes
+    signing_key: str
+    product: str
+    version: int
+    expected: dict[str, Any]
+    meta: dict[str, Any]
+
+    @property
+    def vek_not_after(self) -> datetime:
+        return datetime.fromisoformat(self.expected["vek_not_after"])
+
+    @property
+    def inside_validity(self) -> datetime:
+        """A moment when every certificate of this vector is valid (VLEKs expire after a year)."""
+        return self.vek_not_after - timedelta(days=30)
+
+
+def _load_vectors() -> list[Vector]:
+    index = SHARED_VECTORS / "vectors.json"
+    if not index.is_file():
+        return []
+    vectors = []
+    for entry in json.loads(index.read_text()):
+        vectors.append(
+            Vector(
+                id=entry["id"],
+                report=(SHARED_VECTORS / entry["report"]).read_bytes(),
+                vek=(SHARED_VECTORS / entry["vek"]).read_bytes(),
+                chain=(SHARED_VECTORS / entry["chain"]).read_bytes(),
+                signing_key=entry["signing_key"],
+                product=entry["product"],
+                version=entry["version"],
+                expected=entry["expected"],
+                meta=entry,
+            )
+        )
+    return vectors
+
+
+VECTORS = _load_vectors()
+
+
+def vector_by_id(identifier: str) -> Vector:
+    if not VECTORS:
+        pytest.skip(NO_VECTORS)
+    return next(vector for vector in VECTORS if vector.id == identifier)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests taking ``vector`` run once per real report (or skip, saying why, when ../shared is absent)."""
+    if "vector" in metafunc.fixturenames:
+        if VECTORS:
+            metafunc.parametrize("vector", VECTORS, ids=[vector.id for vector in VECTORS])
+        else:
+            metafunc.parametrize("vector", [pytest.param(None, marks=pytest.mark.skip(reason=NO_VECTORS))])
+
+
+@pytest.fixture
+def shared_vectors() -> Path:
+    if not SHARED_VECTORS.is_dir():
+        pytest.skip(NO_VECTORS)
+    return SHARED_VECTORS
+
+
+@pytest.fixture
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.fixture(autouse=True)
+def _offline_kds(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test may reach AMD's KDS or read the user's certificate cache."""
+    monkeypatch.setenv("CONFNB_OFFLINE", "1")
+    monkeypatch.setenv("CONFNB_KDS_CACHE", str(tmp_path_factory.mktemp("kds-cache")))
+
+
+# -- simulated TEE (kernel_enclave.tee.simulated) ---------------------------------------------------------
+# RSA-4096 key generation takes seconds, so the simulated ARK -> ASK -> VCEK chain is generated at most once per
+# test session, lazily, into one temporary directory that every test reuses (CONFNB_SIMULATED_TEE_DIR points
+# there): no test generates a chain by accident, and none touches the user's ~/.local/share/confnb/simulated-tee.
+
+
+@pytest.fixture(scope="session")
+def _simulated_tee_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("simulated-tee")
+
+
+@pytest.fixture(scope="session")
+def simulated_tee_dir(_simulated_tee_path: Path) -> Path:
+    """The state directory of the session's simulated chip, generated on first use."""
+    from kernel_enclave.tee.simulated import SimulatedBackend
+
+    SimulatedBackend(state_dir=_simulated_tee_path)
+    return _simulated_tee_path
+
+
+@pytest.fixture(scope="session")
+def simulated_backend(simulated_tee_dir: Path) -> SimulatedBackend:
+    """A simulated backend on the session's chip, measuring the current kernel_enclave code."""
+    from kernel_enclave.tee.simulated import SimulatedBackend
+
+    return SimulatedBackend(state_dir=simulated_tee_dir)
+
+
+@pytest.fixture(autouse=True)
+def _simulated_tee_env(monkeypatch: pytest.MonkeyPatch, _simulated_tee_path: Path) -> None:
+    """Default-constructed simulated backends use the session chip, never the user's."""
+    monkeypatch.setenv("CONFNB_SIMULATED_TEE_DIR", str(_simulated_tee_path))
