@@ -118,9 +118,9 @@ class VekExtensions:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Cert:
-    """A parsed certificate with what the verifier keeps asking of it computed once."""
+    """A parsed certificate with what the verifier keeps asking of it computed once. Equal when the DER is."""
 
     der: bytes
     certificate: x509.Certificate = field(repr=False)
@@ -132,6 +132,12 @@ class Cert:
     subject: x509.Name = field(repr=False)
     issuer: x509.Name = field(repr=False)
     name_problems: tuple[str, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Cert) and other.der == self.der
+
+    def __hash__(self) -> int:
+        return hash(self.der)
 
     @property
     def is_self_issued(self) -> bool:
@@ -287,7 +293,13 @@ def _decode_hw_id(raw: bytes) -> tuple[bytes, str]:
 
 def profile_problems(cert: Cert, role: Role, organization: str) -> list[str]:
     """How ``cert`` departs from AMD's certificate profile for ``role`` (names, algorithms, key types)."""
-    problems = []
+    return list(_profile_problems(cert.der, role, organization))
+
+
+@functools.lru_cache(maxsize=256)
+def _profile_problems(der: bytes, role: Role, organization: str) -> tuple[str, ...]:
+    cert = parse_certificate(der)
+    problems: list[str] = []
     c = cert.certificate
     if c.version is not x509.Version.v3:
         problems.append("not an X.509 v3 certificate")
@@ -311,4 +323,4 @@ def profile_problems(cert: Cert, role: Role, organization: str) -> list[str]:
             problems.append("key is not RSA-4096")
     elif not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         problems.append("key is not ECDSA P-384")
-    return problems
+    return tuple(problems)

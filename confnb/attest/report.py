@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import binascii
 import enum
+import functools
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,8 @@ SUPPORTED_VERSIONS = (2, 3, 4, 5)
 ECDSA_P384_SHA384 = 1
 _P384_COMPONENT = 48  # bytes of r and s that may be non-zero; the rest of each 72-byte slot is zero
 _SIGNATURE_SLOT = 72
+_ZERO_PAD = bytes(_SIGNATURE_SLOT - _P384_COMPONENT)
+_ZERO_TAIL = bytes(REPORT_SIZE - SIGNED_SIZE - 2 * _SIGNATURE_SLOT)
 
 # Little-endian layout of the signed part, as one struct; v2 keeps 24 reserved bytes where v3+ has CPUID bytes,
 # and v2/v3 keep reserved bytes where v5 has mitigation vectors, so those regions are sliced separately.
@@ -61,10 +64,11 @@ class SigningKey(enum.IntEnum):
 
     @classmethod
     def from_bits(cls, value: int) -> SigningKey | int:
-        try:
-            return cls(value)
-        except ValueError:
-            return value  # 2..6 are reserved: kept as a bare int so the verifier can name it
+        # 2..6 are reserved: kept as a bare int so the verifier can name it
+        return _SIGNING_KEYS.get(value, value)
+
+
+_SIGNING_KEYS = {key.value: key for key in SigningKey}
 
 
 class Product(enum.Enum):
@@ -97,11 +101,10 @@ class Product(enum.Enum):
     @classmethod
     def from_name(cls, name: str) -> Product | None:
         """Map a certificate productName such as ``Milan-B0`` or ``Genoa`` (stepping suffix ignored)."""
-        base = name.split("-", 1)[0]
-        for product in cls:
-            if product.value.lower() == base.lower():
-                return product
-        return None
+        return _PRODUCT_NAMES.get(name.split("-", 1)[0].lower())
+
+
+_PRODUCT_NAMES = {product.value.lower(): product for product in Product}
 
 
 @dataclass(frozen=True)
@@ -315,17 +318,20 @@ class AttestationReport:
         else:
             launch_mit = current_mit = None
             reserved_tail = data[0x1F8:SIGNED_SIZE]
-        return cls(
+        # Built through __dict__: a frozen dataclass's __init__ pays object.__setattr__ for each of the 38 fields,
+        # which on a warm verification costs as much as everything else the parser does.
+        report = object.__new__(cls)
+        report.__dict__.update(
             version=version,
             guest_svn=guest_svn,
-            policy=GuestPolicy(policy),
+            policy=_guest_policy(policy),
             family_id=family_id,
             image_id=image_id,
             vmpl=vmpl,
             signature_algo=signature_algo,
             current_tcb_raw=current_tcb,
-            platform_info=PlatformInfo(platform_info),
-            key_info=KeyInfo(key_info),
+            platform_info=_platform_info(platform_info),
+            key_info=_key_info(key_info),
             reserved_0x04c=reserved_0x04c,
             report_data=report_data,
             measurement=measurement,
@@ -355,6 +361,7 @@ class AttestationReport:
             reserved_tail=reserved_tail,
             signature=data[SIGNED_SIZE:REPORT_SIZE],
         )
+        return report
 
     def to_bytes(self) -> bytes:
         """Serialize back to the 1184-byte ABI form (the inverse of :meth:`parse`, byte for byte)."""
@@ -426,6 +433,13 @@ class AttestationReport:
 
     def signature_padding_problems(self) -> list[str]:
         """Where the signature area holds non-zero bytes outside the 48-byte r and s values."""
+        signature = self.signature
+        if (
+            signature[_P384_COMPONENT:_SIGNATURE_SLOT] == _ZERO_PAD
+            and signature[_SIGNATURE_SLOT + _P384_COMPONENT : 2 * _SIGNATURE_SLOT] == _ZERO_PAD
+            and signature[2 * _SIGNATURE_SLOT :] == _ZERO_TAIL
+        ):
+            return []
         problems = []
         for name, start in (("r", 0), ("s", _SIGNATURE_SLOT)):
             if any(self.signature[start + _P384_COMPONENT : start + _SIGNATURE_SLOT]):
@@ -474,32 +488,19 @@ class AttestationReport:
     def chip_id_masked(self) -> bool:
         return not any(self.chip_id)
 
-    def reserved_problems(self) -> list[str]:
+    def reserved_problems(self) -> tuple[str, ...]:
         """Every must-be-zero field that is not zero, and the policy bit that must be one."""
-        problems = []
-        if self.reserved_0x04c:
-            problems.append(f"reserved word at 0x04C is {self.reserved_0x04c:#x}")
-        if self.key_info.reserved_high:
-            problems.append(f"KEY_INFO bits 31:5 are {self.key_info.reserved_high:#x}")
-        if isinstance(self.key_info.signing_key, int) and not isinstance(self.key_info.signing_key, SigningKey):
-            problems.append(f"KEY_INFO.SIGNING_KEY uses reserved value {self.key_info.signing_key}")
-        if any(self.reserved_0x18b):
-            start = 0x18B if self.version >= 3 else 0x188
-            problems.append(f"reserved bytes at {start:#x}..0x19F are not zero")
-        if self.reserved_0x1eb:
-            problems.append("reserved byte at 0x1EB is not zero")
-        if self.reserved_0x1ef:
-            problems.append("reserved byte at 0x1EF is not zero")
-        if any(self.reserved_tail):
-            start = 0x208 if self.version >= 5 else 0x1F8
-            problems.append(f"reserved bytes at {start:#x}..0x29F are not zero")
-        if not self.policy.reserved_bit17:
-            problems.append("POLICY bit 17 must be 1")
-        if self.policy.reserved_high:
-            problems.append(f"POLICY bits 63:26 are {self.policy.reserved_high:#x}")
-        if self.version >= 3 and self.cpuid_fam_id == 0:
-            problems.append("CPUID_FAM_ID is zero in a v3+ report")
-        return problems
+        return _reserved_problems(
+            self.version,
+            self.reserved_0x04c,
+            self.key_info.raw,
+            self.policy.raw,
+            self.reserved_0x18b,
+            self.reserved_0x1eb,
+            self.reserved_0x1ef,
+            self.reserved_tail,
+            self.cpuid_fam_id,
+        )
 
     def to_dict(self, product: Product | None = None) -> dict[str, Any]:
         """Every field, decoded, for people and for ``--json``. Byte strings are lower-case hex."""
@@ -538,6 +539,50 @@ class AttestationReport:
             "current_mit_vector": None if self.current_mit_vector is None else f"{self.current_mit_vector:#x}",
             "signature": {"r": f"{self.signature_r:096x}", "s": f"{self.signature_s:096x}"},
         }
+
+
+# The flag words are immutable and take few distinct values in practice: share one object per value.
+_guest_policy = functools.lru_cache(maxsize=256)(GuestPolicy)
+_platform_info = functools.lru_cache(maxsize=256)(PlatformInfo)
+_key_info = functools.lru_cache(maxsize=256)(KeyInfo)
+
+
+@functools.lru_cache(maxsize=256)
+def _reserved_problems(
+    version: int,
+    reserved_0x04c: int,
+    key_info: int,
+    guest_policy: int,
+    reserved_0x18b: bytes,
+    reserved_0x1eb: int,
+    reserved_0x1ef: int,
+    reserved_tail: bytes,
+    cpuid_fam_id: int | None,
+) -> tuple[str, ...]:
+    # Memoised on exactly the fields it reads: verifiers see the same (all-zero) reserved fields again and again.
+    problems = []
+    if reserved_0x04c:
+        problems.append(f"reserved word at 0x04C is {reserved_0x04c:#x}")
+    if key_info >> 5:
+        problems.append(f"KEY_INFO bits 31:5 are {key_info >> 5:#x}")
+    signing_key = key_info >> 2 & 0b111
+    if signing_key not in _SIGNING_KEYS:
+        problems.append(f"KEY_INFO.SIGNING_KEY uses reserved value {signing_key}")
+    if any(reserved_0x18b):
+        problems.append(f"reserved bytes at {0x18B if version >= 3 else 0x188:#x}..0x19F are not zero")
+    if reserved_0x1eb:
+        problems.append("reserved byte at 0x1EB is not zero")
+    if reserved_0x1ef:
+        problems.append("reserved byte at 0x1EF is not zero")
+    if any(reserved_tail):
+        problems.append(f"reserved bytes at {0x208 if version >= 5 else 0x1F8:#x}..0x29F are not zero")
+    if not guest_policy >> 17 & 1:
+        problems.append("POLICY bit 17 must be 1")
+    if guest_policy >> 26:
+        problems.append(f"POLICY bits 63:26 are {guest_policy >> 26:#x}")
+    if version >= 3 and cpuid_fam_id == 0:
+        problems.append("CPUID_FAM_ID is zero in a v3+ report")
+    return tuple(problems)
 
 
 def _exact(value: bytes, size: int, name: str) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from confnb.attest.report import AttestationReport, Product
 
@@ -41,8 +41,9 @@ class Outcome(enum.Enum):
     SKIP = "skip"  # not applicable here (e.g. chip binding for a VLEK) or not asked for (no CRL given)
 
 
-@dataclass(frozen=True)
-class Check:
+class Check(NamedTuple):
+    """One check's verdict. A NamedTuple: immutable, cheap to build, and safe to memoise and share."""
+
     name: str
     outcome: Outcome
     detail: str

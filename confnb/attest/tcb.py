@@ -8,6 +8,7 @@ layout is always chosen from the product and never guessed from the bytes.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,19 +34,7 @@ class TcbVersion:
 
     @classmethod
     def decode(cls, raw: bytes, layout: TcbLayout) -> TcbVersion:
-        if len(raw) != 8:
-            raise ValueError(f"a TCB_VERSION is 8 bytes, not {len(raw)}")
-        if layout is TcbLayout.TURIN:
-            return cls(
-                layout,
-                bootloader=raw[1],
-                tee=raw[2],
-                snp=raw[3],
-                microcode=raw[7],
-                fmc=raw[0],
-                reserved=raw[4:7],
-            )
-        return cls(layout, bootloader=raw[0], tee=raw[1], snp=raw[6], microcode=raw[7], reserved=raw[2:6])
+        return _decode(bytes(raw), layout)
 
     def encode(self) -> bytes:
         if self.layout is TcbLayout.TURIN:
@@ -80,3 +69,15 @@ class TcbVersion:
 
     def __str__(self) -> str:
         return " ".join(f"{name}={value}" for name, value in self.components().items())
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode(raw: bytes, layout: TcbLayout) -> TcbVersion:
+    # Decoded values are immutable, and a verifier meets the same few TCBs again and again.
+    if len(raw) != 8:
+        raise ValueError(f"a TCB_VERSION is 8 bytes, not {len(raw)}")
+    if layout is TcbLayout.TURIN:
+        return TcbVersion(
+            layout, bootloader=raw[1], tee=raw[2], snp=raw[3], microcode=raw[7], fmc=raw[0], reserved=raw[4:7]
+        )
+    return TcbVersion(layout, bootloader=raw[0], tee=raw[1], snp=raw[6], microcode=raw[7], reserved=raw[2:6])

@@ -13,35 +13,32 @@ from __future__ import annotations
 
 import functools
 import hmac
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from confnb.attest.certs import (
-    AMD_ORGANIZATION,
-    SIMULATED_ORGANIZATION,
     Cert,
     Role,
-    VekExtensions,
     load_certificates,
-    profile_problems,
+    parse_certificate,
     vek_extensions,
 )
+from confnb.attest.chain import ChainVerdict, appraise_chain
 from confnb.attest.errors import AttestInputError, CertificateError, KdsError
 from confnb.attest.evidence import Evidence, parse_rfc3339, report_data_for
 from confnb.attest.kds import KdsClient
 from confnb.attest.policy import AttestationPolicy
-from confnb.attest.report import SIGNED_SIZE, AttestationReport, Product, SigningKey
+from confnb.attest.report import SIGNED_SIZE, AttestationReport, FirmwareVersion, Product, SigningKey
 from confnb.attest.result import Check, Outcome, VerificationResult
-from confnb.attest.roots import pinned_product
+from confnb.attest.tcb import TcbLayout, TcbVersion
 
 _ECDSA_SHA384 = ec.ECDSA(hashes.SHA384())
 _CLOCK_SKEW_S = 60  # evidence "issued" this far in the future is still accepted
@@ -52,30 +49,7 @@ def _load_cached(data: bytes, what: str) -> tuple[Cert, ...]:
     return tuple(load_certificates(data, what))
 
 
-@functools.lru_cache(maxsize=256)
-def _issuer_signature_problem(subject_der: bytes, issuer_der: bytes) -> str | None:
-    """None if ``issuer`` signed ``subject`` (names chained, signature valid); else why not. Memoised."""
-    from confnb.attest.certs import parse_certificate
-
-    subject, issuer = parse_certificate(subject_der), parse_certificate(issuer_der)
-    try:
-        subject.certificate.verify_directly_issued_by(issuer.certificate)
-    except ValueError as exc:
-        return f"{subject.common_name} was not issued by {issuer.common_name}: {exc}"
-    except (InvalidSignature, TypeError, UnsupportedAlgorithm):
-        return f"{issuer.common_name}'s key did not sign {subject.common_name}"
-    return None
-
-
-@functools.lru_cache(maxsize=64)
-def _public_key(der: bytes) -> ec.EllipticCurvePublicKey | None:
-    from confnb.attest.certs import parse_certificate
-
-    key = parse_certificate(der).certificate.public_key()
-    return key if isinstance(key, ec.EllipticCurvePublicKey) else None
-
-
-@dataclass
+@dataclass(frozen=True)
 class _Chain:
     vek: Cert
     ask: Cert  # or ASVK, for a VLEK
@@ -108,27 +82,24 @@ class Verifier:
         appraisal = _policy(policy)
         parsed = AttestationReport.parse(report)
         result = VerificationResult(report=parsed, claims=dict(claims or {}))
-        add = result.checks.append
-
-        add(Check("report_format", Outcome.PASS, f"version {parsed.version}, {len(report)} bytes"))
-        reserved = parsed.reserved_problems()
-        add(_check("reserved_fields", not reserved, "; ".join(reserved) or "all must-be-zero fields are zero"))
-        add(
-            _check(
-                "signature_algorithm",
-                parsed.signature_algo == 1,
-                "ECDSA P-384 with SHA-384"
-                if parsed.signature_algo == 1
-                else f"SIGNATURE_ALGO is {parsed.signature_algo}, only 1 (ECDSA P-384/SHA-384) exists",
-            )
-        )
+        result.checks += _format_checks(parsed.version, parsed.signature_algo, parsed.reserved_problems())
         signing_key = parsed.signing_key
         result.signing_key = signing_key.name if isinstance(signing_key, SigningKey) else f"reserved({signing_key})"
 
         chain_found = self._gather(parsed, _as_bytes(vek), _as_bytes(chain), result)
         if chain_found is not None:
             self._check_chain(parsed, report, chain_found, appraisal, moment, result, crl)
-        self._check_report_consistency(parsed, result)
+        product = result.product or parsed.cpuid_product
+        result.checks.append(
+            _tcb_order(
+                parsed.reported_tcb_raw,
+                parsed.committed_tcb_raw,
+                parsed.current_tcb_raw,
+                parsed.tcb_layout(product),
+                (parsed.committed_major, parsed.committed_minor, parsed.committed_build),
+                (parsed.current_major, parsed.current_minor, parsed.current_build),
+            )
+        )
         if claims is not None or nonce is not None:
             self._check_binding(parsed, claims, nonce, result)
         if appraisal is not None:
@@ -159,23 +130,17 @@ class Verifier:
         self, report: AttestationReport, vek: bytes | None, chain: bytes | None, result: VerificationResult
     ) -> _Chain | None:
         """Find the VEK, ASK/ASVK and ARK: from the input first, then the cache, then KDS."""
-        pool: list[Cert] = []
-        sources: list[str] = []
-        leaf: Cert | None = None
-        if vek:
-            given = _load_cached(vek, "VEK certificate")
-            leaves = [cert for cert in given if cert.role in (Role.VCEK, Role.VLEK)]
-            leaf = leaves[0] if leaves else given[0]
-            pool.extend(cert for cert in given if cert is not leaf)
-            sources.append("VEK given")
-        if chain:
-            pool.extend(_load_cached(chain, "certificate chain"))
-            sources.append("chain given")
-        if leaf is None:
-            leaf = next((cert for cert in pool if cert.role in (Role.VCEK, Role.VLEK)), None)
+        given = _given(vek, chain)
+        leaf, pool, sources = given.leaf, given.pool, list(given.sources)
 
         wanted = report.signing_key
-        products = _candidate_products(report, leaf, pool)
+        turin_hint = report.version < 3 and not any(report.chip_id[8:]) and any(report.chip_id[:8])
+        if leaf is not None:
+            resolved = _resolve(given, report.cpuid_product, turin_hint)
+            if resolved is not None:  # everything came with the input: the common, memoised case
+                result.checks.append(resolved[1])
+                return resolved[0]
+        products = _candidate_products(report.cpuid_product, turin_hint, leaf, pool)
         if leaf is None:
             leaf, source, problem = self._fetch_vek(report, wanted, products)
             if leaf is None:
@@ -190,8 +155,8 @@ class Verifier:
         if (ask is None or ark is None) and product is not None:
             fetched = self._fetch_chain(product, "vlek" if issuer_role is Role.ASVK else "vcek")
             if fetched:
-                ask = ask or _pick(fetched, issuer_role, product, leaf)
-                ark = ark or _pick(fetched, Role.ARK, product)
+                ask = ask or _pick(tuple(fetched), issuer_role, product, leaf)
+                ark = ark or _pick(tuple(fetched), Role.ARK, product)
                 sources.append("ASK/ARK from cache or KDS")
         if ask is None or ark is None:
             missing = [name for name, cert in (("ASK/ASVK", ask), ("ARK", ark)) if cert is None]
@@ -261,170 +226,33 @@ class Verifier:
         crl: bytes | None,
     ) -> None:
         vek, ask, ark = chain.vek, chain.ask, chain.ark
-        add = result.checks.append
-
-        # Trust anchor: AMD's pinned roots, or (only when the policy says so) the simulated TEE's root.
-        pinned = pinned_product(ark.sha256)
-        simulated = pinned is None and ark.organization == SIMULATED_ORGANIZATION
-        if pinned is not None:
-            add(
-                Check(
-                    "ark_pinned",
-                    Outcome.PASS,
-                    f"ARK-{pinned.value} matches AMD's pinned root sha256 {ark.sha256}",
-                )
-            )
-        elif simulated and appraisal is not None and appraisal.allow_simulated:
-            result.simulated = True
-            add(
-                Check(
-                    "ark_pinned",
-                    Outcome.PASS,
-                    f"SIMULATED root {ark.sha256[:16]}… accepted because the policy "
-                    "sets allow_simulated = true: this is not a confidential VM",
-                )
-            )
-        elif simulated:
-            result.simulated = True
-            add(
-                Check(
-                    "ark_pinned",
-                    Outcome.FAIL,
-                    f"ARK {ark.sha256[:16]}… is the confnb SIMULATED root, not AMD's; "
-                    "accepted only by a policy with allow_simulated = true",
-                )
-            )
+        verdict = appraise_chain(vek, ask, ark, appraisal is not None and appraisal.allow_simulated)
+        product = verdict.product
+        result.product, result.simulated, result.vek = product, verdict.simulated, dict(verdict.summary)
+        checks = result.checks
+        checks += verdict.checks
+        if verdict.valid_from <= moment <= verdict.valid_until:
+            checks.append(verdict.validity_check)
         else:
-            add(
-                Check(
-                    "ark_pinned",
-                    Outcome.FAIL,
-                    f"ARK '{ark.common_name}' sha256 {ark.sha256} is not one of "
-                    "AMD's pinned roots (Milan, Genoa, Turin)",
-                )
-            )
-
-        product = pinned or ark.product
-        result.product = product
-        ext = vek_extensions(vek.der)
-        result.vek = {
-            "role": vek.role.value if vek.role else None,
-            "subject": vek.common_name,
-            "sha256": vek.sha256,
-            **ext.to_dict(),
-        }
-
-        add(_signed("ark_self_signed", ark, ark))
-        add(_signed("ask_signed_by_ark", ask, ark))
-        add(_signed("vek_signed_by_ask", vek, ask))
-
-        organization = SIMULATED_ORGANIZATION if simulated else AMD_ORGANIZATION
-        problems = []
-        for cert, role in ((ark, Role.ARK), (ask, ask.role or Role.ASK), (vek, vek.role or Role.VCEK)):
-            problems += [f"{cert.common_name}: {p}" for p in profile_problems(cert, role, organization)]
-        if ark.role is not Role.ARK:
-            problems.append(f"root CN {ark.common_name!r} is not ARK-<product>")
-        if ask.product != product or ark.product != product:
-            problems.append(f"{ask.common_name} and {ark.common_name} are not of one product")
-        add(
-            _check(
-                "cert_profile",
-                not problems,
-                "; ".join(problems) or "names, algorithms and key types are AMD's",
-            )
+            checks.append(Check("cert_validity", Outcome.FAIL, "; ".join(verdict.validity_problems(moment))))
+        ext = verdict.extensions
+        # The report-side bindings depend on a few report fields and the chain only: memoised on exactly those.
+        checks.append(
+            _product_check(report.version, report.cpuid_fam_id, report.cpuid_mod_id, ext.product, ask.product, product)
         )
-
-        expired = []
-        for cert in (ark, ask, vek):
-            start, end = cert.certificate.not_valid_before_utc, cert.certificate.not_valid_after_utc
-            if not start <= moment <= end:
-                expired.append(
-                    f"{cert.common_name} is valid {start:%Y-%m-%d} to {end:%Y-%m-%d}, "
-                    f"not at {moment:%Y-%m-%dT%H:%M:%SZ}"
-                )
-        add(
-            _check(
-                "cert_validity",
-                not expired,
-                "; ".join(expired) or f"all certificates valid at {moment:%Y-%m-%dT%H:%M:%SZ}",
-            )
-        )
-
-        add(self._extension_check(ext, vek, product))
-        add(self._product_check(report, ext, ask, product))
-        add(self._key_type_check(report, vek, ask))
-        add(self._signature_check(report, report_bytes, vek))
-        add(self._tcb_binding(report, ext, product))
-        add(self._chip_binding(report, ext, vek, product))
+        checks.append(_key_type_check(report.signing_key, vek, ask))
+        checks.append(self._signature_check(report, report_bytes, verdict))
+        checks.append(_tcb_binding(report.reported_tcb_raw, vek.der, product))
+        checks.append(_chip_binding(report.chip_id, report.key_info.mask_chip_key, vek.der, product))
         if crl is not None or (appraisal is not None and appraisal.check_revocation):
-            add(self._revocation(crl, ark, ask, vek, product, moment))
+            checks.append(self._revocation(crl, ark, ask, vek, product, moment))
 
     @staticmethod
-    def _extension_check(ext: VekExtensions, vek: Cert, product: Product | None) -> Check:
-        problems = list(ext.problems)
-        expected_struct = 1 if product is Product.TURIN else 0
-        if ext.struct_version != expected_struct:
-            problems.append(
-                f"structVersion {ext.struct_version}, expected {expected_struct} for "
-                f"{product.value if product else 'this product'}"
-            )
-        if vek.role is Role.VCEK and ext.hw_id is None:
-            problems.append("VCEK without hwID")
-        if vek.role is Role.VLEK and ext.csp_id is None:
-            problems.append("VLEK without cspID")
-        if vek.role is Role.VLEK and ext.hw_id is not None:
-            problems.append("VLEK with a hwID")
-        if vek.role not in (Role.VCEK, Role.VLEK):
-            problems.append(f"leaf CN {vek.common_name!r} is neither SEV-VCEK nor SEV-VLEK")
-        detail = "; ".join(problems) or (
-            f"{vek.role.value if vek.role else '?'} {ext.product_name}, TCB {ext.tcb_components()}"
-        )
-        return _check("vek_extensions", not problems, detail)
-
-    @staticmethod
-    def _product_check(report: AttestationReport, ext: VekExtensions, ask: Cert, product: Product | None) -> Check:
-        if product is None:
-            return Check("product", Outcome.FAIL, "the root names no product AMD publishes a pinned root for")
-        claims = {"root": product, "intermediate": ask.product, "VEK productName": ext.product}
-        if report.version >= 3:
-            claims["report CPUID"] = report.cpuid_product
-        disagree = [
-            f"{name} says {value.value if value else 'unknown'}"
-            for name, value in claims.items()
-            if value is not product
-        ]
-        if disagree:
-            return Check("product", Outcome.FAIL, f"expected {product.value} throughout; " + ", ".join(disagree))
-        cpuid = (
-            ""
-            if report.cpuid_fam_id is None
-            else f" (CPUID family {report.cpuid_fam_id:#x} model {report.cpuid_mod_id:#x})"
-        )
-        return Check("product", Outcome.PASS, f"{product.value}{cpuid}")
-
-    @staticmethod
-    def _key_type_check(report: AttestationReport, vek: Cert, ask: Cert) -> Check:
-        key = report.signing_key
-        expected = {SigningKey.VCEK: (Role.VCEK, Role.ASK), SigningKey.VLEK: (Role.VLEK, Role.ASVK)}.get(
-            key if isinstance(key, SigningKey) else SigningKey.NONE
-        )
-        if expected is None:
-            return Check("signing_key_type", Outcome.FAIL, f"SIGNING_KEY is {key!r}: neither VCEK nor VLEK")
-        if (vek.role, ask.role) != expected:
-            return Check(
-                "signing_key_type",
-                Outcome.FAIL,
-                f"report says {key.name if isinstance(key, SigningKey) else key} but the leaf is "
-                f"{vek.common_name} under {ask.common_name}",
-            )
-        return Check("signing_key_type", Outcome.PASS, f"{expected[0].value} under {ask.common_name}")
-
-    @staticmethod
-    def _signature_check(report: AttestationReport, report_bytes: bytes, vek: Cert) -> Check:
+    def _signature_check(report: AttestationReport, report_bytes: bytes, verdict: ChainVerdict) -> Check:
         padding_problems = report.signature_padding_problems()
         if padding_problems:
             return Check("report_signature", Outcome.FAIL, "; ".join(padding_problems))
-        key = _public_key(vek.der)
+        key, name = verdict.public_key, verdict.vek.common_name
         if key is None or key.curve.name != "secp384r1":
             return Check("report_signature", Outcome.FAIL, "VEK key is not ECDSA P-384")
         signature = encode_dss_signature(report.signature_r, report.signature_s)
@@ -434,66 +262,9 @@ class Verifier:
             return Check(
                 "report_signature",
                 Outcome.FAIL,
-                f"ECDSA P-384 signature over bytes 0x000-0x29F does not verify with {vek.common_name}",
+                f"ECDSA P-384 signature over bytes 0x000-0x29F does not verify with {name}",
             )
-        return Check("report_signature", Outcome.PASS, f"ECDSA P-384/SHA-384 verified with {vek.common_name}")
-
-    @staticmethod
-    def _tcb_binding(report: AttestationReport, ext: VekExtensions, product: Product | None) -> Check:
-        reported = report.reported_tcb(product)
-        certified = ext.tcb_components()
-        mine = reported.components()
-        if mine.keys() != certified.keys():
-            return Check(
-                "tcb_binding",
-                Outcome.FAIL,
-                f"REPORTED_TCB has {sorted(mine)} but the VEK certifies {sorted(certified)}",
-            )
-        differences = reported.differences(certified)
-        return _check(
-            "tcb_binding",
-            not differences,
-            ("REPORTED_TCB differs from the VEK's TCB: " + ", ".join(differences))
-            if differences
-            else f"REPORTED_TCB {reported} equals the VEK's TCB",
-        )
-
-    @staticmethod
-    def _chip_binding(report: AttestationReport, ext: VekExtensions, vek: Cert, product: Product | None) -> Check:
-        if vek.role is Role.VLEK:
-            return Check(
-                "chip_binding",
-                Outcome.SKIP,
-                f"VLEKs carry no hwID (issued to {ext.csp_id or 'a cloud provider'})",
-            )
-        if ext.hw_id is None:
-            return Check("chip_binding", Outcome.FAIL, "VCEK has no hwID to compare CHIP_ID with")
-        if report.chip_id_masked:
-            if report.key_info.mask_chip_key:
-                return Check(
-                    "chip_binding",
-                    Outcome.SKIP,
-                    "CHIP_ID masked (MASK_CHIP_KEY): the VCEK signature alone binds the chip",
-                )
-            return Check("chip_binding", Outcome.FAIL, "CHIP_ID is all zero but MASK_CHIP_KEY is not set")
-        if len(ext.hw_id) == 8:
-            if product is not Product.TURIN:
-                return Check("chip_binding", Outcome.FAIL, "8-byte hwID on a VCEK that is not Turin")
-            matches = hmac.compare_digest(report.chip_id[:8], ext.hw_id) and not any(report.chip_id[8:])
-            detail = (
-                "CHIP_ID[0:8] equals the Turin hwID and CHIP_ID[8:64] is zero"
-                if matches
-                else f"CHIP_ID {report.chip_id.hex()} is not the Turin hwID {ext.hw_id.hex()} + 56 zero bytes"
-            )
-            return _check("chip_binding", matches, detail)
-        matches = hmac.compare_digest(report.chip_id, ext.hw_id)
-        return _check(
-            "chip_binding",
-            matches,
-            "CHIP_ID equals the VCEK's hwID"
-            if matches
-            else f"CHIP_ID {report.chip_id.hex()[:16]}… is not the VCEK's hwID {ext.hw_id.hex()[:16]}…",
-        )
+        return Check("report_signature", Outcome.PASS, f"ECDSA P-384/SHA-384 verified with {name}")
 
     def _revocation(
         self,
@@ -536,28 +307,6 @@ class Verifier:
         )
 
     # -- report-level checks that need no certificate -------------------------------------------------------
-
-    @staticmethod
-    def _check_report_consistency(report: AttestationReport, result: VerificationResult) -> None:
-        product = result.product or report.cpuid_product
-        reported, committed, current = (
-            report.reported_tcb(product),
-            report.committed_tcb(product),
-            report.current_tcb(product),
-        )
-        problems = [f"REPORTED > COMMITTED ({p})" for p in committed.shortfalls(reported.components())]
-        problems += [f"COMMITTED > CURRENT ({p})" for p in current.shortfalls(committed.components())]
-        if report.committed_firmware.as_tuple() > report.current_firmware.as_tuple():
-            problems.append(
-                f"committed firmware {report.committed_firmware} is newer than the running {report.current_firmware}"
-            )
-        result.checks.append(
-            _check(
-                "tcb_order",
-                not problems,
-                "; ".join(problems) or f"REPORTED <= COMMITTED <= CURRENT TCB; firmware {report.current_firmware}",
-            )
-        )
 
     @staticmethod
     def _check_binding(
@@ -733,18 +482,144 @@ class Verifier:
             add(_age_check(claims, policy.max_evidence_age_s, moment))
 
 
+# -- report-side checks, memoised on the fields they read ---------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _format_checks(version: int, signature_algo: int, problems: tuple[str, ...]) -> tuple[Check, ...]:
+    """report_format, reserved_fields, signature_algorithm (memoised)."""
+    return (
+        Check("report_format", Outcome.PASS, f"version {version}, 1184 bytes"),
+        Check("reserved_fields", Outcome.FAIL, "; ".join(problems))
+        if problems
+        else Check("reserved_fields", Outcome.PASS, "all must-be-zero fields are zero"),
+        Check("signature_algorithm", Outcome.PASS, "ECDSA P-384 with SHA-384")
+        if signature_algo == 1
+        else Check(
+            "signature_algorithm",
+            Outcome.FAIL,
+            f"SIGNATURE_ALGO is {signature_algo}, only 1 (ECDSA P-384/SHA-384) exists",
+        ),
+    )
+
+
+@functools.lru_cache(maxsize=512)
+def _product_check(
+    version: int,
+    family: int | None,
+    model: int | None,
+    vek_product: Product | None,
+    intermediate: Product | None,
+    product: Product | None,
+) -> Check:
+    if product is None:
+        return Check("product", Outcome.FAIL, "the root names no product AMD publishes a pinned root for")
+    claims = {"root": product, "intermediate": intermediate, "VEK productName": vek_product}
+    if version >= 3:
+        claims["report CPUID"] = Product.from_cpuid(family or 0, model or 0)
+    disagree = [
+        f"{name} says {value.value if value else 'unknown'}" for name, value in claims.items() if value is not product
+    ]
+    if disagree:
+        return Check("product", Outcome.FAIL, f"expected {product.value} throughout; " + ", ".join(disagree))
+    cpuid = "" if family is None else f" (CPUID family {family:#x} model {model or 0:#x})"
+    return Check("product", Outcome.PASS, f"{product.value}{cpuid}")
+
+
+@functools.lru_cache(maxsize=512)
+def _key_type_check(key: SigningKey | int, vek: Cert, ask: Cert) -> Check:
+    expected = {SigningKey.VCEK: (Role.VCEK, Role.ASK), SigningKey.VLEK: (Role.VLEK, Role.ASVK)}.get(
+        key if isinstance(key, SigningKey) else SigningKey.NONE
+    )
+    if expected is None:
+        return Check("signing_key_type", Outcome.FAIL, f"SIGNING_KEY is {key!r}: neither VCEK nor VLEK")
+    if (vek.role, ask.role) != expected:
+        name = key.name if isinstance(key, SigningKey) else key
+        return Check(
+            "signing_key_type",
+            Outcome.FAIL,
+            f"report says {name} but the leaf is {vek.common_name} under {ask.common_name}",
+        )
+    return Check("signing_key_type", Outcome.PASS, f"{expected[0].value} under {ask.common_name}")
+
+
+@functools.lru_cache(maxsize=512)
+def _tcb_binding(reported_raw: bytes, vek_der: bytes, product: Product | None) -> Check:
+    reported = TcbVersion.decode(reported_raw, product.tcb_layout if product else TcbLayout.LEGACY)
+    certified = vek_extensions(vek_der).tcb_components()
+    mine = reported.components()
+    if mine.keys() != certified.keys():
+        return Check(
+            "tcb_binding", Outcome.FAIL, f"REPORTED_TCB has {sorted(mine)} but the VEK certifies {sorted(certified)}"
+        )
+    differences = reported.differences(certified)
+    if differences:
+        return Check("tcb_binding", Outcome.FAIL, "REPORTED_TCB differs from the VEK's TCB: " + ", ".join(differences))
+    return Check("tcb_binding", Outcome.PASS, f"REPORTED_TCB {reported} equals the VEK's TCB")
+
+
+@functools.lru_cache(maxsize=512)
+def _chip_binding(chip_id: bytes, mask_chip_key: bool, vek_der: bytes, product: Product | None) -> Check:
+    vek, ext = parse_certificate(vek_der), vek_extensions(vek_der)
+    if vek.role is Role.VLEK:
+        return Check(
+            "chip_binding", Outcome.SKIP, f"VLEKs carry no hwID (issued to {ext.csp_id or 'a cloud provider'})"
+        )
+    if ext.hw_id is None:
+        return Check("chip_binding", Outcome.FAIL, "VCEK has no hwID to compare CHIP_ID with")
+    if not any(chip_id):
+        if mask_chip_key:
+            return Check(
+                "chip_binding", Outcome.SKIP, "CHIP_ID masked (MASK_CHIP_KEY): the VCEK signature alone binds the chip"
+            )
+        return Check("chip_binding", Outcome.FAIL, "CHIP_ID is all zero but MASK_CHIP_KEY is not set")
+    if len(ext.hw_id) == 8:
+        if product is not Product.TURIN:
+            return Check("chip_binding", Outcome.FAIL, "8-byte hwID on a VCEK that is not Turin")
+        if hmac.compare_digest(chip_id[:8], ext.hw_id) and not any(chip_id[8:]):
+            return Check("chip_binding", Outcome.PASS, "CHIP_ID[0:8] equals the Turin hwID and CHIP_ID[8:64] is zero")
+        return Check(
+            "chip_binding",
+            Outcome.FAIL,
+            f"CHIP_ID {chip_id.hex()} is not the Turin hwID {ext.hw_id.hex()} followed by 56 zero bytes",
+        )
+    if hmac.compare_digest(chip_id, ext.hw_id):
+        return Check("chip_binding", Outcome.PASS, "CHIP_ID equals the VCEK's hwID")
+    return Check(
+        "chip_binding",
+        Outcome.FAIL,
+        f"CHIP_ID {chip_id.hex()[:16]}… is not the VCEK's hwID {ext.hw_id.hex()[:16]}…",
+    )
+
+
+@functools.lru_cache(maxsize=512)
+def _tcb_order(
+    reported_raw: bytes,
+    committed_raw: bytes,
+    current_raw: bytes,
+    layout: TcbLayout,
+    committed_firmware: tuple[int, int, int],
+    current_firmware: tuple[int, int, int],
+) -> Check:
+    """REPORTED <= COMMITTED <= CURRENT, component-wise, and no committed firmware newer than the running one."""
+    reported, committed, current = (
+        TcbVersion.decode(raw, layout) for raw in (reported_raw, committed_raw, current_raw)
+    )
+    problems = [f"REPORTED > COMMITTED ({p})" for p in committed.shortfalls(reported.components())]
+    problems += [f"COMMITTED > CURRENT ({p})" for p in current.shortfalls(committed.components())]
+    committed_version, current_version = FirmwareVersion(*committed_firmware), FirmwareVersion(*current_firmware)
+    if committed_firmware > current_firmware:
+        problems.append(f"committed firmware {committed_version} is newer than the running {current_version}")
+    if problems:
+        return Check("tcb_order", Outcome.FAIL, "; ".join(problems))
+    return Check("tcb_order", Outcome.PASS, f"REPORTED <= COMMITTED <= CURRENT TCB; firmware {current_version}")
+
+
 # -- helpers ------------------------------------------------------------------------------------------------
 
 
 def _check(name: str, passed: bool, detail: str) -> Check:
     return Check(name, Outcome.PASS if passed else Outcome.FAIL, detail)
-
-
-def _signed(name: str, subject: Cert, issuer: Cert) -> Check:
-    problem = _issuer_signature_problem(subject.der, issuer.der)
-    return _check(
-        name, problem is None, problem or f"{subject.common_name} signed by {issuer.common_name} (RSASSA-PSS)"
-    )
 
 
 def _age_check(claims: dict[str, str] | None, limit: int, moment: datetime) -> Check:
@@ -770,7 +645,56 @@ def _age_check(claims: dict[str, str] | None, limit: int, moment: datetime) -> C
     )
 
 
-def _pick(certs: Iterable[Cert], role: Role, product: Product | None, child: Cert | None = None) -> Cert | None:
+@dataclass(frozen=True, eq=False)  # compared by identity: instances come from the memoised _given()
+class _Given:
+    leaf: Cert | None
+    pool: tuple[Cert, ...]
+    sources: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=128)
+def _given(vek: bytes | None, chain: bytes | None) -> _Given:
+    """Sort the certificates a caller supplied into the leaf (VCEK/VLEK) and the rest (memoised)."""
+    pool: list[Cert] = []
+    sources: list[str] = []
+    leaf: Cert | None = None
+    if vek:
+        certs = load_certificates(vek, "VEK certificate")
+        leaves = [cert for cert in certs if cert.role in (Role.VCEK, Role.VLEK)]
+        leaf = leaves[0] if leaves else certs[0]
+        pool.extend(cert for cert in certs if cert is not leaf)
+        sources.append("VEK given")
+    if chain:
+        pool.extend(load_certificates(chain, "certificate chain"))
+        sources.append("chain given")
+    if leaf is None:
+        leaf = next((cert for cert in pool if cert.role in (Role.VCEK, Role.VLEK)), None)
+    return _Given(leaf, tuple(pool), tuple(sources))
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(given: _Given, cpuid_product: Product | None, turin_hint: bool) -> tuple[_Chain, Check] | None:
+    """The chain and its ``certificates`` check when the input alone supplies all three certificates."""
+    leaf, pool = given.leaf, given.pool
+    if leaf is None:
+        return None
+    products = _candidate_products(cpuid_product, turin_hint, leaf, pool)
+    product = products[0] if products else None
+    ask = _pick(pool, Role.ASVK if leaf.role is Role.VLEK else Role.ASK, product, leaf)
+    ark = _pick(pool, Role.ARK, product)
+    if ask is None or ark is None:
+        return None
+    check = Check(
+        "certificates",
+        Outcome.PASS,
+        f"{leaf.common_name} <- {ask.common_name} <- {ark.common_name} ({', '.join(given.sources)})",
+    )
+    return _Chain(leaf, ask, ark, given.sources), check
+
+
+@functools.lru_cache(maxsize=256)
+def _pick(certs: tuple[Cert, ...], role: Role, product: Product | None, child: Cert | None = None) -> Cert | None:
+    """The certificate of ``role`` for ``product`` (and, given a child, the one that issued it); memoised."""
     candidates = [cert for cert in certs if cert.role is role]
     if child is not None:
         # The issuer is the certificate whose subject is the child's issuer name.
@@ -781,11 +705,14 @@ def _pick(certs: Iterable[Cert], role: Role, product: Product | None, child: Cer
     return candidates[0] if candidates else None
 
 
-def _candidate_products(report: AttestationReport, leaf: Cert | None, pool: list[Cert]) -> list[Product]:
+@functools.lru_cache(maxsize=256)
+def _candidate_products(
+    cpuid_product: Product | None, turin_hint: bool, leaf: Cert | None, pool: tuple[Cert, ...]
+) -> list[Product]:
     """The product to try first: the report's CPUID (v3+), else the VEK's productName, else the chain's names."""
     found: list[Product] = []
-    if report.cpuid_product:
-        found.append(report.cpuid_product)
+    if cpuid_product:
+        found.append(cpuid_product)
     if leaf is not None:
         try:
             ext_product = vek_extensions(leaf.der).product
@@ -794,13 +721,9 @@ def _candidate_products(report: AttestationReport, leaf: Cert | None, pool: list
         if ext_product:
             found.append(ext_product)
     found += [cert.product for cert in pool if cert.product]
-    if not found and report.version < 3 and not any(report.chip_id[8:]) and any(report.chip_id[:8]):
+    if not found and turin_hint:
         found.append(Product.TURIN)  # v2 carries no product: an 8-byte chip id is Turin's signature
-    unique: list[Product] = []
-    for product in found:
-        if product not in unique:
-            unique.append(product)
-    return unique
+    return list(dict.fromkeys(found))
 
 
 def _utc(at: datetime | None) -> datetime:

@@ -134,7 +134,7 @@ def _show(args: argparse.Namespace) -> int:
     if evidence is not None:
         print("claims (bound by REPORT_DATA; verify to trust them):")
         _print_tree(evidence.claims, indent=1)
-    problems = parsed.reserved_problems() + parsed.signature_padding_problems()
+    problems = [*parsed.reserved_problems(), *parsed.signature_padding_problems()]
     if problems:
         print(paint("format problems: " + "; ".join(problems), "red"))
     print(paint("decoded only - run 'confnb attest verify' to check it", "dim"))
@@ -223,7 +223,6 @@ def _maybe_evidence(data: bytes) -> Evidence | None:
 
 def _report(args: argparse.Namespace) -> int:
     from kernel_enclave.attestation import issue_evidence
-
     from kernel_enclave.tee import TeeError, get_backend
 
     nonce = parse_nonce(args.nonce)

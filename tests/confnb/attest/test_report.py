@@ -29,7 +29,7 @@ def test_real_reports_decode_as_the_manifest_says(vector):
         assert report.cpuid_fam_id is None
     else:
         assert [report.cpuid_fam_id, report.cpuid_mod_id, report.cpuid_step] == meta["cpuid"]
-    assert report.reserved_problems() == []
+    assert report.reserved_problems() == ()
     assert report.signature_padding_problems() == []
 
 
