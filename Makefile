@@ -20,7 +20,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check confnb kernel_enclave tests benchmarks
 
 typecheck: $(STAMP)
-	$(BIN)/mypy confnb/attest
+	$(BIN)/mypy confnb/attest kernel_enclave
 
 test: lint typecheck
 	$(BIN)/pytest

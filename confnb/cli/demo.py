@@ -9,7 +9,6 @@ tampered report, and a policy that does not accept simulated hardware.
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import tempfile
 from pathlib import Path
@@ -34,7 +33,7 @@ def register(subcommands: Any) -> None:
         "--dir",
         metavar="DIR",
         type=Path,
-        help="where to keep the demo's simulated TEE and policy (default: a temporary folder)",
+        help="where to keep the demo's policy and evidence (default: a temporary folder)",
     )
     parser.set_defaults(handler=_demo)
 
@@ -54,12 +53,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _run(workdir: Path) -> int:
     from kernel_enclave.attestation import issue_evidence
-
     from kernel_enclave.measurement import simulated_measurement
-    from kernel_enclave.tee.simulated import SimulatedTee
+    from kernel_enclave.tee.simulated import SimulatedBackend
 
     _step("1. Start the simulated TEE (an AMD-shaped ARK -> ASK -> VCEK chain made on this machine)")
-    tee = SimulatedTee(state_dir=Path(os.environ.get("CONFNB_SIMULATED_TEE_DIR", workdir / "simulated-tee")))
+    tee = SimulatedBackend()  # persisted, so later runs and kernels share one simulated "chip"
+    print(f"simulated chip state: {tee.state_dir} (root sha256 {tee.ark_sha256()[:16]}…)")
     measurement = simulated_measurement().hex()
     print(f"kernel measurement (SHA-384 of the kernel_enclave code): {measurement}")
 
@@ -133,4 +132,4 @@ def _attack(title: str, result: VerificationResult, expected_check: str) -> tupl
         if held
         else paint(f"expected a rejection by {expected_check}", "red")
     )
-    return (f"{title.split(': ', 1)[-1]} -> rejected by {expected_check}", held)
+    return (f"{title.split('. ', 1)[-1]} -> rejected by {expected_check}", held)
