@@ -34,6 +34,7 @@ warnings.filterwarnings(
 )
 
 AMD_ORGANIZATION = "Advanced Micro Devices"
+KDS_ORIGIN = "https://kdsintf.amd.com"
 # The simulated TEE's certificates carry this organisation instead of AMD's, so no verifier can mistake them.
 SIMULATED_ORGANIZATION = "confnb SIMULATED TEE - not AMD"
 _AMD_NAME = {
@@ -279,6 +280,29 @@ def vek_extensions(der: bytes) -> VekExtensions:
     return VekExtensions(struct_version, product_name, spls, hw_id, hw_id_encoding, csp_id, tuple(problems))
 
 
+def _crl_point_problems(cert: Cert, role: Role, organization: str) -> list[str]:
+    """AMD's CAs name exactly one CRL: ``https://kdsintf.amd.com/{vcek|vlek}/v1/<Product>/crl``."""
+    try:
+        points = cert.certificate.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except x509.ExtensionNotFound:
+        return ["no CRL distribution point"]
+    uris = [
+        name.value
+        for point in points
+        for name in point.full_name or ()
+        if isinstance(name, x509.UniformResourceIdentifier)
+    ]
+    if len(uris) != 1:
+        return [f"{len(uris)} CRL distribution point URIs, AMD's CAs carry exactly one"]
+    kind = "vlek" if role is Role.ASVK else "vcek"
+    product = cert.product.value if cert.product else "?"
+    path = f"/{kind}/v1/{product}/crl"
+    expected = f"{KDS_ORIGIN}{path}" if organization == AMD_ORGANIZATION else None
+    if (expected and uris[0] != expected) or not uris[0].endswith(path):
+        return [f"CRL distribution point {uris[0]!r} is not {expected or '…' + path!r}"]
+    return []
+
+
 def _decode_hw_id(raw: bytes) -> tuple[bytes, str]:
     # KDS puts the 64-byte (Milan/Genoa) or 8-byte (Turin) hwID in extnValue with no tag; some tools wrap it in
     # an OCTET STRING. The lengths never collide (66 and 10 bytes wrapped), so the length decides.
@@ -321,6 +345,7 @@ def _profile_problems(der: bytes, role: Role, organization: str) -> tuple[str, .
     if role in (Role.ARK, Role.ASK, Role.ASVK):
         if not isinstance(key, rsa.RSAPublicKey) or key.key_size != 4096:
             problems.append("key is not RSA-4096")
+        problems += _crl_point_problems(cert, role, organization)
     elif not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         problems.append("key is not ECDSA P-384")
     return tuple(problems)

@@ -21,7 +21,6 @@ import http.client
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 import urllib.error
@@ -34,10 +33,11 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from confnb.attest.certs import Cert, Role, load_certificates, vek_extensions
+from confnb.attest.certs import KDS_ORIGIN, Cert, Role, load_certificates, vek_extensions
 from confnb.attest.errors import CertificateError, KdsError
 from confnb.attest.report import Product
 from confnb.attest.tcb import TcbLayout, TcbVersion
+from confnb.fileio import write_atomically
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -50,7 +50,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_URL = "https://kdsintf.amd.com"
+DEFAULT_BASE_URL = KDS_ORIGIN
 ENV_CACHE = "CONFNB_KDS_CACHE"
 ENV_URL = "CONFNB_KDS_URL"
 ENV_OFFLINE = "CONFNB_OFFLINE"
@@ -500,17 +500,7 @@ class KdsClient:
         """
         try:
             self._make_dirs(path.parent)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_atomically(path, data, mode=0o644)
         except OSError as exc:
             log.warning("cannot cache %s: %s", path, exc)
 

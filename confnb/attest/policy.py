@@ -23,6 +23,28 @@ from confnb.attest.tcb import COMPONENTS
 _HEX = re.compile(r"^[0-9a-fA-F]*$")
 _SIGNING_KEYS = ("VCEK", "VLEK")
 _FIRMWARE = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?$")
+_ABI = re.compile(r"^(\d+)\.(\d+)$")
+_BY_PRODUCT = ("min_tcb_by_product", "min_launch_tcb_by_product")  # filled from min_tcb / min_launch_tcb tables
+
+# Policy-file names of the guest POLICY and PLATFORM_INFO bits, and the report attributes they read.
+GUEST_POLICY_BITS = {
+    "smt_allowed": "smt_allowed",
+    "single_socket": "single_socket",
+    "cxl_allowed": "cxl_allowed",
+    "mem_aes_256_xts": "mem_aes_256_xts",
+    "rapl_disabled": "rapl_disabled",
+    "ciphertext_hiding": "ciphertext_hiding",
+    "page_swap_disabled": "page_swap_disabled",
+}
+PLATFORM_INFO_BITS = {
+    "smt_enabled": "smt_enabled",
+    "tsme_enabled": "tsme_enabled",
+    "ecc_enabled": "ecc_enabled",
+    "rapl_disabled": "rapl_disabled",
+    "ciphertext_hiding_enabled": "ciphertext_hiding_enabled",
+    "alias_check_complete": "alias_check_complete",
+    "tio_enabled": "tio_enabled",
+}
 
 
 @dataclass(frozen=True)
@@ -32,8 +54,16 @@ class AttestationPolicy:
     allow_simulated: bool = False
     measurements: tuple[str, ...] | None = None  # None: not pinned; (): reject every measurement
     host_data: tuple[str, ...] | None = None
+    family_ids: tuple[str, ...] | None = None
+    image_ids: tuple[str, ...] | None = None
+    chip_ids: tuple[str, ...] | None = None
+    id_key_digests: tuple[str, ...] | None = None
+    author_key_digests: tuple[str, ...] | None = None
+    require_author_key: bool = False
     min_tcb: dict[str, int] = field(default_factory=dict)  # applies to every product
     min_tcb_by_product: dict[str, dict[str, int]] = field(default_factory=dict)
+    min_launch_tcb: dict[str, int] = field(default_factory=dict)
+    min_launch_tcb_by_product: dict[str, dict[str, int]] = field(default_factory=dict)
     reject_debug: bool = True
     reject_migration_agent: bool = True
     max_vmpl: int = 0
@@ -44,6 +74,11 @@ class AttestationPolicy:
     min_firmware: tuple[int, int, int] | None = None
     permit_provisional_firmware: bool = False
     check_revocation: bool = False
+    guest_policy: dict[str, bool] = field(default_factory=dict)  # guest POLICY bits pinned to a value
+    min_abi: tuple[int, int] | None = None
+    platform_info: dict[str, bool] = field(default_factory=dict)  # PLATFORM_INFO bits pinned to a value
+    required_launch_mitigations: int = 0  # bits that LAUNCH_MIT_VECTOR (v5) must have set
+    required_current_mitigations: int = 0
     source: str = field(default="<defaults>", compare=False)
 
     def minimum_tcb(self, product: Product | None) -> dict[str, int]:
@@ -51,6 +86,12 @@ class AttestationPolicy:
         floor = dict(self.min_tcb)
         if product is not None:
             floor.update(self.min_tcb_by_product.get(product.value, {}))
+        return floor
+
+    def minimum_launch_tcb(self, product: Product | None) -> dict[str, int]:
+        floor = dict(self.min_launch_tcb)
+        if product is not None:
+            floor.update(self.min_launch_tcb_by_product.get(product.value, {}))
         return floor
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,6 +102,8 @@ class AttestationPolicy:
                 document[key] = list(value)
         if self.min_firmware is not None:
             document["min_firmware"] = ".".join(map(str, self.min_firmware))
+        if self.min_abi is not None:
+            document["min_abi"] = ".".join(map(str, self.min_abi))
         return document
 
     def digest(self) -> str:
@@ -108,7 +151,7 @@ class _Reader:
     def read(self, table: Any) -> AttestationPolicy:
         if not isinstance(table, dict):
             raise self.fail("", "[attestation] must be a table")
-        known = {name for name in AttestationPolicy.__dataclass_fields__ if name != "source"} - {"min_tcb_by_product"}
+        known = {name for name in AttestationPolicy.__dataclass_fields__ if name != "source"} - set(_BY_PRODUCT)
         for key in table:
             if key not in known:
                 raise self.fail(key, f"unknown key (known keys: {', '.join(sorted(known))})")
@@ -119,15 +162,34 @@ class _Reader:
             "reject_migration_agent",
             "permit_provisional_firmware",
             "check_revocation",
+            "require_author_key",
         ):
             if key in table:
                 values[key] = self.boolean(key, table[key])
         if "measurements" in table:
             values["measurements"] = self.hex_list("measurements", table["measurements"], 48)
-        if "host_data" in table:
-            values["host_data"] = self.hex_list("host_data", table["host_data"], 32)
-        if "min_tcb" in table:
-            values["min_tcb"], values["min_tcb_by_product"] = self.min_tcb(table["min_tcb"])
+        for key, size in (
+            ("host_data", 32),
+            ("family_ids", 16),
+            ("image_ids", 16),
+            ("chip_ids", 64),
+            ("id_key_digests", 48),
+            ("author_key_digests", 48),
+        ):
+            if key in table:
+                values[key] = self.hex_list(key, table[key], size)
+        for key in ("min_tcb", "min_launch_tcb"):
+            if key in table:
+                values[key], values[f"{key}_by_product"] = self.min_tcb(key, table[key])
+        if "guest_policy" in table:
+            values["guest_policy"] = self.flags("guest_policy", table["guest_policy"], GUEST_POLICY_BITS)
+        if "platform_info" in table:
+            values["platform_info"] = self.flags("platform_info", table["platform_info"], PLATFORM_INFO_BITS)
+        if "min_abi" in table:
+            values["min_abi"] = self.abi("min_abi", table["min_abi"])
+        for key in ("required_launch_mitigations", "required_current_mitigations"):
+            if key in table:
+                values[key] = self.integer(key, table[key], 0, 2**64 - 1)
         if "max_vmpl" in table:
             values["max_vmpl"] = self.integer("max_vmpl", table["max_vmpl"], 0, 3)
         if "max_evidence_age_s" in table:
@@ -184,15 +246,30 @@ class _Reader:
             self.integer(f"{key}.{name}", spl, 0, 255)
         return dict(value)
 
-    def min_tcb(self, value: Any) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    def min_tcb(self, key: str, value: Any) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
         if not isinstance(value, dict):
-            raise self.fail("min_tcb", "must be a table of SPLs, or of per-product tables (Milan, Genoa, Turin)")
+            raise self.fail(key, "must be a table of SPLs, or of per-product tables (Milan, Genoa, Turin)")
         products = {p.value for p in Product}
         generic = {name: spl for name, spl in value.items() if name not in products}
         per_product = {
-            name: self.tcb_table(f"min_tcb.{name}", table) for name, table in value.items() if name in products
+            name: self.tcb_table(f"{key}.{name}", table) for name, table in value.items() if name in products
         }
-        return self.tcb_table("min_tcb", generic), per_product
+        return self.tcb_table(key, generic), per_product
+
+    def flags(self, key: str, value: Any, known: dict[str, str]) -> dict[str, bool]:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table of flags such as {{ {next(iter(known))} = false }}")
+        for name, flag in value.items():
+            if name not in known:
+                raise self.fail(f"{key}.{name}", f"unknown flag (known: {', '.join(known)})")
+            self.boolean(f"{key}.{name}", flag)
+        return dict(value)
+
+    def abi(self, key: str, value: Any) -> tuple[int, int]:
+        match = _ABI.match(value) if isinstance(value, str) else None
+        if not match:
+            raise self.fail(key, f'must be a version like "1.51", not {value!r}')
+        return (int(match.group(1)), int(match.group(2)))
 
 
 def _line_of(lines: list[str], dotted_key: str) -> int | None:

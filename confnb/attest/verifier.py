@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from confnb.attest.appraisal import appraise
 from confnb.attest.certs import (
     Cert,
     Role,
@@ -33,7 +34,7 @@ from confnb.attest.certs import (
 )
 from confnb.attest.chain import ChainVerdict, appraise_chain
 from confnb.attest.errors import AttestInputError, CertificateError, KdsError
-from confnb.attest.evidence import Evidence, parse_rfc3339, report_data_for
+from confnb.attest.evidence import Evidence, report_data_for
 from confnb.attest.kds import KdsClient
 from confnb.attest.policy import AttestationPolicy
 from confnb.attest.report import SIGNED_SIZE, AttestationReport, FirmwareVersion, Product, SigningKey
@@ -41,7 +42,6 @@ from confnb.attest.result import Check, Outcome, VerificationResult
 from confnb.attest.tcb import TcbLayout, TcbVersion
 
 _ECDSA_SHA384 = ec.ECDSA(hashes.SHA384())
-_CLOCK_SKEW_S = 60  # evidence "issued" this far in the future is still accepted
 
 
 @functools.lru_cache(maxsize=128)
@@ -103,7 +103,9 @@ class Verifier:
         if claims is not None or nonce is not None:
             self._check_binding(parsed, claims, nonce, result)
         if appraisal is not None:
-            self._appraise(parsed, appraisal, claims, moment, result)
+            result.checks += appraise(
+                parsed, appraisal, result.product or parsed.cpuid_product, result.signing_key, claims, moment
+            )
             result.policy = {**appraisal.to_dict(), "source": appraisal.source, "digest": appraisal.digest()}
         return result
 
@@ -352,135 +354,6 @@ class Verifier:
                 )
             )
 
-    @staticmethod
-    def _appraise(
-        report: AttestationReport,
-        policy: AttestationPolicy,
-        claims: dict[str, str] | None,
-        moment: datetime,
-        result: VerificationResult,
-    ) -> None:
-        add = result.checks.append
-        product = result.product or report.cpuid_product
-        measurement = report.measurement.hex()
-        if policy.measurements is None:
-            add(Check("measurement", Outcome.SKIP, f"policy pins no measurement (this one is {measurement})"))
-        else:
-            allowed = any(hmac.compare_digest(measurement, pinned) for pinned in policy.measurements)
-            add(
-                _check(
-                    "measurement",
-                    allowed,
-                    f"MEASUREMENT {measurement} "
-                    + (
-                        "is in the policy's allowlist"
-                        if allowed
-                        else "is not in the policy's allowlist"
-                        if policy.measurements
-                        else "rejected: the policy's allowlist is empty"
-                    ),
-                )
-            )
-        if policy.host_data is not None:
-            host = report.host_data.hex()
-            allowed = host in policy.host_data
-            add(_check("host_data", allowed, f"HOST_DATA {host} {'is' if allowed else 'is not'} allowed"))
-        floor = policy.minimum_tcb(product)
-        if floor:
-            reported = report.reported_tcb(product)
-            short = reported.shortfalls(floor)
-            add(
-                _check(
-                    "min_tcb",
-                    not short,
-                    f"REPORTED_TCB {reported} "
-                    + (f"is below the policy floor: {', '.join(short)}" if short else "meets the policy floor"),
-                )
-            )
-        if policy.reject_debug:
-            add(
-                _check(
-                    "debug",
-                    not report.policy.debug,
-                    "guest POLICY forbids debugging"
-                    if not report.policy.debug
-                    else "guest POLICY allows debugging: the host can read and change guest memory",
-                )
-            )
-        if policy.reject_migration_agent:
-            add(
-                _check(
-                    "migration_agent",
-                    not report.policy.migrate_ma,
-                    "no migration agent allowed"
-                    if not report.policy.migrate_ma
-                    else "guest POLICY allows a migration agent",
-                )
-            )
-        add(
-            _check(
-                "vmpl",
-                report.vmpl <= policy.max_vmpl,
-                f"VMPL {report.vmpl} {'<=' if report.vmpl <= policy.max_vmpl else '>'} {policy.max_vmpl}",
-            )
-        )
-        key = result.signing_key or "?"
-        add(
-            _check(
-                "signing_key_allowed",
-                key in policy.signing_keys,
-                f"{key} {'is' if key in policy.signing_keys else 'is not'} among {', '.join(policy.signing_keys)}",
-            )
-        )
-        if policy.products is not None:
-            name = product.value if product else "unknown"
-            add(
-                _check(
-                    "product_allowed",
-                    name in policy.products,
-                    f"{name} {'is' if name in policy.products else 'is not'} among {', '.join(policy.products)}",
-                )
-            )
-        if policy.min_guest_svn:
-            add(
-                _check(
-                    "guest_svn",
-                    report.guest_svn >= policy.min_guest_svn,
-                    f"GUEST_SVN {report.guest_svn}, minimum {policy.min_guest_svn}",
-                )
-            )
-        if policy.min_firmware is not None:
-            firmware = report.committed_firmware
-            enough = firmware.as_tuple() >= policy.min_firmware
-            add(
-                _check(
-                    "min_firmware",
-                    enough,
-                    f"committed firmware {firmware} "
-                    f"{'>=' if enough else '<'} {'.'.join(map(str, policy.min_firmware))}",
-                )
-            )
-        if not policy.permit_provisional_firmware:
-            committed, current = report.committed_tcb(product), report.current_tcb(product)
-            differs = [
-                name
-                for name, value in committed.components().items()
-                if name != "microcode" and current.components()[name] != value
-            ]
-            if report.committed_firmware != report.current_firmware:
-                differs.append(f"firmware {report.current_firmware} running, {report.committed_firmware} committed")
-            add(
-                _check(
-                    "provisional_firmware",
-                    not differs,
-                    "running firmware is committed"
-                    if not differs
-                    else "provisional (uncommitted) firmware: " + ", ".join(differs),
-                )
-            )
-        if policy.max_evidence_age_s is not None:
-            add(_age_check(claims, policy.max_evidence_age_s, moment))
-
 
 # -- report-side checks, memoised on the fields they read ---------------------------------------------------
 
@@ -620,29 +493,6 @@ def _tcb_order(
 
 def _check(name: str, passed: bool, detail: str) -> Check:
     return Check(name, Outcome.PASS if passed else Outcome.FAIL, detail)
-
-
-def _age_check(claims: dict[str, str] | None, limit: int, moment: datetime) -> Check:
-    issued = (claims or {}).get("issued_at")
-    if not issued:
-        return Check(
-            "evidence_age",
-            Outcome.FAIL,
-            "the policy limits evidence age but the evidence has no issued_at claim",
-        )
-    try:
-        when = parse_rfc3339(issued)
-    except AttestInputError as exc:
-        return Check("evidence_age", Outcome.FAIL, str(exc))
-    age = (moment - when).total_seconds()
-    fresh = -_CLOCK_SKEW_S <= age <= limit
-    return _check(
-        "evidence_age",
-        fresh,
-        f"issued {age:.0f} s before verification, limit {limit} s"
-        if age >= 0
-        else f"issued {-age:.0f} s in the future",
-    )
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: instances come from the memoised _given()

@@ -20,7 +20,7 @@ from confnb.cli.common import (
     paint,
     print_json,
     read_bytes,
-    write_atomically,
+    write_output,
 )
 
 SIMULATED_BANNER = "SIMULATED TEE - NOT A CONFIDENTIAL VM: these keys and reports prove nothing about hardware"
@@ -234,7 +234,7 @@ def _report(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     text = evidence.to_json() + "\n"
     if args.out:
-        write_atomically(Path(args.out), text.encode())
+        write_output(Path(args.out), text.encode())
         print(f"wrote {args.out} ({evidence.tee} evidence, nonce {nonce.hex()})", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from confnb.fileio import write_atomically
 
 EXIT_OK = 0
 EXIT_REJECTED = 1
@@ -29,24 +30,12 @@ def read_bytes(path: str | Path, what: str) -> bytes:
         raise UsageError(f"{what} {path}: {exc.strerror or exc}") from None
 
 
-def write_atomically(path: str | Path, data: bytes, mode: int = 0o644) -> None:
-    """Write all of ``data`` or nothing: a crash or a full disk never leaves a partial file behind."""
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
+def write_output(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+    """Write a command's output file all at once, or report in one line why it could not be written."""
     try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=directory)
+        write_atomically(path, data, mode)
     except OSError as exc:
-        raise UsageError(f"cannot write {target}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def print_json(document: Any) -> None:

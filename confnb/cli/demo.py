@@ -19,7 +19,7 @@ from confnb.attest.policy import AttestationPolicy
 from confnb.attest.result import VerificationResult
 from confnb.attest.verifier import Verifier
 from confnb.cli.attest import print_result, throwaway_public_keys
-from confnb.cli.common import EXIT_OK, EXIT_REJECTED, paint, write_atomically
+from confnb.cli.common import EXIT_OK, EXIT_REJECTED, paint, write_output
 
 
 def register(subcommands: Any) -> None:
@@ -72,14 +72,14 @@ def _run(workdir: Path) -> int:
         "max_vmpl = 0\n"
         "max_evidence_age_s = 300\n"
     )
-    write_atomically(policy_path, policy_text.encode())
+    write_output(policy_path, policy_text.encode())
     print(policy_text.rstrip())
     policy = AttestationPolicy.load(policy_path)
 
     _step("3. The verifier sends a fresh nonce; the kernel answers with evidence bound to it and to its keys")
     nonce = secrets.token_bytes(32)
     evidence = issue_evidence(tee, nonce, **throwaway_public_keys())
-    write_atomically(workdir / "evidence.json", evidence.to_json().encode())
+    write_output(workdir / "evidence.json", evidence.to_json().encode())
     print(f"nonce {nonce.hex()}")
     print(f"evidence written to {workdir / 'evidence.json'} (inspect it with 'confnb attest show')")
 

@@ -45,6 +45,7 @@ from confnb.attest.report import (
     SigningKey,
 )
 from confnb.attest.tcb import TcbLayout, TcbVersion
+from confnb.fileio import write_atomically
 from kernel_enclave import measurement as code_measurement
 from kernel_enclave.tee.base import (
     SEALING_KEY_INFO,
@@ -241,29 +242,10 @@ def _load_or_create(state_dir: Path) -> _State:
             return _read_state(path)
         log.info("generating the simulated TEE's ARK -> ASK -> VCEK chain in %s (once)", state_dir)
         document = _generate_state(dt.datetime.now(dt.UTC))
-        _write_atomically(path, json.dumps(document, indent=1, sort_keys=True).encode("utf-8"))
+        write_atomically(path, json.dumps(document, indent=1, sort_keys=True).encode("utf-8"))
         return _read_state(path)
     finally:
         os.close(lock_fd)  # also releases the lock
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _read_state(path: Path) -> _State:

@@ -67,6 +67,16 @@ def test_output_policy_tables_beside_attestation_are_left_alone():
         ('[attestation]\nmin_firmware = "one"\n', 2, "must be a version"),
         ("[attestation]\nmax_evidence_age_s = 0\n", 2, "max_evidence_age_s"),
         ('[attestation]\nproducts = ["Venice"]\n', 2, "'Venice' is not one of Milan, Genoa, Turin"),
+        ("[attestation]\nguest_policy = { debug = false }\n", 2, "attestation.guest_policy.debug: unknown flag"),
+        (
+            "[attestation]\n[attestation.platform_info]\ntsme_enabled = 1\n",
+            3,
+            "attestation.platform_info.tsme_enabled: must be true or false",
+        ),
+        ('[attestation]\nmin_abi = "1"\n', 2, "must be a version like"),
+        ('[attestation]\nchip_ids = ["abcd"]\n', 2, "is not 128 hex characters (64 bytes)"),
+        ("[attestation]\nmin_launch_tcb = { fmc = -1 }\n", 2, "attestation.min_launch_tcb.fmc: must be an integer"),
+        ("[attestation]\nrequired_launch_mitigations = true\n", 2, "must be an integer"),
     ],
 )
 def test_errors_name_the_key_and_the_line(text, line, fragment):

@@ -190,8 +190,15 @@ def forged_milan():
     ark_key = rsa.generate_private_key(65537, 4096)
     ask_key = rsa.generate_private_key(65537, 4096)
     vcek_key = ec.generate_private_key(ec.SECP384R1())
-    ark = _issue("ARK-Milan", "ARK-Milan", ark_key.public_key(), ark_key)
-    ask = _issue("SEV-Milan", "ARK-Milan", ask_key.public_key(), ark_key)
+    crl_point = x509.CRLDistributionPoints(
+        [
+            x509.DistributionPoint(
+                [x509.UniformResourceIdentifier("https://kdsintf.amd.com/vcek/v1/Milan/crl")], None, None, None
+            )
+        ]
+    )
+    ark = _issue("ARK-Milan", "ARK-Milan", ark_key.public_key(), ark_key, [crl_point])
+    ask = _issue("SEV-Milan", "ARK-Milan", ask_key.public_key(), ark_key, [crl_point])
     copied = [ext.value for ext in genuine.extensions if ext.oid.dotted_string.startswith("1.3.6.1.4.1.3704.")]
     vcek = _issue("SEV-VCEK", "SEV-Milan", vcek_key.public_key(), ask_key, copied)
     r, s = decode_dss_signature(vcek_key.sign(vector.report[:SIGNED_SIZE], ec.ECDSA(hashes.SHA384())))
