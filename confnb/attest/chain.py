@@ -30,7 +30,7 @@ from confnb.attest.result import Check, Outcome
 from confnb.attest.roots import pinned_product
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity semantics: verdicts are memoised, one per chain
 class ChainVerdict:
     """The report-independent checks of one chain, and what the report checks need from it."""
 

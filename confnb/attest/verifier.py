@@ -237,15 +237,17 @@ class Verifier:
             checks.append(verdict.validity_check)
         else:
             checks.append(Check("cert_validity", Outcome.FAIL, "; ".join(verdict.validity_problems(moment))))
-        ext = verdict.extensions
-        # The report-side bindings depend on a few report fields and the chain only: memoised on exactly those.
-        checks.append(
-            _product_check(report.version, report.cpuid_fam_id, report.cpuid_mod_id, ext.product, ask.product, product)
+        checks += _bindings(
+            verdict,
+            report.version,
+            report.cpuid_fam_id,
+            report.cpuid_mod_id,
+            report.signing_key,
+            report.reported_tcb_raw,
+            report.chip_id,
+            report.key_info.mask_chip_key,
         )
-        checks.append(_key_type_check(report.signing_key, vek, ask))
         checks.append(self._signature_check(report, report_bytes, verdict))
-        checks.append(_tcb_binding(report.reported_tcb_raw, vek.der, product))
-        checks.append(_chip_binding(report.chip_id, report.key_info.mask_chip_key, vek.der, product))
         if crl is not None or (appraisal is not None and appraisal.check_revocation):
             checks.append(self._revocation(crl, ark, ask, vek, product, moment))
 
@@ -377,6 +379,26 @@ def _format_checks(version: int, signature_algo: int, problems: tuple[str, ...])
 
 
 @functools.lru_cache(maxsize=512)
+def _bindings(
+    verdict: ChainVerdict,
+    version: int,
+    family: int | None,
+    model: int | None,
+    signing_key: SigningKey | int,
+    reported_raw: bytes,
+    chip_id: bytes,
+    mask_chip_key: bool,
+) -> tuple[Check, Check, Check, Check]:
+    """How the report binds to its chain: product, key type, TCB and chip (memoised on the fields they read)."""
+    vek, product = verdict.vek, verdict.product
+    return (
+        _product_check(version, family, model, verdict.extensions.product, verdict.ask.product, product),
+        _key_type_check(signing_key, vek, verdict.ask),
+        _tcb_binding(reported_raw, vek.der, product),
+        _chip_binding(chip_id, mask_chip_key, vek.der, product),
+    )
+
+
 def _product_check(
     version: int,
     family: int | None,
@@ -399,7 +421,6 @@ def _product_check(
     return Check("product", Outcome.PASS, f"{product.value}{cpuid}")
 
 
-@functools.lru_cache(maxsize=512)
 def _key_type_check(key: SigningKey | int, vek: Cert, ask: Cert) -> Check:
     expected = {SigningKey.VCEK: (Role.VCEK, Role.ASK), SigningKey.VLEK: (Role.VLEK, Role.ASVK)}.get(
         key if isinstance(key, SigningKey) else SigningKey.NONE
@@ -416,7 +437,6 @@ def _key_type_check(key: SigningKey | int, vek: Cert, ask: Cert) -> Check:
     return Check("signing_key_type", Outcome.PASS, f"{expected[0].value} under {ask.common_name}")
 
 
-@functools.lru_cache(maxsize=512)
 def _tcb_binding(reported_raw: bytes, vek_der: bytes, product: Product | None) -> Check:
     reported = TcbVersion.decode(reported_raw, product.tcb_layout if product else TcbLayout.LEGACY)
     certified = vek_extensions(vek_der).tcb_components()
@@ -431,7 +451,6 @@ def _tcb_binding(reported_raw: bytes, vek_der: bytes, product: Product | None) -
     return Check("tcb_binding", Outcome.PASS, f"REPORTED_TCB {reported} equals the VEK's TCB")
 
 
-@functools.lru_cache(maxsize=512)
 def _chip_binding(chip_id: bytes, mask_chip_key: bool, vek_der: bytes, product: Product | None) -> Check:
     vek, ext = parse_certificate(vek_der), vek_extensions(vek_der)
     if vek.role is Role.VLEK:
