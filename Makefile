@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(BIN)/confnb demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check confnb kernel_enclave tests benchmarks
-	$(BIN)/ruff format --check confnb kernel_enclave tests benchmarks
+	$(BIN)/ruff check confnb kernel_enclave tests benchmarks examples
+	$(BIN)/ruff format --check confnb kernel_enclave tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy confnb/attest kernel_enclave
