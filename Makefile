@@ -20,7 +20,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check confnb kernel_enclave tests benchmarks examples
 
 typecheck: $(STAMP)
-	$(BIN)/mypy confnb/attest kernel_enclave
+	$(BIN)/mypy confnb kernel_enclave
 
 test: lint typecheck
 	$(BIN)/pytest

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,8 @@ from typing import Any
 from confnb.attest.errors import PolicyError
 from confnb.attest.report import Product
 from confnb.attest.tcb import COMPONENTS
+from confnb.policy.toml import TableReader, parse_toml, read_policy_text
 
-_HEX = re.compile(r"^[0-9a-fA-F]*$")
 _SIGNING_KEYS = ("VCEK", "VLEK")
 _FIRMWARE = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?$")
 _ABI = re.compile(r"^(\d+)\.(\d+)$")
@@ -115,46 +114,26 @@ class AttestationPolicy:
 
     @classmethod
     def load(cls, path: str | Path) -> AttestationPolicy:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise PolicyError(f"{path}: cannot read policy: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise PolicyError(f"{path}: policy is not UTF-8 text") from None
-        return cls.from_toml(text, source=str(path))
+        return cls.from_toml(read_policy_text(path), source=str(path))
 
     @classmethod
     def from_toml(cls, text: str, source: str = "<policy>") -> AttestationPolicy:
-        try:
-            document = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(f"{source}: not valid TOML: {exc}") from None
+        document = parse_toml(text, source)
         table = document.get("attestation")
         if table is None:
             raise PolicyError(f"{source}: no [attestation] table")
-        return _Reader(text, source).read(table)
+        return _Reader(text, source, "attestation").read(table)
 
 
-class _Reader:
+class _Reader(TableReader):
     """Validates the ``[attestation]`` table key by key, naming the line of each offending key."""
-
-    def __init__(self, text: str, source: str) -> None:
-        self.lines = text.splitlines()
-        self.source = source
-
-    def fail(self, key: str, message: str) -> PolicyError:
-        line = _line_of(self.lines, key)
-        where = f"{self.source}:{line}" if line else self.source
-        return PolicyError(f"{where}: attestation.{key}: {message}")
 
     def read(self, table: Any) -> AttestationPolicy:
         if not isinstance(table, dict):
-            raise self.fail("", "[attestation] must be a table")
-        known = {name for name in AttestationPolicy.__dataclass_fields__ if name != "source"} - set(_BY_PRODUCT)
-        for key in table:
-            if key not in known:
-                raise self.fail(key, f"unknown key (known keys: {', '.join(sorted(known))})")
+            raise self.fail("", "must be a table")
+        self.reject_unknown(
+            table, {name for name in AttestationPolicy.__dataclass_fields__ if name != "source"} - set(_BY_PRODUCT)
+        )
         values: dict[str, Any] = {"source": self.source}
         for key in (
             "allow_simulated",
@@ -204,32 +183,6 @@ class _Reader:
             values["min_firmware"] = self.firmware("min_firmware", table["min_firmware"])
         return AttestationPolicy(**values)
 
-    def boolean(self, key: str, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(key, f"must be true or false, not {value!r}")
-        return value
-
-    def integer(self, key: str, value: Any, low: int, high: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self.fail(key, f"must be an integer from {low} to {high}, not {value!r}")
-        return value
-
-    def hex_list(self, key: str, value: Any, size: int) -> tuple[str, ...]:
-        if not isinstance(value, list):
-            raise self.fail(key, f"must be a list of {2 * size}-character hex strings")
-        for item in value:
-            if not isinstance(item, str) or len(item) != 2 * size or not _HEX.match(item):
-                raise self.fail(key, f"{item!r} is not {2 * size} hex characters ({size} bytes)")
-        return tuple(item.lower() for item in value)
-
-    def choices(self, key: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
-        if not isinstance(value, list) or not value:
-            raise self.fail(key, f"must be a non-empty list drawn from {', '.join(allowed)}")
-        for item in value:
-            if item not in allowed:
-                raise self.fail(key, f"{item!r} is not one of {', '.join(allowed)}")
-        return tuple(value)
-
     def firmware(self, key: str, value: Any) -> tuple[int, int, int]:
         match = _FIRMWARE.match(value) if isinstance(value, str) else None
         if not match:
@@ -270,28 +223,3 @@ class _Reader:
         if not match:
             raise self.fail(key, f'must be a version like "1.51", not {value!r}')
         return (int(match.group(1)), int(match.group(2)))
-
-
-def _line_of(lines: list[str], dotted_key: str) -> int | None:
-    """The 1-based line where ``dotted_key`` of the attestation table is set, found by a forgiving scan.
-
-    tomllib reports no positions for values, so this scans the text: inside ``[attestation]`` (or one of its
-    sub-tables) it looks for the last component of the key on the left of an ``=``.
-    """
-    if not dotted_key:
-        return None
-    leaf = dotted_key.rsplit(".", maxsplit=1)[-1]
-    header = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]")
-    assignment = re.compile(rf"(^|[{{,\s.])\"?{re.escape(leaf)}\"?\s*=")
-    in_attestation = False
-    for number, line in enumerate(lines, start=1):
-        found = header.match(line)
-        if found:
-            name = found.group(1).replace(" ", "")
-            in_attestation = name == "attestation" or name.startswith("attestation.")
-            if in_attestation and name.split(".")[-1] == leaf:
-                return number
-            continue
-        if in_attestation and assignment.search(line.split("#", 1)[0]):
-            return number
-    return None

@@ -1,0 +1,92 @@
+"""Policies in plain language, for the people who must agree to them (``confnb policy explain``).
+
+A data owner signs an output policy and an analyst lives by it; neither should have to read TOML to know what it
+permits. Every sentence here is derived from the parsed policy, so the explanation cannot drift from what the
+vault and the verifier enforce.
+"""
+
+from __future__ import annotations
+
+from confnb.attest.policy import AttestationPolicy
+from confnb.policy.output import OutputPolicy
+
+_KIND_TEXT = {
+    "schema": "the dataset's column names and types",
+    "row_count": "how many rows a table has",
+    "aggregate": "aggregates (counts, sums, means, quantiles, group-by results)",
+    "model_metrics": "the quality metrics of models trained on the data (accuracy, ROC AUC, RMSE, ...)",
+    "model_parameters": "the parameters of trained models (coefficients, feature importances)",
+    "predict_public": "predictions of trained models on data the analyst supplies",
+}
+
+
+def explain_output(policy: OutputPolicy) -> list[str]:
+    lines = [f"Output policy {policy.id!r}: nothing leaves the kernel unless a rule below allows it."]
+    if policy.allow:
+        lines.append("May be released: " + "; ".join(_KIND_TEXT[kind] for kind in sorted(policy.allow)) + ".")
+    else:
+        lines.append("No results of any kind may be released.")
+    if "aggregate" in policy.allow:
+        if policy.min_group_size > 1:
+            lines.append(
+                f"Every released aggregate row must be computed from at least {policy.min_group_size} records; "
+                "smaller groups are suppressed."
+            )
+        else:
+            lines.append("Aggregates over groups of any size may be released, even single records (min_group_size 1).")
+    if policy.never_release:
+        lines.append(
+            "These columns appear in no released result, not even as group keys or through derived columns: "
+            + ", ".join(sorted(policy.never_release))
+            + "."
+        )
+    if policy.max_rows is not None:
+        lines.append(f"No released table may have more than {policy.max_rows} rows.")
+    lines.append(
+        f"Notebook output may use {', '.join(policy.mime) or 'no MIME type at all'}, at most "
+        f"{policy.max_output_bytes} bytes per output."
+    )
+    lines.append(
+        "Tracebacks show only the exception type and the cell line."
+        if policy.tracebacks == "redacted"
+        else "Tracebacks are shown in full (they can carry data values)."
+    )
+    return lines
+
+
+def explain_attestation(policy: AttestationPolicy) -> list[str]:
+    lines = ["Attestation policy: which confidential VMs are trusted (with a key, or with data)."]
+    lines.append(
+        "Simulated TEEs are ACCEPTED: this proves nothing about hardware and is for demos and tests only."
+        if policy.allow_simulated
+        else "Only genuine AMD SEV-SNP hardware is accepted (AMD's pinned roots; simulated TEEs are refused)."
+    )
+    if policy.measurements is None:
+        lines.append("Any launch measurement is accepted: ANY software in a genuine VM passes. Pin measurements.")
+    elif not policy.measurements:
+        lines.append("The measurement allowlist is empty, so every VM is refused.")
+    else:
+        count = len(policy.measurements)
+        lines.append(f"The VM must run one of {count} pinned image{'s' if count > 1 else ''} (launch measurement).")
+    if policy.reject_debug:
+        lines.append("VMs that allow debugging (the host could read their memory) are refused.")
+    else:
+        lines.append("VMs that allow DEBUGGING are accepted: the host can read and change their memory.")
+    if policy.reject_migration_agent:
+        lines.append("VMs that allow a migration agent are refused.")
+    lines.append(f"The report must come from VMPL {policy.max_vmpl} or more privileged.")
+    lines.append(f"Reports may be signed by: {', '.join(policy.signing_keys)}.")
+    if policy.min_tcb or policy.min_tcb_by_product:
+        floors = [f"{', '.join(f'{k} {v}' for k, v in policy.min_tcb.items())}"] if policy.min_tcb else []
+        floors += [
+            f"{product}: {', '.join(f'{k} {v}' for k, v in table.items())}"
+            for product, table in policy.min_tcb_by_product.items()
+        ]
+        lines.append("Firmware must be at least: " + "; ".join(floors) + ".")
+    if policy.max_evidence_age_s is not None:
+        lines.append(f"Evidence older than {policy.max_evidence_age_s} seconds is refused.")
+    if not policy.permit_provisional_firmware:
+        lines.append("Provisional (uncommitted) firmware is refused.")
+    if policy.check_revocation:
+        lines.append("AMD's certificate revocation list is checked.")
+    return lines

@@ -1,0 +1,147 @@
+"""The data owner's output policy: what may leave the kernel, and in what form (default deny).
+
+The vault enforces it on facts it computed itself (a released aggregate row *was* computed from at least
+``min_group_size`` records), never on the text of a result. When one computation touches several datasets, their
+policies combine into the strictest of each rule (:func:`strictest`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confnb.attest.errors import PolicyError
+from confnb.policy.toml import TableReader, parse_toml, read_policy_text
+
+RELEASE_KINDS = ("schema", "row_count", "aggregate", "model_metrics", "model_parameters", "predict_public")
+TRACEBACK_MODES = ("full", "redacted")  # redacted: exception type and cell line only
+_STRICTNESS = {"full": 0, "redacted": 1}
+DEFAULT_MIME = ("text/plain",)
+DEFAULT_MAX_OUTPUT_BYTES = 1_000_000
+_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
+OUTPUT_TABLES = ("policy", "release", "display")
+
+
+@dataclass(frozen=True)
+class OutputPolicy:
+    """One owner's rules. Defaults deny every release kind and show only plain text, with tracebacks redacted."""
+
+    id: str
+    allow: frozenset[str] = frozenset()
+    min_group_size: int = 1
+    never_release: frozenset[str] = frozenset()
+    max_rows: int | None = None
+    mime: tuple[str, ...] = DEFAULT_MIME
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    tracebacks: str = "redacted"
+    sources: tuple[str, ...] = field(default=(), compare=False)  # the policy ids this one was combined from
+
+    def allows(self, kind: str) -> bool:
+        return kind in self.allow
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": {"id": self.id},
+            "release": {
+                "allow": sorted(self.allow),
+                "min_group_size": self.min_group_size,
+                "never_release": sorted(self.never_release),
+                **({"max_rows": self.max_rows} if self.max_rows is not None else {}),
+            },
+            "display": {
+                "mime": list(self.mime),
+                "max_output_bytes": self.max_output_bytes,
+                "tracebacks": self.tracebacks,
+            },
+        }
+
+    def canonical_json(self) -> bytes:
+        """The bytes an owner signs and a digest names: sorted keys, no whitespace, UTF-8."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.canonical_json()).hexdigest()
+
+    # -- loading --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> OutputPolicy:
+        return cls.from_toml(read_policy_text(path), source=str(path))
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "<policy>") -> OutputPolicy:
+        document = parse_toml(text, source)
+        if not any(table in document for table in OUTPUT_TABLES):
+            raise PolicyError(f"{source}: no output policy ([policy], [release], [display] tables)")
+        return _read(text, source, document)
+
+
+def has_output_policy(document: dict[str, Any]) -> bool:
+    return any(table in document for table in OUTPUT_TABLES)
+
+
+def _read(text: str, source: str, document: dict[str, Any]) -> OutputPolicy:
+    values: dict[str, Any] = {}
+    identity = TableReader(text, source, "policy")
+    table = identity.table_of("", document.get("policy", {}), '{ id = "claims-2026-v1" }')
+    identity.reject_unknown(table, {"id"})
+    if "id" not in table:
+        raise PolicyError(f'{source}: [policy] needs an id, e.g. id = "claims-2026-v1"')
+    values["id"] = identity.string("id", table["id"], _ID_PATTERN, "1-128 letters, digits or . _ : -")
+
+    release = TableReader(text, source, "release")
+    table = release.table_of("", document.get("release", {}), '{ allow = ["aggregate"] }')
+    release.reject_unknown(table, {"allow", "min_group_size", "never_release", "max_rows"})
+    if "allow" in table:
+        values["allow"] = frozenset(release.choices("allow", table["allow"], RELEASE_KINDS, allow_empty=True))
+    if "min_group_size" in table:
+        values["min_group_size"] = release.integer("min_group_size", table["min_group_size"], 1, 10**9)
+    if "never_release" in table:
+        values["never_release"] = frozenset(release.strings("never_release", table["never_release"]))
+    if "max_rows" in table:
+        values["max_rows"] = release.integer("max_rows", table["max_rows"], 0, 10**12)
+
+    display = TableReader(text, source, "display")
+    table = display.table_of("", document.get("display", {}), '{ mime = ["text/plain"] }')
+    display.reject_unknown(table, {"mime", "max_output_bytes", "tracebacks"})
+    if "mime" in table:
+        mime = display.strings("mime", table["mime"])
+        for item in mime:
+            if "/" not in item or item.count("/") != 1 or " " in item:
+                raise display.fail("mime", f"{item!r} is not a MIME type such as text/plain")
+        values["mime"] = mime
+    if "max_output_bytes" in table:
+        values["max_output_bytes"] = display.integer("max_output_bytes", table["max_output_bytes"], 0, 10**10)
+    if "tracebacks" in table:
+        mode = table["tracebacks"]
+        if mode not in TRACEBACK_MODES:
+            raise display.fail("tracebacks", f"must be one of {', '.join(TRACEBACK_MODES)}, not {mode!r}")
+        values["tracebacks"] = mode
+    return OutputPolicy(**values, sources=(values["id"],))
+
+
+def strictest(policies: Iterable[OutputPolicy]) -> OutputPolicy:
+    """Combine the policies of every dataset in one computation: each rule takes its strictest value."""
+    chosen = list(policies)
+    if not chosen:
+        raise ValueError("no policies to combine")
+    if len(chosen) == 1:
+        return chosen[0]
+    max_rows = [p.max_rows for p in chosen if p.max_rows is not None]
+    mime = [m for m in chosen[0].mime if all(m in p.mime for p in chosen[1:])]
+    sources = tuple(dict.fromkeys(source for p in chosen for source in p.sources))
+    return OutputPolicy(
+        id="+".join(sources),
+        allow=frozenset.intersection(*(p.allow for p in chosen)),
+        min_group_size=max(p.min_group_size for p in chosen),
+        never_release=frozenset.union(*(p.never_release for p in chosen)),
+        max_rows=min(max_rows) if max_rows else None,
+        mime=tuple(mime),
+        max_output_bytes=min(p.max_output_bytes for p in chosen),
+        tracebacks=max((p.tracebacks for p in chosen), key=_STRICTNESS.__getitem__),
+        sources=sources,
+    )
