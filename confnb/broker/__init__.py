@@ -1,0 +1,1 @@
+"""The data owner's key broker: dataset keys released only to attested kernels, every decision audited."""

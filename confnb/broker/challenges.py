@@ -1,0 +1,85 @@
+"""Single-use, short-lived nonces: the broker's defence against replayed evidence.
+
+A kernel asks for a challenge, binds the nonce into its attestation report, and presents the evidence once. The
+nonce is consumed atomically in SQLite (one UPDATE that succeeds for exactly one caller), so two concurrent releases
+with the same evidence cannot both succeed, even across broker processes sharing the store.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from confnb.attest.evidence import rfc3339
+
+NONCE_BYTES = 32
+DEFAULT_TTL_S = 300
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS challenges (
+    nonce TEXT PRIMARY KEY,
+    issued_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL
+);
+CREATE INDEX IF NOT EXISTS challenges_expiry ON challenges (expires_at);
+"""
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: str  # hex
+    expires_at: datetime
+
+    def to_dict(self) -> dict[str, str]:
+        return {"nonce": self.nonce, "expires_at": rfc3339(self.expires_at)}
+
+
+class ChallengeStore:
+    """Nonces in the broker's SQLite database; safe to share between threads and processes."""
+
+    def __init__(self, path: str | Path, ttl_s: int = DEFAULT_TTL_S) -> None:
+        self.path = str(path)
+        self.ttl = timedelta(seconds=ttl_s)
+        with self._connect() as db:
+            db.executescript(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    def issue(self, now: datetime | None = None) -> Challenge:
+        moment = now or datetime.now(UTC)
+        nonce = secrets.token_hex(NONCE_BYTES)
+        expires = moment + self.ttl
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO challenges (nonce, issued_at, expires_at) VALUES (?, ?, ?)",
+                (nonce, moment.timestamp(), expires.timestamp()),
+            )
+            # Expired challenges are useless; dropping them keeps the table small without a sweeper thread.
+            db.execute("DELETE FROM challenges WHERE expires_at < ?", ((moment - self.ttl).timestamp(),))
+        return Challenge(nonce, expires)
+
+    def consume(self, nonce: str, now: datetime | None = None) -> str | None:
+        """Mark ``nonce`` used. None if it was valid and unused until now; otherwise why it cannot be used."""
+        moment = (now or datetime.now(UTC)).timestamp()
+        nonce = nonce.lower()
+        with self._connect() as db:
+            updated = db.execute(
+                "UPDATE challenges SET used_at = ? WHERE nonce = ? AND used_at IS NULL AND expires_at >= ?",
+                (moment, nonce, moment),
+            ).rowcount
+            if updated == 1:
+                return None
+            row = db.execute("SELECT expires_at, used_at FROM challenges WHERE nonce = ?", (nonce,)).fetchone()
+        if row is None:
+            return "the nonce was not issued by this broker (or expired long ago)"
+        if row[1] is not None:
+            return "the nonce was already used: evidence is accepted once"
+        return "the nonce expired before the evidence arrived"
