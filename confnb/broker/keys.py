@@ -67,6 +67,11 @@ class KdfParameters:
             raise MasterKeyError(f"malformed key-derivation parameters: {exc}") from None
 
 
+def new_kdf_parameters() -> KdfParameters:
+    """Fresh Argon2id parameters for a new passphrase: a random salt and RFC 9106's second recommended option."""
+    return KdfParameters(salt=secrets.token_bytes(16))
+
+
 class MasterKey:
     """32 secret bytes. Never logged, never repr'd, compared in constant time."""
 

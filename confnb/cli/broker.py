@@ -1,0 +1,219 @@
+"""``confnb broker``, ``confnb keys`` and ``confnb audit``: the data owner's key broker and its records."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from confnb.cli.common import EXIT_OK, EXIT_REJECTED, UsageError, paint, print_json
+
+DEFAULT_PORT = 8723
+
+
+def register(subcommands: Any) -> None:
+    broker = subcommands.add_parser(
+        "broker",
+        help="the data owner's key broker",
+        description="Create an owner store and serve key releases to attested kernels over HTTP.",
+    )
+    commands = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
+
+    init = commands.add_parser(
+        "init",
+        help="create an owner store (keys, database, audit log)",
+        description="Create OWNER_DIR with a new Ed25519 owner key, an empty dataset database and an audit log. "
+        "The master key that wraps every dataset key is generated into OWNER_DIR/master.key unless you name a key "
+        "file elsewhere or derive it from a passphrase.",
+    )
+    _store_options(init)
+    init.set_defaults(handler=_init)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve challenges and key releases over HTTP",
+        description="Serve the broker API (OpenAPI document at /openapi.json, interactive docs at /docs).",
+    )
+    _store_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (and --tls-key)")
+    serve.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    serve.set_defaults(handler=_serve)
+
+    keys = subcommands.add_parser(
+        "keys",
+        help="manage the broker's master key",
+        description="Manage the master key that wraps every dataset key at rest.",
+    )
+    key_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    rotate = key_commands.add_parser(
+        "rotate",
+        help="re-wrap every dataset key under a new master key",
+        description="Generate a new master key (or derive one from --new-passphrase-env) and re-wrap every dataset "
+        "key and the owner key under it. Encrypted data is untouched.",
+    )
+    _store_options(rotate, flag="--broker-dir")
+    rotate.add_argument(
+        "--new-master-key-file",
+        metavar="FILE",
+        type=Path,
+        help="where to write the new key (default: replace the store's key file)",
+    )
+    rotate.add_argument("--new-passphrase-env", metavar="VAR", help="derive the new key from this variable")
+    rotate.set_defaults(handler=_rotate)
+
+    audit = subcommands.add_parser(
+        "audit",
+        help="read and verify the audit log",
+        description="The owner's hash-chained, signed log of every broker decision.",
+    )
+    audit_commands = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    show = audit_commands.add_parser("show", help="print the log", description="Print every entry of the log.")
+    show.add_argument("--broker-dir", metavar="OWNER_DIR", required=True, type=Path)
+    show.add_argument("--json", action="store_true", help="one JSON document with every entry")
+    show.set_defaults(handler=_audit_show)
+    check = audit_commands.add_parser(
+        "verify",
+        help="prove the log intact",
+        description="Recompute every hash, link and signature. Exit 0 intact, 1 tampered (first bad entry named).",
+    )
+    check.add_argument("--broker-dir", metavar="OWNER_DIR", required=True, type=Path)
+    check.add_argument("--json", action="store_true", help="print the result as JSON")
+    check.set_defaults(handler=_audit_verify)
+
+
+def _store_options(parser: argparse.ArgumentParser, flag: str = "--dir") -> None:
+    parser.add_argument(
+        flag, dest="dir", metavar="OWNER_DIR", required=True, type=Path, help="the owner store directory"
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--master-key-file",
+        metavar="FILE",
+        type=Path,
+        help="master key file (32 bytes, mode 600); default OWNER_DIR/master.key",
+    )
+    source.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="derive the master key from the passphrase in this environment variable (Argon2id)",
+    )
+
+
+def _source(args: argparse.Namespace) -> Any:
+    from confnb.broker.store import MasterKeySource
+
+    passphrase = None
+    if args.passphrase_env:
+        passphrase = os.environ.get(args.passphrase_env)
+        if not passphrase:
+            raise UsageError(f"environment variable {args.passphrase_env} is empty or unset")
+    return MasterKeySource(key_file=args.master_key_file, passphrase=passphrase)
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from confnb.broker.keys import MasterKeyError
+    from confnb.broker.store import OwnerStore, StoreError
+
+    try:
+        return OwnerStore.open(args.dir, _source(args))
+    except (StoreError, MasterKeyError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _init(args: argparse.Namespace) -> int:
+    from confnb.broker.store import OwnerStore, StoreError
+
+    try:
+        store = OwnerStore.create(args.dir, _source(args))
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"created owner store {store.directory}")
+    print(f"  owner public key: {store.directory / 'owner.pub'} (give it to analysts; it signs policies and the log)")
+    print("  next: write OWNER_DIR/attestation.toml (confnb policy init --kind attestation), then")
+    print(f"        confnb broker serve --dir {store.directory}")
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from confnb.attest.kds import KdsClient
+    from confnb.attest.verifier import Verifier
+    from confnb.broker.app import create_app
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    store = _open(args)
+    app = create_app(store, Verifier(KdsClient()))
+    scheme = "https" if args.tls_cert else "http"
+    print(f"confnb broker for {store.directory} on {scheme}://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
+    uvicorn.run(
+        app, host=args.host, port=args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, log_level="warning"
+    )
+    return EXIT_OK
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    from confnb.broker.store import MasterKeySource
+
+    store = _open(args)
+    passphrase = None
+    if args.new_passphrase_env:
+        passphrase = os.environ.get(args.new_passphrase_env)
+        if not passphrase:
+            raise UsageError(f"environment variable {args.new_passphrase_env} is empty or unset")
+    count = store.rotate_master_key(MasterKeySource(key_file=args.new_master_key_file, passphrase=passphrase))
+    print(f"re-wrapped {count} dataset key{'s' if count != 1 else ''} and the owner key under a new master key")
+    return EXIT_OK
+
+
+def _owner_key(directory: Path) -> Any:
+    from confnb.broker.store import StoreError, load_owner_public_key
+
+    try:
+        return load_owner_public_key(directory / "owner.pub")
+    except (OSError, StoreError, ValueError) as exc:
+        raise UsageError(f"{directory}: cannot read the owner's public key: {exc}") from None
+
+
+def _audit_show(args: argparse.Namespace) -> int:
+    from confnb.broker.audit import verify_log
+
+    log = args.broker_dir / "audit.sqlite"
+    if not log.exists():
+        raise UsageError(f"{log}: no audit log")
+    verification = verify_log(log, _owner_key(args.broker_dir))
+    entries = [entry.to_dict() for entry in verification.entries]
+    if args.json:
+        print_json({"intact": verification.ok, "problems": verification.problems, "entries": entries})
+    else:
+        for entry in entries:
+            detail = json.dumps(entry.get("detail", {}), sort_keys=True)
+            print(
+                f"{entry['seq']:>6}  {entry['time']}  {entry['kind']:<9}  {entry.get('dataset_id') or '-':<16}  "
+                f"{entry['actor']}  {detail}"
+            )
+        if not verification.ok:
+            print(paint("log NOT intact: " + "; ".join(verification.problems), "red"), file=sys.stderr)
+    return EXIT_OK if verification.ok else EXIT_REJECTED
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from confnb.broker.audit import verify_log
+
+    log = args.broker_dir / "audit.sqlite"
+    if not log.exists():
+        raise UsageError(f"{log}: no audit log")
+    verification = verify_log(log, _owner_key(args.broker_dir))
+    if args.json:
+        print_json({"intact": verification.ok, "entries": len(verification.entries), "problems": verification.problems})
+    elif verification.ok:
+        print(paint(f"intact: {len(verification.entries)} entries, every hash, link and signature verified", "green"))
+    else:
+        print(paint("TAMPERED: " + "; ".join(verification.problems), "red"))
+    return EXIT_OK if verification.ok else EXIT_REJECTED

@@ -1,0 +1,140 @@
+"""The broker as kernels meet it: a real uvicorn server on loopback, real HTTP, the simulated TEE."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import uvicorn
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from confnb import hpke
+from confnb.attest import Verifier
+from confnb.broker.app import create_app
+from confnb.broker.audit import verify_log
+from confnb.broker.store import OwnerStore
+from confnb.policy.output import OutputPolicy
+from kernel_enclave.attestation import issue_evidence
+from kernel_enclave.measurement import simulated_measurement
+
+OUTPUT_POLICY = OutputPolicy.from_toml(
+    '[policy]\nid = "claims-v1"\n[release]\nallow = ["aggregate"]\nmin_group_size = 10\n'
+)
+
+
+@dataclass
+class Broker:
+    url: str
+    store: OwnerStore
+
+    def post(self, path: str, body: object) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def broker(tmp_path) -> Iterator[Broker]:
+    store = OwnerStore.create(tmp_path / "owner")
+    attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
+    store.register_dataset("claims", OUTPUT_POLICY, attestation)
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(store, Verifier()), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("broker did not start")
+        time.sleep(0.02)
+    yield Broker(f"http://127.0.0.1:{port}", store)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _evidence(backend, nonce: str, hpke_key: ec.EllipticCurvePrivateKey) -> dict:
+    return issue_evidence(
+        backend,
+        bytes.fromhex(nonce),
+        hpke_public_key=hpke_key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint),
+        signing_public_key=ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw),
+        curve_public_key="rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7",
+    ).to_dict()
+
+
+def test_challenge_then_release_over_http(broker, simulated_backend):
+    hpke_key = ec.generate_private_key(ec.SECP256R1())
+    status, challenge = broker.post("/v1/challenge", {})
+    assert status == 200 and len(challenge["nonce"]) == 64
+    status, grant = broker.post(
+        "/v1/datasets/claims/key-release", {"evidence": _evidence(simulated_backend, challenge["nonce"], hpke_key)}
+    )
+    assert status == 200, grant
+    key = hpke.open_sealed(hpke_key, base64.b64decode(grant["sealed_key"]), grant["hpke_info"].encode())
+    assert key == broker.store.dataset_key("claims")
+    owner = broker.store.owner_public_key
+    owner.verify(
+        base64.b64decode(grant["output_policy_signature"]),
+        json.dumps(grant["output_policy"], sort_keys=True, separators=(",", ":")).encode(),
+    )
+    assert grant["output_policy"] == OUTPUT_POLICY.to_dict()
+
+
+def test_denials_are_403_with_reasons_and_audited(broker, simulated_backend):
+    hpke_key = ec.generate_private_key(ec.SECP256R1())
+    _, challenge = broker.post("/v1/challenge", {})
+    evidence = _evidence(simulated_backend, challenge["nonce"], hpke_key)
+    assert broker.post("/v1/datasets/claims/key-release", {"evidence": evidence})[0] == 200
+    status, denial = broker.post("/v1/datasets/claims/key-release", {"evidence": evidence})
+    assert status == 403 and "already used" in denial["reason"] and denial["released"] is False
+    status, missing = broker.post("/v1/datasets/nope/key-release", {"evidence": evidence})
+    assert status == 404 and missing["reason"] == "no such dataset"
+    status, malformed = broker.post("/v1/datasets/claims/key-release", {"evidence": {"format": "x"}})
+    assert status == 400 and malformed["reason"].startswith("evidence:")
+    verification = verify_log(broker.store.directory / "audit.sqlite", broker.store.owner_public_key)
+    assert verification.ok, verification.problems
+    kinds = [entry.kind for entry in verification.entries]
+    assert kinds.count("release") == 1 and kinds.count("denial") == 3 and kinds.count("challenge") == 1
+
+
+def test_openapi_document_is_published(broker):
+    document = broker.get("/openapi.json")
+    assert "/v1/challenge" in document["paths"]
+    assert "/v1/datasets/{dataset_id}/key-release" in document["paths"]
+    assert broker.get("/v1/owner")["datasets"] == ["claims"]
+
+
+def test_hostile_text_in_a_request_is_audited_not_a_500(broker):
+    status, denial = broker.post(
+        "/v1/datasets/claims/key-release", {"evidence": {"format": "\ud800", "tee": "simulated"}}
+    )
+    assert status == 400 and denial["reason"].startswith("evidence:")
+    assert verify_log(broker.store.directory / "audit.sqlite", broker.store.owner_public_key).ok
