@@ -187,7 +187,7 @@ def parse_certificate(der: bytes) -> Cert:
                 certificate.signature_algorithm_parameters,
                 certificate.signature_hash_algorithm,
             )
-        except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.InvalidVersion) as exc:
             raise CertificateError(f"not a valid X.509 certificate: {exc}") from None
     name_problems = tuple(
         str(warning.message)

@@ -158,15 +158,27 @@ class OwnerStore:
     # -- datasets -------------------------------------------------------------------------------------------
 
     def register_dataset(
-        self, dataset_id: str, output_policy: OutputPolicy, attestation_policy_toml: str | None = None
+        self,
+        dataset_id: str,
+        output_policy: OutputPolicy,
+        attestation_policy_toml: str | None = None,
+        *,
+        key_id: str | None = None,
+        dataset_key: bytes | None = None,
     ) -> tuple[str, bytes]:
-        """Create and store a fresh key for ``dataset_id``; returns (key id, key) for the encryptor to use once."""
+        """Store the key of ``dataset_id`` (fresh unless given) with its policies; returns (key id, key).
+
+        The encryptor may generate the key itself and register it only once the encrypted dataset is complete, so
+        that a failed encryption leaves no key behind.
+        """
         if not dataset_id or len(dataset_id) > 128 or any(ch not in _ID for ch in dataset_id):
             raise StoreError(f"dataset id {dataset_id!r}: use 1-128 letters, digits, '.', '_' or '-'")
         if attestation_policy_toml is not None:
             AttestationPolicy.from_toml(attestation_policy_toml, source=f"attestation policy of {dataset_id}")
-        key_id = secrets.token_hex(8)
-        dataset_key = os.urandom(DATASET_KEY_SIZE)
+        key_id = key_id or secrets.token_hex(8)
+        dataset_key = dataset_key if dataset_key is not None else os.urandom(DATASET_KEY_SIZE)
+        if len(dataset_key) != DATASET_KEY_SIZE:
+            raise StoreError(f"a dataset key is {DATASET_KEY_SIZE} bytes")
         signed_policy = output_policy.canonical_json()
         signature = base64.b64encode(self.owner_key.sign(signed_policy)).decode()
         try:

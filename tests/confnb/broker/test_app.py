@@ -138,3 +138,26 @@ def test_hostile_text_in_a_request_is_audited_not_a_500(broker):
     )
     assert status == 400 and denial["reason"].startswith("evidence:")
     assert verify_log(broker.store.directory / "audit.sqlite", broker.store.owner_public_key).ok
+
+
+def test_an_attested_kernel_reads_an_encrypted_dataset(broker, simulated_backend, tmp_path):
+    """The whole chain: owner encrypts, kernel attests over HTTP, opens the sealed key, reads the verified data."""
+    import pyarrow as pa
+
+    from confnb.datasets.manifest import verify_dataset
+    from confnb.datasets.owner import encrypt_dataset, read_verified
+
+    table = pa.table({"ward": ["a", "b"] * 50, "cost": [float(i) for i in range(100)]})
+    attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
+    encrypt_dataset(table, tmp_path / "wards", broker.store, "wards", OUTPUT_POLICY, attestation)
+
+    hpke_key = ec.generate_private_key(ec.SECP256R1())
+    _, challenge = broker.post("/v1/challenge", {})
+    status, grant = broker.post(
+        "/v1/datasets/wards/key-release", {"evidence": _evidence(simulated_backend, challenge["nonce"], hpke_key)}
+    )
+    assert status == 200, grant
+    key = hpke.open_sealed(hpke_key, base64.b64decode(grant["sealed_key"]), grant["hpke_info"].encode())
+    verified = verify_dataset(tmp_path / "wards", broker.store.owner_public_key, dataset_id="wards")
+    assert verified.manifest.key_id == grant["key_id"]
+    assert read_verified(verified, key).equals(table)

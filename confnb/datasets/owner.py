@@ -1,0 +1,157 @@
+"""The data owner's side of a dataset: encrypt an input into a signed dataset directory, and decrypt it back.
+
+Encryption happens entirely in a temporary sibling directory; the finished dataset appears under its name in one
+rename, and only then is its key registered with the broker. A failure at any step (bad input, full disk,
+interrupted run) leaves neither a partial directory nor a registered key behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.csv as pacsv  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+from confnb.broker.store import OwnerStore, StoreError
+from confnb.datasets.inputs import TableInput, open_input
+from confnb.datasets.ipc import read_encrypted_ipc, write_encrypted_ipc
+from confnb.datasets.manifest import (
+    DatasetFormat,
+    DatasetSchema,
+    FileEntry,
+    Manifest,
+    VerifiedDataset,
+    verify_dataset,
+    write_dataset_manifest,
+)
+from confnb.fileio import write_atomically
+from confnb.policy.output import OutputPolicy
+
+ARROW_FORMAT: DatasetFormat = "arrow-ipc-tink-aes256-gcm-hkdf-1mb"
+PART_NAME = "part-0000.arrow"
+
+Progress = Callable[[int, int | None], None]  # (rows so far, total rows if known)
+
+
+@dataclass(frozen=True)
+class EncryptedDataset:
+    directory: Path
+    manifest: Manifest
+
+
+def file_associated_data(dataset_id: str, key_id: str, file_name: str) -> bytes:
+    """Tink's associated data for one file: a ciphertext moved to another dataset, key or name does not open."""
+    return json.dumps(["confnb-dataset-file/1", dataset_id, key_id, file_name], separators=(",", ":")).encode()
+
+
+def encrypt_dataset(
+    source: str | os.PathLike[str] | Any,
+    out_dir: str | os.PathLike[str],
+    store: OwnerStore,
+    dataset_id: str,
+    output_policy: OutputPolicy,
+    attestation_policy_toml: str | None = None,
+    *,
+    progress: Progress | None = None,
+) -> EncryptedDataset:
+    target = Path(out_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise StoreError(f"{target} exists and is not an empty directory; nothing was written")
+    if store.dataset(dataset_id) is not None:
+        raise StoreError(f"dataset {dataset_id!r} is already registered with this broker")
+    table = open_input(source)
+    key_id, dataset_key = secrets.token_hex(8), os.urandom(32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        info = write_encrypted_ipc(
+            _counted(table, progress),
+            staging / PART_NAME,
+            dataset_key,
+            file_associated_data(dataset_id, key_id, PART_NAME),
+            schema=table.schema,
+            mode=0o644,
+        )
+        manifest = Manifest(
+            dataset_id=dataset_id,
+            version=1,
+            format=ARROW_FORMAT,
+            schema=DatasetSchema.from_arrow(table.schema),
+            files=(FileEntry(name=PART_NAME, size=info.size, rows=info.rows, sha256=info.sha256),),
+            key_id=key_id,
+            output_policy_digest=output_policy.digest(),
+            owner_public_key=store.owner_public_key.public_bytes_raw(),
+            created_at=datetime.now(UTC),
+        )
+        write_dataset_manifest(staging, manifest, store.owner_key)
+        staging.chmod(0o755)
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        store.register_dataset(
+            dataset_id, output_policy, attestation_policy_toml, key_id=key_id, dataset_key=dataset_key
+        )
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)  # without its key the directory is unreadable noise
+        raise
+    return EncryptedDataset(target, manifest)
+
+
+def decrypt_dataset(directory: str | os.PathLike[str], store: OwnerStore, out_file: str | os.PathLike[str]) -> int:
+    """The owner's own round trip: verify the signed directory, then write its table as Parquet, CSV or Arrow."""
+    verified = verify_dataset(Path(directory), store.owner_public_key)
+    table = read_verified(verified, store.dataset_key(verified.manifest.dataset_id))
+    destination = Path(out_file)
+    sink = pa.BufferOutputStream()
+    suffix = destination.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        pq.write_table(table, sink)
+    elif suffix == ".csv":
+        pacsv.write_csv(table, sink)
+    elif suffix in (".arrow", ".feather", ".ipc"):
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    else:
+        raise StoreError(f"{destination}: name the output .parquet, .csv or .arrow")
+    write_atomically(destination, sink.getvalue().to_pybytes(), mode=0o600)
+    return int(table.num_rows)
+
+
+def read_verified(verified: VerifiedDataset, dataset_key: bytes) -> Any:
+    """Every file of a verified dataset, decrypted and concatenated (what the vault does after a key release)."""
+    manifest = verified.manifest
+    tables = [
+        read_encrypted_ipc(
+            verified.path(entry.name),
+            dataset_key,
+            file_associated_data(manifest.dataset_id, manifest.key_id, entry.name),
+        )
+        for entry in manifest.files
+    ]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if not table.schema.equals(manifest.schema.to_arrow(), check_metadata=False):
+        raise StoreError(f"{manifest.dataset_id}: decrypted schema differs from the signed manifest")
+    return table
+
+
+def _counted(table: TableInput, progress: Progress | None) -> Iterator[Any]:
+    rows = 0
+    for batch in table.batches:
+        rows += batch.num_rows
+        if progress is not None:
+            progress(rows, table.total_rows)
+        yield batch
