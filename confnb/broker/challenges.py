@@ -8,12 +8,12 @@ with the same evidence cannot both succeed, even across broker processes sharing
 from __future__ import annotations
 
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from confnb.attest.evidence import rfc3339
+from confnb.broker.db import initialize, transaction
 
 NONCE_BYTES = 32
 DEFAULT_TTL_S = 300
@@ -44,20 +44,13 @@ class ChallengeStore:
     def __init__(self, path: str | Path, ttl_s: int = DEFAULT_TTL_S) -> None:
         self.path = str(path)
         self.ttl = timedelta(seconds=ttl_s)
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        return db
+        initialize(self.path, _SCHEMA)
 
     def issue(self, now: datetime | None = None) -> Challenge:
         moment = now or datetime.now(UTC)
         nonce = secrets.token_hex(NONCE_BYTES)
         expires = moment + self.ttl
-        with self._connect() as db:
+        with transaction(self.path) as db:  # one durable commit for both statements
             db.execute(
                 "INSERT INTO challenges (nonce, issued_at, expires_at) VALUES (?, ?, ?)",
                 (nonce, moment.timestamp(), expires.timestamp()),
@@ -70,7 +63,7 @@ class ChallengeStore:
         """Mark ``nonce`` used. None if it was valid and unused until now; otherwise why it cannot be used."""
         moment = (now or datetime.now(UTC)).timestamp()
         nonce = nonce.lower()
-        with self._connect() as db:
+        with transaction(self.path) as db:
             updated = db.execute(
                 "UPDATE challenges SET used_at = ? WHERE nonce = ? AND used_at IS NULL AND expires_at >= ?",
                 (moment, nonce, moment),

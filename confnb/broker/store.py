@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 from confnb.attest.evidence import rfc3339
 from confnb.attest.policy import AttestationPolicy
 from confnb.broker.audit import AuditLog
+from confnb.broker.db import initialize, transaction
 from confnb.broker.keys import KdfParameters, MasterKey, MasterKeyError, new_kdf_parameters
 from confnb.broker.release import DatasetRecord
 from confnb.fileio import write_atomically
@@ -72,8 +73,7 @@ class OwnerStore:
         self._master = master_key
         self.owner_key = owner_key
         self.audit = AuditLog(directory / "audit.sqlite", owner_key)
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
+        initialize(self.database, _SCHEMA)
 
     # -- life cycle -----------------------------------------------------------------------------------------
 
@@ -137,12 +137,6 @@ class OwnerStore:
         owner_key = ed25519.Ed25519PrivateKey.from_private_bytes(master.unwrap(wrapped, "owner", "ed25519"))
         return cls(root, master, owner_key)
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.directory / "broker.sqlite", timeout=30, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        return db
-
     @property
     def database(self) -> Path:
         return self.directory / "broker.sqlite"
@@ -182,7 +176,7 @@ class OwnerStore:
         signed_policy = output_policy.canonical_json()
         signature = base64.b64encode(self.owner_key.sign(signed_policy)).decode()
         try:
-            with self._connect() as db:
+            with transaction(self.database) as db:
                 db.execute(
                     "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
@@ -206,7 +200,7 @@ class OwnerStore:
         return key_id, dataset_key
 
     def dataset(self, dataset_id: str) -> DatasetRecord | None:
-        with self._connect() as db:
+        with transaction(self.database, write=False) as db:
             row = db.execute(
                 "SELECT key_id, wrapped_key, attestation_policy, output_policy, output_policy_signature "
                 "FROM datasets WHERE dataset_id = ?",
@@ -225,7 +219,7 @@ class OwnerStore:
         )
 
     def dataset_ids(self) -> list[str]:
-        with self._connect() as db:
+        with transaction(self.database, write=False) as db:
             return [row[0] for row in db.execute("SELECT dataset_id FROM datasets ORDER BY dataset_id")]
 
     def dataset_key(self, dataset_id: str) -> bytes:
@@ -256,8 +250,7 @@ class OwnerStore:
             description = {"source": "key-file", "path": str(source.key_file) if source.key_file else "master.key"}
             staged = target.with_name(target.name + ".new")
             new.write(staged)
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
+        with transaction(self.database) as db:
             rows = db.execute("SELECT dataset_id, key_id, wrapped_key FROM datasets").fetchall()
             for dataset_id, key_id, wrapped in rows:
                 key = self._master.unwrap(bytes(wrapped), dataset_id, key_id)
@@ -265,7 +258,6 @@ class OwnerStore:
                     "UPDATE datasets SET wrapped_key = ? WHERE dataset_id = ?",
                     (new.wrap(key, dataset_id, key_id), dataset_id),
                 )
-            db.execute("COMMIT")
         write_atomically(
             self.directory / "owner.key", new.wrap(self.owner_key.private_bytes_raw(), "owner", "ed25519"), mode=0o600
         )

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from confnb.cli.common import EXIT_OK, EXIT_REJECTED, UsageError, paint, print_json
+from confnb.cli.common import EXIT_OK, EXIT_REJECTED, UsageError, paint, print_json, read_bytes
 
 DEFAULT_PORT = 8723
 
@@ -140,22 +140,69 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        _check_tls(args.tls_cert, args.tls_key)
+
     import uvicorn
 
     from confnb.attest.kds import KdsClient
     from confnb.attest.verifier import Verifier
     from confnb.broker.app import create_app
 
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UsageError("--tls-cert and --tls-key go together")
     store = _open(args)
     app = create_app(store, Verifier(KdsClient()))
     scheme = "https" if args.tls_cert else "http"
     print(f"confnb broker for {store.directory} on {scheme}://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
-    uvicorn.run(
-        app, host=args.host, port=args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, log_level="warning"
-    )
+    try:
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            ssl_certfile=args.tls_cert,
+            ssl_keyfile=args.tls_key,
+            log_level="warning",
+            # The audit log's actor is the TCP peer. uvicorn's default believes X-Forwarded-For from 127.0.0.1,
+            # i.e. from every client of a broker on loopback, which could then write any actor into the log.
+            proxy_headers=False,
+        )
+    except SystemExit as exc:
+        # uvicorn exits with its own code 3 when it cannot start (address in use, say), after logging why; the
+        # CLI's contract is 2 for that.
+        if exc.code not in (None, 0):
+            raise UsageError(f"the broker could not start on {args.host}:{args.port} (see above)") from None
+        raise
     return EXIT_OK
+
+
+class _EncryptedKeyError(Exception):
+    pass
+
+
+def _check_tls(cert: str, key: str) -> None:
+    """Load the pair once before anything starts: a missing, unreadable or mismatched file is then a one-line usage
+    error, not an internal error after the "serving on" line. An encrypted key is left to OpenSSL's passphrase prompt,
+    as before."""
+    import ssl
+
+    read_bytes(cert, "--tls-cert")
+    read_bytes(key, "--tls-key")
+
+    def encrypted() -> str:
+        raise _EncryptedKeyError
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=encrypted)
+    except _EncryptedKeyError:
+        return
+    except ssl.SSLError as exc:
+        reason = (
+            "the key does not belong to the certificate"
+            if exc.reason == "KEY_VALUES_MISMATCH"
+            else f"not a PEM certificate and private key ({exc.reason or exc})"
+        )
+        raise UsageError(f"--tls-cert {cert} / --tls-key {key}: {reason}") from None
 
 
 def _rotate(args: argparse.Namespace) -> int:

@@ -74,3 +74,20 @@ def test_passphrase_store_from_the_environment(tmp_path):
 def test_audit_of_a_directory_without_a_store(tmp_path):
     run = confnb("audit", "verify", "--broker-dir", str(tmp_path))
     assert run.returncode == 2 and "no audit log" in run.stderr
+
+
+def test_serve_on_a_busy_port_is_a_usage_error(tmp_path):
+    """uvicorn exits 3 when it cannot bind; the CLI's contract is 2 (bad usage), with uvicorn's reason above."""
+    import socket
+
+    owner = tmp_path / "owner"
+    assert confnb("broker", "init", "--dir", str(owner)).returncode == 0
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        served = confnb("broker", "serve", "--dir", str(owner), "--port", str(port), env={"CONFNB_OFFLINE": "1"})
+    assert served.returncode == 2, served.stderr
+    assert "address already in use" in served.stderr
+    last = served.stderr.splitlines()[-1]
+    assert last == f"confnb: error: the broker could not start on 127.0.0.1:{port} (see above)"
