@@ -20,7 +20,6 @@ import hashlib
 import itertools
 import mmap
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from confnb.datasets.streaming_aead import (
     decrypt_to_buffer,
     plaintext_size,
 )
+from confnb.fileio import atomic_output
 
 __all__ = [
     "DatasetFormatError",
@@ -71,30 +71,6 @@ class _HashingSink:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self.digest.update(data)
         return self._handle.write(data)
-
-
-@contextlib.contextmanager
-def _atomic_output(path: Path, mode: int) -> Iterator[BinaryIO]:
-    """A file that appears at ``path`` complete and durable, or not at all (the streaming sibling of
-    ``confnb.fileio.write_atomically``, which needs the whole content in memory)."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    with contextlib.suppress(OSError):
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
 
 
 def _batches(
@@ -146,7 +122,7 @@ def write_encrypted_ipc(
     target = Path(path)
     chosen, batches = _batches(source, schema)
     rows = 0
-    with _atomic_output(target, mode) as handle:
+    with atomic_output(target, mode) as (handle, _temporary):
         sink = _HashingSink(handle)
         encryptor = StreamEncryptor(key, associated_data, sink, params=params)
         # Order matters on failure: the IPC writer's exit writes an end-of-stream marker, then the encryptor's

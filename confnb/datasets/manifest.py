@@ -331,9 +331,16 @@ class DatasetSchema:
 
     @classmethod
     def from_arrow(cls, schema: Any) -> DatasetSchema:
-        """Both forms from one ``pyarrow.Schema``, so they cannot disagree."""
-        columns = tuple(SchemaField(item.name, str(item.type), bool(item.nullable)) for item in schema)
-        return cls(ipc=bytes(schema.serialize().to_pybytes()), fields=columns)
+        """Both forms from one ``pyarrow.Schema``, so they cannot disagree.
+
+        The field list is taken from the schema as the IPC bytes give it back, not from ``schema`` itself: IPC does
+        not keep everything a type's text shows (a map read from Parquet names its entries after the column,
+        ``map<string, int64 ('labs')>``, and comes back from IPC as ``map<string, int64>``).
+        """
+        ipc = bytes(schema.serialize().to_pybytes())
+        stored = _read_ipc_schema(ipc)
+        columns = tuple(SchemaField(item.name, str(item.type), bool(item.nullable)) for item in stored)
+        return cls(ipc=ipc, fields=columns)
 
     def to_arrow(self) -> Any:
         """The ``pyarrow.Schema``, after checking that ``fields`` describes exactly it.
@@ -341,13 +348,7 @@ class DatasetSchema:
         The signed field list is what a data owner or analyst reads; the IPC schema is what readers use. A
         manifest in which they differ would show people one table and give programs another, so it is rejected.
         """
-        import pyarrow as pa  # type: ignore[import-untyped]
-        import pyarrow.ipc  # type: ignore[import-untyped]
-
-        try:
-            schema = pyarrow.ipc.read_schema(pa.py_buffer(self.ipc))
-        except (pa.ArrowException, ValueError, TypeError) as error:
-            raise ManifestError(f"schema.ipc: not a serialized Arrow IPC schema ({error})") from None
+        schema = _read_ipc_schema(self.ipc)
         actual = [(item.name, str(item.type), bool(item.nullable)) for item in schema]
         listed = [(column.name, column.type, column.nullable) for column in self.fields]
         if actual != listed:
@@ -360,6 +361,16 @@ class DatasetSchema:
                 )
             raise ManifestError(f"schema.fields: does not describe schema.ipc: {detail}")
         return schema
+
+
+def _read_ipc_schema(ipc: bytes) -> Any:
+    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow.ipc  # type: ignore[import-untyped]
+
+    try:
+        return pyarrow.ipc.read_schema(pa.py_buffer(ipc))
+    except (pa.ArrowException, ValueError, TypeError) as error:
+        raise ManifestError(f"schema.ipc: not a serialized Arrow IPC schema ({error})") from None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """The data owner's side of a dataset: encrypt an input into a signed dataset directory, and decrypt it back.
 
+Two encrypted formats (``DESIGN.md``, "Datasets and keys"): ``"arrow"``, encrypted Arrow IPC (Tink streaming AEAD),
+the fast load path; and ``"parquet"``, Parquet Modular Encryption (AES_GCM_V1), the interchange format that other
+engines read too. Both use the one dataset key the broker holds.
+
 Encryption happens entirely in a temporary sibling directory; the finished dataset appears under its name in one
 rename, and only then is its key registered with the broker. A failure at any step (bad input, full disk,
 interrupted run) leaves neither a partial directory nor a registered key behind.
@@ -16,13 +20,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.csv as pacsv  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from confnb.broker.store import OwnerStore, StoreError
+from confnb.datasets.errors import IntegrityError
 from confnb.datasets.inputs import TableInput, open_input
 from confnb.datasets.ipc import read_encrypted_ipc, write_encrypted_ipc
 from confnb.datasets.manifest import (
@@ -34,11 +39,21 @@ from confnb.datasets.manifest import (
     verify_dataset,
     write_dataset_manifest,
 )
+from confnb.datasets.parquet import read_encrypted_parquet_dataset, write_encrypted_parquet
 from confnb.fileio import write_atomically
 from confnb.policy.output import OutputPolicy
 
 ARROW_FORMAT: DatasetFormat = "arrow-ipc-tink-aes256-gcm-hkdf-1mb"
+PARQUET_FORMAT: DatasetFormat = "parquet-pme-aes-gcm-v1"
 PART_NAME = "part-0000.arrow"
+PARQUET_PART_NAME = "part-0000.parquet"
+
+OutputFormat = Literal["arrow", "parquet"]
+#: ``encrypt_dataset(format=...)`` -> (manifest format, name of the one encrypted file)
+FORMATS: dict[str, tuple[DatasetFormat, str]] = {
+    "arrow": (ARROW_FORMAT, PART_NAME),
+    "parquet": (PARQUET_FORMAT, PARQUET_PART_NAME),
+}
 
 Progress = Callable[[int, int | None], None]  # (rows so far, total rows if known)
 
@@ -63,7 +78,17 @@ def encrypt_dataset(
     attestation_policy_toml: str | None = None,
     *,
     progress: Progress | None = None,
+    format: OutputFormat = "arrow",
 ) -> EncryptedDataset:
+    """Encrypt ``source`` into a new dataset directory ``out_dir`` and register its fresh key with ``store``.
+
+    ``format`` is ``"arrow"`` (encrypted Arrow IPC, the fast load path) or ``"parquet"`` (PME Parquet, which other
+    engines read). For Parquet the manifest records the schema as Parquet gives it back (``timestamp[s]`` becomes
+    ``timestamp[ms]``, for example), so that what the manifest promises is exactly what a reader gets.
+    """
+    if format not in FORMATS:
+        raise StoreError(f"format {format!r}: choose one of {', '.join(FORMATS)}")
+    manifest_format, part_name = FORMATS[format]
     target = Path(out_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise StoreError(f"{target} exists and is not an empty directory; nothing was written")
@@ -74,20 +99,33 @@ def encrypt_dataset(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        info = write_encrypted_ipc(
-            _counted(table, progress),
-            staging / PART_NAME,
-            dataset_key,
-            file_associated_data(dataset_id, key_id, PART_NAME),
-            schema=table.schema,
-            mode=0o644,
-        )
+        if format == "parquet":
+            written = write_encrypted_parquet(
+                _counted(table, progress),
+                staging / part_name,
+                dataset_key,
+                key_id,
+                dataset_id,
+                schema=table.schema,
+                mode=0o644,
+            )
+            schema, size, rows, sha256 = written.schema, written.size, written.rows, written.sha256
+        else:
+            info = write_encrypted_ipc(
+                _counted(table, progress),
+                staging / part_name,
+                dataset_key,
+                file_associated_data(dataset_id, key_id, part_name),
+                schema=table.schema,
+                mode=0o644,
+            )
+            schema, size, rows, sha256 = table.schema, info.size, info.rows, info.sha256
         manifest = Manifest(
             dataset_id=dataset_id,
             version=1,
-            format=ARROW_FORMAT,
-            schema=DatasetSchema.from_arrow(table.schema),
-            files=(FileEntry(name=PART_NAME, size=info.size, rows=info.rows, sha256=info.sha256),),
+            format=manifest_format,
+            schema=DatasetSchema.from_arrow(schema),
+            files=(FileEntry(name=part_name, size=size, rows=rows, sha256=sha256),),
             key_id=key_id,
             output_policy_digest=output_policy.digest(),
             owner_public_key=store.owner_public_key.public_bytes_raw(),
@@ -132,8 +170,25 @@ def decrypt_dataset(directory: str | os.PathLike[str], store: OwnerStore, out_fi
 
 
 def read_verified(verified: VerifiedDataset, dataset_key: bytes) -> Any:
-    """Every file of a verified dataset, decrypted and concatenated (what the vault does after a key release)."""
+    """Every file of a verified dataset, decrypted and concatenated (what the vault does after a key release).
+
+    Dispatches on the signed manifest's format. Whatever the format, the result must have the manifest's schema and
+    row count: each file is bound to its name in this dataset, so a mismatch means the files are not the ones
+    signed.
+    """
     manifest = verified.manifest
+    if manifest.format == PARQUET_FORMAT:
+        table = read_encrypted_parquet_dataset(
+            [verified.path(entry.name) for entry in manifest.files],
+            dataset_key,
+            manifest.key_id,
+            manifest.dataset_id,
+            schema=manifest.schema.to_arrow(),
+        )
+        _check_against_manifest(table, manifest)
+        return table
+    if manifest.format != ARROW_FORMAT:
+        raise StoreError(f"{manifest.dataset_id}: format {manifest.format!r} is not one this version reads")
     tables = [
         read_encrypted_ipc(
             verified.path(entry.name),
@@ -143,9 +198,18 @@ def read_verified(verified: VerifiedDataset, dataset_key: bytes) -> Any:
         for entry in manifest.files
     ]
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    _check_against_manifest(table, manifest)
+    return table
+
+
+def _check_against_manifest(table: Any, manifest: Manifest) -> None:
     if not table.schema.equals(manifest.schema.to_arrow(), check_metadata=False):
         raise StoreError(f"{manifest.dataset_id}: decrypted schema differs from the signed manifest")
-    return table
+    expected = sum(entry.rows for entry in manifest.files)
+    if table.num_rows != expected:
+        raise IntegrityError(
+            f"{manifest.dataset_id}: decrypted {table.num_rows} rows, the signed manifest lists {expected}"
+        )
 
 
 def _counted(table: TableInput, progress: Progress | None) -> Iterator[Any]:
