@@ -188,7 +188,7 @@ def test_the_enclave_imports_no_client_side_code() -> None:
     probe = (
         "import json, sys\n"
         "import kernel_enclave.attestation, kernel_enclave.tee\n"
-        "import kernel_enclave.tee.sevsnp, kernel_enclave.tee.simulated\n"
+        "import kernel_enclave.tee.sevsnp, kernel_enclave.tee.simulated, kernel_enclave.vault.broker_client\n"
         "print(json.dumps(sorted(sys.modules)))"
     )
     loaded = json.loads(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True).stdout)
@@ -197,6 +197,7 @@ def test_the_enclave_imports_no_client_side_code() -> None:
     # Only the pure format modules: no verifier, KDS client, policy engine or CLI inside the VM.
     allowed = {
         "confnb.fileio",
+        "confnb.hpke",
         "confnb.attest",
         "confnb.attest.report",
         "confnb.attest.tcb",
