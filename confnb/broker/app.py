@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from confnb import __version__
 from confnb.attest.verifier import Verifier
-from confnb.broker.challenges import ChallengeStore
+from confnb.broker.challenges import ChallengeLimitError, ChallengeStore
 from confnb.broker.release import Denial, Grant, decide
 from confnb.broker.store import OwnerStore
 
@@ -62,9 +62,17 @@ def create_app(store: OwnerStore, verifier: Verifier | None = None) -> FastAPI:
     challenges = ChallengeStore(store.database)
     verifier = verifier or Verifier()
 
-    @app.post("/v1/challenge", response_model=ChallengeResponse, summary="Get a fresh single-use nonce")
-    def challenge(request: Request) -> ChallengeResponse:
-        issued = challenges.issue()
+    @app.post(
+        "/v1/challenge",
+        response_model=ChallengeResponse,
+        responses={429: {"description": "too many challenges outstanding; retry later"}},
+        summary="Get a fresh single-use nonce",
+    )
+    def challenge(request: Request) -> Any:
+        try:
+            issued = challenges.issue()
+        except ChallengeLimitError as exc:
+            return JSONResponse(status_code=429, content={"reason": str(exc)}, headers={"Retry-After": "30"})
         store.audit.append("challenge", _client(request), None, {"nonce": issued.nonce})
         return ChallengeResponse(**issued.to_dict())
 

@@ -17,6 +17,14 @@ from confnb.broker.db import initialize, transaction
 
 NONCE_BYTES = 32
 DEFAULT_TTL_S = 300
+# Challenges are handed out without authentication; capping the live ones bounds what a flood can make the broker
+# store and sign, while leaving room for far more kernels starting at once than a deployment will see.
+DEFAULT_MAX_OUTSTANDING = 10_000
+
+
+class ChallengeLimitError(RuntimeError):
+    """More unexpired, unused challenges are outstanding than the broker will keep."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS challenges (
@@ -41,16 +49,26 @@ class Challenge:
 class ChallengeStore:
     """Nonces in the broker's SQLite database; safe to share between threads and processes."""
 
-    def __init__(self, path: str | Path, ttl_s: int = DEFAULT_TTL_S) -> None:
+    def __init__(
+        self, path: str | Path, ttl_s: int = DEFAULT_TTL_S, max_outstanding: int = DEFAULT_MAX_OUTSTANDING
+    ) -> None:
         self.path = str(path)
         self.ttl = timedelta(seconds=ttl_s)
+        self.max_outstanding = max_outstanding
         initialize(self.path, _SCHEMA)
 
     def issue(self, now: datetime | None = None) -> Challenge:
         moment = now or datetime.now(UTC)
         nonce = secrets.token_hex(NONCE_BYTES)
         expires = moment + self.ttl
-        with transaction(self.path) as db:  # one durable commit for both statements
+        with transaction(self.path) as db:  # one durable commit for all statements
+            outstanding = db.execute(
+                "SELECT COUNT(*) FROM challenges WHERE used_at IS NULL AND expires_at >= ?", (moment.timestamp(),)
+            ).fetchone()[0]
+            if outstanding >= self.max_outstanding:
+                raise ChallengeLimitError(
+                    f"{outstanding} challenges are outstanding; retry within {int(self.ttl.total_seconds())} s"
+                )
             db.execute(
                 "INSERT INTO challenges (nonce, issued_at, expires_at) VALUES (?, ?, ?)",
                 (nonce, moment.timestamp(), expires.timestamp()),

@@ -157,3 +157,18 @@ def test_one_nonce_releases_once_under_concurrency(broker, kernel):
         thread.join()
     assert sum(isinstance(outcome, Grant) for outcome in outcomes) == 1
     assert sum(isinstance(outcome, Denial) for outcome in outcomes) == 7
+
+
+def test_outstanding_challenges_are_capped_and_freed_by_use_or_expiry(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from confnb.broker.challenges import ChallengeLimitError
+
+    store = ChallengeStore(tmp_path / "cap.sqlite", max_outstanding=3)
+    issued = [store.issue().nonce for _ in range(3)]
+    with pytest.raises(ChallengeLimitError, match="3 challenges are outstanding"):
+        store.issue()
+    assert store.consume(issued[0]) is None  # a used challenge no longer counts
+    store.issue()
+    later = datetime.now(UTC) + timedelta(minutes=6)  # past the 300 s lifetime: all expired
+    assert len({store.issue(now=later).nonce for _ in range(3)}) == 3
