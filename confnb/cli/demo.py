@@ -11,16 +11,11 @@ it to a kernel running other code; the owner's audit log records both.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import secrets
-import socket
 import tempfile
-import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +138,7 @@ def _data_owner(workdir: Path, tee: Any, measurement: str) -> list[tuple[str, bo
 
     from confnb import hpke
     from confnb.broker.audit import verify_log
+    from confnb.broker.local import serve_locally
     from confnb.broker.store import OwnerStore
     from confnb.datasets.manifest import verify_dataset
     from confnb.datasets.owner import encrypt_dataset, read_verified
@@ -166,7 +162,7 @@ def _data_owner(workdir: Path, tee: Any, measurement: str) -> list[tuple[str, bo
     )
 
     _step("9. The broker serves challenges and key releases on loopback")
-    with _serve(store) as url:
+    with serve_locally(store) as url:
         print(f"broker at {url} (OpenAPI document at {url}/openapi.json)")
         _step("10. The kernel attests to the broker and receives the key, sealed to its attested HPKE key")
         key_pair = ec.generate_private_key(ec.SECP256R1())
@@ -231,30 +227,6 @@ def _sample_claims(rows: int) -> Any:
             "readmitted": pa.array(rng.random(rows) < 0.12),
         }
     )
-
-
-@contextlib.contextmanager
-def _serve(store: Any) -> Iterator[str]:
-    import uvicorn
-
-    from confnb.broker.app import create_app
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(store, Verifier(kds=None)), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def _post(url: str, path: str, body: object) -> tuple[int, dict[str, Any]]:

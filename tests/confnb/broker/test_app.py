@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from confnb import hpke
 from confnb.attest import Verifier
-from confnb.broker.app import create_app
 from confnb.broker.audit import verify_log
+from confnb.broker.local import serve_locally
 from confnb.broker.store import OwnerStore
 from confnb.policy.output import OutputPolicy
 from kernel_enclave.attestation import issue_evidence
@@ -51,31 +47,13 @@ class Broker:
             return json.loads(response.read())
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def broker(tmp_path) -> Iterator[Broker]:
     store = OwnerStore.create(tmp_path / "owner")
     attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
     store.register_dataset("claims", OUTPUT_POLICY, attestation)
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(store, Verifier()), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("broker did not start")
-        time.sleep(0.02)
-    yield Broker(f"http://127.0.0.1:{port}", store)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_locally(store, Verifier()) as url:
+        yield Broker(url, store)
 
 
 def _evidence(backend, nonce: str, hpke_key: ec.EllipticCurvePrivateKey) -> dict:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 from confnb.attest import Verifier
-from confnb.broker.app import create_app
 from confnb.broker.audit import verify_log
+from confnb.broker.local import serve_locally
 from confnb.broker.store import OwnerStore
 from confnb.policy.output import OutputPolicy
 
@@ -25,19 +20,8 @@ def served(tmp_path_factory):
     store.register_dataset(
         "claims", OutputPolicy.from_toml('[policy]\nid = "p"\n'), "[attestation]\nallow_simulated = true\n"
     )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(store, Verifier()), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield store, schemathesis.openapi.from_url(f"http://127.0.0.1:{port}/openapi.json")
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_locally(store, Verifier()) as url:
+        yield store, schemathesis.openapi.from_url(f"{url}/openapi.json")
 
 
 def test_no_generated_request_causes_a_server_error(served):

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import socket
-import threading
-import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from confnb.attest import Verifier
-from confnb.broker.app import create_app
+from confnb.broker.local import serve_locally
 from confnb.broker.store import OwnerStore
 from confnb.policy.output import OutputPolicy
 from kernel_enclave.measurement import simulated_measurement
@@ -22,25 +20,12 @@ POLICY = OutputPolicy.from_toml('[policy]\nid = "claims-v1"\n[release]\nallow = 
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    import uvicorn
-
     store = OwnerStore.create(tmp_path_factory.mktemp("broker") / "owner")
     store.register_dataset(
         "claims", POLICY, f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
     )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(store, Verifier()), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield store, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_locally(store, Verifier()) as url:
+        yield store, url
 
 
 def _client(backend, url):
