@@ -32,9 +32,11 @@ from confnb.cli.common import EXIT_OK, EXIT_REJECTED, paint, write_output
 def register(subcommands: Any) -> None:
     parser = subcommands.add_parser(
         "demo",
-        help="run the attestation handshake end to end on the simulated TEE",
+        help="attestation and key release end to end on the simulated TEE",
         description="Issue simulated SEV-SNP evidence for a fresh nonce, verify it against a policy pinning the "
-        "kernel's measurement, and show replay and tampering being rejected. Needs no hardware.",
+        "kernel's measurement, and show replay and tampering being rejected; then encrypt synthetic data, run the "
+        "owner's key broker on loopback, release the key to the attested kernel and refuse it to an impostor. "
+        "Needs no hardware and no network.",
     )
     parser.add_argument(
         "--dir",
