@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from confnb import __version__
+from confnb.attest.errors import PolicyError
 from confnb.attest.verifier import Verifier
 from confnb.broker.challenges import ChallengeLimitError, ChallengeStore
 from confnb.broker.release import Denial, Grant, decide
@@ -87,28 +88,34 @@ def create_app(store: OwnerStore, verifier: Verifier | None = None) -> FastAPI:
         summary="Appraise evidence and release the dataset key sealed to the attested kernel",
     )
     def key_release(dataset_id: str, body: KeyReleaseRequest, request: Request) -> Any:
-        record = store.dataset(dataset_id)
-        if record is None:
-            denial: Grant | Denial = Denial(dataset_id, "no such dataset", status=404)
+        outcome: Grant | Denial
+        try:
+            record = store.dataset(dataset_id)
+        except PolicyError as exc:  # fail closed: an unreadable policy releases nothing
+            record, outcome = None, Denial(dataset_id, f"policy: the owner's attestation policy is unusable: {exc}")
         else:
-            denial = decide(body.evidence, record, challenges, verifier, store.master_key)
+            outcome = Denial(dataset_id, "no such dataset", status=404)
+        if record is not None:
+            outcome = decide(body.evidence, record, challenges, verifier, store.master_key)
         actor = _client(request)
         dataset_id = _printable(dataset_id)
-        if isinstance(denial, Grant):
+        if isinstance(outcome, Grant):
             store.audit.append(
                 "release",
                 actor,
                 dataset_id,
                 {
-                    "key_id": denial.key_id,
-                    "evidence": denial.evidence_digest,
-                    "simulated": denial.simulated,
+                    "key_id": outcome.key_id,
+                    "evidence": outcome.evidence_digest,
+                    "simulated": outcome.simulated,
                     "nonce": body.evidence.get("claims", {}).get("nonce"),
                 },
             )
-            return denial.to_dict()
-        store.audit.append("denial", actor, dataset_id, {"reason": _printable(denial.reason), "status": denial.status})
-        return JSONResponse(status_code=denial.status, content=denial.to_dict())
+            return outcome.to_dict()
+        store.audit.append(
+            "denial", actor, dataset_id, {"reason": _printable(outcome.reason), "status": outcome.status}
+        )
+        return JSONResponse(status_code=outcome.status, content=outcome.to_dict())
 
     @app.get("/v1/owner", response_model=OwnerInfo, summary="The owner's public key and registered datasets")
     def owner() -> OwnerInfo:

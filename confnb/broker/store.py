@@ -17,6 +17,7 @@ useless. Keeping it here (the default) is the convenient choice for a single tru
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import secrets
@@ -37,6 +38,7 @@ from confnb.broker.keys import KdfParameters, MasterKey, MasterKeyError, new_kdf
 from confnb.broker.release import DatasetRecord
 from confnb.fileio import write_atomically
 from confnb.policy.output import OutputPolicy
+from confnb.policy.toml import read_policy_text
 
 DATASET_KEY_SIZE = 32
 _ID = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
@@ -232,9 +234,11 @@ class OwnerStore:
 
     def _attestation_policy(self, dataset_id: str, text: str | None) -> AttestationPolicy | None:
         if text is not None:
-            return AttestationPolicy.from_toml(text, source=f"attestation policy of {dataset_id}")
+            return _parse_policy(text, f"attestation policy of {dataset_id}")
         default = self.directory / "attestation.toml"
-        return AttestationPolicy.load(default) if default.exists() else None
+        if not default.exists():
+            return None
+        return _parse_policy(read_policy_text(default), str(default))
 
     # -- keys -----------------------------------------------------------------------------------------------
 
@@ -271,6 +275,12 @@ class OwnerStore:
         self._master = new
         self.audit.append("admin", "owner", None, {"action": "rotate-master-key", "datasets": len(rows)})
         return len(rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_policy(text: str, source: str) -> AttestationPolicy:
+    # Every release looks its dataset's policy up; policies are immutable, so each text is parsed once.
+    return AttestationPolicy.from_toml(text, source=source)
 
 
 def load_owner_public_key(path: str | Path) -> ed25519.Ed25519PublicKey:

@@ -139,3 +139,15 @@ def test_an_attested_kernel_reads_an_encrypted_dataset(broker, simulated_backend
     verified = verify_dataset(tmp_path / "wards", broker.store.owner_public_key, dataset_id="wards")
     assert verified.manifest.key_id == grant["key_id"]
     assert read_verified(verified, key).equals(table)
+
+
+def test_an_unusable_default_policy_denies_instead_of_failing(broker, simulated_backend):
+    from confnb.policy.output import OutputPolicy as Policy
+
+    broker.store.register_dataset("nopolicy", Policy.from_toml('[policy]\nid = "x"\n'))
+    (broker.store.directory / "attestation.toml").write_text("[attestation]\nmax_vmpl = 9\n")
+    _, challenge = broker.post("/v1/challenge", {})
+    evidence = _evidence(simulated_backend, challenge["nonce"], ec.generate_private_key(ec.SECP256R1()))
+    status, denial = broker.post("/v1/datasets/nopolicy/key-release", {"evidence": evidence})
+    assert status == 403 and "attestation policy is unusable" in denial["reason"] and "max_vmpl" in denial["reason"]
+    (broker.store.directory / "attestation.toml").unlink()
