@@ -136,6 +136,31 @@ def timed(function: Callable[[], object]) -> float:
     return elapsed
 
 
+def interleaved_medians(
+    modes: dict[str, Callable[[], object]], rounds: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median seconds of each mode over ``rounds`` rounds, one call per mode per round in a shuffled order.
+
+    Everything is warmed once first (page cache, allocator); the collector is off during a round, so a collection
+    pause never lands on whichever call happened to trigger it.
+    """
+    for function in modes.values():
+        timed(function)
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    shuffle = random.Random(7)
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            order = list(modes)
+            shuffle.shuffle(order)
+            for name in order:
+                times[name].append(timed(modes[name]))
+            gc.collect()
+    finally:
+        gc.enable()
+    return {name: statistics.median(values) for name, values in times.items()}, times
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000, help="table rows (10M is about 0.67 GB)")
@@ -192,21 +217,7 @@ def main() -> int:
                 batch.num_rows for batch in iter_encrypted_ipc_batches(encrypted_path, key, ASSOCIATED_DATA)
             ),
         }
-        for function in modes.values():  # warm the page cache and the allocator
-            timed(function)
-        times: dict[str, list[float]] = {name: [] for name in modes}
-        shuffle = random.Random(7)
-        gc.disable()
-        try:
-            for _ in range(args.rounds):
-                order = list(modes)
-                shuffle.shuffle(order)
-                for name in order:
-                    times[name].append(timed(modes[name]))
-                gc.collect()
-        finally:
-            gc.enable()
-        medians = {name: statistics.median(values) for name, values in times.items()}
+        medians, times = interleaved_medians(modes, args.rounds)
         speed = medians["plaintext read"] / medians["encrypted"]
 
         fresh: dict[str, dict[str, float]] = {}

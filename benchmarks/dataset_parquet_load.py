@@ -31,9 +31,7 @@ import argparse
 import gc
 import json
 import os
-import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +41,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from dataset_ipc_load import build_table, timed  # the colleague's table and timer, so the two benchmarks compare
+from dataset_ipc_load import (  # the colleague's table and timer, so the two benchmarks compare
+    build_table,
+    interleaved_medians,
+)
 
 from confnb.datasets.parquet import (
     ROW_GROUP_ROWS,
@@ -124,21 +125,7 @@ def main() -> int:
             "encrypted": lambda: read_encrypted_parquet(encrypted_path, key, KEY_ID, DATASET_ID),
             "encrypted, pyarrow only": lambda: pq.read_table(encrypted_path, decryption_properties=decryption),
         }
-        for function in modes.values():  # warm the page cache and the allocator
-            timed(function)
-        times: dict[str, list[float]] = {name: [] for name in modes}
-        shuffle = random.Random(7)
-        gc.disable()
-        try:
-            for _ in range(args.rounds):
-                order = list(modes)
-                shuffle.shuffle(order)
-                for name in order:
-                    times[name].append(timed(modes[name]))
-                gc.collect()
-        finally:
-            gc.enable()
-        medians = {name: statistics.median(values) for name, values in times.items()}
+        medians, times = interleaved_medians(modes, args.rounds)
         speed = medians["plaintext"] / medians["encrypted"]
     finally:
         if not args.keep and args.dir is None:
