@@ -28,7 +28,7 @@ test: lint typecheck
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	@# Every benchmark runs; the target fails afterwards if any of them missed its target.
-	status=0; for script in attest_verify dataset_ipc_load dataset_parquet_load broker_release; do \
+	status=0; for script in attest_verify dataset_ipc_load dataset_parquet_load broker_release kernel_roundtrip; do \
 		$(BIN)/python benchmarks/$$script.py || status=1; done; exit $$status
 
 clean:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -136,3 +138,39 @@ def simulated_backend(simulated_tee_dir: Path) -> SimulatedBackend:
 def _simulated_tee_env(monkeypatch: pytest.MonkeyPatch, _simulated_tee_path: Path) -> None:
     """Default-constructed simulated backends use the session chip, never the user's."""
     monkeypatch.setenv("CONFNB_SIMULATED_TEE_DIR", str(_simulated_tee_path))
+
+
+# -- confidential kernels (kernel_enclave launcher/relay/executor, confnb.provisioner) ------------------------
+# jupyter_kernel_test starts its kernel in unittest's setUpClass, before any function-scoped fixture runs, so the
+# kernel environment is a session fixture that sets os.environ itself: a private Jupyter data/runtime directory
+# holding the confnb-snp kernelspec, and the session's simulated chip.
+
+_KERNEL_ENV = ("JUPYTER_PATH", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_CONFIG_DIR", "IPYTHONDIR")
+
+
+@pytest.fixture(scope="session")
+def confnb_kernel_env(tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path) -> Iterator[Path]:
+    """Install ``confnb-snp`` (local mode, simulated TEE) into a private Jupyter path; yields the kernelspec dir."""
+    from confnb.provisioner.kernelspec import install
+
+    root = tmp_path_factory.mktemp("jupyter")
+    saved = {name: os.environ.get(name) for name in (*_KERNEL_ENV, "CONFNB_SIMULATED_TEE_DIR", "CONFNB_OFFLINE")}
+    os.environ.update(
+        {
+            "JUPYTER_PATH": str(root / "share" / "jupyter"),
+            "JUPYTER_DATA_DIR": str(root / "data"),
+            "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
+            "JUPYTER_CONFIG_DIR": str(root / "config"),
+            "IPYTHONDIR": str(root / "ipython"),
+            "CONFNB_SIMULATED_TEE_DIR": str(simulated_tee_dir),
+            "CONFNB_OFFLINE": "1",
+        }
+    )
+    try:
+        yield install(prefix=str(root))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

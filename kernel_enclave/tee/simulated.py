@@ -70,6 +70,10 @@ TCB = TcbVersion(TcbLayout.LEGACY, bootloader=10, tee=0, snp=23, microcode=84)
 FIRMWARE = (1, 55, 40)  # major, minor, build
 CPUID = (0x19, 0x11, 0x01)  # family, model, stepping: Genoa
 POLICY = 0x30000  # SMT allowed + reserved bit 17; not DEBUG, not MIGRATE_MA, ABI minimum 0.0
+POLICY_DEBUG = 1 << 19
+# "1" simulates a guest launched with DEBUG allowed (its memory readable by the host), for demos and tests of
+# policies that must reject it.
+ENV_DEBUG = "CONFNB_SIMULATED_DEBUG"
 PLATFORM_INFO = 0x25  # SMT_EN, ECC_EN, ALIAS_CHECK_COMPLETE, as on current Genoa firmware
 REPORT_VERSION = 5
 CHIP_ID_SIZE = 64
@@ -107,7 +111,10 @@ class SimulatedBackend(TeeBackend):
 
     name = "simulated"
 
-    def __init__(self, state_dir: Path | None = None, measurement: bytes | None = None) -> None:
+    def __init__(
+        self, state_dir: Path | None = None, measurement: bytes | None = None, debug: bool | None = None
+    ) -> None:
+        self._debug = os.environ.get(ENV_DEBUG) == "1" if debug is None else debug
         self._state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         if measurement is None:
             measurement = code_measurement.simulated_measurement()
@@ -178,7 +185,7 @@ class SimulatedBackend(TeeBackend):
         return AttestationReport(
             version=REPORT_VERSION,
             guest_svn=0,
-            policy=GuestPolicy(POLICY),
+            policy=GuestPolicy(POLICY | (POLICY_DEBUG if self._debug else 0)),
             family_id=bytes(16),
             image_id=bytes(16),
             vmpl=vmpl,

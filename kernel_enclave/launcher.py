@@ -1,0 +1,292 @@
+"""The launcher: the first confnb process in the VM. It makes the kernel's keys, proves them, and becomes the relay.
+
+``python -m kernel_enclave.launcher`` reads one launch request line on stdin (see :mod:`kernel_enclave.handshake`),
+then, all in memory of this one process:
+
+1. generates the Jupyter session key, the CurveZMQ server key pair, the kernel's HPKE key pair and its Ed25519
+   signing key;
+2. binds the five client-facing sockets and starts the executor (a stock ipykernel with a key of its own, on IPC
+   sockets in a private directory);
+3. obtains evidence binding the request's nonce and the three public keys;
+4. answers with one response line: the evidence, the ports, and the client's secrets HPKE-sealed to the
+   provisioner;
+5. points its own stdout and stderr at ``/dev/null`` (on a host those are logs the operator reads) and relays
+   until the executor exits, the provisioner goes away (stdin closes) or it is told to stop.
+
+The launcher *is* the relay afterwards: the client's keys never leave this process, never touch the disk, and the
+process is made non-dumpable first, so neither the executor nor anything else without ``CAP_SYS_PTRACE`` can read
+them through ``/proc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from confnb import hpke
+from kernel_enclave.attestation import issue_evidence
+from kernel_enclave.executor import ENV_RELAY_PID
+from kernel_enclave.handshake import (
+    MAX_LINE_BYTES,
+    HandshakeError,
+    LaunchRequest,
+    LaunchResponse,
+    LaunchSecrets,
+    error_line,
+    secrets_info,
+)
+from kernel_enclave.tee import TeeBackend, TeeError, get_backend
+
+_PR_SET_DUMPABLE = 4
+EXECUTOR_READY_TIMEOUT_S = 60.0
+EXECUTOR_STOP_GRACE_S = 3.0
+# Variables that would let the host change what the executor's interpreter loads before ipykernel starts.
+_UNSAFE_ENV_PREFIXES = ("LD_",)
+
+
+class LaunchError(RuntimeError):
+    """The kernel cannot start; one line for the provisioner to show the analyst."""
+
+
+class KernelKeys:
+    """Every key the kernel holds, made fresh for this launch and kept only in memory."""
+
+    def __init__(self) -> None:
+        import zmq
+
+        self.session_key = secrets.token_hex(32).encode("ascii")
+        self.curve_publickey, self.curve_secretkey = zmq.curve_keypair()
+        self.hpke_private_key = ec.generate_private_key(ec.SECP256R1())
+        self.signing_key = ed25519.Ed25519PrivateKey.generate()
+
+    @property
+    def hpke_public_key(self) -> bytes:
+        return self.hpke_private_key.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+
+    @property
+    def signing_public_key(self) -> bytes:
+        return self.signing_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def evidence(self, backend: TeeBackend, nonce: bytes) -> dict[str, Any]:
+        return issue_evidence(
+            backend,
+            nonce,
+            hpke_public_key=self.hpke_public_key,
+            signing_public_key=self.signing_public_key,
+            curve_public_key=self.curve_publickey.decode("ascii"),
+        ).to_dict()
+
+
+def make_undumpable() -> None:
+    """No core dumps, no ``/proc/<pid>/mem`` or ``ptrace`` for processes without ``CAP_SYS_PTRACE``."""
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise LaunchError(f"prctl(PR_SET_DUMPABLE) failed: {os.strerror(ctypes.get_errno())}")
+
+
+def executor_environment(requested: Mapping[str, str], run_dir: Path) -> dict[str, str]:
+    environment = dict(os.environ)
+    environment.update({name: value for name, value in requested.items() if not name.startswith(_UNSAFE_ENV_PREFIXES)})
+    for name in list(environment):
+        if name.startswith(_UNSAFE_ENV_PREFIXES):
+            del environment[name]
+    # IPython's profile (startup scripts, history) lives in the run directory: measured code, nothing inherited.
+    environment["IPYTHONDIR"] = str(run_dir / "ipython")
+    environment[ENV_RELAY_PID] = str(os.getpid())
+    environment.pop("JPY_PARENT_PID", None)
+    return environment
+
+
+def write_executor_connection(run_dir: Path, key: bytes) -> tuple[Path, dict[str, str]]:
+    """The executor's own connection file: IPC sockets in the private run directory, its own HMAC key."""
+    import json
+
+    base = run_dir / "executor"
+    ports = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
+    info: dict[str, str | int] = {f"{channel}_port": port for channel, port in ports.items()}
+    info.update({"transport": "ipc", "ip": str(base), "key": key.decode("ascii"), "signature_scheme": "hmac-sha256"})
+    path = run_dir / "executor.json"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(info, handle)
+    return path, {channel: f"ipc://{base}-{port}" for channel, port in ports.items()}
+
+
+async def _read_request(reader: asyncio.StreamReader) -> LaunchRequest:
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError:
+        raise LaunchError("no launch request on stdin") from None
+    except asyncio.LimitOverrunError:
+        raise LaunchError(f"the launch request is larger than {MAX_LINE_BYTES} bytes") from None
+    try:
+        return LaunchRequest.from_line(line)
+    except HandshakeError as exc:
+        raise LaunchError(str(exc)) from None
+
+
+async def _stdin_reader() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_LINE_BYTES + 1)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    return reader
+
+
+def _silence_output() -> None:
+    """From here on nothing this process or a library prints may reach the host's logs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+async def _stop_executor(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), EXECUTOR_STOP_GRACE_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+
+async def launch(out: Any) -> int:
+    from kernel_enclave.relay.display import DisplayPolicy, DisplayPolicyError
+    from kernel_enclave.relay.gate import MessageGate
+    from kernel_enclave.relay.relay import Relay
+    from kernel_enclave.relay.wire import new_header
+
+    make_undumpable()
+    reader = await _stdin_reader()
+    request = await _read_request(reader)
+    policy = DisplayPolicy()
+    if request.display is not None:
+        try:
+            policy = policy.tighten(DisplayPolicy.from_mapping(request.display))
+        except DisplayPolicyError as exc:
+            raise LaunchError(f"launch request: {exc}") from None
+    try:
+        backend = get_backend(request.tee)
+    except TeeError as exc:
+        raise LaunchError(str(exc)) from None
+
+    keys = KernelKeys()
+    run_dir = Path(tempfile.mkdtemp(prefix="confnb-kernel-"))
+    process: asyncio.subprocess.Process | None = None
+    relay: Relay | None = None
+    relay_thread: threading.Thread | None = None
+    try:
+        executor_key = secrets.token_hex(32).encode("ascii")
+        connection_file, executor_urls = write_executor_connection(run_dir, executor_key)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kernel_enclave.executor",
+            "-f",
+            str(connection_file),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=executor_environment(request.env, run_dir),
+            start_new_session=True,  # its own group: interrupts and ipykernel's killpg stay inside the executor
+        )
+        session_id = secrets.token_hex(16)
+        gate = MessageGate(policy, lambda msg_type: new_header(msg_type, session_id))
+        relay = Relay(
+            client_key=keys.session_key,
+            curve_publickey=keys.curve_publickey,
+            curve_secretkey=keys.curve_secretkey,
+            executor_key=executor_key,
+            executor_urls=executor_urls,
+            gate=gate,
+            attest=lambda nonce: keys.evidence(backend, nonce),
+            session_id=session_id,
+        )
+        ports = relay.bind(request.ip)
+        relay.connect_executor()
+        relay_thread = threading.Thread(target=relay.run, name="confnb-relay", daemon=True)
+        relay_thread.start()
+        evidence_task = asyncio.create_task(asyncio.to_thread(keys.evidence, backend, request.nonce))
+        exited = asyncio.create_task(process.wait())
+        ready = asyncio.create_task(asyncio.to_thread(relay.ready.wait, EXECUTOR_READY_TIMEOUT_S))
+        await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            raise LaunchError(f"the executor exited with status {process.returncode} before it was ready")
+        if not ready.result():
+            raise LaunchError(f"the executor did not answer within {EXECUTOR_READY_TIMEOUT_S:g} s")
+        try:
+            evidence = await evidence_task
+        except (TeeError, ValueError) as exc:
+            raise LaunchError(f"attestation failed: {exc}") from None
+
+        client_secrets = LaunchSecrets(keys.session_key, keys.curve_publickey, keys.curve_secretkey)
+        try:
+            sealed = hpke.seal(request.response_public_key, client_secrets.to_bytes(), secrets_info(evidence["claims"]))
+        except hpke.HpkeError as exc:
+            raise LaunchError(f"launch request: {exc}") from None
+        response = LaunchResponse(evidence=evidence, ip=request.ip, ports=ports, sealed_secrets=sealed)
+        out.write(response.to_line())
+        out.flush()
+        _silence_output()
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, stop.set)
+        exited.add_done_callback(lambda _: stop.set())
+        watcher = asyncio.create_task(_until_eof(reader, stop))
+        await stop.wait()
+        watcher.cancel()
+        return 0
+    finally:
+        if process is not None:
+            await _stop_executor(process)
+        if relay is not None:
+            relay.stop()
+            if relay_thread is not None:
+                await asyncio.to_thread(relay_thread.join, 5)
+            relay.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def _until_eof(reader: asyncio.StreamReader, stop: asyncio.Event) -> None:
+    """The provisioner (or the SSH session) keeps stdin open for the kernel's lifetime; EOF means it is gone."""
+    while await reader.read(4096):
+        pass
+    stop.set()
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts go to the executor, by message
+    out = sys.stdout.buffer
+    try:
+        status = asyncio.run(launch(out))
+    except LaunchError as exc:
+        out.write(error_line(str(exc)))
+        out.flush()
+        status = 1
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
