@@ -391,3 +391,25 @@ def test_strict_display_policy_caps_a_cells_output(strict_kernel: Kernel) -> Non
         + gate["content"]["withheld"].get("display.max_message_bytes", 0)
         >= 1
     )
+
+
+def test_input_requests_reach_the_client_and_its_answer_the_cell(kernel: Kernel) -> None:
+    """stdin is relayed both ways: the executor's input_request finds the client that ran the cell."""
+    msg_id = kernel.client.execute("answer = input('your name? ')\nprint('hello', answer)", allow_stdin=True)
+    request = kernel.client.get_stdin_msg(timeout=20)
+    assert request["msg_type"] == "input_request"
+    assert request["content"]["prompt"] == "your name? "
+    kernel.client.input("analyst")
+    reply = kernel.client.get_shell_msg(timeout=20)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "ok"
+    assert kernel.stdout("print(answer)") == "analyst\n"
+
+
+def test_user_expressions_pass_through_the_gate(kernel: Kernel) -> None:
+    msg_id = kernel.client.execute("y = 6", user_expressions={"double": "y * 2", "bad": "1/0"})
+    reply = kernel.client.get_shell_msg(timeout=20)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    expressions = reply["content"]["user_expressions"]
+    assert expressions["double"]["data"]["text/plain"] == "12"
+    assert expressions["bad"]["ename"] == "ZeroDivisionError"
