@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import secrets
 import tempfile
 import urllib.error
@@ -35,7 +36,8 @@ def register(subcommands: Any) -> None:
         help="attestation and key release end to end on the simulated TEE",
         description="Issue simulated SEV-SNP evidence for a fresh nonce, verify it against a policy pinning the "
         "kernel's measurement, and show replay and tampering being rejected; then encrypt synthetic data, run the "
-        "owner's key broker on loopback, release the key to the attested kernel and refuse it to an impostor. "
+        "owner's key broker on loopback, release the key to the attested kernel and refuse it to an impostor; "
+        "finally start the confidential Jupyter kernel, which Jupyter may use only once its evidence verifies. "
         "Needs no hardware and no network.",
     )
     parser.add_argument(
@@ -125,6 +127,7 @@ def _run(workdir: Path) -> int:
     )
 
     outcomes += _data_owner(workdir, tee, measurement)
+    outcomes += _kernel(workdir)
 
     _step("Summary")
     for text, held in outcomes:
@@ -210,6 +213,70 @@ def _data_owner(workdir: Path, tee: Any, measurement: str) -> list[tuple[str, bo
         (f"the attested kernel receives the key and reads {rows:,} rows", released and rows == table.num_rows),
         ("a kernel with another measurement is refused the key -> 403 measurement", refused),
         ("the owner's audit log verifies", verification.ok and kinds.count("release") == 1),
+    ]
+
+
+def _kernel(workdir: Path) -> list[tuple[str, bool]]:
+    """Steps 13-15: the confidential kernel, started as JupyterLab starts it, attested before it is used."""
+    import os
+
+    from jupyter_client.manager import KernelManager
+
+    from confnb.provisioner import ConfidentialProvisioner, KernelLaunchError
+    from confnb.provisioner.kernelspec import KERNEL_NAME, install, local_policy
+
+    jupyter = workdir / "jupyter"
+    os.environ["JUPYTER_PATH"] = str(jupyter / "share" / "jupyter")  # a private kernelspec, nothing installed
+    os.environ["JUPYTER_RUNTIME_DIR"] = str(jupyter / "runtime")
+    install(prefix=str(jupyter))
+    _step("13. Start the 'Confidential Python (SEV-SNP)' kernel: launch, attest, verify, then connect")
+    manager = KernelManager(kernel_name=KERNEL_NAME)
+    manager.start_kernel()
+    try:
+        provisioner = manager.provisioner
+        assert isinstance(provisioner, ConfidentialProvisioner)
+        verified = provisioner.verification is not None and provisioner.verification.ok
+        print(f"evidence verified against the kernelspec's policy: {verified} ({paint('SIMULATED TEE', 'yellow')})")
+        print(f"CurveZMQ server key (bound in the report): {manager.curve_publickey.decode()}")
+        client = manager.client()
+        client.start_channels()
+        client.wait_for_ready(timeout=60)
+        printed: list[str] = []
+        code = (
+            "import os; caps = open('/proc/self/status').read().split('CapEff:')[1].split()[0]\n"
+            "print('a cell ran in the executor: pid', os.getpid(), 'effective capabilities', caps)"
+        )
+        client.execute_interactive(code, timeout=30, output_hook=lambda m: printed.append(m["content"].get("text", "")))
+        print("".join(printed).rstrip())
+
+        _step("14. Fresh attestation on demand, answered by the relay (also while a cell runs)")
+        nonce = secrets.token_hex(16)
+        request = client.session.msg("confnb_attestation_request", {"nonce": nonce})
+        client.control_channel.send(request)
+        reply = client.get_control_msg(timeout=30)
+        fresh = Evidence.from_dict(reply["content"]["evidence"]) if reply["content"]["status"] == "ok" else None
+        bound = fresh is not None and fresh.claims["nonce"] == nonce
+        print(f"confnb_attestation_reply carries nonce {nonce}: {bound}")
+        client.stop_channels()
+    finally:
+        manager.shutdown_kernel()
+
+    _step("15. The same kernel under a policy that pins another measurement never starts")
+    other = workdir / "other-measurement.toml"
+    write_output(other, re.sub(r"measurements = \[.*\]", f'measurements = ["{"00" * 48}"]', local_policy()).encode())
+    os.environ["CONFNB_ATTESTATION_POLICY"] = str(other)
+    refused = False
+    try:
+        KernelManager(kernel_name=KERNEL_NAME).start_kernel()
+    except KernelLaunchError as exc:
+        refused = "measurement" in str(exc)
+        print(paint(str(exc), "green" if refused else "red"))
+    finally:
+        del os.environ["CONFNB_ATTESTATION_POLICY"]
+    return [
+        ("the confidential kernel starts only after its evidence verifies", verified),
+        ("fresh evidence on demand carries the client's nonce", bound),
+        ("a kernel with another measurement never starts -> measurement", refused),
     ]
 
 
