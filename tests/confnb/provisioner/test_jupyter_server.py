@@ -1,0 +1,149 @@
+"""confnb-snp behind a real Jupyter server, spoken to over its websocket the way JupyterLab does.
+
+The provisioner's connection info (remote ports, CurveZMQ keys, a key the host never saw) must work for
+jupyter_server's own ZMQ streams, and a restart (a fresh launch with new ports and keys) must work for a client
+that reconnects its websocket afterwards, as JupyterLab's ``KernelConnection.restart()`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from confnb.provisioner.kernelspec import KERNEL_NAME
+
+pytestmark = pytest.mark.slow
+TOKEN = uuid.uuid4().hex
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Server:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def rest(self, method: str, path: str, body: object = None) -> Any:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"token {TOKEN}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=90) as response:
+            raw = response.read()
+        return json.loads(raw) if raw else None
+
+    async def channels(self, kernel_id: str, session: str) -> WebSocketClientConnection:
+        url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels?session_id={session}&token={TOKEN}"
+        return await websocket_connect(url)
+
+
+@pytest.fixture(scope="module")
+def server(confnb_kernel_env: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("jupyter-server") / "server.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jupyter_server",
+                "--no-browser",
+                "--allow-root",
+                "--ServerApp.ip=127.0.0.1",
+                f"--ServerApp.port={port}",
+                f"--IdentityProvider.token={TOKEN}",
+                f"--ServerApp.root_dir={log.parent}",
+            ],
+            env=dict(os.environ),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    running = Server(port)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                running.rest("GET", "/api")
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    pytest.fail(f"jupyter server did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield running
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+async def _request(ws: WebSocketClientConnection, msg_type: str, content: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send on shell; return every message of that request until its idle status (the reply included)."""
+    msg_id = uuid.uuid4().hex
+    header = {"msg_id": msg_id, "msg_type": msg_type, "username": "", "session": "lab", "version": "5.3", "date": ""}
+    await ws.write_message(
+        json.dumps(
+            {
+                "header": header,
+                "parent_header": {},
+                "metadata": {},
+                "content": content,
+                "channel": "shell",
+                "buffers": [],
+            }
+        )
+    )
+    received = []
+    while True:
+        text = await asyncio.wait_for(ws.read_message(), 30)
+        assert isinstance(text, str)
+        message = json.loads(text)
+        if message["parent_header"].get("msg_id") != msg_id:
+            continue
+        received.append(message)
+        idle = message["msg_type"] == "status" and message["content"]["execution_state"] == "idle"
+        if idle and any(m["msg_type"].endswith("_reply") for m in received):
+            return received
+
+
+async def _print(ws: WebSocketClientConnection, code: str) -> str:
+    content = {"code": code, "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False}
+    messages = await _request(ws, "execute_request", content)
+    return "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
+
+
+def test_a_confidential_kernel_through_jupyter_server_survives_a_restart(server: Server) -> None:
+    kernel = server.rest("POST", "/api/kernels", {"name": KERNEL_NAME})
+    kernel_id = kernel["id"]
+
+    async def scenario() -> None:
+        ws = await server.channels(kernel_id, "lab-session")
+        info = [m for m in await _request(ws, "kernel_info_request", {}) if m["msg_type"] == "kernel_info_reply"]
+        assert "confnb-attestation" in info[0]["content"]["supported_features"]
+        assert await _print(ws, "print(6 * 7)") == "42\n"
+        server.rest("POST", f"/api/kernels/{kernel_id}/restart")  # a fresh launch: new ports, keys, evidence
+        ws.close()
+        ws = await server.channels(kernel_id, "lab-session")  # what JupyterLab does after a restart
+        assert await _print(ws, "print('after restart')") == "after restart\n"
+        ws.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.rest("DELETE", f"/api/kernels/{kernel_id}")
