@@ -39,19 +39,11 @@ WARMUP_CELLS = 20
 
 
 def _prepare(root: Path) -> None:
-    os.environ.update(
-        {
-            "JUPYTER_PATH": str(root / "share" / "jupyter"),
-            "JUPYTER_DATA_DIR": str(root / "data"),
-            "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
-            "JUPYTER_CONFIG_DIR": str(root / "config"),
-            "IPYTHONDIR": str(root / "ipython"),
-            "CONFNB_SIMULATED_TEE_DIR": str(root / "simulated-tee"),
-            "CONFNB_OFFLINE": "1",
-        }
-    )
-    from confnb.provisioner.kernelspec import install
+    from confnb.provisioner.kernelspec import install, private_jupyter_environment
     from kernel_enclave.tee.simulated import SimulatedBackend
+
+    os.environ.update(private_jupyter_environment(root))
+    os.environ.update({"CONFNB_SIMULATED_TEE_DIR": str(root / "simulated-tee"), "CONFNB_OFFLINE": "1"})
 
     SimulatedBackend()  # the simulated chip (RSA-4096 keys) is made here, not inside a timed start
     install(prefix=str(root))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -145,27 +145,20 @@ def _simulated_tee_env(monkeypatch: pytest.MonkeyPatch, _simulated_tee_path: Pat
 # kernel environment is a session fixture that sets os.environ itself: a private Jupyter data/runtime directory
 # holding the confnb-snp kernelspec, and the session's simulated chip.
 
-_KERNEL_ENV = ("JUPYTER_PATH", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_CONFIG_DIR", "IPYTHONDIR")
-
 
 @pytest.fixture(scope="session")
 def confnb_kernel_env(tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path) -> Iterator[Path]:
     """Install ``confnb-snp`` (local mode, simulated TEE) into a private Jupyter path; yields the kernelspec dir."""
-    from confnb.provisioner.kernelspec import install
+    from confnb.provisioner.kernelspec import install, private_jupyter_environment
 
     root = tmp_path_factory.mktemp("jupyter")
-    saved = {name: os.environ.get(name) for name in (*_KERNEL_ENV, "CONFNB_SIMULATED_TEE_DIR", "CONFNB_OFFLINE")}
-    os.environ.update(
-        {
-            "JUPYTER_PATH": str(root / "share" / "jupyter"),
-            "JUPYTER_DATA_DIR": str(root / "data"),
-            "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
-            "JUPYTER_CONFIG_DIR": str(root / "config"),
-            "IPYTHONDIR": str(root / "ipython"),
-            "CONFNB_SIMULATED_TEE_DIR": str(simulated_tee_dir),
-            "CONFNB_OFFLINE": "1",
-        }
-    )
+    environment = {
+        **private_jupyter_environment(root),
+        "CONFNB_SIMULATED_TEE_DIR": str(simulated_tee_dir),
+        "CONFNB_OFFLINE": "1",
+    }
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
     try:
         yield install(prefix=str(root))
     finally:
@@ -174,3 +167,17 @@ def confnb_kernel_env(tmp_path_factory: pytest.TempPathFactory, simulated_tee_di
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def install_variant(confnb_kernel_env: Path) -> Callable[..., str]:
+    """Install another kernelspec next to confnb-snp (same private Jupyter path); returns its name."""
+    from confnb.provisioner.kernelspec import install
+
+    prefix = confnb_kernel_env.parents[3]
+
+    def variant(name: str, **options: Any) -> str:
+        install(prefix=str(prefix), name=name, **options)
+        return name
+
+    return variant

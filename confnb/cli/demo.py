@@ -223,11 +223,10 @@ def _kernel(workdir: Path) -> list[tuple[str, bool]]:
     from jupyter_client.manager import KernelManager
 
     from confnb.provisioner import ConfidentialProvisioner, KernelLaunchError
-    from confnb.provisioner.kernelspec import KERNEL_NAME, install, local_policy
+    from confnb.provisioner.kernelspec import KERNEL_NAME, install, local_policy, private_jupyter_environment
 
     jupyter = workdir / "jupyter"
-    os.environ["JUPYTER_PATH"] = str(jupyter / "share" / "jupyter")  # a private kernelspec, nothing installed
-    os.environ["JUPYTER_RUNTIME_DIR"] = str(jupyter / "runtime")
+    os.environ.update(private_jupyter_environment(jupyter))  # a private kernelspec: nothing installed for the user
     install(prefix=str(jupyter))
     _step("13. Start the 'Confidential Python (SEV-SNP)' kernel: launch, attest, verify, then connect")
     manager = KernelManager(kernel_name=KERNEL_NAME)
@@ -237,7 +236,7 @@ def _kernel(workdir: Path) -> list[tuple[str, bool]]:
         assert isinstance(provisioner, ConfidentialProvisioner)
         verified = provisioner.verification is not None and provisioner.verification.ok
         print(f"evidence verified against the kernelspec's policy: {verified} ({paint('SIMULATED TEE', 'yellow')})")
-        print(f"CurveZMQ server key (bound in the report): {manager.curve_publickey.decode()}")
+        print(f"CurveZMQ server key (bound in the report): {(manager.curve_publickey or b'').decode()}")
         client = manager.client()
         client.start_channels()
         client.wait_for_ready(timeout=60)

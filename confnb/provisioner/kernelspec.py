@@ -20,6 +20,18 @@ PROVISIONER_NAME = "confnb-provisioner"
 POLICY_FILE = "attestation.toml"
 
 
+def private_jupyter_environment(root: Path) -> dict[str, str]:
+    """Environment variables that give Jupyter a private data, runtime and config folder under ``root``, so a
+    demo, a benchmark or a test suite installs kernelspecs there and touches nothing of the user's."""
+    return {
+        "JUPYTER_PATH": str(root / "share" / "jupyter"),
+        "JUPYTER_DATA_DIR": str(root / "data"),
+        "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
+        "JUPYTER_CONFIG_DIR": str(root / "config"),
+        "IPYTHONDIR": str(root / "ipython"),
+    }
+
+
 def kernel_spec(*, mode: str = "local", tee: str = "simulated", config: dict[str, Any] | None = None) -> dict[str, Any]:
     provisioner_config: dict[str, Any] = {"mode": mode, "tee": tee, "attestation_policy": POLICY_FILE}
     provisioner_config.update(config or {})

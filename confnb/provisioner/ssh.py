@@ -22,7 +22,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-from confnb.provisioner.transport import LauncherTransport, TransportError
+from confnb.provisioner.transport import LauncherTransport, TransportError, spawn_piped
 
 LOOPBACK = "127.0.0.1"
 _POLL_S = 0.05
@@ -200,19 +200,7 @@ class SshTransport(LauncherTransport):
 
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> asyncio.subprocess.Process:
         """``env`` is for the local ssh client (agent socket, HOME); the kernel's environment is in the request."""
-        try:
-            return await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=dict(env),
-                cwd=cwd,
-                # Its own session, so that Jupyter's signals reach the ssh client's group and not this server.
-                start_new_session=os.name == "posix",
-            )
-        except OSError as exc:
-            raise TransportError(f"cannot start ssh {argv[0]!r}: {exc.strerror or exc}") from None
+        return await spawn_piped(argv, env, cwd, "ssh")
 
     async def connect(self, ip: str, ports: Mapping[str, int]) -> tuple[str, dict[str, int]]:
         """Forward a fresh local loopback port to each of the launcher's ports and wait until all of them listen.

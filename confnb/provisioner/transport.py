@@ -20,6 +20,25 @@ class TransportError(RuntimeError):
     """The launcher could not be started or reached; the message is one line naming the cause."""
 
 
+async def spawn_piped(
+    argv: Sequence[str], env: Mapping[str, str], cwd: str | None, what: str
+) -> asyncio.subprocess.Process:
+    """Start ``argv`` with piped stdio in a session of its own, so that Jupyter's signals reach its process group
+    and not the Jupyter server's."""
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=os.name == "posix",
+        )
+    except OSError as exc:
+        raise TransportError(f"cannot start {what} {argv[0]!r}: {exc.strerror or exc}") from None
+
+
 class LauncherTransport(ABC):
     """Starts ``python -m kernel_enclave.launcher`` somewhere and connects this machine to its ports."""
 
@@ -61,19 +80,7 @@ class LocalTransport(LauncherTransport):
         return "127.0.0.1"
 
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> asyncio.subprocess.Process:
-        try:
-            return await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=dict(env),
-                cwd=cwd,
-                # Its own session, so that Jupyter's signals reach the launcher's group and not this server.
-                start_new_session=os.name == "posix",
-            )
-        except OSError as exc:
-            raise TransportError(f"cannot start the launcher {argv[0]!r}: {exc.strerror or exc}") from None
+        return await spawn_piped(argv, env, cwd, "the launcher")
 
     async def connect(self, ip: str, ports: Mapping[str, int]) -> tuple[str, dict[str, int]]:
         return ip, dict(ports)

@@ -183,18 +183,31 @@ def test_a_tee_quote_is_always_a_whole_report() -> None:
     assert TeeQuote(report=bytes(1184)).chain_pem == ()
 
 
-def test_the_enclave_imports_no_client_side_code() -> None:
+_SERVER_SIDE = ("jupyterlab", "jupyter_server", "notebook", "fastapi", "uvicorn")
+_ENCLAVE_PROBES = {
+    # Attestation and key release need no Jupyter or ZeroMQ at all.
+    "attestation": (
+        "kernel_enclave.attestation, kernel_enclave.tee, kernel_enclave.tee.sevsnp, kernel_enclave.tee.simulated, "
+        "kernel_enclave.vault.broker_client",
+        (*_SERVER_SIDE, "jupyter", "tornado", "zmq", "ipykernel"),
+    ),
+    # The launcher and relay speak ZeroMQ and the executor is ipykernel, but nothing of a Jupyter server.
+    "kernel": (
+        "kernel_enclave.launcher, kernel_enclave.executor, kernel_enclave.relay.relay, kernel_enclave.relay.gate, "
+        "kernel_enclave.relay.display",
+        (*_SERVER_SIDE, "pyarrow", "sklearn"),
+    ),
+}
+
+
+@pytest.mark.parametrize("part", sorted(_ENCLAVE_PROBES))
+def test_the_enclave_imports_no_client_side_code(part: str) -> None:
     """DESIGN.md: code inside the CVM must not pull in JupyterLab, the server extension or the broker."""
-    probe = (
-        "import json, sys\n"
-        "import kernel_enclave.attestation, kernel_enclave.tee\n"
-        "import kernel_enclave.tee.sevsnp, kernel_enclave.tee.simulated, kernel_enclave.vault.broker_client\n"
-        "print(json.dumps(sorted(sys.modules)))"
-    )
+    modules, forbidden = _ENCLAVE_PROBES[part]
+    probe = f"import json, sys\nimport {modules}\nprint(json.dumps(sorted(sys.modules)))"
     loaded = json.loads(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True).stdout)
-    forbidden = ("jupyter", "jupyterlab", "jupyter_server", "notebook", "tornado", "zmq", "ipykernel")
     assert [name for name in loaded if name.split(".")[0] in forbidden] == []
-    # Only the pure format modules: no verifier, KDS client, policy engine or CLI inside the VM.
+    # Only the pure format modules: no verifier, KDS client, policy engine, provisioner or CLI inside the VM.
     allowed = {
         "confnb.fileio",
         "confnb.hpke",

@@ -31,19 +31,6 @@ HERE = Path(__file__).parent
 _ATTESTATION_RELATED = (KernelLaunchError, RuntimeError)
 
 
-@pytest.fixture(scope="module")
-def variant(confnb_kernel_env: Path) -> Callable[..., str]:
-    from confnb.provisioner.kernelspec import install
-
-    prefix = confnb_kernel_env.parents[3]
-
-    def make(name: str, **options: Any) -> str:
-        install(prefix=str(prefix), name=name, **options)
-        return name
-
-    return make
-
-
 def _start(kernel_name: str, **kwargs: Any) -> KernelManager:
     manager = KernelManager(kernel_name=kernel_name)
     manager.start_kernel(**kwargs)
@@ -113,15 +100,15 @@ def test_interrupt_and_restart(confnb_kernel_env: Path) -> None:
         manager.shutdown_kernel()
 
 
-def test_wrong_measurement_never_starts(variant: Callable[..., str]) -> None:
+def test_wrong_measurement_never_starts(install_variant: Callable[..., str]) -> None:
     wrong = re.sub(r"measurements = \[.*\]", f'measurements = ["{"11" * 48}"]', local_policy())
-    message = _refusal(variant("confnb-wrong-measurement", policy_text=wrong))
+    message = _refusal(install_variant("confnb-wrong-measurement", policy_text=wrong))
     assert "attestation failed" in message and "measurement" in message
 
 
-def test_simulated_hardware_is_refused_without_allow_simulated(variant: Callable[..., str]) -> None:
+def test_simulated_hardware_is_refused_without_allow_simulated(install_variant: Callable[..., str]) -> None:
     strict = local_policy().replace("allow_simulated = true", "allow_simulated = false")
-    message = _refusal(variant("confnb-no-simulated", policy_text=strict))
+    message = _refusal(install_variant("confnb-no-simulated", policy_text=strict))
     assert "attestation failed" in message and "ark_pinned" in message
 
 
@@ -130,9 +117,9 @@ def test_a_debug_guest_never_starts(confnb_kernel_env: Path) -> None:
     assert "attestation failed" in message and "debug" in message
 
 
-def test_no_policy_no_kernel(variant: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_policy_no_kernel(install_variant: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CONFNB_ATTESTATION_POLICY", raising=False)
-    message = _refusal(variant("confnb-no-policy", config={"attestation_policy": ""}))
+    message = _refusal(install_variant("confnb-no-policy", config={"attestation_policy": ""}))
     assert "no attestation policy" in message
 
 
@@ -144,12 +131,14 @@ def test_the_policy_environment_variable_overrides_the_kernelspec(confnb_kernel_
 
 
 @pytest.fixture(scope="module")
-def host_in_the_middle(variant: Callable[..., str], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
+def host_in_the_middle(
+    install_variant: Callable[..., str], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], str]:
     record = tmp_path_factory.mktemp("mitm") / "response.line"
 
     def kernelspec(mode: str) -> str:
         wrapper = [sys.executable, str(HERE / "host_in_the_middle.py"), mode, str(record), "--"]
-        return variant(f"confnb-mitm-{mode}", config={"launcher_wrapper": wrapper})
+        return install_variant(f"confnb-mitm-{mode}", config={"launcher_wrapper": wrapper})
 
     return kernelspec
 
@@ -170,8 +159,8 @@ def test_claims_changed_by_the_host_are_refused(host_in_the_middle: Callable[[st
     assert "attestation failed" in message and "report_data" in message
 
 
-def test_a_launcher_that_cannot_start_reports_why(variant: Callable[..., str]) -> None:
-    name = variant("confnb-bad-tee", tee="sev-snp", policy_text=local_policy())
+def test_a_launcher_that_cannot_start_reports_why(install_variant: Callable[..., str]) -> None:
+    name = install_variant("confnb-bad-tee", tee="sev-snp", policy_text=local_policy())
     message = _refusal(name)
     assert "did not start" in message and "SEV-SNP" in message
 
@@ -205,12 +194,12 @@ def test_the_launcher_rejects_a_malformed_request() -> None:
 
 
 def test_ssh_mode_starts_a_remote_kernel_through_tunnels(
-    variant: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+    install_variant: Callable[..., str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The whole ssh path (launcher over ssh, five tunnels, env forwarded in the request) with a stand-in ssh that
     runs the remote command on this machine and forwards ports for real."""
     monkeypatch.setenv("FAKE_SSH_HOST", "cvm.example")
-    name = variant(
+    name = install_variant(
         "confnb-ssh",
         mode="ssh",
         config={

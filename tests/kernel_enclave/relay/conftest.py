@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
-from confnb.provisioner.kernelspec import KERNEL_NAME, install
+from confnb.provisioner.kernelspec import KERNEL_NAME
 
 TIMEOUT = 30
 
@@ -76,15 +76,3 @@ def kernel(confnb_kernel_env: Path) -> Iterator[Kernel]:
     started = start_kernel()
     yield started
     stop_kernel(started)
-
-
-@pytest.fixture(scope="session")
-def install_variant(confnb_kernel_env: Path) -> Callable[..., str]:
-    """Install another kernelspec next to confnb-snp (same private Jupyter path); returns its name."""
-    prefix = confnb_kernel_env.parents[3]
-
-    def variant(name: str, **options: Any) -> str:
-        install(prefix=str(prefix), name=name, **options)
-        return name
-
-    return variant
