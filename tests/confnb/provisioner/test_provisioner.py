@@ -251,3 +251,21 @@ def test_the_launcher_stops_when_its_provisioner_goes_away(simulated_tee_dir: Pa
             launcher.kill()
             launcher.wait()
         launcher.stdout.close()
+
+
+def test_a_dead_executor_takes_the_whole_kernel_down(confnb_kernel_env: Path) -> None:
+    """No half-alive kernel: when the analyst's process dies, the launcher (and with it the relay) exits, so
+    Jupyter sees a dead kernel and its restarter makes a fresh, freshly attested launch."""
+    manager = _start(KERNEL_NAME)
+    try:
+        client = manager.client()
+        client.start_channels()
+        client.wait_for_ready(timeout=60)
+        client.execute("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+        deadline = time.monotonic() + 20
+        while manager.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not manager.is_alive()
+        client.stop_channels()
+    finally:
+        manager.shutdown_kernel(now=True)
