@@ -94,6 +94,8 @@ class Relay:
         self._attestation_comms: set[str] = set()
         self._probes: set[str] = set()  # msg_ids of the relay's own kernel_info probes
         self.ready = threading.Event()
+        self._shell_answered = False
+        self._iopub_subscribed = False
         self._stopping = threading.Event()
         self._wake_address = f"inproc://confnb-relay-wake-{uuid.uuid4().hex}"
         self._wake: zmq.Socket[bytes] | None = None
@@ -138,8 +140,9 @@ class Relay:
     # -- running ----------------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Relay every channel until :meth:`stop`; until the executor has answered kernel_info, keep asking it
-        (its answer means it has bound every socket and runs), and set :attr:`ready` then."""
+        """Relay every channel until :meth:`stop`. Keep asking the executor for kernel_info until it has answered
+        (it has bound every socket and runs) and its output reaches the relay's subscription; set :attr:`ready` then,
+        so that no cell's output can be dropped by a subscription still in flight."""
         assert self._wake is not None
         handlers: dict[zmq.Socket[bytes], Callable[[], None]] = {
             self.front["shell"]: lambda: self._request("shell"),
@@ -184,6 +187,10 @@ class Relay:
             self._auth.stop()
         if self._owns_context:
             self._context.term()
+
+    def _check_ready(self) -> None:
+        if self._shell_answered and self._iopub_subscribed:
+            self.ready.set()
 
     def _probe_executor(self) -> None:
         header = new_header("kernel_info_request", self.session_id, "relay")
@@ -288,7 +295,8 @@ class Relay:
             log.warning("dropped a %s message from the executor: %s", channel, exc)
             return
         if channel == "shell" and self._probes and message["parent_header"].get("msg_id") in self._probes:
-            self.ready.set()
+            self._shell_answered = True
+            self._check_ready()
             return
         front = self.front[channel]
         for approved in self.gate.filter(channel, message):
@@ -298,6 +306,10 @@ class Relay:
                 self._publish(approved)
             else:
                 front.send_multipart(encode(approved, self._client, response.idents))
+        if message["header"].get("msg_type") == "shutdown_reply" and isinstance(message["parent_header"], dict):
+            # The executor exits right after this reply, often before its own "idle" leaves; a Jupyter server that
+            # last saw "busy" would skip the connection check after a restart and lose the first cell's output.
+            self._status({"header": message["parent_header"]}, "idle")
 
     def _output(self) -> None:
         frames = self.back["iopub"].recv_multipart(zmq.NOBLOCK)
@@ -307,6 +319,11 @@ class Relay:
         except WireError as exc:
             log.warning("dropped an iopub message from the executor: %s", exc)
             return
+        if not self._iopub_subscribed:
+            # Proof that the relay's subscription reached the executor (its iopub_welcome, or anything later):
+            # until then the executor's PUB side would drop a cell's output.
+            self._iopub_subscribed = True
+            self._check_ready()
         if self._probes and message["parent_header"].get("msg_id") in self._probes:
             return  # status messages around the relay's own readiness probe
         iopub = self.front["iopub"]

@@ -109,17 +109,26 @@ async def _request(ws: WebSocketClientConnection, msg_type: str, content: dict[s
             }
         )
     )
-    received = []
-    while True:
-        text = await asyncio.wait_for(ws.read_message(), 30)
+    received: list[dict[str, Any]] = []
+    unrelated: list[dict[str, Any]] = []
+    # The reply (shell) and the idle status (iopub) arrive over one websocket in either order.
+    while not (
+        any(m["msg_type"].endswith("_reply") for m in received)
+        and any(m["msg_type"] == "status" and m["content"]["execution_state"] == "idle" for m in received)
+    ):
+        try:
+            text = await asyncio.wait_for(ws.read_message(), 30)
+        except TimeoutError:
+            got = [(m["channel"], m["msg_type"], m["content"].get("execution_state")) for m in received]
+            others = [(m["channel"], m["msg_type"], m["parent_header"].get("msg_type")) for m in unrelated]
+            raise AssertionError(f"{msg_type}: got {got}; unrelated {others}") from None
         assert isinstance(text, str)
         message = json.loads(text)
-        if message["parent_header"].get("msg_id") != msg_id:
-            continue
-        received.append(message)
-        idle = message["msg_type"] == "status" and message["content"]["execution_state"] == "idle"
-        if idle and any(m["msg_type"].endswith("_reply") for m in received):
-            return received
+        if message["parent_header"].get("msg_id") == msg_id:
+            received.append(message)
+        else:
+            unrelated.append(message)
+    return received
 
 
 async def _print(ws: WebSocketClientConnection, code: str) -> str:
@@ -134,14 +143,19 @@ def test_a_confidential_kernel_through_jupyter_server_survives_a_restart(server:
 
     async def scenario() -> None:
         ws = await server.channels(kernel_id, "lab-session")
-        info = [m for m in await _request(ws, "kernel_info_request", {}) if m["msg_type"] == "kernel_info_reply"]
-        assert "confnb-attestation" in info[0]["content"]["supported_features"]
-        assert await _print(ws, "print(6 * 7)") == "42\n"
-        server.rest("POST", f"/api/kernels/{kernel_id}/restart")  # a fresh launch: new ports, keys, evidence
-        ws.close()
+        try:
+            replies = await _request(ws, "kernel_info_request", {})
+            info = [m for m in replies if m["msg_type"] == "kernel_info_reply"]
+            assert "confnb-attestation" in info[0]["content"]["supported_features"]
+            assert await _print(ws, "print(6 * 7)") == "42\n"
+            server.rest("POST", f"/api/kernels/{kernel_id}/restart")  # a fresh launch: new ports, keys, evidence
+        finally:
+            ws.close()
         ws = await server.channels(kernel_id, "lab-session")  # what JupyterLab does after a restart
-        assert await _print(ws, "print('after restart')") == "after restart\n"
-        ws.close()
+        try:
+            assert await _print(ws, "print('after restart')") == "after restart\n"
+        finally:
+            ws.close()
 
     try:
         asyncio.run(scenario())
