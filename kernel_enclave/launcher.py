@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import secrets
 import shutil
@@ -100,11 +101,8 @@ def make_undumpable() -> None:
 
 
 def executor_environment(requested: Mapping[str, str], run_dir: Path) -> dict[str, str]:
-    environment = dict(os.environ)
-    environment.update({name: value for name, value in requested.items() if not name.startswith(_UNSAFE_ENV_PREFIXES)})
-    for name in list(environment):
-        if name.startswith(_UNSAFE_ENV_PREFIXES):
-            del environment[name]
+    merged = {**os.environ, **requested}
+    environment = {name: value for name, value in merged.items() if not name.startswith(_UNSAFE_ENV_PREFIXES)}
     # IPython's profile (startup scripts, history) lives in the run directory: measured code, nothing inherited.
     environment["IPYTHONDIR"] = str(run_dir / "ipython")
     environment[ENV_RELAY_PID] = str(os.getpid())
@@ -114,8 +112,6 @@ def executor_environment(requested: Mapping[str, str], run_dir: Path) -> dict[st
 
 def write_executor_connection(run_dir: Path, key: bytes) -> tuple[Path, dict[str, str]]:
     """The executor's own connection file: IPC sockets in the private run directory, its own HMAC key."""
-    import json
-
     base = run_dir / "executor"
     ports = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
     info: dict[str, str | int] = {f"{channel}_port": port for channel, port in ports.items()}

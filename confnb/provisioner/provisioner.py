@@ -188,7 +188,7 @@ class ConfidentialProvisioner(KernelProvisionerBase):
             ip, ports = await transport.connect(response.ip, response.ports)
         except (KernelLaunchError, TransportError) as exc:
             await self._abandon()
-            raise KernelLaunchError(str(exc) if isinstance(exc, KernelLaunchError) else f"{exc}") from None
+            raise KernelLaunchError(str(exc)) from None
         self.evidence, self.verification = evidence, result
         info: dict[str, Any] = {f"{channel}_port": port for channel, port in ports.items()}
         info.update(

@@ -94,17 +94,6 @@ class WireMessage:
         return cls(idents=frames[:split], parts=parts, buffers=frames[split + 6 :])
 
     @property
-    def header(self) -> dict[str, Any]:
-        header = json.loads(self.parts[0])
-        if not isinstance(header, dict):
-            raise WireError("header is not an object")
-        return header
-
-    @property
-    def msg_type(self) -> str:
-        return str(self.message["header"].get("msg_type", ""))
-
-    @property
     def message(self) -> Message:
         """The parsed message, parsed once; JSON errors raise :class:`WireError`."""
         if self._parsed is None:
