@@ -51,6 +51,9 @@ class AttestationPolicy:
     """Defaults are the strict choices; a key left out keeps its default, an optional allowlist left out is off."""
 
     allow_simulated: bool = False
+    # Hex SHA-256 of the simulated TEE roots (ARK DER) accepted with allow_simulated; None: any simulated root. Pin it:
+    # anyone can make a simulated chip of their own, and claim any measurement with it.
+    simulated_roots: tuple[str, ...] | None = None
     measurements: tuple[str, ...] | None = None  # None: not pinned; (): reject every measurement
     host_data: tuple[str, ...] | None = None
     family_ids: tuple[str, ...] | None = None
@@ -147,6 +150,8 @@ class _Reader(TableReader):
                 values[key] = self.boolean(key, table[key])
         if "measurements" in table:
             values["measurements"] = self.hex_list("measurements", table["measurements"], 48)
+        if "simulated_roots" in table:
+            values["simulated_roots"] = self.hex_list("simulated_roots", table["simulated_roots"], 32)
         for key, size in (
             ("host_data", 32),
             ("family_ids", 16),

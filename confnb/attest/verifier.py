@@ -233,6 +233,20 @@ class Verifier:
         result.product, result.simulated, result.vek = product, verdict.simulated, dict(verdict.summary)
         checks = result.checks
         checks += verdict.checks
+        if verdict.simulated and appraisal is not None and appraisal.simulated_roots is not None:
+            pinned = verdict.ark.sha256.lower() in appraisal.simulated_roots
+            checks.append(
+                Check(
+                    "simulated_root",
+                    Outcome.PASS if pinned else Outcome.FAIL,
+                    f"SIMULATED root {verdict.ark.sha256[:16]}… "
+                    + (
+                        "is one the policy's simulated_roots names"
+                        if pinned
+                        else "is not one the policy's simulated_roots names (a simulated chip of someone else's)"
+                    ),
+                )
+            )
         if verdict.valid_from <= moment <= verdict.valid_until:
             checks.append(verdict.validity_check)
         else:

@@ -61,6 +61,12 @@ def explain_attestation(policy: AttestationPolicy) -> list[str]:
         if policy.allow_simulated
         else "Only genuine AMD SEV-SNP hardware is accepted (AMD's pinned roots; simulated TEEs are refused)."
     )
+    if policy.allow_simulated:
+        lines.append(
+            "Any simulated chip is accepted: anyone can make one. Pin yours with simulated_roots."
+            if policy.simulated_roots is None
+            else f"Only {len(policy.simulated_roots)} pinned simulated chip(s) (simulated_roots)."
+        )
     if policy.measurements is None:
         lines.append("Any launch measurement is accepted: ANY software in a genuine VM passes. Pin measurements.")
     elif not policy.measurements:

@@ -52,12 +52,15 @@ def kernel_spec(*, mode: str = "local", tee: str = "simulated", config: dict[str
 def local_policy() -> str:
     """Accept the simulated TEE, but only running exactly the enclave code installed here."""
     from kernel_enclave.measurement import simulated_measurement
+    from kernel_enclave.tee.simulated import SimulatedBackend
 
     return (
         "# Written by `confnb kernel install` for the local, simulated TEE.\n"
         "# Real deployments set allow_simulated = false and pin the CVM image's launch measurement.\n"
         "[attestation]\n"
         "allow_simulated = true\n"
+        "# This machine's simulated chip only: anyone can make a simulated chip of their own.\n"
+        f'simulated_roots = ["{SimulatedBackend().ark_sha256()}"]\n'
         f'measurements = ["{simulated_measurement().hex()}"]\n'
         "reject_debug = true\n"
         "reject_migration_agent = true\n"
