@@ -11,7 +11,6 @@ interrupted run) leaves neither a partial directory nor a registered key behind.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -27,24 +26,21 @@ import pyarrow.csv as pacsv  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from confnb.broker.store import OwnerStore, StoreError
-from confnb.datasets.errors import IntegrityError
 from confnb.datasets.inputs import TableInput, open_input
-from confnb.datasets.ipc import read_encrypted_ipc, write_encrypted_ipc
+from confnb.datasets.ipc import write_encrypted_ipc
 from confnb.datasets.manifest import (
     DatasetFormat,
     DatasetSchema,
     FileEntry,
     Manifest,
-    VerifiedDataset,
     verify_dataset,
     write_dataset_manifest,
 )
-from confnb.datasets.parquet import read_encrypted_parquet_dataset, write_encrypted_parquet
+from confnb.datasets.parquet import write_encrypted_parquet
+from confnb.datasets.reader import ARROW_FORMAT, PARQUET_FORMAT, file_associated_data, read_verified
 from confnb.fileio import write_atomically
 from confnb.policy.output import OutputPolicy
 
-ARROW_FORMAT: DatasetFormat = "arrow-ipc-tink-aes256-gcm-hkdf-1mb"
-PARQUET_FORMAT: DatasetFormat = "parquet-pme-aes-gcm-v1"
 PART_NAME = "part-0000.arrow"
 PARQUET_PART_NAME = "part-0000.parquet"
 
@@ -62,11 +58,6 @@ Progress = Callable[[int, int | None], None]  # (rows so far, total rows if know
 class EncryptedDataset:
     directory: Path
     manifest: Manifest
-
-
-def file_associated_data(dataset_id: str, key_id: str, file_name: str) -> bytes:
-    """Tink's associated data for one file: a ciphertext moved to another dataset, key or name does not open."""
-    return json.dumps(["confnb-dataset-file/1", dataset_id, key_id, file_name], separators=(",", ":")).encode()
 
 
 def encrypt_dataset(
@@ -167,49 +158,6 @@ def decrypt_dataset(directory: str | os.PathLike[str], store: OwnerStore, out_fi
         raise StoreError(f"{destination}: name the output .parquet, .csv or .arrow")
     write_atomically(destination, sink.getvalue().to_pybytes(), mode=0o600)
     return int(table.num_rows)
-
-
-def read_verified(verified: VerifiedDataset, dataset_key: bytes) -> Any:
-    """Every file of a verified dataset, decrypted and concatenated (what the vault does after a key release).
-
-    Dispatches on the signed manifest's format. Whatever the format, the result must have the manifest's schema and
-    row count: each file is bound to its name in this dataset, so a mismatch means the files are not the ones
-    signed.
-    """
-    manifest = verified.manifest
-    if manifest.format == PARQUET_FORMAT:
-        table = read_encrypted_parquet_dataset(
-            [verified.path(entry.name) for entry in manifest.files],
-            dataset_key,
-            manifest.key_id,
-            manifest.dataset_id,
-            schema=manifest.schema.to_arrow(),
-        )
-        _check_against_manifest(table, manifest)
-        return table
-    if manifest.format != ARROW_FORMAT:
-        raise StoreError(f"{manifest.dataset_id}: format {manifest.format!r} is not one this version reads")
-    tables = [
-        read_encrypted_ipc(
-            verified.path(entry.name),
-            dataset_key,
-            file_associated_data(manifest.dataset_id, manifest.key_id, entry.name),
-        )
-        for entry in manifest.files
-    ]
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    _check_against_manifest(table, manifest)
-    return table
-
-
-def _check_against_manifest(table: Any, manifest: Manifest) -> None:
-    if not table.schema.equals(manifest.schema.to_arrow(), check_metadata=False):
-        raise StoreError(f"{manifest.dataset_id}: decrypted schema differs from the signed manifest")
-    expected = sum(entry.rows for entry in manifest.files)
-    if table.num_rows != expected:
-        raise IntegrityError(
-            f"{manifest.dataset_id}: decrypted {table.num_rows} rows, the signed manifest lists {expected}"
-        )
 
 
 def _counted(table: TableInput, progress: Progress | None) -> Iterator[Any]:

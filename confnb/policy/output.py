@@ -79,6 +79,13 @@ class OutputPolicy:
             raise PolicyError(f"{source}: no output policy ([policy], [release], [display] tables)")
         return _read(text, source, document)
 
+    @classmethod
+    def from_dict(cls, document: dict[str, Any], source: str = "<policy>") -> OutputPolicy:
+        """The inverse of :meth:`to_dict`, validated as strictly as a file (the vault gets policies as JSON)."""
+        if not isinstance(document, dict) or not has_output_policy(document):
+            raise PolicyError(f"{source}: no output policy ([policy], [release], [display] tables)")
+        return _read("", source, document)
+
 
 def has_output_policy(document: dict[str, Any]) -> bool:
     return any(table in document for table in OUTPUT_TABLES)

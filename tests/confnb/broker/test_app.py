@@ -123,7 +123,8 @@ def test_an_attested_kernel_reads_an_encrypted_dataset(broker, simulated_backend
     import pyarrow as pa
 
     from confnb.datasets.manifest import verify_dataset
-    from confnb.datasets.owner import encrypt_dataset, read_verified
+    from confnb.datasets.owner import encrypt_dataset
+    from confnb.datasets.reader import read_verified
 
     table = pa.table({"ward": ["a", "b"] * 50, "cost": [float(i) for i in range(100)]})
     attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'

@@ -29,19 +29,14 @@ from confnb.broker.store import OwnerStore
 from confnb.datasets import parquet as pm
 from confnb.datasets.errors import DatasetFormatError, IntegrityError
 from confnb.datasets.manifest import DatasetIntegrityError, verify_dataset
-from confnb.datasets.owner import (
-    PARQUET_FORMAT,
-    PARQUET_PART_NAME,
-    decrypt_dataset,
-    encrypt_dataset,
-    read_verified,
-)
+from confnb.datasets.owner import PARQUET_PART_NAME, decrypt_dataset, encrypt_dataset
 from confnb.datasets.parquet import (
     DatasetKeyring,
     read_encrypted_parquet,
     read_encrypted_parquet_dataset,
     write_encrypted_parquet,
 )
+from confnb.datasets.reader import PARQUET_FORMAT, read_verified
 from confnb.policy.output import OutputPolicy
 
 NEEDS_UNIFORM = pytest.mark.skipif(
