@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import secrets
@@ -50,11 +49,21 @@ from kernel_enclave.handshake import (
     error_line,
     secrets_info,
 )
+from kernel_enclave.privileges import (
+    ExecutorIdentity,
+    PrivilegeError,
+    check_executor_can_run,
+    executor_identity,
+    make_undumpable,
+)
+from kernel_enclave.relay.gate import MessageGate
 from kernel_enclave.tee import TeeBackend, TeeError, get_backend
+from kernel_enclave.vault.broker_client import BROKER_URL_VARIABLE
+from kernel_enclave.vault.keys import DATASET_PATH_VARIABLE, SOCKET_VARIABLE, VaultKeys
 
-_PR_SET_DUMPABLE = 4
 EXECUTOR_READY_TIMEOUT_S = 60.0
 EXECUTOR_STOP_GRACE_S = 3.0
+VAULT_READY_TIMEOUT_S = 60.0
 # Variables that would let the host change what the executor's interpreter loads before ipykernel starts.
 _UNSAFE_ENV_PREFIXES = ("LD_",)
 
@@ -94,30 +103,41 @@ class KernelKeys:
         ).to_dict()
 
 
-def make_undumpable() -> None:
-    """No core dumps, no ``/proc/<pid>/mem`` or ``ptrace`` for processes without ``CAP_SYS_PTRACE``."""
-    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        raise LaunchError(f"prctl(PR_SET_DUMPABLE) failed: {os.strerror(ctypes.get_errno())}")
-
-
-def executor_environment(requested: Mapping[str, str], run_dir: Path) -> dict[str, str]:
+def executor_environment(requested: Mapping[str, str], home: Path, vault_socket: Path) -> dict[str, str]:
     merged = {**os.environ, **requested}
     environment = {name: value for name, value in merged.items() if not name.startswith(_UNSAFE_ENV_PREFIXES)}
-    # IPython's profile (startup scripts, history) lives in the run directory: measured code, nothing inherited.
-    environment["IPYTHONDIR"] = str(run_dir / "ipython")
+    # IPython's profile (startup scripts, history) and every other per-user directory live in the executor's own
+    # private directory: measured code, nothing inherited, and writable by the unprivileged executor.
+    environment["HOME"] = str(home)
+    environment["IPYTHONDIR"] = str(home / "ipython")
+    environment["MPLCONFIGDIR"] = str(home / "matplotlib")
+    environment["JUPYTER_RUNTIME_DIR"] = str(home / "runtime")
     environment[ENV_RELAY_PID] = str(os.getpid())
+    environment[SOCKET_VARIABLE] = str(vault_socket)
     environment.pop("JPY_PARENT_PID", None)
     return environment
 
 
-def write_executor_connection(run_dir: Path, key: bytes) -> tuple[Path, dict[str, str]]:
-    """The executor's own connection file: IPC sockets in the private run directory, its own HMAC key."""
-    base = run_dir / "executor"
+def private_directory(path: Path, identity: ExecutorIdentity | None = None, mode: int = 0o700) -> Path:
+    path.mkdir(mode=mode)
+    path.chmod(mode)
+    if identity is not None and identity.switches:
+        os.chown(path, identity.uid, identity.gid)
+    return path
+
+
+def write_executor_connection(
+    home: Path, key: bytes, identity: ExecutorIdentity | None = None
+) -> tuple[Path, dict[str, str]]:
+    """The executor's own connection file: IPC sockets in its private directory, its own HMAC key."""
+    base = home / "kernel"
     ports = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
     info: dict[str, str | int] = {f"{channel}_port": port for channel, port in ports.items()}
     info.update({"transport": "ipc", "ip": str(base), "key": key.decode("ascii"), "signature_scheme": "hmac-sha256"})
-    path = run_dir / "executor.json"
+    path = home / "executor.json"
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if identity is not None and identity.switches:
+        os.fchown(descriptor, identity.uid, identity.gid)
     with os.fdopen(descriptor, "w") as handle:
         json.dump(info, handle)
     return path, {channel: f"ipc://{base}-{port}" for channel, port in ports.items()}
@@ -166,13 +186,82 @@ async def _stop_executor(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
+async def _start_vault(
+    keys: KernelKeys, request: LaunchRequest, socket_path: Path, identity: ExecutorIdentity
+) -> asyncio.subprocess.Process:
+    environment = {name: value for name, value in os.environ.items() if not name.startswith(_UNSAFE_ENV_PREFIXES)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kernel_enclave.vault",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=environment,
+        start_new_session=True,
+        limit=MAX_LINE_BYTES,
+    )
+    config = {
+        "keys": VaultKeys(keys.hpke_private_key, keys.signing_key, keys.curve_publickey.decode("ascii")).to_dict(),
+        "tee": request.tee,
+        "broker_url": request.env.get(BROKER_URL_VARIABLE) or os.environ.get(BROKER_URL_VARIABLE, ""),
+        "dataset_path": request.env.get(DATASET_PATH_VARIABLE) or os.environ.get(DATASET_PATH_VARIABLE, ""),
+        "socket": str(socket_path),
+        "executor_uid": identity.uid,
+    }
+    assert process.stdin is not None
+    process.stdin.write(json.dumps(config).encode() + b"\n")
+    await process.stdin.drain()
+    return process
+
+
+async def _vault_ready(vault: asyncio.subprocess.Process) -> None:
+    assert vault.stdout is not None
+    try:
+        line = await asyncio.wait_for(vault.stdout.readline(), VAULT_READY_TIMEOUT_S)
+    except TimeoutError:
+        raise LaunchError(f"the vault did not start within {VAULT_READY_TIMEOUT_S:g} s") from None
+    try:
+        answer = json.loads(line) if line else {"error": f"the vault exited with status {await vault.wait()}"}
+    except ValueError:
+        answer = {"error": "the vault's first line is not JSON"}
+    if answer.get("ready") is not True:
+        raise LaunchError(str(answer.get("error", "the vault did not start")))
+
+
+async def _serve_gate_requests(vault: asyncio.subprocess.Process, gate: MessageGate) -> None:
+    """The vault asks for the owner's ``[display]`` table to be enforced before a dataset opens; tighten, confirm."""
+    from kernel_enclave.relay.display import DisplayPolicy, DisplayPolicyError
+
+    assert vault.stdout is not None
+    assert vault.stdin is not None
+    while line := await vault.stdout.readline():
+        try:
+            request = json.loads(line)
+            gate.tighten(DisplayPolicy.from_mapping(request["display"]))
+            seq = int(request["seq"])
+        except (ValueError, KeyError, TypeError, DisplayPolicyError):
+            continue  # no acknowledgement: the vault refuses to open the dataset
+        vault.stdin.write(json.dumps({"ack": seq}).encode() + b"\n")
+        await vault.stdin.drain()
+
+
+async def _stop_vault(vault: asyncio.subprocess.Process) -> None:
+    if vault.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            vault.kill()
+        await vault.wait()
+
+
 async def launch(out: Any) -> int:
     from kernel_enclave.relay.display import DisplayPolicy, DisplayPolicyError
-    from kernel_enclave.relay.gate import MessageGate
     from kernel_enclave.relay.relay import Relay
     from kernel_enclave.relay.wire import new_header
 
-    make_undumpable()
+    try:
+        make_undumpable()
+    except PrivilegeError as exc:
+        raise LaunchError(str(exc)) from None
     reader = await _stdin_reader()
     request = await _read_request(reader)
     policy = DisplayPolicy()
@@ -186,14 +275,27 @@ async def launch(out: Any) -> int:
     except TeeError as exc:
         raise LaunchError(str(exc)) from None
 
+    try:
+        identity = executor_identity()
+        check_executor_can_run(identity)
+    except PrivilegeError as exc:
+        raise LaunchError(str(exc)) from None
     keys = KernelKeys()
     run_dir = Path(tempfile.mkdtemp(prefix="confnb-kernel-"))
+    run_dir.chmod(0o711)  # the executor's user passes through to its own directory and the vault's socket
     process: asyncio.subprocess.Process | None = None
+    vault: asyncio.subprocess.Process | None = None
+    gate_task: asyncio.Task[None] | None = None
     relay: Relay | None = None
     relay_thread: threading.Thread | None = None
     try:
+        vault_socket = private_directory(run_dir / "vault", mode=0o711) / "vault.sock"
+        vault = await _start_vault(keys, request, vault_socket, identity)
+        home = private_directory(run_dir / "executor", identity)
         executor_key = secrets.token_hex(32).encode("ascii")
-        connection_file, executor_urls = write_executor_connection(run_dir, executor_key)
+        connection_file, executor_urls = write_executor_connection(home, executor_key, identity)
+        await _vault_ready(vault)
+        switch = {"user": identity.uid, "group": identity.gid, "extra_groups": []} if identity.switches else {}
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -203,11 +305,13 @@ async def launch(out: Any) -> int:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
-            env=executor_environment(request.env, run_dir),
+            env=executor_environment(request.env, home, vault_socket),
             start_new_session=True,  # its own group: interrupts and ipykernel's killpg stay inside the executor
+            **switch,  # type: ignore[arg-type]
         )
         session_id = secrets.token_hex(16)
         gate = MessageGate(policy, lambda msg_type: new_header(msg_type, session_id))
+        gate_task = asyncio.create_task(_serve_gate_requests(vault, gate))
         relay = Relay(
             client_key=keys.session_key,
             curve_publickey=keys.curve_publickey,
@@ -257,6 +361,10 @@ async def launch(out: Any) -> int:
     finally:
         if process is not None:
             await _stop_executor(process)
+        if gate_task is not None:
+            gate_task.cancel()
+        if vault is not None:
+            await _stop_vault(vault)
         if relay is not None:
             relay.stop()
             if relay_thread is not None:

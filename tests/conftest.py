@@ -181,3 +181,24 @@ def install_variant(confnb_kernel_env: Path) -> Callable[..., str]:
         return name
 
     return variant
+
+
+# -- the confidential world (tests/confidential_fixtures.py) -------------------------------------------------------
+# Two data owners with encrypted datasets and brokers on loopback, and confnb-snp kernels that reach them, for the
+# red-team and end-to-end suites. Loaded under a fixed module name so that test modules can import its helpers
+# (with --import-mode=importlib the tests folder is not on sys.path), and registered as a plugin for its fixtures.
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import importlib.util
+    import sys
+
+    name = "confidential_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("confidential_fixtures.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    if not config.pluginmanager.has_plugin(name):
+        config.pluginmanager.register(sys.modules[name], name)

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 from confnb import __version__
 from confnb.attest.errors import AttestInputError
-from confnb.cli import attest, broker, dataset, demo, kernel, policy
+from confnb.cli import attest, broker, dataset, demo, kernel, policy, receipt
 from confnb.cli.common import EXIT_USAGE, UsageError
 
-_COMMANDS = (attest, policy, dataset, broker, kernel, demo)
+_COMMANDS = (attest, policy, dataset, broker, kernel, demo, receipt)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,6 +78,7 @@ def _run(workdir: Path) -> int:
     policy_text = (
         "[attestation]\n"
         "allow_simulated = true          # demo only: real deployments leave this false\n"
+        f'simulated_roots = ["{tee.ark_sha256()}"]\n'
         f'measurements = ["{measurement}"]\n'
         "reject_debug = true\n"
         "max_vmpl = 0\n"
@@ -146,7 +147,8 @@ def _data_owner(workdir: Path, tee: Any, measurement: str) -> list[tuple[str, bo
     from confnb.broker.local import serve_locally
     from confnb.broker.store import OwnerStore
     from confnb.datasets.manifest import verify_dataset
-    from confnb.datasets.owner import encrypt_dataset, read_verified
+    from confnb.datasets.owner import encrypt_dataset
+    from confnb.datasets.reader import read_verified
     from confnb.policy.output import OutputPolicy
     from kernel_enclave.attestation import issue_evidence
     from kernel_enclave.tee.simulated import SimulatedBackend
@@ -157,7 +159,10 @@ def _data_owner(workdir: Path, tee: Any, measurement: str) -> list[tuple[str, bo
         '[policy]\nid = "claims-demo-v1"\n[release]\nallow = ["schema", "aggregate", "model_metrics"]\n'
         'min_group_size = 10\nnever_release = ["patient_id"]\n'
     )
-    attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{measurement}"]\nmax_evidence_age_s = 300\n'
+    attestation = (
+        f'[attestation]\nallow_simulated = true\nsimulated_roots = ["{tee.ark_sha256()}"]\n'
+        f'measurements = ["{measurement}"]\nmax_evidence_age_s = 300\n'
+    )
     table = _sample_claims(20_000)
     dataset = encrypt_dataset(table, workdir / "claims", store, "claims", output_policy, attestation)
     entry = dataset.manifest.files[0]

@@ -41,6 +41,8 @@ class ReleasedKey:
     key_id: str
     key: bytes
     output_policy: dict[str, Any]  # verified: signed by the dataset owner's key
+    nonce: str = ""  # the broker's challenge, hex: the broker's audit log records it with the release
+    evidence_digest: str = ""  # the evidence this kernel presented (``Evidence.digest``)
 
     def __repr__(self) -> str:  # the key never appears in logs or tracebacks
         return f"ReleasedKey(dataset_id={self.dataset_id!r}, key_id={self.key_id!r}, key=<secret>)"
@@ -111,7 +113,7 @@ class BrokerClient:
             key = hpke.open_sealed(self._hpke_key, sealed, info)
         except hpke.HpkeError:
             raise KeyReleaseError("the sealed key does not open with this kernel's attested key") from None
-        return ReleasedKey(dataset_id, key_id, key, policy)
+        return ReleasedKey(dataset_id, key_id, key, policy, nonce.hex(), evidence.digest())
 
     def _post(self, path: str, body: object) -> dict[str, Any]:
         request = urllib.request.Request(  # noqa: S310 - scheme checked in broker_url

@@ -175,6 +175,25 @@ def test_the_verifier_accepts_simulated_evidence_only_when_its_policy_allows(
     assert [check.name for check in strict.checks if check.outcome.value == "fail"] == ["ark_pinned"]
 
 
+def test_a_policy_can_pin_its_simulated_chip(simulated_backend: SimulatedBackend, keys: Keys) -> None:
+    """Anyone can make a simulated chip and claim any measurement with it; a pinned root tells them apart."""
+    from confnb.attest.policy import AttestationPolicy
+    from confnb.attest.verifier import verify_evidence
+
+    evidence = issue_evidence(simulated_backend, NONCE, **keys.kwargs()).to_json()
+    measurement = (simulated_backend.measurement.hex(),)
+    mine = AttestationPolicy(
+        allow_simulated=True, measurements=measurement, simulated_roots=(simulated_backend.ark_sha256(),)
+    )
+    assert verify_evidence(evidence, mine).ok
+    theirs = AttestationPolicy(allow_simulated=True, measurements=measurement, simulated_roots=("ab" * 32,))
+    refused = verify_evidence(evidence, theirs)
+    assert not refused.ok
+    failed = [check for check in refused.checks if check.outcome.value == "fail"]
+    assert [check.name for check in failed] == ["simulated_root"]
+    assert "someone else's" in failed[0].detail
+
+
 def test_a_tee_quote_is_always_a_whole_report() -> None:
     with pytest.raises(TeeError, match="returned 1183 bytes; an ATTESTATION_REPORT is 1184 bytes"):
         TeeQuote(report=bytes(1183))
@@ -197,6 +216,25 @@ _ENCLAVE_PROBES = {
         "kernel_enclave.relay.display",
         (*_SERVER_SIDE, "pyarrow", "sklearn"),
     ),
+    # The vault reads datasets and runs scikit-learn, but speaks neither Jupyter nor ZeroMQ.
+    "vault": (
+        "kernel_enclave.vault.process, kernel_enclave.vault.service, kernel_enclave.vault.vault",
+        (*_SERVER_SIDE, "jupyter", "tornado", "ipykernel"),
+    ),
+}
+# The data formats and the output policy, which the vault enforces; nothing of the owner's or the analyst's side.
+_VAULT_MODULES = {
+    "confnb.receipt_format",
+    "confnb.policy",
+    "confnb.policy.output",
+    "confnb.policy.toml",
+    "confnb.datasets",
+    "confnb.datasets.errors",
+    "confnb.datasets.ipc",
+    "confnb.datasets.manifest",
+    "confnb.datasets.parquet",
+    "confnb.datasets.reader",
+    "confnb.datasets.streaming_aead",
 }
 
 
@@ -218,5 +256,6 @@ def test_the_enclave_imports_no_client_side_code(part: str) -> None:
         "confnb.attest.errors",
         "confnb.attest.certs",
         "confnb.attest.der",
+        *(_VAULT_MODULES if part == "vault" else ()),
     }
     assert [name for name in loaded if name.startswith("confnb.") and name not in allowed] == []

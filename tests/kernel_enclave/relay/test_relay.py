@@ -8,6 +8,8 @@ not reach the client except through the gate, and must not reach the client's ke
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import secrets
 import socket
 import struct
@@ -265,6 +267,23 @@ def test_the_executor_cannot_read_or_write_the_relays_memory(kernel: Kernel) -> 
         "maps:rb:PermissionError",
     ]
     assert int(capabilities, 16) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the executor switches users only when the kernel starts as root")
+def test_a_root_kernel_runs_the_analysts_code_as_nobody(kernel: Kernel) -> None:
+    """As root without capabilities it could still open the TEE device and have reports signed for its own keys."""
+    code = (
+        "import os\n"
+        "print(os.getuid(), os.geteuid(), os.getgid(), os.getgroups())\n"
+        "try:\n"
+        "    os.setuid(0)\n"
+        "except PermissionError:\n"
+        "    print('setuid refused')\n"
+    )
+    nobody = pwd.getpwnam("nobody")
+    identity, refused = kernel.stdout(code).splitlines()
+    assert identity == f"{nobody.pw_uid} {nobody.pw_uid} {nobody.pw_gid} []"
+    assert refused == "setuid refused"
 
 
 FORGERY = """

@@ -1,0 +1,3 @@
+from kernel_enclave.vault.process import main
+
+main()

@@ -1,0 +1,110 @@
+"""The vault as a process of its own: started by the launcher, keyed over a pipe, serving the executor.
+
+``python -m kernel_enclave.vault`` is started by the launcher with pipes on stdin and stdout, and nothing on
+stderr (on a host, that is a log the operator reads). The conversation on those pipes, one JSON line each:
+
+1. launcher → vault: the configuration, with the kernel's HPKE and signing keys (memory to memory: the keys
+   never touch a file). The vault is non-dumpable before it reads them.
+2. vault → launcher: ``{"ready": true}`` once the socket accepts connections (or ``{"error": ...}``).
+3. vault → launcher: ``{"display": {...}, "seq": n}`` whenever a dataset opens: the owner's ``[display]`` table,
+   which the relay's gate must enforce before the analyst gets a handle. The launcher tightens the gate and answers
+   ``{"ack": n}``; without the answer the dataset does not open (fail closed).
+
+The vault exits when its stdin closes (the launcher is gone) and dies with the launcher in any case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+from confnb.policy.output import OutputPolicy
+from kernel_enclave.privileges import make_undumpable
+from kernel_enclave.tee import get_backend
+from kernel_enclave.vault.protocol import VaultError
+
+_PR_SET_PDEATHSIG = 1
+GATE_ACK_TIMEOUT_S = 10.0
+
+
+class GateChannel:
+    """Asks the launcher to tighten the relay's gate and waits for its confirmation."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+        self._acked = threading.Condition()
+        self._seq = 0
+        self._last_ack = 0
+
+    def tighten(self, policy: OutputPolicy) -> None:
+        display = {
+            "mime": list(policy.mime),
+            "max_output_bytes": policy.max_output_bytes,
+            "tracebacks": policy.tracebacks,
+        }
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            self._out.write(json.dumps({"display": display, "seq": seq}).encode() + b"\n")
+            self._out.flush()
+        with self._acked:
+            if not self._acked.wait_for(lambda: self._last_ack >= seq, GATE_ACK_TIMEOUT_S):
+                raise VaultError("the kernel's message gate did not confirm the owner's display policy; not opened")
+
+    def acknowledge(self, seq: int) -> None:
+        with self._acked:
+            self._last_ack = max(self._last_ack, seq)
+            self._acked.notify_all()
+
+
+def _listen(stdin: IO[bytes], gate: GateChannel) -> None:
+    """Acknowledgements until EOF; EOF means the launcher is gone, and so is the kernel."""
+    for line in stdin:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            gate.acknowledge(int(json.loads(line)["ack"]))
+    os._exit(0)
+
+
+def run(config: dict[str, Any], stdin: IO[bytes], stdout: IO[bytes]) -> None:
+    from kernel_enclave.vault.keys import VaultKeys
+    from kernel_enclave.vault.service import VaultServer
+    from kernel_enclave.vault.vault import Vault
+
+    gate = GateChannel(stdout)
+    vault = Vault(
+        backend=get_backend(str(config["tee"])),
+        keys=VaultKeys.from_dict(config["keys"]),
+        broker_url=config.get("broker_url") or None,
+        on_policy=gate.tighten,
+        dataset_path=config.get("dataset_path") or "",
+    )
+    server = VaultServer(
+        vault, Path(config["socket"]), allowed_uid=int(config["executor_uid"]), owner_uid=int(config["executor_uid"])
+    )
+    server.start()
+    stdout.write(b'{"ready": true}\n')
+    stdout.flush()
+    _listen(stdin, gate)
+
+
+def main() -> None:
+    make_undumpable()
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the analyst's interrupts are the executor's
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        config = json.loads(stdin.readline())
+        run(config, stdin, stdout)
+    except Exception as exc:
+        with contextlib.suppress(OSError):
+            stdout.write(json.dumps({"error": f"vault: {type(exc).__name__}: {exc}"}).encode() + b"\n")
+            stdout.flush()
+        os._exit(1)

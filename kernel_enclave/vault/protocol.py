@@ -1,0 +1,135 @@
+"""The executor ↔ vault wire: length-prefixed JSON headers with optional binary buffers, over a Unix socket.
+
+One request, one reply, in order. The executor is the analyst's process and therefore hostile, so nothing on this
+wire is ever unpickled or evaluated: headers are strict JSON objects, buffers are Arrow IPC streams (parsed by
+Arrow, which validates them) or opaque ciphertext. Frames are capped so a hostile peer cannot make the vault
+allocate without bound.
+
+Frame: ``u32 header_length | header (UTF-8 JSON object) | u32 buffer_count | (u64 length | bytes) * buffer_count``,
+all big-endian.
+
+A reply header is ``{"ok": true, ...}`` or ``{"ok": false, "error": {"type": ..., "message": ..., ...}}``; errors
+carry column names and types at most, never data values.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+PROTOCOL = "confnb-vault/1"
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_BUFFERS = 16
+MAX_BUFFER_BYTES = 8 * 1024 * 1024 * 1024
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+class VaultError(Exception):
+    """A vault operation failed. The message names operations, columns and types, never data values."""
+
+    kind = "VaultError"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, "message": str(self)}
+
+
+class PolicyViolation(VaultError):  # noqa: N818 - the name analysts see, as the product promises it
+    """A result was withheld by the data owner's output policy.
+
+    ``rule`` names the policy rule (``release.allow``, ``release.min_group_size``, ``release.never_release``,
+    ``release.max_rows``) and ``datasets`` the datasets whose policy imposed it. Nothing of the withheld value is in
+    the message.
+    """
+
+    kind = "PolicyViolation"
+
+    def __init__(self, rule: str, datasets: Sequence[str], message: str) -> None:
+        self.rule = rule
+        self.datasets = tuple(datasets)
+        named = ", ".join(repr(name) for name in self.datasets) or "no dataset"
+        super().__init__(f"{message} [rule {rule} of {named}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "rule": self.rule, "datasets": list(self.datasets)}
+
+
+class ProtocolError(VaultError):
+    """A frame that is not a well-formed message of this protocol."""
+
+    kind = "ProtocolError"
+
+
+def error_from_dict(error: object) -> VaultError:
+    """The exception a reply's ``error`` object describes (for the client side)."""
+    if not isinstance(error, dict):
+        return ProtocolError("the vault's reply carries a malformed error")
+    message = str(error.get("message", "the vault refused the request"))
+    if error.get("type") == PolicyViolation.kind:
+        violation = PolicyViolation(str(error.get("rule", "")), [str(d) for d in error.get("datasets", [])], "")
+        violation.args = (message,)  # the vault's own wording, already naming rule and datasets
+        return violation
+    return VaultError(message)
+
+
+def error_reply(exc: VaultError) -> dict[str, Any]:
+    return {"ok": False, "error": exc.to_dict()}
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
+    data = bytearray(size)
+    view = memoryview(data)
+    received = 0
+    while received < size:
+        count = sock.recv_into(view[received:], size - received)
+        if count == 0:
+            raise EOFError("the peer closed the vault connection")
+        received += count
+    return data
+
+
+def send_message(sock: socket.socket, header: dict[str, Any], buffers: Sequence[bytes | memoryview] = ()) -> None:
+    if len(buffers) > MAX_BUFFERS:
+        raise ProtocolError(f"a message carries at most {MAX_BUFFERS} buffers")
+    encoded = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    if len(encoded) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"a message header is at most {MAX_HEADER_BYTES} bytes")
+    parts: list[bytes | memoryview] = [_U32.pack(len(encoded)), encoded, _U32.pack(len(buffers))]
+    for buffer in buffers:
+        parts.append(_U64.pack(memoryview(buffer).nbytes))
+        parts.append(buffer)
+    sock.sendall(b"".join(parts[:3]))
+    for part in parts[3:]:
+        sock.sendall(part)
+
+
+def recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[bytes]]:
+    """One message; raises :class:`EOFError` on a clean close and :class:`ProtocolError` on a malformed frame."""
+    (length,) = _U32.unpack(_recv_exactly(sock, _U32.size))
+    if length > MAX_HEADER_BYTES:
+        raise ProtocolError(f"a message header is at most {MAX_HEADER_BYTES} bytes")
+    try:
+        header = json.loads(bytes(_recv_exactly(sock, length)), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("a message header is not JSON") from None
+    except RecursionError:
+        raise ProtocolError("a message header is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("a message header is not a JSON object")
+    (count,) = _U32.unpack(_recv_exactly(sock, _U32.size))
+    if count > MAX_BUFFERS:
+        raise ProtocolError(f"a message carries at most {MAX_BUFFERS} buffers")
+    buffers = []
+    for _ in range(count):
+        (size,) = _U64.unpack(_recv_exactly(sock, _U64.size))
+        if size > MAX_BUFFER_BYTES:
+            raise ProtocolError(f"a buffer is at most {MAX_BUFFER_BYTES} bytes")
+        buffers.append(bytes(_recv_exactly(sock, size)))
+    return header, buffers
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

@@ -1,0 +1,87 @@
+"""The vault's Unix socket: where the executor's requests come in.
+
+The socket lives in a directory only the kernel's processes can reach, and every connection is checked with
+``SO_PEERCRED`` against the one user the executor runs as, so another process in the VM cannot ask the vault for
+anything even if it finds the path. Each connection gets a thread; :class:`~kernel_enclave.vault.vault.Vault`
+serializes the work itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+
+from kernel_enclave.vault.protocol import ProtocolError, error_reply, recv_message, send_message
+from kernel_enclave.vault.vault import Vault
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class VaultServer:
+    """Serves one :class:`Vault` on a Unix socket at ``path`` (created here, removed by :meth:`close`)."""
+
+    def __init__(self, vault: Vault, path: str | Path, *, allowed_uid: int | None = None, owner_uid: int = -1) -> None:
+        self.vault = vault
+        self.path = Path(path)
+        self._allowed_uid = os.getuid() if allowed_uid is None else allowed_uid
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(self.path))
+        # Only the executor's user may connect (connect(2) on a Unix socket needs write permission on its file).
+        os.chmod(self.path, 0o600)
+        if owner_uid >= 0:
+            os.chown(self.path, owner_uid, -1)
+        self._listener.listen(8)
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> threading.Thread:
+        self._thread = threading.Thread(target=self.serve_forever, name="confnb-vault", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def serve_forever(self) -> None:
+        while not self._closed.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            if not self._peer_allowed(connection):
+                connection.close()
+                continue
+            threading.Thread(target=self._serve, args=(connection,), name="confnb-vault-client", daemon=True).start()
+
+    def _peer_allowed(self, connection: socket.socket) -> bool:
+        credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        _, uid, _ = _PEERCRED.unpack(credentials)
+        return bool(uid == self._allowed_uid)
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection:
+            while True:
+                try:
+                    header, buffers = recv_message(connection)
+                except (EOFError, ConnectionError, OSError):
+                    return
+                except ProtocolError as exc:
+                    with contextlib.suppress(OSError):
+                        send_message(connection, error_reply(exc))
+                    return  # the stream is out of step; the client reconnects
+                reply, out = self.vault.handle(header, buffers)
+                try:
+                    send_message(connection, reply, out)
+                except (ConnectionError, OSError):
+                    return
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

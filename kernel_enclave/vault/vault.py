@@ -1,0 +1,645 @@
+"""The vault: the only process in the VM that holds dataset keys and plaintext, and the judge of what leaves.
+
+The executor (the analyst's process) sends it requests over :mod:`kernel_enclave.vault.protocol`; the vault answers
+with handles (``d1``, ``m1``), released values and refusals. Every request goes through :meth:`Vault.handle`, which
+does three things for every operation, in this order: decide with the data owners' output policies, write the
+decision to the kernel's audit log, and only then reply. A result that has not been released never leaves this
+object: raw tables and trained models stay in ``_sources`` and ``_models`` and are referred to by handle only.
+
+Errors are the analyst's business but never carry data: anything raised below that is not a :class:`VaultError`
+(whose messages this package writes) is reported by its type alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa  # type: ignore[import-untyped]
+
+from confnb.attest.errors import PolicyError
+from confnb.datasets.errors import DatasetFormatError, IntegrityError
+from confnb.datasets.manifest import DatasetIntegrityError, verify_dataset
+from confnb.datasets.reader import read_verified
+from confnb.policy.output import OutputPolicy, strictest
+from kernel_enclave.attestation import issue_evidence
+from kernel_enclave.tee.base import TeeBackend, TeeError
+from kernel_enclave.vault import export, models, plan, release, sealing
+from kernel_enclave.vault.audit import KernelAuditLog
+from kernel_enclave.vault.broker_client import BrokerClient, KeyReleaseError
+from kernel_enclave.vault.keys import DATASET_PATH_VARIABLE, VaultKeys
+from kernel_enclave.vault.protocol import PROTOCOL, PolicyViolation, ProtocolError, VaultError, error_reply
+
+REMEMBERED_RESULTS = 256  # released values kept for export; older ones must be released again
+MAX_PUBLIC_ROWS = 10_000_000
+
+Reply = tuple[dict[str, Any], list[bytes]]
+# Requests whose handlers write no audit entry of their own (they release nothing): recorded as plain requests.
+_UNRECORDED_BY_HANDLER = frozenset({"hello", "audit", "drop"})
+
+
+@dataclass(frozen=True)
+class _Result:
+    """A released value kept for :func:`cn.export`: what was released, under which policy, from what."""
+
+    kind: str
+    table: pa.Table | None
+    value: Any
+    policy_id: str
+    datasets: tuple[str, ...]
+    operation_digest: str
+
+
+def digest_of(value: object) -> str:
+    return "sha256:" + hashlib.sha256(_canonical(value)).hexdigest()
+
+
+def _canonical(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def read_ipc(data: bytes, what: str) -> pa.Table:
+    try:
+        return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    except (pa.ArrowException, ValueError, OSError):
+        raise VaultError(f"{what} is not an Arrow IPC stream") from None
+
+
+def _columns(table: pa.Table) -> list[dict[str, str]]:
+    return [{"name": field.name, "type": str(field.type)} for field in table.schema]
+
+
+class Vault:
+    """One kernel's data plane. Thread-safe: one lock serializes requests (they are CPU-bound anyway)."""
+
+    def __init__(
+        self,
+        *,
+        backend: TeeBackend,
+        keys: VaultKeys,
+        broker_url: str | None = None,
+        on_policy: Callable[[OutputPolicy], None] | None = None,
+        audit_path: Path | None = None,
+        dataset_path: str | None = None,
+    ) -> None:
+        self._backend = backend
+        self._keys = keys
+        self._broker_url = broker_url
+        self._on_policy = on_policy
+        self._dataset_path = dataset_path if dataset_path is not None else os.environ.get(DATASET_PATH_VARIABLE, "")
+        self._lock = threading.Lock()
+        self._sources: dict[str, plan.SourceTable] = {}
+        self._opened: dict[str, str] = {}  # dataset id -> handle
+        self._policies: dict[str, OutputPolicy] = {}
+        self._models: dict[str, models.TrainedModel] = {}
+        self._results: OrderedDict[str, _Result] = OrderedDict()
+        self._counter = 0
+        self.audit = KernelAuditLog(keys.signing_key, audit_path)
+        self._handlers: dict[str, Callable[[dict[str, Any], list[bytes]], Reply]] = {
+            "hello": self._hello,
+            "open": self._open,
+            "schema": self._schema,
+            "release": self._release,
+            "preview": self._preview,
+            "fit": self._fit,
+            "model_metrics": self._model_release,
+            "model_score": self._model_release,
+            "model_params": self._model_release,
+            "predict": self._predict,
+            "seal": self._seal,
+            "unseal": self._unseal,
+            "export": self._export,
+            "audit": self._audit,
+            "drop": self._drop,
+        }
+
+    # -- entry point ------------------------------------------------------------------------------------------
+
+    def handle(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        """Answer one request. Never raises: every failure becomes an error reply without data values."""
+        op = header.get("op")
+        handler = self._handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            shown = op if isinstance(op, str) and op.isidentifier() and len(op) < 40 else "?"
+            return error_reply(ProtocolError(f"unknown vault operation {shown!r}")), []
+        with self._lock:
+            try:
+                if op in _UNRECORDED_BY_HANDLER:
+                    self.audit.append("request", op=op, operation=digest_of(_operation(header)))
+                return handler(header, buffers)
+            except PolicyViolation as violation:
+                self.audit.append(
+                    "refusal",
+                    op=op,
+                    rule=violation.rule,
+                    datasets=list(violation.datasets),
+                    operation=digest_of(_operation(header)),
+                )
+                return error_reply(violation), []
+            except VaultError as exc:
+                self.audit.append("error", op=op, operation=digest_of(_operation(header)))
+                return error_reply(exc), []
+            except Exception as exc:
+                self.audit.append("error", op=op, operation=digest_of(_operation(header)))
+                return error_reply(VaultError(f"{op} failed inside the vault ({type(exc).__name__})")), []
+
+    # -- datasets ---------------------------------------------------------------------------------------------
+
+    def add_table(self, dataset_id: str, table: pa.Table, policy: OutputPolicy) -> str:
+        """Register a plaintext table as an opened dataset (an upload decrypted in the vault, or a test)."""
+        with self._lock:
+            return self._register(dataset_id, table, policy)
+
+    def _register(self, dataset_id: str, table: pa.Table, policy: OutputPolicy) -> str:
+        if self._on_policy is not None:
+            self._on_policy(policy)  # the relay's gate tightens before any handle to the data exists
+        self._policies[dataset_id] = policy
+        handle = self._new_id("d")
+        self._sources[handle] = plan.SourceTable.from_dataset(dataset_id, table)
+        self._opened[dataset_id] = handle
+        return handle
+
+    def _hello(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        return {
+            "ok": True,
+            "protocol": PROTOCOL,
+            "kernel": {
+                "tee": self._backend.name,
+                "measurement": sealing.current_measurement(self._backend).hex(),
+                "signing_public_key": self._keys.signing_public_key.hex(),
+            },
+        }, []
+
+    def _open(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        source = _text(header, "source")
+        broker = header.get("broker")
+        if broker is not None and not isinstance(broker, str):
+            raise ProtocolError("open: broker must be a URL string or null")
+        if source in self._opened:  # opened already (or uploaded): the same handle, no second key release
+            return self._opened_reply(self._opened[source], source), []
+        directory = self._locate(source)
+        try:
+            verified = verify_dataset(directory)
+        except DatasetIntegrityError as exc:
+            raise VaultError(f"dataset {source!r} failed verification: {exc}") from None
+        manifest = verified.manifest
+        dataset_id = manifest.dataset_id
+        if dataset_id in self._opened:
+            handle = self._opened[dataset_id]
+            return self._opened_reply(handle, dataset_id), []
+        client = self._broker_client(broker)
+        try:
+            released = client.release(dataset_id, manifest.owner_public_key)
+        except KeyReleaseError as exc:
+            self.audit.append("key-refused", dataset=dataset_id, broker=client.url, reason=str(exc))
+            raise VaultError(f"no key for {dataset_id!r}: {exc}") from None
+        if released.key_id != manifest.key_id:
+            raise VaultError(f"{dataset_id!r}: the broker released key {released.key_id}, the manifest names another")
+        try:
+            policy = OutputPolicy.from_dict(released.output_policy, source=f"output policy of {dataset_id}")
+        except PolicyError as exc:
+            raise VaultError(f"{dataset_id!r}: the owner's output policy is unusable: {exc}") from None
+        if policy.digest() != manifest.output_policy_digest:
+            raise VaultError(f"{dataset_id!r}: the released output policy is not the one the signed manifest names")
+        try:
+            table = read_verified(verified, released.key)
+        except (IntegrityError, DatasetFormatError) as exc:
+            raise VaultError(f"{dataset_id!r}: {exc}") from None
+        handle = self._register(dataset_id, table, policy)
+        self.audit.append(
+            "open",
+            dataset=dataset_id,
+            key_id=released.key_id,
+            nonce=released.nonce,
+            evidence=released.evidence_digest,
+            manifest=verified.manifest_digest,
+            policy=policy.digest(),
+            broker=client.url,
+        )
+        return self._opened_reply(handle, dataset_id), []
+
+    def _opened_reply(self, handle: str, dataset_id: str) -> dict[str, Any]:
+        policy = self._policies[dataset_id]
+        columns = _columns(self._sources[handle].table) if policy.allows("schema") else None
+        return {
+            "ok": True,
+            "handle": handle,
+            "dataset": dataset_id,
+            "datasets": [dataset_id],
+            "columns": columns,
+            "policy": policy.to_dict(),
+        }
+
+    def _locate(self, source: str) -> Path:
+        candidate = Path(source).expanduser()
+        if os.sep in source or candidate.is_dir():
+            if not candidate.is_dir():
+                raise VaultError(f"{source}: no dataset directory there")
+            return candidate
+        for folder in filter(None, self._dataset_path.split(os.pathsep)):
+            if (Path(folder) / source / "manifest.json").is_file():
+                return Path(folder) / source
+        where = self._dataset_path or f"{DATASET_PATH_VARIABLE} is not set"
+        raise VaultError(f"no dataset {source!r}: not a directory, and not found in the dataset path ({where})")
+
+    def _broker_client(self, url: str | None) -> BrokerClient:
+        try:
+            return BrokerClient(
+                self._backend,
+                self._keys.hpke_private_key,
+                self._keys.signing_public_key,
+                self._keys.curve_public_key,
+                url or self._broker_url,
+            )
+        except KeyReleaseError as exc:
+            raise VaultError(str(exc)) from None
+
+    # -- tables -----------------------------------------------------------------------------------------------
+
+    def _schema(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        tree = _plan(header)
+        columns = release.schema(tree, self._sources, self._policies)
+        self.audit.append("release", kind="schema", operation=digest_of(tree))
+        return {"ok": True, "columns": columns}, []
+
+    def _preview(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        tree = _plan(header)
+        preview = release.preview(tree, self._sources, self._policies)
+        self.audit.append("preview", operation=digest_of(tree), shown=sorted(k for k in preview if k != "withheld"))
+        return {"ok": True, "preview": preview}, []
+
+    def _release(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        tree = _plan(header)
+        released = release.release(tree, self._sources, self._policies)
+        operation = digest_of(tree)
+        reply: dict[str, Any] = {
+            "ok": True,
+            "kind": released.kind,
+            "index": list(released.index),
+            "series": released.series,
+            "suppressed": released.suppressed,
+            "policy": released.policy_id,
+            "datasets": list(released.datasets),
+        }
+        out: list[bytes] = []
+        if released.table is not None:
+            payload = ipc_bytes(released.table)
+            reply["shape"] = "table"
+            out.append(payload)
+            result_digest = "sha256:" + hashlib.sha256(payload).hexdigest()
+        else:
+            reply["shape"] = "scalar"
+            reply["value"] = released.value
+            result_digest = digest_of(released.value)
+        result = _Result(
+            released.kind, released.table, released.value, released.policy_id, released.datasets, operation
+        )
+        reply["result"] = self._remember(result)
+        self.audit.append(
+            "release",
+            kind=released.kind,
+            result=reply["result"],
+            digest=result_digest,
+            datasets=list(released.datasets),
+            policy=released.policy_id,
+            operation=operation,
+            suppressed=released.suppressed,
+        )
+        return reply, out
+
+    def _remember(self, result: _Result) -> str:
+        result_id = self._new_id("r")
+        self._results[result_id] = result
+        while len(self._results) > REMEMBERED_RESULTS:
+            self._results.popitem(last=False)
+        return result_id
+
+    # -- models -----------------------------------------------------------------------------------------------
+
+    def _fit(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        tree = _plan(header)
+        source = plan.evaluate(tree, self._sources)
+        target = header.get("target")
+        features = header.get("features")
+        test_size = header.get("test_size")
+        random_state = header.get("random_state")
+        if target is not None and not isinstance(target, str):
+            raise ProtocolError("fit: target must be a column name or null")
+        if features is not None and (
+            not isinstance(features, list) or not all(isinstance(name, str) for name in features)
+        ):
+            raise ProtocolError("fit: features must be a list of column names or null")
+        if test_size is not None and (isinstance(test_size, bool) or not isinstance(test_size, int | float)):
+            raise ProtocolError("fit: test_size must be a number or null")
+        if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, int)):
+            raise ProtocolError("fit: random_state must be an integer or null")
+        model = models.fit(source, header.get("estimator"), target, features, test_size, random_state, self._policies)
+        model_id = self._new_id("m")
+        self._models[model_id] = model
+        self.audit.append(
+            "fit",
+            model=model_id,
+            estimator=model.estimator_name,
+            features=list(model.features),
+            target=model.target,
+            datasets=sorted(model.datasets),
+            operation=digest_of({"plan": tree, "estimator": header.get("estimator"), "target": target}),
+            n_train=model.n_train,
+            n_test=model.n_test,
+        )
+        return self._model_reply(model_id, model), []
+
+    @staticmethod
+    def _model_reply(model_id: str, model: models.TrainedModel) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "model": model_id,
+            "estimator": model.estimator_name,
+            "task": model.task,
+            "features": list(model.features),
+            "target": model.target,
+            "datasets": sorted(model.datasets),
+        }
+
+    def _model(self, header: dict[str, Any]) -> tuple[str, models.TrainedModel]:
+        model_id = _text(header, "model")
+        model = self._models.get(model_id)
+        if model is None:
+            raise VaultError(f"no model {model_id!r} in this kernel (dropped, or from another kernel)")
+        return model_id, model
+
+    def _model_release(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        model_id, model = self._model(header)
+        op = header["op"]
+        kind = "model_parameters" if op == "model_params" else "model_metrics"
+        value: Any
+        if op == "model_metrics":
+            value = models.metrics(model, self._policies)
+        elif op == "model_score":
+            value = models.score(model, self._policies)
+        else:
+            value = models.params(model, self._policies)
+        datasets = tuple(sorted(model.datasets))
+        policy_id = release.require_kind(kind, datasets, self._policies)
+        operation = digest_of({"op": op, "model": model_id})
+        result_id = self._remember(_Result(kind, None, value, policy_id, datasets, operation))
+        self.audit.append(
+            "release",
+            kind=kind,
+            result=result_id,
+            digest=digest_of(value),
+            datasets=list(datasets),
+            policy=policy_id,
+            operation=operation,
+        )
+        return {"ok": True, "result": result_id, "kind": kind, "value": value, "policy": policy_id}, []
+
+    def _predict(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        model_id, model = self._model(header)
+        if len(buffers) != 1:
+            raise ProtocolError("predict: send the public data as one Arrow IPC buffer")
+        public = read_ipc(buffers[0], "predict: the public data")
+        if public.num_rows > MAX_PUBLIC_ROWS:
+            raise VaultError(f"predict: at most {MAX_PUBLIC_ROWS} rows of public data per request")
+        predictions = models.predict(model, public, self._policies)
+        datasets = tuple(sorted(model.datasets))
+        policy_id = release.require_kind("predict_public", datasets, self._policies)
+        payload = ipc_bytes(predictions)
+        operation = digest_of({"op": "predict", "model": model_id, "input": hashlib.sha256(buffers[0]).hexdigest()})
+        result_id = self._remember(_Result("predict_public", predictions, None, policy_id, datasets, operation))
+        self.audit.append(
+            "release",
+            kind="predict_public",
+            result=result_id,
+            digest="sha256:" + hashlib.sha256(payload).hexdigest(),
+            datasets=list(datasets),
+            policy=policy_id,
+            operation=operation,
+        )
+        return {"ok": True, "result": result_id, "kind": "predict_public", "policy": policy_id}, [payload]
+
+    # -- sealing ----------------------------------------------------------------------------------------------
+
+    def _seal(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        if header.get("model") is not None:
+            model_id, model = self._model(header)
+            datasets = sorted(model.datasets)
+            metadata: dict[str, Any] = {
+                "policies": {name: self._policies[name].to_dict() for name in datasets},
+                "model": models.describe(model),
+            }
+            blob = sealing.seal(self._backend, "model", models.to_skops(model, facts=True), metadata)
+            self.audit.append("seal", model=model_id, datasets=datasets, digest=_bytes_digest(blob))
+            return {"ok": True}, [blob]
+        tree = _plan(header)
+        source = plan.evaluate(tree, self._sources)
+        datasets = sorted(source.datasets)
+        table = source.table
+        # After a join, which source record each row came from decides min_group_size; it is sealed along.
+        record_columns = []
+        for position, (dataset, ids) in enumerate(source.record_ids or ()):
+            name = f"\x00record{position}"
+            table = table.append_column(name, ids)
+            record_columns.append([name, dataset])
+        metadata = {
+            "policies": {name: self._policies[name].to_dict() for name in datasets},
+            "lineage": {column: sorted(map(list, origins)) for column, origins in source.lineage.items()},
+            "datasets": datasets,
+            "record_columns": record_columns,
+        }
+        blob = sealing.seal(self._backend, "table", ipc_bytes(table), metadata)
+        self.audit.append("seal", operation=digest_of(tree), datasets=datasets, digest=_bytes_digest(blob))
+        return {"ok": True}, [blob]
+
+    def _unseal(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        if len(buffers) != 1:
+            raise ProtocolError("unseal: send the sealed file as one buffer")
+        try:
+            sealed = sealing.unseal(self._backend, buffers[0])
+        except sealing.SealingError as exc:
+            self.audit.append("unseal-refused", digest=_bytes_digest(buffers[0]), reason=str(exc))
+            raise VaultError(str(exc)) from None
+        policies = {
+            name: OutputPolicy.from_dict(document, source=f"sealed policy of {name}")
+            for name, document in sealed.metadata["policies"].items()
+        }
+        for name, policy in policies.items():
+            if self._on_policy is not None:
+                self._on_policy(policy)
+            # A dataset open in this kernel under another version of its policy: both versions bind.
+            known = self._policies.get(name)
+            self._policies[name] = policy if known is None or known == policy else strictest([known, policy])
+        if sealed.kind == "model":
+            model = models.from_skops(sealed.payload, sealed.metadata["model"])
+            model_id = self._new_id("m")
+            self._models[model_id] = model
+            self.audit.append("unseal", model=model_id, datasets=sorted(policies), digest=_bytes_digest(buffers[0]))
+            return self._model_reply(model_id, model), []
+        table = read_ipc(sealed.payload, "the sealed table")
+        lineage = {
+            column: frozenset((str(pair[0]), str(pair[1])) for pair in origins)
+            for column, origins in sealed.metadata["lineage"].items()
+        }
+        record_columns = [(str(name), str(dataset)) for name, dataset in sealed.metadata.get("record_columns", [])]
+        records = tuple((dataset, table.column(name)) for name, dataset in record_columns) or None
+        table = table.drop_columns([name for name, _ in record_columns])
+        handle = self._new_id("d")
+        self._sources[handle] = plan.SourceTable(table, lineage, frozenset(sealed.metadata["datasets"]), records)
+        self.audit.append("unseal", handle=handle, datasets=sorted(policies), digest=_bytes_digest(buffers[0]))
+        datasets = sorted(policies)
+        shown = all(self._policies[name].allows("schema") for name in datasets)
+        return {
+            "ok": True,
+            "handle": handle,
+            "dataset": "+".join(datasets),
+            "datasets": datasets,
+            "columns": _columns(table) if shown else None,
+            "policy": strictest(self._policies[name] for name in datasets).to_dict(),
+        }, []
+
+    # -- export and audit -------------------------------------------------------------------------------------
+
+    def _export(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        recipient = header.get("recipient")
+        if recipient is not None and not isinstance(recipient, str):
+            raise ProtocolError("export: recipient must be a hex public key or null")
+        try:
+            recipient_key = bytes.fromhex(recipient) if recipient else None
+        except ValueError:
+            raise ProtocolError("export: recipient must be a hex public key") from None
+        export_format = _text(header, "format")
+        if header.get("model") is not None:
+            model_id, model = self._model(header)
+            if export_format != "skops":
+                raise VaultError("export: a model is exported as .skops")
+            datasets = tuple(sorted(model.datasets))
+            policy_id = release.require_kind("model_parameters", datasets, self._policies)
+            models.params(model, self._policies)  # the same checks as releasing its parameters
+            refusal = models.export_refusal(model)
+            if refusal is not None:
+                raise PolicyViolation("release.min_group_size", datasets, f"export: {refusal}")
+            payload, media_type = models.to_skops(model), "application/x-skops"
+            operation = digest_of({"op": "export", "model": model_id})
+            name = f"{model_id}.skops"
+        else:
+            result_id = _text(header, "result")
+            result = self._results.get(result_id)
+            if result is None:
+                raise VaultError(f"export: no released result {result_id!r} (release it again, then export)")
+            payload, media_type = _serialize(result, export_format)
+            policy_id, datasets, operation = result.policy_id, result.datasets, result.operation_digest
+            name = f"{result_id}.{export_format}"
+
+        def evidence_for(nonce: bytes) -> dict[str, Any]:
+            return issue_evidence(
+                self._backend,
+                nonce,
+                hpke_public_key=self._keys.hpke_public_key,
+                signing_public_key=self._keys.signing_public_key,
+                curve_public_key=self._keys.curve_public_key,
+            ).to_dict()
+
+        try:
+            bundle = export.make_export(
+                signing_key=self._keys.signing_key,
+                evidence_for=evidence_for,
+                payload=payload,
+                media_type=media_type,
+                file_name=name,
+                policy_id=policy_id,
+                datasets=list(datasets),
+                operation_digest=operation,
+                recipient_public_key=recipient_key,
+            )
+        except TeeError as exc:
+            raise VaultError(f"export: no evidence for the receipt: {exc}") from None
+        self.audit.append(
+            "export",
+            media_type=media_type,
+            digest=_bytes_digest(payload),
+            datasets=list(datasets),
+            policy=policy_id,
+            operation=operation,
+            sealed_to=_bytes_digest(recipient_key) if recipient_key else None,
+        )
+        return {"ok": True, "media_type": media_type}, [bundle]
+
+    def _audit(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        return {
+            "ok": True,
+            "entries": self.audit.entries(),
+            "signing_public_key": self._keys.signing_public_key.hex(),
+        }, []
+
+    def _drop(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        if isinstance(header.get("model"), str):
+            self._models.pop(header["model"], None)
+        elif isinstance(header.get("handle"), str):
+            handle = header["handle"]
+            if handle not in self._opened.values():  # an opened dataset stays: other handles' plans name it
+                self._sources.pop(handle, None)
+        return {"ok": True}, []
+
+    def _new_id(self, prefix: str) -> str:
+        self._counter += 1
+        return f"{prefix}{self._counter}"
+
+
+def _text(header: Mapping[str, Any], key: str) -> str:
+    value = header.get(key)
+    if not isinstance(value, str) or not value or len(value) > 4096:
+        raise ProtocolError(f"{header.get('op', 'request')}: {key} must be a non-empty string")
+    return value
+
+
+def _plan(header: Mapping[str, Any]) -> dict[str, Any]:
+    tree = header.get("plan")
+    if not isinstance(tree, dict):
+        raise ProtocolError(f"{header.get('op', 'request')}: plan must be a JSON object")
+    return tree
+
+
+def _operation(header: Mapping[str, Any]) -> dict[str, Any]:
+    """What an audit entry records of a request: its shape, never the buffers that came with it."""
+    return {key: value for key, value in header.items() if key not in ("recipient",)}
+
+
+def _bytes_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _serialize(result: _Result, export_format: str) -> tuple[bytes, str]:
+    if result.table is not None:
+        if export_format == "csv":
+            import pyarrow.csv as pacsv  # type: ignore[import-untyped]
+
+            sink = io.BytesIO()
+            pacsv.write_csv(result.table, sink)
+            return sink.getvalue(), "text/csv"
+        if export_format == "parquet":
+            import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+            buffer = pa.BufferOutputStream()
+            pq.write_table(result.table, buffer)
+            return bytes(buffer.getvalue().to_pybytes()), "application/vnd.apache.parquet"
+        if export_format == "json":
+            return _canonical(result.table.to_pylist()), "application/json"
+        raise VaultError(f"export: a table is exported as .csv, .parquet or .json, not .{export_format}")
+    if export_format != "json":
+        raise VaultError(f"export: a {result.kind} value is exported as .json, not .{export_format}")
+    return _canonical(result.value), "application/json"
