@@ -32,7 +32,6 @@ import gc
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd  # type: ignore[import-untyped]
 import pyarrow as pa  # type: ignore[import-untyped]
+from dataset_ipc_load import interleaved_medians  # the same interleaved timing as the dataset benchmarks
 from pyarrow import feather
 
 TARGET_AGGREGATE = 1.3
@@ -203,31 +203,6 @@ def vault_process(broker_url: str, workdir: Path) -> Iterator[VaultProcess]:
 # -- timing --------------------------------------------------------------------------------------------------------
 
 
-def timed(function: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    result = function()
-    elapsed = time.perf_counter() - started
-    del result
-    return elapsed
-
-
-def interleaved(modes: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each mode per round, the modes in a shuffled order each round, after one warm-up call each."""
-    for function in modes.values():
-        timed(function)
-    times: dict[str, list[float]] = {name: [] for name in modes}
-    shuffle = random.Random(11)
-    # The garbage collector stays on, as in the vault process and in any analyst's notebook: turning it off here
-    # only would time the baseline without a cost the vault pays. A collection between rounds keeps them even.
-    for _ in range(rounds):
-        order = list(modes)
-        shuffle.shuffle(order)
-        for name in order:
-            times[name].append(timed(modes[name]))
-        gc.collect()
-    return times
-
-
 def run(rows: int, aggregate_rounds: int, fit_rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
     from sklearn.linear_model import LogisticRegression
 
@@ -270,9 +245,11 @@ def run(rows: int, aggregate_rounds: int, fit_rounds: int, log: Callable[[str], 
                 if not np.allclose([coefficients[name] for name in FEATURES], reference, rtol=1e-4, atol=1e-8):
                     raise SystemExit("the vault's fitted coefficients differ from scikit-learn's on the plaintext")
                 log("the vault's results equal the baseline's; timing")
-                aggregate_times = interleaved({"vault": vault_aggregate, "pandas": pandas_aggregate}, aggregate_rounds)
+                _, aggregate_times = interleaved_medians(
+                    {"vault": vault_aggregate, "pandas": pandas_aggregate}, aggregate_rounds
+                )
                 log(f"aggregate: {aggregate_rounds} rounds done")
-                fit_times = interleaved({"vault": vault_fit, "scikit-learn": sklearn_fit}, fit_rounds)
+                _, fit_times = interleaved_medians({"vault": vault_fit, "scikit-learn": sklearn_fit}, fit_rounds)
                 log(f"fit: {fit_rounds} rounds done")
                 peak_after_rounds = timing_vault.peak()  # every model fitted above is still held by the vault
             # Peak memory of the same work as the plaintext process: a fresh vault, one aggregate, one fit.

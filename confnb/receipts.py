@@ -40,7 +40,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from confnb.attest.result import Check, Outcome
+from confnb.attest.result import Check, CheckedResult, Outcome
 from confnb.receipt_format import (
     EXPORT_FORMAT,
     HPKE_INFO,
@@ -90,7 +90,7 @@ SIMULATED_WARNING: Final = "SIMULATED TEE - not a confidential VM: this receipt 
 
 
 @dataclass
-class ReceiptVerification:
+class ReceiptVerification(CheckedResult):
     """Every check with its outcome and reason; ``payload`` is the verified result, only when ``ok``."""
 
     ok: bool
@@ -99,13 +99,6 @@ class ReceiptVerification:
     payload: bytes | None = field(default=None, repr=False)
     simulated: bool = False
     attestation: VerificationResult | None = field(default=None, repr=False)
-
-    @property
-    def failures(self) -> list[Check]:
-        return [check for check in self.checks if check.outcome is Outcome.FAIL]
-
-    def check(self, name: str) -> Check | None:
-        return next((check for check in self.checks if check.name == name), None)
 
     def summary(self) -> str:
         """One line: the verdict, or the failing checks with their reasons."""

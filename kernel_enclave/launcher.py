@@ -34,7 +34,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from confnb import hpke
@@ -80,25 +79,19 @@ class KernelKeys:
 
         self.session_key = secrets.token_hex(32).encode("ascii")
         self.curve_publickey, self.curve_secretkey = zmq.curve_keypair()
-        self.hpke_private_key = ec.generate_private_key(ec.SECP256R1())
-        self.signing_key = ed25519.Ed25519PrivateKey.generate()
-
-    @property
-    def hpke_public_key(self) -> bytes:
-        return self.hpke_private_key.public_key().public_bytes(
-            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        # The keys the evidence binds and the vault uses (key releases, receipts, the audit log).
+        self.attested = VaultKeys(
+            ec.generate_private_key(ec.SECP256R1()),
+            ed25519.Ed25519PrivateKey.generate(),
+            self.curve_publickey.decode("ascii"),
         )
-
-    @property
-    def signing_public_key(self) -> bytes:
-        return self.signing_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
     def evidence(self, backend: TeeBackend, nonce: bytes) -> dict[str, Any]:
         return issue_evidence(
             backend,
             nonce,
-            hpke_public_key=self.hpke_public_key,
-            signing_public_key=self.signing_public_key,
+            hpke_public_key=self.attested.hpke_public_key,
+            signing_public_key=self.attested.signing_public_key,
             curve_public_key=self.curve_publickey.decode("ascii"),
         ).to_dict()
 
@@ -202,7 +195,7 @@ async def _start_vault(
         limit=MAX_LINE_BYTES,
     )
     config = {
-        "keys": VaultKeys(keys.hpke_private_key, keys.signing_key, keys.curve_publickey.decode("ascii")).to_dict(),
+        "keys": keys.attested.to_dict(),
         "tee": request.tee,
         "broker_url": request.env.get(BROKER_URL_VARIABLE) or os.environ.get(BROKER_URL_VARIABLE, ""),
         "dataset_path": request.env.get(DATASET_PATH_VARIABLE) or os.environ.get(DATASET_PATH_VARIABLE, ""),

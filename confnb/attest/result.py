@@ -56,8 +56,21 @@ class Check(NamedTuple):
         return {"name": self.name, "ok": self.ok, "outcome": self.outcome.value, "detail": self.detail}
 
 
+class CheckedResult:
+    """What every verdict made of named checks offers: its failures, and one check by name."""
+
+    checks: list[Check]
+
+    @property
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if check.outcome is Outcome.FAIL]
+
+    def check(self, name: str) -> Check | None:
+        return next((check for check in self.checks if check.name == name), None)
+
+
 @dataclass
-class VerificationResult:
+class VerificationResult(CheckedResult):
     """The verdict. ``checks`` are in the order they ran; ``report`` is None only if the bytes did not parse."""
 
     checks: list[Check] = field(default_factory=list)
@@ -76,13 +89,6 @@ class VerificationResult:
         return all(check.ok for check in self.checks) and all(
             name in ran or (name == "chip_binding" and name in skipped) for name in REQUIRED_CHECKS
         )
-
-    @property
-    def failures(self) -> list[Check]:
-        return [check for check in self.checks if check.outcome is Outcome.FAIL]
-
-    def check(self, name: str) -> Check | None:
-        return next((check for check in self.checks if check.name == name), None)
 
     def summary(self) -> str:
         """One line: the verdict, or the failing checks with their reasons."""
