@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
-from confnb.attest.der import DerError, read_ia5_string, read_integer, read_octet_string
+from confnb.attest.der import DerError, check_certificate_envelope, read_ia5_string, read_integer, read_octet_string
 from confnb.attest.errors import CertificateError
 from confnb.attest.report import Product
 
@@ -187,6 +187,7 @@ def parse_certificate(der: bytes) -> Cert:
                 certificate.signature_algorithm_parameters,
                 certificate.signature_hash_algorithm,
             )
+            check_certificate_envelope(der)
         except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.InvalidVersion) as exc:
             raise CertificateError(f"not a valid X.509 certificate: {exc}") from None
     name_problems = tuple(

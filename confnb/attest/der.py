@@ -38,6 +38,47 @@ def read_tlv(data: bytes) -> tuple[int, bytes]:
     return tag, data[offset:]
 
 
+def split_tlvs(data: bytes) -> list[tuple[int, bytes]]:
+    """The TLVs that exactly fill ``data`` (a SEQUENCE's content), each as (tag, whole encoding)."""
+    items = []
+    offset = 0
+    while offset < len(data):
+        if len(data) - offset < 2:
+            raise DerError("DER value is shorter than a tag and a length")
+        first = data[offset + 1]
+        count = first & 0x7F if first >= 0x80 else 0
+        header = 2 + count
+        length = first if first < 0x80 else int.from_bytes(data[offset + 2 : offset + header], "big")
+        end = offset + header + length
+        if end > len(data):
+            raise DerError("DER value runs past its container")
+        whole = data[offset:end]
+        read_tlv(whole)  # the same strictness for every item
+        items.append((data[offset], whole))
+        offset = end
+    return items
+
+
+def check_certificate_envelope(der: bytes) -> None:
+    """What RFC 5280 fixes around the signed part, which a signature check cannot see.
+
+    The outer signatureAlgorithm and signatureValue are not covered by the signature, so two certificates that
+    differ there verify alike: the outer algorithm must equal the one inside tbsCertificate, and the signature
+    BIT STRING must have no unused bits.
+    """
+    tag, content = read_tlv(der)
+    items = split_tlvs(content)
+    if tag != 0x30 or [item_tag for item_tag, _ in items] != [0x30, 0x30, 0x03]:
+        raise DerError("a certificate is SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue }")
+    tbs_items = split_tlvs(read_tlv(items[0][1])[1])
+    inner = tbs_items[2 if tbs_items and tbs_items[0][0] == 0xA0 else 1][1] if len(tbs_items) > 2 else b""
+    if inner != items[1][1]:
+        raise DerError("the outer signatureAlgorithm differs from the one in tbsCertificate")
+    signature = read_tlv(items[2][1])[1]
+    if not signature or signature[0] != 0:
+        raise DerError("the signature BIT STRING has unused bits")
+
+
 def read_integer(data: bytes) -> int:
     """A non-negative DER INTEGER (SPLs and structVersion are never negative)."""
     tag, value = read_tlv(data)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -51,3 +53,22 @@ def test_random_bytes_never_escape_as_other_errors(data):
             reader(data)
         except DerError:
             pass
+
+
+def test_the_unsigned_envelope_of_a_certificate_is_strict(shared_vectors: Path) -> None:
+    """Bytes outside tbsCertificate are not signed: a changed unused-bits octet must not pass as the same VCEK."""
+    from confnb.attest.certs import CertificateError, load_certificates, parse_certificate
+    from confnb.attest.der import check_certificate_envelope
+
+    der = load_certificates((shared_vectors / "openanolis-trustee" / "turin-vcek.der").read_bytes())[0].der
+    check_certificate_envelope(der)
+    unused = der.rindex(bytes.fromhex("0382020100")) + 4  # the signature BIT STRING's unused-bits octet
+    mutated = der[:unused] + b"\x01" + der[unused + 1 :]
+    with pytest.raises(DerError, match="unused bits"):
+        check_certificate_envelope(mutated)
+    with pytest.raises(CertificateError, match="unused bits"):
+        parse_certificate(mutated)
+    outer_algorithm = der.rindex(bytes.fromhex("06092a864886f70d01010a"))  # rsassaPss, as the outer copy
+    swapped = der[:outer_algorithm] + bytes.fromhex("06092a864886f70d01010b") + der[outer_algorithm + 11 :]
+    with pytest.raises(DerError, match="differs from the one in tbsCertificate"):
+        check_certificate_envelope(swapped)
