@@ -9,6 +9,7 @@ the data owners' output policy, asked for one at a time.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -40,6 +41,8 @@ class SealedModel:
             raise VaultError("the vault's reply names no model")
         self._session = session
         self._id = model_id
+        # The vault keeps a model's evaluation data while a handle to it exists, and no longer.
+        weakref.finalize(self, session.forget, "model", model_id)
         self._info = {key: reply.get(key) for key in ("estimator", "task", "features", "target")}
         datasets = reply.get("datasets")
         self._datasets = tuple(str(d) for d in datasets) if isinstance(datasets, list) else ()

@@ -34,6 +34,15 @@ class VaultSession:
         self._socket: socket.socket | None = None
         self._pid = 0
         self._kernel: dict[str, Any] | None = None
+        self._forgotten: list[dict[str, str]] = []  # appended by finalizers: list.append is atomic
+
+    def forget(self, kind: str, ident: str) -> None:
+        """A handle is gone: the vault may free what it held (a model's training data). Sent with the next request.
+
+        Called from finalizers, at any moment (even while this thread holds the lock in :meth:`request`), so it
+        only queues; nothing here may block or touch the socket.
+        """
+        self._forgotten.append({"op": "drop", kind: ident})
 
     def request(
         self, header: dict[str, Any], buffers: Sequence[bytes | memoryview] = ()
@@ -43,6 +52,7 @@ class VaultSession:
         with self._lock:
             connection = self._connected()
             try:
+                self._send_drops(connection)
                 send_message(connection, header, buffers)
                 reply, out = recv_message(connection)
             except ProtocolError as exc:
@@ -54,6 +64,15 @@ class VaultSession:
         if reply.get("ok") is True:
             return reply, out
         raise error_from_dict(reply.get("error"))
+
+    def _send_drops(self, connection: socket.socket) -> None:
+        drops = []
+        while self._forgotten:
+            drops.append(self._forgotten.pop())
+        for drop in drops:  # pipelined: the vault answers in order
+            send_message(connection, drop)
+        for _ in drops:
+            recv_message(connection)  # a drop cannot fail in a way the analyst could act on
 
     def kernel(self) -> dict[str, Any]:
         """The vault's ``hello``: the TEE kind, the kernel's measurement and its export-signing public key."""

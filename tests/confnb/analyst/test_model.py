@@ -101,3 +101,19 @@ def test_fit_arguments_are_checked_before_anything_is_sent(claims: SealedTable) 
         cn.fit(LogisticRegression(), claims, target="readmitted", test_size=1.5)
     with pytest.raises(TypeError, match="SealedTable"):
         cn.fit(LogisticRegression(), pd.DataFrame({"a": [1]}), target="a")  # type: ignore[arg-type]
+
+
+def test_a_forgotten_model_is_dropped_by_the_vault(claims: SealedTable) -> None:
+    """A fitted model keeps its evaluation data in the vault; once no handle refers to it, the vault lets go."""
+    import gc
+
+    kept = cn.fit(LogisticRegression(), claims, target="readmitted", features=["age"], test_size=0.25)
+    gone = cn.fit(LogisticRegression(), claims, target="readmitted", features=["age"], test_size=0.25)
+    gone_id = repr(gone).split()[1].rstrip(":")
+    del gone
+    gc.collect()
+    drops = [entry for entry in cn.audit() if entry["event"] == "request" and entry["fields"]["op"] == "drop"]
+    assert len(drops) == 1
+    with pytest.raises(cn.VaultError, match=f"no model '{gone_id}'"):
+        kept._session.request({"op": "model_score", "model": gone_id})
+    assert kept.score() > 0  # the handle still held is untouched
