@@ -55,11 +55,14 @@ from kernel_enclave.privileges import (
     executor_identity,
     make_undumpable,
 )
+from kernel_enclave.relay.datasets import DatasetPolicies
 from kernel_enclave.relay.gate import MessageGate
 from kernel_enclave.tee import TeeBackend, TeeError, get_backend
+from kernel_enclave.tee.simulated import ENV_FAULT, SimulatedBackend
 from kernel_enclave.vault.broker_client import BROKER_URL_VARIABLE
 from kernel_enclave.vault.keys import DATASET_PATH_VARIABLE, SOCKET_VARIABLE, VaultKeys
 
+UPLOAD_SOCKET = "upload.sock"  # beside the vault's socket; the launcher's user only
 EXECUTOR_READY_TIMEOUT_S = 60.0
 EXECUTOR_STOP_GRACE_S = 3.0
 VAULT_READY_TIMEOUT_S = 60.0
@@ -108,7 +111,16 @@ def executor_environment(requested: Mapping[str, str], home: Path, vault_socket:
     environment[ENV_RELAY_PID] = str(os.getpid())
     environment[SOCKET_VARIABLE] = str(vault_socket)
     environment.pop("JPY_PARENT_PID", None)
+    environment.pop(ENV_FAULT, None)  # the TEE's business, not the analyst's code's
     return environment
+
+
+def simulated_fault(request: LaunchRequest) -> str | None:
+    """The fault to inject (simulated TEE only): from the kernelspec's environment, which reaches the launcher
+    in the launch request (SSH) or in its own environment (local mode)."""
+    if request.tee != "simulated":
+        return None  # real hardware is never made to misbehave on request
+    return request.env.get(ENV_FAULT) or os.environ.get(ENV_FAULT) or None
 
 
 def private_directory(path: Path, identity: ExecutorIdentity | None = None, mode: int = 0o700) -> Path:
@@ -182,7 +194,11 @@ async def _stop_executor(process: asyncio.subprocess.Process) -> None:
 async def _start_vault(
     keys: KernelKeys, request: LaunchRequest, socket_path: Path, identity: ExecutorIdentity
 ) -> asyncio.subprocess.Process:
-    environment = {name: value for name, value in os.environ.items() if not name.startswith(_UNSAFE_ENV_PREFIXES)}
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(_UNSAFE_ENV_PREFIXES) and name != ENV_FAULT  # the fault comes in the config
+    }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -201,6 +217,9 @@ async def _start_vault(
         "dataset_path": request.env.get(DATASET_PATH_VARIABLE) or os.environ.get(DATASET_PATH_VARIABLE, ""),
         "socket": str(socket_path),
         "executor_uid": identity.uid,
+        "upload_socket": str(socket_path.with_name(UPLOAD_SOCKET)),
+        "launcher_uid": os.getuid(),
+        "simulated_fault": simulated_fault(request) or "",
     }
     assert process.stdin is not None
     process.stdin.write(json.dumps(config).encode() + b"\n")
@@ -222,8 +241,11 @@ async def _vault_ready(vault: asyncio.subprocess.Process) -> None:
         raise LaunchError(str(answer.get("error", "the vault did not start")))
 
 
-async def _serve_gate_requests(vault: asyncio.subprocess.Process, gate: MessageGate) -> None:
-    """The vault asks for the owner's ``[display]`` table to be enforced before a dataset opens; tighten, confirm."""
+async def _serve_gate_requests(vault: asyncio.subprocess.Process, gate: MessageGate, datasets: DatasetPolicies) -> None:
+    """The vault asks for the owner's ``[display]`` table to be enforced before a dataset opens; tighten, record
+    the dataset's output policy for ``confnb_gate_request``, confirm."""
+    from confnb.attest.errors import PolicyError
+    from confnb.policy.output import OutputPolicy
     from kernel_enclave.relay.display import DisplayPolicy, DisplayPolicyError
 
     assert vault.stdout is not None
@@ -231,9 +253,14 @@ async def _serve_gate_requests(vault: asyncio.subprocess.Process, gate: MessageG
     while line := await vault.stdout.readline():
         try:
             request = json.loads(line)
-            gate.tighten(DisplayPolicy.from_mapping(request["display"]))
+            dataset = request["dataset"]
+            policy = OutputPolicy.from_dict(dataset["policy"], source="the vault's dataset policy")
+            if policy.id != dataset["policy_id"] or not isinstance(dataset["id"], str):
+                continue
             seq = int(request["seq"])
-        except (ValueError, KeyError, TypeError, DisplayPolicyError):
+            gate.tighten(DisplayPolicy.from_mapping(request["display"]))
+            datasets.record(dataset["id"], str(dataset["source"]), policy)
+        except (ValueError, KeyError, TypeError, DisplayPolicyError, PolicyError):
             continue  # no acknowledgement: the vault refuses to open the dataset
         vault.stdin.write(json.dumps({"ack": seq}).encode() + b"\n")
         await vault.stdin.drain()
@@ -249,6 +276,7 @@ async def _stop_vault(vault: asyncio.subprocess.Process) -> None:
 async def launch(out: Any) -> int:
     from kernel_enclave.relay.display import DisplayPolicy, DisplayPolicyError
     from kernel_enclave.relay.relay import Relay
+    from kernel_enclave.relay.upload import UploadRelay
     from kernel_enclave.relay.wire import new_header
 
     try:
@@ -264,7 +292,8 @@ async def launch(out: Any) -> int:
         except DisplayPolicyError as exc:
             raise LaunchError(f"launch request: {exc}") from None
     try:
-        backend = get_backend(request.tee)
+        fault = simulated_fault(request)
+        backend = get_backend(request.tee, fault=fault, fault_armed=False) if fault else get_backend(request.tee)
     except TeeError as exc:
         raise LaunchError(str(exc)) from None
 
@@ -304,7 +333,8 @@ async def launch(out: Any) -> int:
         )
         session_id = secrets.token_hex(16)
         gate = MessageGate(policy, lambda msg_type: new_header(msg_type, session_id))
-        gate_task = asyncio.create_task(_serve_gate_requests(vault, gate))
+        datasets = DatasetPolicies()
+        gate_task = asyncio.create_task(_serve_gate_requests(vault, gate, datasets))
         relay = Relay(
             client_key=keys.session_key,
             curve_publickey=keys.curve_publickey,
@@ -314,6 +344,8 @@ async def launch(out: Any) -> int:
             gate=gate,
             attest=lambda nonce: keys.evidence(backend, nonce),
             session_id=session_id,
+            uploads=UploadRelay(vault_socket.with_name(UPLOAD_SOCKET)),
+            datasets=datasets,
         )
         ports = relay.bind(request.ip)
         relay.connect_executor()
@@ -331,6 +363,8 @@ async def launch(out: Any) -> int:
             evidence = await evidence_task
         except (TeeError, ValueError) as exc:
             raise LaunchError(f"attestation failed: {exc}") from None
+        if isinstance(backend, SimulatedBackend):
+            backend.arm_fault()  # an injected fault spares the launch evidence only
 
         client_secrets = LaunchSecrets(keys.session_key, keys.curve_publickey, keys.curve_secretkey)
         try:

@@ -92,16 +92,36 @@ def register(subcommands: Any) -> None:
     measure = commands.add_parser(
         "measure",
         help="print the launch measurement policies should pin",
-        description="Print the expected MEASUREMENT as 96 hex characters. For the simulated TEE it is the "
-        "SHA-384 of the installed kernel_enclave code, so it changes whenever that code changes.",
+        description="Print the expected MEASUREMENT as 96 hex characters. For a real SEV-SNP VM it is computed "
+        "from the launch inputs (OVMF, and for a measured direct boot the kernel, initrd and command line, which "
+        "QEMU hashes with kernel-hashes=on) by sev-snp-measure. For the simulated TEE it is the SHA-384 of the "
+        "installed kernel_enclave code, so it changes whenever that code changes.",
+        epilog="Every input must be exactly what the VMM is given: another OVMF build, vCPU count or model, or one "
+        "more space in --append yields another measurement. Exit codes: 0 printed, 2 unusable input.",
+    )
+    measure.add_argument("--simulated", action="store_true", help="measure the simulated TEE instead of a real VM")
+    measure.add_argument("--ovmf", metavar="OVMF.fd", help="the firmware image the VM boots (an SEV-SNP build)")
+    measure.add_argument("--kernel", metavar="FILE", help="kernel of a measured direct boot (QEMU -kernel)")
+    measure.add_argument("--initrd", metavar="FILE", help="initrd of a measured direct boot (QEMU -initrd)")
+    measure.add_argument("--append", metavar="CMDLINE", help="kernel command line, byte for byte (QEMU -append)")
+    measure.add_argument("--vcpus", metavar="N", help="number of vCPUs (QEMU -smp); each one's VMSA is measured")
+    measure.add_argument("--vcpu-type", metavar="MODEL", help="QEMU -cpu model, e.g. EPYC-v4 or EPYC-Milan")
+    measure.add_argument("--vcpu-sig", metavar="VALUE", help="or the vCPU's CPUID(1).EAX signature, e.g. 0x800f12")
+    measure.add_argument("--vcpu-family", metavar="N", help="or its family (with --vcpu-model and --vcpu-stepping)")
+    measure.add_argument("--vcpu-model", metavar="N", help="vCPU model number")
+    measure.add_argument("--vcpu-stepping", metavar="N", help="vCPU stepping")
+    measure.add_argument(
+        "--vmm-type", metavar="qemu|ec2", default="qemu", help="the VMM that launches the VM (default: qemu)"
     )
     measure.add_argument(
-        "--simulated",
-        action="store_true",
-        required=True,
-        help="measure the simulated TEE (real VM images: see the operator guide)",
+        "--guest-features",
+        metavar="VALUE",
+        default="0x1",
+        help="SEV_FEATURES of every vCPU (default 0x1, SNPActive; hosts on Linux 6.6+ set 0x21, adding DebugSwap)",
     )
-    measure.add_argument("--json", action="store_true", help="print JSON")
+    measure.add_argument(
+        "--json", action="store_true", help="print JSON (for a real VM: the inputs, their SHA-256 and a policy line)"
+    )
     measure.set_defaults(handler=_measure)
 
 
@@ -259,7 +279,34 @@ def throwaway_public_keys() -> dict[str, Any]:
     }
 
 
+_VM_INPUTS = (
+    "ovmf",
+    "kernel",
+    "initrd",
+    "append",
+    "vcpus",
+    "vcpu_type",
+    "vcpu_sig",
+    "vcpu_family",
+    "vcpu_model",
+    "vcpu_stepping",
+)
+
+
 def _measure(args: argparse.Namespace) -> int:
+    given = [f"--{name.replace('_', '-')}" for name in _VM_INPUTS if getattr(args, name) is not None]
+    if args.simulated:
+        if given:
+            raise UsageError(f"--simulated measures the installed enclave code; {', '.join(given)} describe a real VM")
+        return _measure_simulated(args)
+    if args.ovmf is None:
+        raise UsageError(
+            "nothing to measure: give --ovmf OVMF.fd --vcpus N --vcpu-type MODEL for a real SEV-SNP VM, or --simulated"
+        )
+    return _measure_vm(args)
+
+
+def _measure_simulated(args: argparse.Namespace) -> int:
     from kernel_enclave.measurement import simulated_measurement
 
     measurement = simulated_measurement().hex()
@@ -268,3 +315,44 @@ def _measure(args: argparse.Namespace) -> int:
     else:
         print(measurement)
     return EXIT_OK
+
+
+def _measure_vm(args: argparse.Namespace) -> int:
+    from confnb.attest.measure import LaunchConfig, snp_launch_measurement, vcpu_signature
+
+    if args.vcpus is None:
+        raise UsageError("--vcpus N is required: every vCPU's initial state is part of the measurement")
+    config = LaunchConfig(
+        ovmf=Path(args.ovmf),
+        vcpus=_integer("--vcpus", args.vcpus, base=10),
+        vcpu_signature=vcpu_signature(
+            vcpu_type=args.vcpu_type,
+            signature=_optional_integer("--vcpu-sig", args.vcpu_sig, base=0),
+            family=_optional_integer("--vcpu-family", args.vcpu_family, base=10),
+            model=_optional_integer("--vcpu-model", args.vcpu_model, base=10),
+            stepping=_optional_integer("--vcpu-stepping", args.vcpu_stepping, base=10),
+        ),
+        vmm_type=args.vmm_type.lower(),
+        kernel=Path(args.kernel) if args.kernel is not None else None,
+        initrd=Path(args.initrd) if args.initrd is not None else None,
+        append=args.append,
+        guest_features=_integer("--guest-features", args.guest_features, base=0),
+    )
+    result = snp_launch_measurement(config)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(result.measurement.hex())
+    return EXIT_OK
+
+
+def _integer(option: str, text: str, base: int) -> int:
+    try:
+        return int(text, base)
+    except ValueError:
+        expected = "an integer (decimal, or 0x... hex)" if base == 0 else "a decimal integer"
+        raise UsageError(f"{option} {text!r} is not {expected}") from None
+
+
+def _optional_integer(option: str, text: str | None, base: int) -> int | None:
+    return None if text is None else _integer(option, text, base)

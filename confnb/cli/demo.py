@@ -1,327 +1,216 @@
-"""``confnb demo``: attestation and key release end to end on the simulated TEE, with no setup.
+"""``confnb demo``: the product end to end on the simulated TEE, with embedded defaults only.
 
-A verifier sends a fresh nonce; the (simulated) confidential VM answers with evidence that binds the nonce and the
-kernel's public keys into a signed report; the verifier checks it against AMD-shaped certificates and an analyst
-policy that pins the kernel's measurement. Then the demo shows the attacks the checks stop: a replayed answer, a
-tampered report, and a policy that does not accept simulated hardware. Finally a data owner encrypts synthetic
-data, runs the key broker on loopback, and the broker releases the dataset key to the attested kernel, and refuses
-it to a kernel running other code; the owner's audit log records both.
+First the attestation walkthrough (:mod:`confnb.demo.walkthrough`): evidence, the attacks it stops, a key release
+and the confidential kernel. Then the example use cases (``examples/``): each data owner generates and encrypts
+synthetic data and serves its key broker on loopback, the ``confnb-snp`` kernelspec is installed in a private
+Jupyter folder with the brokers and datasets in its environment, and the analysts' notebooks are copied into a
+work folder. Interactively, JupyterLab opens there on the confidential kernel until Ctrl-C; ``--headless`` runs
+every notebook through nbclient instead and checks what it showed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import re
-import secrets
+import signal
+import sys
 import tempfile
-import urllib.error
-import urllib.request
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from confnb.cli.common import EXIT_OK, EXIT_REJECTED, UsageError, paint
 
-from confnb.attest.evidence import Evidence
-from confnb.attest.policy import AttestationPolicy
-from confnb.attest.result import VerificationResult
-from confnb.attest.verifier import Verifier
-from confnb.cli.attest import print_result, throwaway_public_keys
-from confnb.cli.common import EXIT_OK, EXIT_REJECTED, paint, write_output
+EXIT_INTERRUPTED = 130
 
 
 def register(subcommands: Any) -> None:
     parser = subcommands.add_parser(
         "demo",
-        help="attestation and key release end to end on the simulated TEE",
-        description="Issue simulated SEV-SNP evidence for a fresh nonce, verify it against a policy pinning the "
-        "kernel's measurement, and show replay and tampering being rejected; then encrypt synthetic data, run the "
-        "owner's key broker on loopback, release the key to the attested kernel and refuse it to an impostor; "
-        "finally start the confidential Jupyter kernel, which Jupyter may use only once its evidence verifies. "
-        "Needs no hardware and no network.",
+        help="attestation, data owners' brokers and the example notebooks on the simulated TEE",
+        description="Run confnb end to end on the simulated TEE (no hardware, no network, nothing installed for "
+        "the user). Part 1, the attestation walkthrough: simulated SEV-SNP evidence for a fresh nonce is verified "
+        "against a policy pinning the kernel's measurement; replay, tampering and a hardware-only policy are "
+        "rejected; a data owner's broker releases a dataset key to the attested kernel and refuses an impostor; "
+        "the confidential Jupyter kernel starts only once its evidence verifies. Part 2, the examples: the data "
+        "owners of examples/ (a hospital, a bank, an insurer) generate deterministic synthetic data, encrypt it "
+        "under their output policies and serve their key brokers on loopback; the confnb-snp kernelspec is "
+        "installed in a private Jupyter folder; JupyterLab opens on the analysts' notebooks (hospital "
+        "readmission risk, credit default scoring, a two-owner join) until Ctrl-C, which stops Lab, its kernels "
+        "and the brokers.",
+        epilog="Exit codes: 0 every check held (interactive: Lab was stopped cleanly), 1 a check or notebook "
+        "failed, 2 bad usage or a step could not run, 130 interrupted.",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--headless",
+        action="store_true",
+        help="no browser and no JupyterLab: execute every example notebook on confnb-snp (nbclient), check its "
+        "outputs (refused leaks show the policy rule, expected values are present), print pass/fail per notebook",
+    )
+    mode.add_argument(
+        "--attestation-only",
+        action="store_true",
+        help="run only part 1, the attestation walkthrough (what `confnb demo` did before the examples)",
     )
     parser.add_argument(
         "--dir",
         metavar="DIR",
         type=Path,
-        help="where to keep the demo's policy and evidence (default: a temporary folder)",
+        help="keep everything in DIR (new or empty): policies, evidence, owner stores, encrypted datasets, the "
+        "notebooks (DIR/notebooks), executed copies (DIR/executed) and Lab's log (default: a temporary folder, "
+        "removed at the end)",
+    )
+    parser.add_argument(
+        "--no-browser",
+        action="store_true",
+        help="start JupyterLab without opening a browser (it never opens one without a display); open the "
+        "printed URL yourself",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="with --headless or --attestation-only: print a JSON summary on stdout (progress goes to stderr)",
     )
     parser.set_defaults(handler=_demo)
 
 
-def _step(text: str) -> None:
-    print()
-    print(paint(f"== {text}", "bold"))
-
-
 def _demo(args: argparse.Namespace) -> int:
-    if args.dir is None:
-        with tempfile.TemporaryDirectory(prefix="confnb-demo-") as workdir:
-            return _run(Path(workdir))
-    args.dir.mkdir(parents=True, exist_ok=True)
-    return _run(args.dir)
+    if args.json and not (args.headless or args.attestation_only):
+        raise UsageError("--json needs --headless or --attestation-only (the interactive demo has no summary)")
+    if args.dir is not None and args.dir.exists() and (not args.dir.is_dir() or any(args.dir.iterdir())):
+        raise UsageError(f"--dir {args.dir}: not an empty folder (the demo makes fresh owner keys and datasets)")
+    # SIGTERM unwinds like Ctrl-C: kernels, brokers and the temporary folder are cleaned up on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+    report: dict[str, Any] = {"ok": False, "seconds": 0.0, "workdir": str(args.dir.resolve()) if args.dir else None}
+    with _workdir(args.dir) as workdir, _progress_to_stderr(args.json):
+        status = _run(args, workdir, report)
+    report["ok"] = status == EXIT_OK
+    report["seconds"] = round(time.monotonic() - started, 1)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return status
 
 
-def _run(workdir: Path) -> int:
-    from kernel_enclave.attestation import issue_evidence
-    from kernel_enclave.measurement import simulated_measurement
-    from kernel_enclave.tee.simulated import SimulatedBackend
-
-    _step("1. Start the simulated TEE (an AMD-shaped ARK -> ASK -> VCEK chain made on this machine)")
-    tee = SimulatedBackend()  # persisted, so later runs and kernels share one simulated "chip"
-    print(f"simulated chip state: {tee.state_dir} (root sha256 {tee.ark_sha256()[:16]}…)")
-    measurement = simulated_measurement().hex()
-    print(f"kernel measurement (SHA-384 of the kernel_enclave code): {measurement}")
-
-    _step("2. The analyst's policy: accept simulated hardware, but only this kernel's measurement")
-    policy_path = workdir / "analyst-policy.toml"
-    policy_text = (
-        "[attestation]\n"
-        "allow_simulated = true          # demo only: real deployments leave this false\n"
-        f'simulated_roots = ["{tee.ark_sha256()}"]\n'
-        f'measurements = ["{measurement}"]\n'
-        "reject_debug = true\n"
-        "max_vmpl = 0\n"
-        "max_evidence_age_s = 300\n"
-    )
-    write_output(policy_path, policy_text.encode())
-    print(policy_text.rstrip())
-    policy = AttestationPolicy.load(policy_path)
-
-    _step("3. The verifier sends a fresh nonce; the kernel answers with evidence bound to it and to its keys")
-    nonce = secrets.token_bytes(32)
-    evidence = issue_evidence(tee, nonce, **throwaway_public_keys())
-    write_output(workdir / "evidence.json", evidence.to_json().encode())
-    print(f"nonce {nonce.hex()}")
-    print(f"evidence written to {workdir / 'evidence.json'} (inspect it with 'confnb attest show')")
-
-    verifier = Verifier(kds=None)
-    _step("4. Verify: AMD-shaped chain, report signature, TCB and chip binding, claims, nonce, policy")
-    accepted = verifier.verify_evidence(evidence, policy, nonce=nonce)
-    print_result(accepted)
-
-    outcomes = [("genuine evidence is accepted", accepted.ok)]
-    outcomes.append(
-        _attack(
-            "5. Replay: the same evidence offered for a new nonce",
-            verifier.verify_evidence(evidence, policy, nonce=secrets.token_bytes(32)),
-            "nonce",
-        )
-    )
-    tampered = bytearray(evidence.report)
-    tampered[0x90] ^= 0x01  # one bit of MEASUREMENT
-    forged = Evidence(evidence.tee, bytes(tampered), evidence.claims, evidence.vek, evidence.chain)
-    outcomes.append(
-        _attack(
-            "6. Tampering: one bit of the measurement flipped on the way",
-            verifier.verify_evidence(forged, policy, nonce=nonce),
-            "report_signature",
-        )
-    )
-    strict = AttestationPolicy(measurements=(measurement,))
-    outcomes.append(
-        _attack(
-            "7. A policy for real hardware (allow_simulated = false) on simulated evidence",
-            verifier.verify_evidence(evidence, strict, nonce=nonce),
-            "ark_pinned",
-        )
-    )
-
-    outcomes += _data_owner(workdir, tee, measurement)
-    outcomes += _kernel(workdir)
-
-    _step("Summary")
-    for text, held in outcomes:
-        print(f"  {paint('ok', 'green') if held else paint('UNEXPECTED', 'red')}  {text}")
-    return EXIT_OK if all(held for _, held in outcomes) else EXIT_REJECTED
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
-def _data_owner(workdir: Path, tee: Any, measurement: str) -> list[tuple[str, bool]]:
-    """Steps 8-12: an owner's broker on loopback releases a dataset key to the attested kernel, and only to it."""
-    import base64
+@contextlib.contextmanager
+def _workdir(keep: Path | None) -> Iterator[Path]:
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep.resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix="confnb-demo-") as temporary:
+        yield Path(temporary)
 
-    from cryptography.hazmat.primitives.asymmetric import ec
 
-    from confnb import hpke
-    from confnb.broker.audit import verify_log
-    from confnb.broker.local import serve_locally
-    from confnb.broker.store import OwnerStore
-    from confnb.datasets.manifest import verify_dataset
-    from confnb.datasets.owner import encrypt_dataset
-    from confnb.datasets.reader import read_verified
-    from confnb.policy.output import OutputPolicy
-    from kernel_enclave.attestation import issue_evidence
-    from kernel_enclave.tee.simulated import SimulatedBackend
+@contextlib.contextmanager
+def _progress_to_stderr(enabled: bool) -> Iterator[None]:
+    """With --json, stdout carries only the summary; everything a person reads goes to stderr."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
-    _step("8. The data owner: a key broker store, synthetic claims data, an encrypted dataset")
-    store = OwnerStore.create(workdir / "owner")
-    output_policy = OutputPolicy.from_toml(
-        '[policy]\nid = "claims-demo-v1"\n[release]\nallow = ["schema", "aggregate", "model_metrics"]\n'
-        'min_group_size = 10\nnever_release = ["patient_id"]\n'
-    )
-    attestation = (
-        f'[attestation]\nallow_simulated = true\nsimulated_roots = ["{tee.ark_sha256()}"]\n'
-        f'measurements = ["{measurement}"]\nmax_evidence_age_s = 300\n'
-    )
-    table = _sample_claims(20_000)
-    dataset = encrypt_dataset(table, workdir / "claims", store, "claims", output_policy, attestation)
-    entry = dataset.manifest.files[0]
+
+def _run(args: argparse.Namespace, workdir: Path, report: dict[str, Any]) -> int:
+    from confnb.demo import walkthrough
+
+    print(paint("Part 1: attestation, key release and the confidential kernel (simulated TEE)", "bold"))
+    outcomes = walkthrough.run(workdir)
+    walkthrough.print_summary(outcomes)
+    report["attestation"] = [{"check": text, "ok": held} for text, held in outcomes]
+    attested = all(held for _, held in outcomes)
+    if args.attestation_only:
+        return EXIT_OK if attested else EXIT_REJECTED
+    if not attested and not args.headless:
+        print(paint("\nthe walkthrough's checks did not all hold: JupyterLab is not started", "red"))
+        return EXIT_REJECTED
+    status = _examples(args, workdir, report)
+    return status if attested or status != EXIT_OK else EXIT_REJECTED
+
+
+def _examples(args: argparse.Namespace, workdir: Path, report: dict[str, Any]) -> int:
+    from confnb.demo import examples, lab
+
+    print()
     print(
-        f"owner store {store.directory}; dataset {dataset.directory}: {entry.rows:,} rows, {entry.size:,} bytes "
-        f"of ciphertext, manifest signed by the owner"
+        paint("Part 2: the example use cases (examples/): data owners, their brokers, the analysts' notebooks", "bold")
     )
+    try:
+        root = examples.examples_root()
+        example_owners = examples.owners(root)
+        sources = examples.notebooks(root)
+        _step("16. The data owners generate synthetic data, encrypt it under their policies, serve brokers")
+        with examples.running_brokers(workdir, example_owners, _progress) as environment:
+            _step("17. The confnb-snp kernelspec, with the brokers and datasets in its environment")
+            jupyter = workdir / "jupyter"
+            spec = examples.install_kernel(jupyter, environment)
+            _progress(f"kernelspec {spec} (private to this demo; nothing is installed for the user)")
+            folder = workdir / "notebooks"
+            copies = examples.copy_notebooks(sources, folder)
+            _progress(f"notebooks in {folder}: {', '.join(copy.name for copy in copies)}")
+            if args.headless:
+                return _headless(copies, workdir, report)
+            lab.write_config(jupyter / "config")
+            _step("18. JupyterLab on the confidential kernel (Ctrl-C stops Lab, its kernels and the brokers)")
+            log = workdir / lab.LOG_FILE
+            open_browser = not args.no_browser and lab.has_display()
+            status = lab.run_lab(folder, copies[0].name if copies else None, log, open_browser, _announce(workdir, log))
+            print("JupyterLab stopped; stopping the key brokers")
+    except examples.DemoError as exc:
+        raise UsageError(str(exc)) from None
+    print("stopped: nothing of the demo is running")
+    return EXIT_OK if status == 0 else EXIT_REJECTED
 
-    _step("9. The broker serves challenges and key releases on loopback")
-    with serve_locally(store) as url:
-        print(f"broker at {url} (OpenAPI document at {url}/openapi.json)")
-        _step("10. The kernel attests to the broker and receives the key, sealed to its attested HPKE key")
-        key_pair = ec.generate_private_key(ec.SECP256R1())
-        keys = {
-            **throwaway_public_keys(),
-            "hpke_public_key": key_pair.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint),
-        }
-        _, challenge = _post(url, "/v1/challenge", {})
-        evidence = issue_evidence(tee, bytes.fromhex(challenge["nonce"]), **keys)
-        status, grant = _post(url, "/v1/datasets/claims/key-release", {"evidence": evidence.to_dict()})
-        released = status == 200
-        rows = 0
-        if released:
-            dataset_key = hpke.open_sealed(key_pair, base64.b64decode(grant["sealed_key"]), grant["hpke_info"].encode())
-            verified = verify_dataset(dataset.directory, store.owner_public_key, dataset_id="claims")
-            rows = int(read_verified(verified, dataset_key).num_rows)
+
+def _headless(copies: list[Path], workdir: Path, report: dict[str, Any]) -> int:
+    from confnb.demo import notebooks
+
+    _step("18. Every notebook, top to bottom on confnb-snp (nbclient), and its outputs checked")
+    outcomes = []
+    for path in copies:
+        _progress(f"running {path.name} ...")
+        outcome = notebooks.run(path, workdir / "executed")
+        outcomes.append(outcome)
+        if outcome.ok:
             print(
-                f"released ({grant['hpke_suite']}); the kernel verified the manifest and decrypted {rows:,} rows; "
-                f"output policy {grant['output_policy']['policy']['id']} signed by the owner"
+                f"  {paint('pass', 'green')}  {outcome.name}: {outcome.cells} cells, {outcome.refused_leaks} "
+                f"refused leaks showed their policy rule ({outcome.seconds:.1f} s)"
             )
         else:
-            print(paint(f"refused: {grant.get('reason')}", "red"))
-
-        _step("11. A kernel running other code (another measurement) asks for the same key")
-        impostor = SimulatedBackend(measurement=bytes(48))
-        _, challenge = _post(url, "/v1/challenge", {})
-        status, denial = _post(
-            url,
-            "/v1/datasets/claims/key-release",
-            {"evidence": issue_evidence(impostor, bytes.fromhex(challenge["nonce"]), **keys).to_dict()},
-        )
-        refused = status == 403 and "measurement" in str(denial.get("reason"))
-        print(paint(f"HTTP {status}: {denial.get('reason')}", "green" if refused else "red"))
-
-    _step("12. The owner's audit log: every challenge, release and refusal, hash-chained and signed")
-    verification = verify_log(store.directory / "audit.sqlite", store.owner_public_key)
-    kinds = [str(entry.kind) for entry in verification.entries]
-    print(
-        f"{len(kinds)} entries ({', '.join(f'{kinds.count(k)} {k}' for k in dict.fromkeys(kinds))}); "
-        f"{'intact' if verification.ok else 'TAMPERED: ' + '; '.join(verification.problems)}"
-    )
-    return [
-        (f"the attested kernel receives the key and reads {rows:,} rows", released and rows == table.num_rows),
-        ("a kernel with another measurement is refused the key -> 403 measurement", refused),
-        ("the owner's audit log verifies", verification.ok and kinds.count("release") == 1),
-    ]
+            print(f"  {paint('FAIL', 'red')}  {outcome.name} ({outcome.seconds:.1f} s)")
+            for problem in outcome.problems:
+                print(f"        {problem}")
+    report["notebooks"] = [outcome.to_dict() for outcome in outcomes]
+    passed = sum(outcome.ok for outcome in outcomes)
+    print(f"\n{passed} of {len(outcomes)} notebooks passed")
+    return EXIT_OK if outcomes and passed == len(outcomes) else EXIT_REJECTED
 
 
-def _kernel(workdir: Path) -> list[tuple[str, bool]]:
-    """Steps 13-15: the confidential kernel, started as JupyterLab starts it, attested before it is used."""
-    import os
+def _step(text: str) -> None:
+    from confnb.demo.walkthrough import step  # imported late: `confnb --help` need not load the attestation stack
 
-    from jupyter_client.manager import KernelManager
-
-    from confnb.provisioner import ConfidentialProvisioner, KernelLaunchError
-    from confnb.provisioner.kernelspec import KERNEL_NAME, install, local_policy, private_jupyter_environment
-
-    jupyter = workdir / "jupyter"
-    os.environ.update(private_jupyter_environment(jupyter))  # a private kernelspec: nothing installed for the user
-    install(prefix=str(jupyter))
-    _step("13. Start the 'Confidential Python (SEV-SNP)' kernel: launch, attest, verify, then connect")
-    manager = KernelManager(kernel_name=KERNEL_NAME)
-    manager.start_kernel()
-    try:
-        provisioner = manager.provisioner
-        assert isinstance(provisioner, ConfidentialProvisioner)
-        verified = provisioner.verification is not None and provisioner.verification.ok
-        print(f"evidence verified against the kernelspec's policy: {verified} ({paint('SIMULATED TEE', 'yellow')})")
-        print(f"CurveZMQ server key (bound in the report): {(manager.curve_publickey or b'').decode()}")
-        client = manager.client()
-        client.start_channels()
-        client.wait_for_ready(timeout=60)
-        printed: list[str] = []
-        code = (
-            "import os; caps = open('/proc/self/status').read().split('CapEff:')[1].split()[0]\n"
-            "print('a cell ran in the executor: pid', os.getpid(), 'effective capabilities', caps)"
-        )
-        client.execute_interactive(code, timeout=30, output_hook=lambda m: printed.append(m["content"].get("text", "")))
-        print("".join(printed).rstrip())
-
-        _step("14. Fresh attestation on demand, answered by the relay (also while a cell runs)")
-        nonce = secrets.token_hex(16)
-        request = client.session.msg("confnb_attestation_request", {"nonce": nonce})
-        client.control_channel.send(request)
-        reply = client.get_control_msg(timeout=30)
-        fresh = Evidence.from_dict(reply["content"]["evidence"]) if reply["content"]["status"] == "ok" else None
-        bound = fresh is not None and fresh.claims["nonce"] == nonce
-        print(f"confnb_attestation_reply carries nonce {nonce}: {bound}")
-        client.stop_channels()
-    finally:
-        manager.shutdown_kernel()
-
-    _step("15. The same kernel under a policy that pins another measurement never starts")
-    other = workdir / "other-measurement.toml"
-    write_output(other, re.sub(r"measurements = \[.*\]", f'measurements = ["{"00" * 48}"]', local_policy()).encode())
-    os.environ["CONFNB_ATTESTATION_POLICY"] = str(other)
-    refused = False
-    try:
-        KernelManager(kernel_name=KERNEL_NAME).start_kernel()
-    except KernelLaunchError as exc:
-        refused = "measurement" in str(exc)
-        print(paint(str(exc), "green" if refused else "red"))
-    finally:
-        del os.environ["CONFNB_ATTESTATION_POLICY"]
-    return [
-        ("the confidential kernel starts only after its evidence verifies", verified),
-        ("fresh evidence on demand carries the client's nonce", bound),
-        ("a kernel with another measurement never starts -> measurement", refused),
-    ]
+    step(text)
 
 
-def _sample_claims(rows: int) -> Any:
-    """Deterministic synthetic insurance claims: nobody's real data, the same on every run."""
-    import numpy as np
-    import pyarrow as pa  # type: ignore[import-untyped]
-
-    rng = np.random.default_rng(2026)
-    return pa.table(
-        {
-            "patient_id": pa.array(np.arange(100_000, 100_000 + rows)),
-            "age": pa.array(rng.integers(18, 95, rows)),
-            "region": pa.array(rng.choice(["north", "south", "east", "west"], rows)).dictionary_encode(),
-            "diagnosis": pa.array(rng.choice(["J45", "E11", "I10", "M54", "F32"], rows)),
-            "cost": pa.array(np.round(rng.gamma(2.0, 900.0, rows), 2)),
-            "readmitted": pa.array(rng.random(rows) < 0.12),
-        }
-    )
+def _progress(text: str) -> None:
+    print(f"  {text}", flush=True)
 
 
-def _post(url: str, path: str, body: object) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(  # noqa: S310 - an http:// loopback URL this module built
-        url + path, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback URL built here
-            return int(response.status), dict(json.loads(response.read()))
-    except urllib.error.HTTPError as error:
-        return int(error.code), dict(json.loads(error.read()))
+def _announce(workdir: Path, log: Path) -> Callable[[str], None]:
+    def announce(url: str) -> None:
+        print()
+        print(paint("JupyterLab is running on the confidential kernel (simulated TEE):", "bold"))
+        print(f"    {url}")
+        print(f"work folder {workdir} (Lab's log: {log})")
+        print("Press Ctrl-C to stop JupyterLab, its kernels and the key brokers.", flush=True)
 
-
-def _attack(title: str, result: VerificationResult, expected_check: str) -> tuple[str, bool]:
-    _step(title)
-    failing = [check.name for check in result.failures]
-    for check in result.failures:
-        print(f"  {paint('FAIL', 'red')}  {check.name}: {check.detail}")
-    held = not result.ok and expected_check in failing
-    print(
-        paint(f"rejected by {expected_check}, as it must be", "green")
-        if held
-        else paint(f"expected a rejection by {expected_check}", "red")
-    )
-    return (f"{title.split('. ', 1)[-1]} -> rejected by {expected_check}", held)
+    return announce

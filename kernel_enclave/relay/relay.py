@@ -7,7 +7,9 @@ the executor's key; every message the executor sends back is verified with that 
 :class:`~kernel_enclave.relay.gate.MessageGate`, and only then signed with the client's key. Analyst code in the
 executor can therefore forge anything it likes towards the relay and still reach the client only through the gate.
 
-Attestation is answered here, not in the executor, so it works while a cell runs and cannot be spoofed by it.
+Attestation is answered here, not in the executor, so it works while a cell runs and cannot be spoofed by it;
+so are the policies in force (``confnb_gate_request``) and uploads (the ``confnb.upload`` comm, passed to the
+vault by :mod:`kernel_enclave.relay.upload` so that the ciphertext never passes through the executor).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import Any
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from kernel_enclave.relay.datasets import DatasetPolicies
 from kernel_enclave.relay.gate import MessageGate
+from kernel_enclave.relay.upload import UPLOAD_COMM_TARGET, UploadRelay
 from kernel_enclave.relay.wire import (
     Message,
     ReplayGuard,
@@ -77,10 +81,15 @@ class Relay:
         attest: Attestor,
         session_id: str | None = None,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        uploads: UploadRelay | None = None,
+        datasets: DatasetPolicies | None = None,
     ) -> None:
         self.session_id = session_id or uuid.uuid4().hex
         self.gate = gate
         self._attest = attest
+        self._uploads = uploads
+        self._upload_replies: zmq.Socket[bytes] | None = None
+        self.datasets = datasets if datasets is not None else DatasetPolicies()
         self._client = Signer(client_key)
         self._executor = Signer(executor_key)
         self._replay = ReplayGuard()
@@ -136,6 +145,8 @@ class Relay:
         self._wake.bind(self._wake_address)
         self._waker = self._context.socket(zmq.PAIR)
         self._waker.connect(self._wake_address)
+        if self._uploads is not None:
+            self._upload_replies = self._uploads.start(self._context)
 
     # -- running ----------------------------------------------------------------------------------------------
 
@@ -155,6 +166,8 @@ class Relay:
             self.back["stdin"]: lambda: self._reply("stdin"),
             self.back["iopub"]: self._output,
         }
+        if self._upload_replies is not None:
+            handlers[self._upload_replies] = self._publish_upload_replies
         poller = zmq.Poller()
         for socket in (*handlers, self._wake):
             poller.register(socket, zmq.POLLIN)
@@ -178,6 +191,8 @@ class Relay:
             self._waker.send(b"stop")
 
     def close(self) -> None:
+        if self._uploads is not None:
+            self._uploads.stop()  # its sockets go before the context does
         for socket in [*self.front.values(), *self.back.values()]:
             socket.close(linger=200)
         for internal in (self._wake, self._waker):
@@ -221,7 +236,12 @@ class Relay:
             self._answer(channel, request, "confnb_attestation_reply", self._evidence(content))
             return True
         if msg_type == "confnb_gate_request":
-            gate = {"status": "ok", "policy": self.gate.policy.to_dict(), "withheld": dict(self.gate.withheld)}
+            gate = {
+                "status": "ok",
+                "policy": self.gate.policy.to_dict(),
+                "withheld": dict(self.gate.withheld),
+                "datasets": self.datasets.to_list(),
+            }
             self._answer(channel, request, "confnb_gate_reply", gate)
             return True
         if msg_type == "debug_request":
@@ -237,6 +257,16 @@ class Relay:
             comm_id = str(content.get("comm_id", ""))
             self._attestation_comms.add(comm_id)
             self._attestation_comm(message, comm_id, content.get("data"))
+            return True
+        if msg_type == "comm_open" and content.get("target_name") == UPLOAD_COMM_TARGET:
+            self._upload_comm("open", message)
+            return True
+        if (
+            msg_type in ("comm_msg", "comm_close")
+            and self._uploads is not None
+            and self._uploads.owns(content.get("comm_id"))
+        ):
+            self._upload_comm("msg" if msg_type == "comm_msg" else "close", message)
             return True
         if msg_type in ("comm_msg", "comm_close") and content.get("comm_id") in self._attestation_comms:
             comm_id = str(content["comm_id"])
@@ -261,6 +291,26 @@ class Relay:
         evidence = self._evidence(data if isinstance(data, dict) else {})
         self._publish(reply("comm_msg", {"comm_id": comm_id, "data": evidence}, parent, self.session_id))
         self._status(parent, "idle")
+
+    def _upload_comm(self, kind: str, message: Message) -> None:
+        """Busy now, the reply and idle when the vault has answered (see :meth:`_publish_upload_replies`)."""
+        content = message["content"]
+        comm_id = str(content.get("comm_id", ""))
+        self._status(message, "busy")
+        if self._uploads is None:
+            refusal = {"action": "error", "message": "uploads are not available in this kernel"}
+            self._publish(reply("comm_msg", {"comm_id": comm_id, "data": refusal}, message, self.session_id))
+            self._status(message, "idle")
+            return
+        parent = {"header": message["header"]}  # all a reply needs; the chunk's buffers are not kept around
+        self._uploads.submit(kind, parent, comm_id, content.get("data"), list(message.get("buffers") or []))
+
+    def _publish_upload_replies(self) -> None:
+        assert self._uploads is not None
+        for parent, comm_id, data in self._uploads.take_replies():
+            if data is not None:
+                self._publish(reply("comm_msg", {"comm_id": comm_id, "data": data}, parent, self.session_id))
+            self._status(parent, "idle")
 
     def _evidence(self, content: Mapping[str, Any]) -> dict[str, Any]:
         nonce_text = content.get("nonce")

@@ -74,6 +74,11 @@ POLICY_DEBUG = 1 << 19
 # "1" simulates a guest launched with DEBUG allowed (its memory readable by the host), for demos and tests of
 # policies that must reject it.
 ENV_DEBUG = "CONFNB_SIMULATED_DEBUG"
+# Faults a test can inject into a kernel through its kernelspec's environment, to see a failure exactly where a
+# tampering host would cause it. "report-signature": every report after the launch evidence carries one flipped
+# signature bit, so the kernel starts (its launch evidence verified) and every later verification fails.
+ENV_FAULT = "CONFNB_SIMULATED_FAULT"
+FAULTS = ("report-signature",)
 PLATFORM_INFO = 0x25  # SMT_EN, ECC_EN, ALIAS_CHECK_COMPLETE, as on current Genoa firmware
 REPORT_VERSION = 5
 CHIP_ID_SIZE = 64
@@ -112,9 +117,20 @@ class SimulatedBackend(TeeBackend):
     name = "simulated"
 
     def __init__(
-        self, state_dir: Path | None = None, measurement: bytes | None = None, debug: bool | None = None
+        self,
+        state_dir: Path | None = None,
+        measurement: bytes | None = None,
+        debug: bool | None = None,
+        fault: str | None = None,
+        fault_armed: bool = True,
     ) -> None:
+        """``fault`` (one of :data:`FAULTS`) is injected only once armed: the launcher arms it after its launch
+        evidence, so the kernel starts and later evidence fails as if the host had tampered with it."""
         self._debug = os.environ.get(ENV_DEBUG) == "1" if debug is None else debug
+        if fault is not None and fault not in FAULTS:
+            raise TeeError(f"unknown simulated fault {fault!r} (known: {', '.join(FAULTS)})")
+        self._fault = fault
+        self._fault_armed = fault_armed
         self._state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         if measurement is None:
             measurement = code_measurement.simulated_measurement()
@@ -154,6 +170,14 @@ class SimulatedBackend(TeeBackend):
     def vcek_pem(self) -> str:
         return self._vcek_pem
 
+    @property
+    def fault(self) -> str | None:
+        return self._fault
+
+    def arm_fault(self) -> None:
+        """From now on every report carries the configured fault (no effect without one)."""
+        self._fault_armed = True
+
     def ark_sha256(self) -> str:
         """Hex SHA-256 of the simulated ARK's DER: what a policy would pin, and what the UI shows."""
         return hashlib.sha256(self._state.ark.public_bytes(serialization.Encoding.DER)).hexdigest()
@@ -163,6 +187,10 @@ class SimulatedBackend(TeeBackend):
     def get_quote(self, report_data: bytes, vmpl: int = 0) -> TeeQuote:
         check_report_request(report_data, vmpl)
         report = self._sign(self._unsigned_report(report_data, vmpl))
+        if self._fault == "report-signature" and self._fault_armed:
+            flipped = bytearray(report)
+            flipped[SIGNED_SIZE] ^= 0x01  # the lowest bit of r: a signature that no longer verifies
+            report = bytes(flipped)
         return TeeQuote(report=report, vek_pem=self._vcek_pem, chain_pem=(self._ask_pem, self._ark_pem))
 
     def derive_sealing_key(self, context: bytes) -> bytes:

@@ -6,9 +6,16 @@ stderr (on a host, that is a log the operator reads). The conversation on those 
 1. launcher → vault: the configuration, with the kernel's HPKE and signing keys (memory to memory: the keys
    never touch a file). The vault is non-dumpable before it reads them.
 2. vault → launcher: ``{"ready": true}`` once the socket accepts connections (or ``{"error": ...}``).
-3. vault → launcher: ``{"display": {...}, "seq": n}`` whenever a dataset opens: the owner's ``[display]`` table,
-   which the relay's gate must enforce before the analyst gets a handle. The launcher tightens the gate and answers
-   ``{"ack": n}``; without the answer the dataset does not open (fail closed).
+3. vault → launcher: ``{"display": {...}, "seq": n, "dataset": {"id", "source", "policy_id", "policy"}}``
+   whenever a dataset opens (``source`` "broker" or "upload"; "sealed" when unsealing a table brings a dataset's
+   policy into force): the owner's ``[display]`` table, which the relay's gate must enforce before the analyst
+   gets a handle, and the whole output policy, which the relay shows to whoever asks what binds this kernel. The
+   launcher tightens the gate, records the policy and answers ``{"ack": n}``; without the answer the dataset does
+   not open (fail closed).
+
+Besides the executor's socket, the vault serves ``upload.sock`` beside it: the upload operations only, for the
+launcher's own user only (the relay answers the ``confnb.upload`` comm and passes the ciphertext on; the executor
+never sees it).
 
 The vault exits when its stdin closes (the launcher is gone) and dies with the launcher in any case.
 """
@@ -44,16 +51,17 @@ class GateChannel:
         self._seq = 0
         self._last_ack = 0
 
-    def tighten(self, policy: OutputPolicy) -> None:
+    def tighten(self, dataset_id: str, source: str, policy: OutputPolicy) -> None:
         display = {
             "mime": list(policy.mime),
             "max_output_bytes": policy.max_output_bytes,
             "tracebacks": policy.tracebacks,
         }
+        dataset = {"id": dataset_id, "source": source, "policy_id": policy.id, "policy": policy.to_dict()}
         with self._lock:
             self._seq += 1
             seq = self._seq
-            self._out.write(json.dumps({"display": display, "seq": seq}).encode() + b"\n")
+            self._out.write(json.dumps({"display": display, "seq": seq, "dataset": dataset}).encode() + b"\n")
             self._out.flush()
         with self._acked:
             if not self._acked.wait_for(lambda: self._last_ack >= seq, GATE_ACK_TIMEOUT_S):
@@ -76,12 +84,16 @@ def _listen(stdin: IO[bytes], gate: GateChannel) -> None:
 def run(config: dict[str, Any], stdin: IO[bytes], stdout: IO[bytes]) -> None:
     from kernel_enclave.vault.keys import VaultKeys
     from kernel_enclave.vault.service import VaultServer
+    from kernel_enclave.vault.upload import Uploads
     from kernel_enclave.vault.vault import Vault
 
     gate = GateChannel(stdout)
+    keys = VaultKeys.from_dict(config["keys"])
+    tee = str(config["tee"])
+    fault = config.get("simulated_fault") or None
     vault = Vault(
-        backend=get_backend(str(config["tee"])),
-        keys=VaultKeys.from_dict(config["keys"]),
+        backend=get_backend(tee, fault=fault) if tee == "simulated" and fault else get_backend(tee),
+        keys=keys,
         broker_url=config.get("broker_url") or None,
         on_policy=gate.tighten,
         dataset_path=config.get("dataset_path") or "",
@@ -90,6 +102,17 @@ def run(config: dict[str, Any], stdin: IO[bytes], stdout: IO[bytes]) -> None:
         vault, Path(config["socket"]), allowed_uid=int(config["executor_uid"]), owner_uid=int(config["executor_uid"])
     )
     server.start()
+    if config.get("upload_socket"):
+        launcher_uid = int(config["launcher_uid"])
+        uploads = Uploads(vault, keys.hpke_private_key)
+        upload_server = VaultServer(
+            vault,
+            Path(config["upload_socket"]),
+            allowed_uid=launcher_uid,
+            owner_uid=launcher_uid,
+            connections=uploads.connection,
+        )
+        upload_server.start()
     stdout.write(b'{"ready": true}\n')
     stdout.flush()
     _listen(stdin, gate)

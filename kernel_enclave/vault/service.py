@@ -13,20 +13,56 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 from kernel_enclave.vault.protocol import ProtocolError, error_reply, recv_message, send_message
-from kernel_enclave.vault.vault import Vault
+from kernel_enclave.vault.vault import Reply, Vault
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-class VaultServer:
-    """Serves one :class:`Vault` on a Unix socket at ``path`` (created here, removed by :meth:`close`)."""
+class Connection(Protocol):
+    """What one accepted connection's requests go to; :meth:`close` runs when the peer goes away."""
 
-    def __init__(self, vault: Vault, path: str | Path, *, allowed_uid: int | None = None, owner_uid: int = -1) -> None:
+    def handle(self, header: dict[str, Any], buffers: list[bytes]) -> Reply: ...
+
+    def close(self) -> None: ...
+
+
+class _VaultConnection:
+    """The executor's connections: stateless, every request goes straight to the vault."""
+
+    def __init__(self, vault: Vault) -> None:
+        self._vault = vault
+
+    def handle(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        return self._vault.handle(header, buffers)
+
+    def close(self) -> None:
+        pass
+
+
+class VaultServer:
+    """Serves one :class:`Vault` on a Unix socket at ``path`` (created here, removed by :meth:`close`).
+
+    ``connections`` makes the handler of each accepted connection (default: the vault's own operations); the
+    upload socket uses it to serve only the upload operations, with state that dies with the connection.
+    """
+
+    def __init__(
+        self,
+        vault: Vault,
+        path: str | Path,
+        *,
+        allowed_uid: int | None = None,
+        owner_uid: int = -1,
+        connections: Callable[[], Connection] | None = None,
+    ) -> None:
         self.vault = vault
         self.path = Path(path)
+        self._connections = connections or (lambda: _VaultConnection(vault))
         self._allowed_uid = os.getuid() if allowed_uid is None else allowed_uid
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self.path))
@@ -60,21 +96,25 @@ class VaultServer:
         return bool(uid == self._allowed_uid)
 
     def _serve(self, connection: socket.socket) -> None:
+        handler = self._connections()
         with connection:
-            while True:
-                try:
-                    header, buffers = recv_message(connection)
-                except (EOFError, ConnectionError, OSError):
-                    return
-                except ProtocolError as exc:
-                    with contextlib.suppress(OSError):
-                        send_message(connection, error_reply(exc))
-                    return  # the stream is out of step; the client reconnects
-                reply, out = self.vault.handle(header, buffers)
-                try:
-                    send_message(connection, reply, out)
-                except (ConnectionError, OSError):
-                    return
+            try:
+                while True:
+                    try:
+                        header, buffers = recv_message(connection)
+                    except (EOFError, ConnectionError, OSError):
+                        return
+                    except ProtocolError as exc:
+                        with contextlib.suppress(OSError):
+                            send_message(connection, error_reply(exc))
+                        return  # the stream is out of step; the client reconnects
+                    reply, out = handler.handle(header, buffers)
+                    try:
+                        send_message(connection, reply, out)
+                    except (ConnectionError, OSError):
+                        return
+            finally:
+                handler.close()
 
     def close(self) -> None:
         self._closed.set()

@@ -42,6 +42,9 @@ REMEMBERED_RESULTS = 256  # released values kept for export; older ones must be 
 MAX_PUBLIC_ROWS = 10_000_000
 
 Reply = tuple[dict[str, Any], list[bytes]]
+# Told (dataset id, where its policy came from: "broker", "upload" or "sealed", the policy) before a dataset's data
+# becomes reachable; raising refuses the dataset. The vault process tightens the relay's gate with it.
+PolicyListener = Callable[[str, str, OutputPolicy], None]
 # Requests whose handlers write no audit entry of their own (they release nothing): recorded as plain requests.
 _UNRECORDED_BY_HANDLER = frozenset({"hello", "audit", "drop"})
 
@@ -93,7 +96,7 @@ class Vault:
         backend: TeeBackend,
         keys: VaultKeys,
         broker_url: str | None = None,
-        on_policy: Callable[[OutputPolicy], None] | None = None,
+        on_policy: PolicyListener | None = None,
         audit_path: Path | None = None,
         dataset_path: str | None = None,
     ) -> None:
@@ -160,14 +163,42 @@ class Vault:
 
     # -- datasets ---------------------------------------------------------------------------------------------
 
-    def add_table(self, dataset_id: str, table: pa.Table, policy: OutputPolicy) -> str:
-        """Register a plaintext table as an opened dataset (an upload decrypted in the vault, or a test)."""
-        with self._lock:
-            return self._register(dataset_id, table, policy)
+    def add_table(
+        self,
+        dataset_id: str,
+        table: pa.Table,
+        policy: OutputPolicy,
+        *,
+        source: str = "upload",
+        record: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Register a plaintext table as an opened dataset (an upload decrypted in the vault, or a test).
 
-    def _register(self, dataset_id: str, table: pa.Table, policy: OutputPolicy) -> str:
+        A name already open is refused: a second table under it would change what the analyst's handles mean.
+        ``record`` (fields of an ``upload`` audit entry) is logged under the same lock; if it cannot be, the
+        table is taken out again, so nothing is reachable that the log does not show.
+        """
+        with self._lock:
+            if dataset_id in self._opened:
+                raise VaultError(f"the dataset name {dataset_id!r} is already taken in this kernel")
+            handle = self._register(dataset_id, table, policy, source)
+            if record is not None:
+                try:
+                    self.audit.append("upload", dataset=dataset_id, handle=handle, **record)
+                except Exception:
+                    self._opened.pop(dataset_id, None)
+                    self._sources.pop(handle, None)
+                    self._policies.pop(dataset_id, None)
+                    raise
+            return handle
+
+    def has_dataset(self, dataset_id: str) -> bool:
+        """Whether the name is taken (advisory: :meth:`add_table` checks again under the lock)."""
+        return dataset_id in self._opened
+
+    def _register(self, dataset_id: str, table: pa.Table, policy: OutputPolicy, source: str) -> str:
         if self._on_policy is not None:
-            self._on_policy(policy)  # the relay's gate tightens before any handle to the data exists
+            self._on_policy(dataset_id, source, policy)  # the relay's gate tightens before any handle exists
         self._policies[dataset_id] = policy
         handle = self._new_id("d")
         self._sources[handle] = plan.SourceTable.from_dataset(dataset_id, table)
@@ -220,7 +251,7 @@ class Vault:
             table = read_verified(verified, released.key)
         except (IntegrityError, DatasetFormatError) as exc:
             raise VaultError(f"{dataset_id!r}: {exc}") from None
-        handle = self._register(dataset_id, table, policy)
+        handle = self._register(dataset_id, table, policy, "broker")
         self.audit.append(
             "open",
             dataset=dataset_id,
@@ -479,11 +510,12 @@ class Vault:
             for name, document in sealed.metadata["policies"].items()
         }
         for name, policy in policies.items():
-            if self._on_policy is not None:
-                self._on_policy(policy)
             # A dataset open in this kernel under another version of its policy: both versions bind.
             known = self._policies.get(name)
-            self._policies[name] = policy if known is None or known == policy else strictest([known, policy])
+            combined = policy if known is None or known == policy else strictest([known, policy])
+            if self._on_policy is not None:
+                self._on_policy(name, "sealed", combined)
+            self._policies[name] = combined
         if sealed.kind == "model":
             model = models.from_skops(sealed.payload, sealed.metadata["model"])
             model_id = self._new_id("m")

@@ -409,3 +409,33 @@ def test_state_with_a_missing_field_is_refused(simulated_tee_dir: Path, tmp_path
     (tmp_path / STATE_FILE).write_text(json.dumps(document))
     with pytest.raises(TeeError, match="chip_id"):
         SimulatedBackend(state_dir=tmp_path)
+
+
+# -- fault injection ----------------------------------------------------------------------------------------------
+
+
+def test_the_report_signature_fault_spares_reports_until_armed(
+    simulated_tee_dir: Path, signature_valid: Callable[[bytes, str], bool]
+) -> None:
+    backend = SimulatedBackend(state_dir=simulated_tee_dir, fault="report-signature", fault_armed=False)
+    before = backend.get_quote(REPORT_DATA)
+    assert before.vek_pem is not None and signature_valid(before.report, before.vek_pem)
+    backend.arm_fault()
+    after = backend.get_quote(REPORT_DATA)
+    assert not signature_valid(after.report, before.vek_pem)
+    assert after.report[:0x2A0] == before.report[:0x2A0]  # only the signature differs
+    restored = bytearray(after.report)
+    restored[0x2A0] ^= 0x01  # one bit: the lowest of r
+    assert signature_valid(bytes(restored), before.vek_pem)
+    assert backend.fault == "report-signature"
+
+
+def test_an_armed_fault_corrupts_every_report_and_an_unknown_fault_is_refused(
+    simulated_tee_dir: Path, signature_valid: Callable[[bytes, str], bool]
+) -> None:
+    backend = get_backend("simulated", state_dir=simulated_tee_dir, fault="report-signature")
+    for _ in range(2):
+        quote = backend.get_quote(REPORT_DATA)
+        assert quote.vek_pem is not None and not signature_valid(quote.report, quote.vek_pem)
+    with pytest.raises(TeeError, match="unknown simulated fault 'memory'"):
+        SimulatedBackend(state_dir=simulated_tee_dir, fault="memory")

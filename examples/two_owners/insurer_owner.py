@@ -1,0 +1,67 @@
+"""The insurer, the second data owner: encrypt the claims table, set its policies, and serve its own key broker.
+
+The hospital (``examples/hospital/hospital_owner.py``) is the first owner; the two never exchange data. Each
+runs its own broker and decides on its own which kernels get its key and what may leave them. An analyst who
+joins the two tables in one computation is bound by both policies at once: the stricter value of each rule.
+
+What this script does, with the command a data owner would type for each step:
+
+1. make the synthetic claims table (``python insurer_data.py claims.parquet``);
+2. create the owner's store: owner key, key database, audit log (``confnb broker init --dir OWNER_DIR``);
+3. write ``OWNER_DIR/attestation.toml``: which kernels may receive the key (here: this machine's simulated TEE
+   running exactly this installation's kernel code);
+4. encrypt the table under ``insurer_policy.toml`` (``confnb dataset encrypt claims.parquet --broker-dir OWNER_DIR
+   --id claims --policy insurer_policy.toml --out DATA_DIR/claims``);
+5. serve the key broker on loopback until Ctrl-C (``confnb broker serve --dir OWNER_DIR --port 8733``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from insurer_data import claims  # noqa: E402 - a sibling file, found through the line above
+
+OWNER = "insurer"
+BROKER_URL_VARIABLE = "INSURER_BROKER_URL"
+DEFAULT_PORT = 8733
+POLICY = HERE / "insurer_policy.toml"
+
+
+def prepare(owner_dir: Path, data_dir: Path) -> Any:
+    """Steps 1-4: the owner's store in ``owner_dir``, the encrypted ``claims`` dataset in ``data_dir``."""
+    from confnb.demo.owner import set_up_owner
+
+    return set_up_owner(owner_dir, data_dir, {"claims": (claims(), POLICY)})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="The insurer's data owner: generate the synthetic claims of the hospital's patients, create "
+        "the owner's key store, encrypt the table under insurer_policy.toml (min group size 25, claim and policy "
+        "numbers never released) and serve the key broker on loopback until Ctrl-C.",
+    )
+    parser.add_argument("--dir", type=Path, default=Path("insurer-owner"), help="owner store (default %(default)s)")
+    parser.add_argument(
+        "--data", type=Path, default=Path("datasets"), help="where encrypted datasets go (default %(default)s)"
+    )
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="broker port (default %(default)s)")
+    parser.add_argument("--no-serve", action="store_true", help="prepare the store and dataset, then exit")
+    args = parser.parse_args(argv)
+    prepare(args.dir, args.data)
+    print(f"encrypted {args.data / 'claims'}; owner store {args.dir}")
+    if args.no_serve:
+        return 0
+    from confnb.demo.owner import serve
+
+    return serve(args.dir, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

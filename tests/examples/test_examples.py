@@ -1,0 +1,199 @@
+"""The example use cases: deterministic data, owner scripts that run as documented, clean notebooks, and the
+headless demo executing every notebook on ``confnb-snp`` with real brokers and real kernels."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import ModuleType
+
+import nbformat
+import pandas as pd
+import pytest
+
+from confnb.demo.notebooks import KERNEL_NAME, REFUSED_TAG
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+OWNER_SCRIPTS = sorted(EXAMPLES.glob("*/*_owner.py"))
+NOTEBOOKS = sorted(EXAMPLES.glob("*/*.ipynb"))
+
+
+def _module(path: Path) -> ModuleType:
+    name = f"test_examples_{path.parent.name}_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+# -- the data generators -----------------------------------------------------------------------------------------
+
+
+def test_the_generators_are_deterministic_and_seeded():
+    hospital = _module(EXAMPLES / "hospital" / "hospital_data.py")
+    credit = _module(EXAMPLES / "credit" / "credit_data.py")
+    insurer = _module(EXAMPLES / "two_owners" / "insurer_data.py")
+    pd.testing.assert_frame_equal(hospital.admissions(), hospital.admissions())
+    for first, second in zip(credit.loans_and_transactions(), credit.loans_and_transactions(), strict=True):
+        pd.testing.assert_frame_equal(first, second)
+    pd.testing.assert_frame_equal(insurer.claims(), insurer.claims())
+    # The seed is what makes them so: another seed gives other data.
+    assert not hospital.admissions(seed=1).equals(hospital.admissions())
+    assert not credit.loans_and_transactions(seed=1)[0].equals(credit.loans_and_transactions()[0])
+
+
+def test_the_data_has_the_groups_the_notebooks_explain():
+    hospital = _module(EXAMPLES / "hospital" / "hospital_data.py")
+    credit = _module(EXAMPLES / "credit" / "credit_data.py")
+    insurer = _module(EXAMPLES / "two_owners" / "insurer_data.py")
+    patients = hospital.admissions()
+    assert patients["patient_id"].is_unique and len(patients) == hospital.PATIENTS
+    assert (patients["diagnosis"] == hospital.RARE_DIAGNOSIS).sum() == 7  # below the hospital's 10
+    private = set(patients.loc[patients["ward"] == "private", "patient_id"])
+    claims = insurer.claims()
+    platinum = set(claims.loc[claims["plan"] == "platinum", "patient_id"])
+    assert len(private) == 15 and platinum == private  # enough for the hospital (10), not the insurer (25)
+    assert set(claims["patient_id"]) <= set(patients["patient_id"])
+    loans, transactions = credit.loans_and_transactions()
+    assert (loans["income"] > credit.HIGH_INCOME).sum() == credit.HIGH_EARNERS < 20
+    assert set(transactions["customer_id"]) <= set(loans["customer_id"])
+    assert 0.1 < loans["defaulted"].mean() < 0.4 and 0.1 < patients["readmitted_30d"].mean() < 0.4
+
+
+# -- the owner scripts ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", OWNER_SCRIPTS, ids=[path.name for path in OWNER_SCRIPTS])
+def test_owner_script_help(script: Path):
+    run = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("usage:")
+    for option in ("--dir", "--data", "--port", "--no-serve"):
+        assert option in run.stdout
+
+
+def test_three_owner_scripts_exist():
+    assert [path.name for path in OWNER_SCRIPTS] == ["bank_owner.py", "hospital_owner.py", "insurer_owner.py"]
+
+
+@pytest.mark.slow
+def test_an_owner_script_encrypts_and_serves(tmp_path: Path, simulated_tee_dir: Path):
+    """Standalone, as the script's docstring says: a signed dataset, then the broker until Ctrl-C."""
+    from confnb.broker.store import load_owner_public_key
+    from confnb.datasets.manifest import verify_dataset
+
+    script = EXAMPLES / "hospital" / "hospital_owner.py"
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--dir", "owner", "--data", "datasets", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"http://127.0.0.1:{port}/openapi.json"):
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "the broker did not answer"
+            time.sleep(0.2)
+        verified = verify_dataset(
+            tmp_path / "datasets" / "admissions",
+            load_owner_public_key(tmp_path / "owner" / "owner.pub"),
+            dataset_id="admissions",
+        )
+        assert verified.manifest.files[0].rows == 4000
+        assert "allow_simulated = true" in (tmp_path / "owner" / "attestation.toml").read_text()
+    finally:
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    assert not _answers(f"http://127.0.0.1:{port}/openapi.json")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+# -- the notebooks ----------------------------------------------------------------------------------------------
+
+
+def test_three_notebooks_exist():
+    assert [path.name for path in NOTEBOOKS] == ["credit.ipynb", "hospital.ipynb", "two_owners.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
+def test_notebooks_are_committed_clean_and_on_the_confidential_kernel(path: Path):
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    assert notebook.metadata["kernelspec"]["name"] == KERNEL_NAME
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(cell.outputs == [] and cell.execution_count is None for cell in code), "commit notebooks without outputs"
+    refused = [cell for cell in code if REFUSED_TAG in cell.metadata.get("tags", [])]
+    assert refused, "each notebook shows at least one refused leak"
+    for cell in refused:
+        assert "except cn.PolicyViolation" in cell.source  # the notebook runs on past the refusal
+    assert notebook.cells[0].cell_type == "markdown" and notebook.cells[0].source.startswith("# ")
+
+
+# -- the headless demo -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_headless_demo_runs_every_notebook(tmp_path: Path, simulated_tee_dir: Path):
+    """``confnb demo --headless``: real brokers, real kernels, every notebook executed and checked."""
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "confnb", "demo", "--headless", "--json", "--dir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert run.returncode == 0, run.stdout + run.stderr[-6000:]
+    report = json.loads(run.stdout)  # stdout is the summary alone
+    assert report["ok"] is True
+    assert len(report["attestation"]) == 10 and all(check["ok"] for check in report["attestation"])
+    assert [entry["notebook"] for entry in report["notebooks"]] == [
+        "hospital.ipynb",
+        "credit.ipynb",
+        "two_owners.ipynb",
+    ]
+    for entry in report["notebooks"]:
+        assert entry["ok"] and entry["problems"] == [], entry
+        assert entry["refused_leaks"] >= 1
+    # The walkthrough's checks stay in the headless run's human output, and each notebook has its line.
+    assert run.stderr.count("  ok  ") == 10 and "UNEXPECTED" not in run.stderr
+    passed = re.findall(r"^  pass  (\S+\.ipynb): ", run.stderr, re.MULTILINE)
+    assert sorted(passed) == [path.name for path in NOTEBOOKS] and "3 of 3 notebooks passed" in run.stderr
+    executed = nbformat.read(tmp_path / "demo" / "executed" / "two_owners.ipynb", as_version=4)
+    shown = "".join(
+        output.get("text", "") for cell in executed.cells if cell.cell_type == "code" for output in cell.outputs
+    )
+    assert "[rule release.min_group_size of 'claims']" in shown
+    assert elapsed < 240, f"the headless demo took {elapsed:.0f} s"
