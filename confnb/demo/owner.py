@@ -6,8 +6,9 @@ prepares three owners in one process in a few seconds instead of starting a doze
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,28 @@ def serve(owner_dir: Path, port: int, host: str = "127.0.0.1") -> int:
     from confnb.cli import main
 
     return main(["broker", "serve", "--dir", os.fspath(owner_dir), "--host", host, "--port", str(port)])
+
+
+def owner_command(
+    argv: Sequence[str] | None,
+    *,
+    owner: str,
+    description: str,
+    datasets: Sequence[str],
+    default_port: int,
+    prepare: Callable[[Path, Path], object],
+) -> int:
+    """The command line every example owner's script shares: prepare the store and datasets, then serve."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--dir", type=Path, default=Path(f"{owner}-owner"), help="owner store (default %(default)s)")
+    parser.add_argument(
+        "--data", type=Path, default=Path("datasets"), help="where encrypted datasets go (default %(default)s)"
+    )
+    parser.add_argument("--port", type=int, default=default_port, help="broker port (default %(default)s)")
+    parser.add_argument("--no-serve", action="store_true", help="prepare the store and datasets, then exit")
+    args = parser.parse_args(argv)
+    prepare(args.dir, args.data)
+    print(f"encrypted {' and '.join(str(args.data / name) for name in datasets)}; owner store {args.dir}")
+    if args.no_serve:
+        return 0
+    return serve(args.dir, args.port)

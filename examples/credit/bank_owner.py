@@ -17,7 +17,6 @@ Analysts then open the datasets in a confidential kernel whose ``CONFNB_DATASET_
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,25 +43,18 @@ def prepare(owner_dir: Path, data_dir: Path) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    from confnb.demo.owner import owner_command
+
+    return owner_command(
+        argv,
+        owner="bank",
         description="The bank's data owner: generate the synthetic loan book and card transactions, create the "
         "owner's key store, encrypt both under policy.toml (aggregates, model metrics and coefficients allowed; "
         "customer rows never) and serve the key broker on loopback until Ctrl-C.",
+        datasets=["loans", "card_transactions"],
+        default_port=DEFAULT_PORT,
+        prepare=prepare,
     )
-    parser.add_argument("--dir", type=Path, default=Path("bank-owner"), help="owner store (default %(default)s)")
-    parser.add_argument(
-        "--data", type=Path, default=Path("datasets"), help="where encrypted datasets go (default %(default)s)"
-    )
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="broker port (default %(default)s)")
-    parser.add_argument("--no-serve", action="store_true", help="prepare the store and datasets, then exit")
-    args = parser.parse_args(argv)
-    prepare(args.dir, args.data)
-    print(f"encrypted {args.data / 'loans'} and {args.data / 'card_transactions'}; owner store {args.dir}")
-    if args.no_serve:
-        return 0
-    from confnb.demo.owner import serve
-
-    return serve(args.dir, args.port)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Analysts then open the dataset in a confidential kernel whose ``CONFNB_DATASET_P
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,25 +40,18 @@ def prepare(owner_dir: Path, data_dir: Path) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    from confnb.demo.owner import owner_command
+
+    return owner_command(
+        argv,
+        owner="hospital",
         description="The hospital's data owner: generate the synthetic admissions table, create the owner's key "
         "store, encrypt the table under policy.toml (min group size 10, patient_id never released) and serve the "
         "key broker on loopback until Ctrl-C.",
+        datasets=["admissions"],
+        default_port=DEFAULT_PORT,
+        prepare=prepare,
     )
-    parser.add_argument("--dir", type=Path, default=Path("hospital-owner"), help="owner store (default %(default)s)")
-    parser.add_argument(
-        "--data", type=Path, default=Path("datasets"), help="where encrypted datasets go (default %(default)s)"
-    )
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="broker port (default %(default)s)")
-    parser.add_argument("--no-serve", action="store_true", help="prepare the store and dataset, then exit")
-    args = parser.parse_args(argv)
-    prepare(args.dir, args.data)
-    print(f"encrypted {args.data / 'admissions'}; owner store {args.dir}")
-    if args.no_serve:
-        return 0
-    from confnb.demo.owner import serve
-
-    return serve(args.dir, args.port)
 
 
 if __name__ == "__main__":
