@@ -53,6 +53,7 @@ setInterval(() => {
 
 
 def _prepare(root: Path) -> None:
+    from confnb.demo.lab import write_page_config
     from confnb.provisioner.kernelspec import install, private_jupyter_environment
     from kernel_enclave.tee.simulated import SimulatedBackend
 
@@ -60,6 +61,7 @@ def _prepare(root: Path) -> None:
     os.environ.update({"CONFNB_SIMULATED_TEE_DIR": str(root / "simulated-tee"), "CONFNB_OFFLINE": "1"})
     SimulatedBackend()
     install(prefix=str(root))
+    write_page_config(Path(os.environ["JUPYTER_CONFIG_DIR"]))
     notebook = nbformat.v4.new_notebook()
     notebook.metadata["kernelspec"] = {"name": "confnb-snp", "display_name": "confnb-snp", "language": "python"}
     (root / "notebooks").mkdir()

@@ -47,6 +47,15 @@ def write_config(jupyter_config_dir: Path) -> None:
     }
     jupyter_config_dir.mkdir(parents=True, exist_ok=True)
     (jupyter_config_dir / "jupyter_server_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_page_config(jupyter_config_dir)
+
+
+def write_page_config(jupyter_config_dir: Path) -> None:
+    """No "get notified about Jupyter news?" prompt: the demo calls nothing outside, and the toast covers the panel."""
+    labconfig = jupyter_config_dir / "labconfig"
+    labconfig.mkdir(parents=True, exist_ok=True)
+    page_config = {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}
+    (labconfig / "page_config.json").write_text(json.dumps(page_config, indent=2) + "\n")
 
 
 def _free_port() -> int:

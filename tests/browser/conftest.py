@@ -97,6 +97,7 @@ def lab(
 ) -> Iterator[Lab]:
     """JupyterLab on loopback with confnb-snp and a kernel whose later evidence the (simulated) host tampers with."""
     import confnb.server
+    from confnb.demo.lab import write_page_config
 
     if not (Path(confnb.server.__file__).parent / "labextension" / "package.json").is_file():
         _unavailable("the lab extension is not built (pip install -e . builds it with node and jlpm)")
@@ -119,6 +120,7 @@ def lab(
     config.write_text(
         json.dumps({"LabApp": {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate"}})
     )
+    write_page_config(Path(os.environ["JUPYTER_CONFIG_DIR"]))
     token = secrets.token_hex(16)
     port = _free_port()
     log = tmp_path_factory.mktemp("lab-log") / "lab.log"
