@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -202,3 +208,54 @@ def pytest_configure(config: pytest.Config) -> None:
         spec.loader.exec_module(module)
     if not config.pluginmanager.has_plugin(name):
         config.pluginmanager.register(sys.modules[name], name)
+
+
+# -- a real Jupyter server on loopback --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def jupyter_server() -> Callable[..., contextlib.AbstractContextManager[int]]:
+    """Start ``python -m jupyter_server`` on a free loopback port as an analyst starts it (token, no browser).
+
+    ``with jupyter_server(root=..., token=..., log=...) as port:`` waits until ``/api`` answers (failing the test
+    with the server's log when it does not within a minute) and stops the server afterwards. ``env`` adds or
+    replaces environment variables.
+    """
+
+    @contextlib.contextmanager
+    def launch(*, root: Path, token: str, log: Path, env: dict[str, str] | None = None) -> Iterator[int]:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        arguments = ["--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}"]
+        arguments += [f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}"]
+        with log.open("w") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "jupyter_server", *arguments],
+                env={**os.environ, **(env or {})},
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        try:
+            deadline = time.monotonic() + 60
+            probe_request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/api", headers={"Authorization": f"token {token}"}
+            )
+            while True:
+                try:
+                    with urllib.request.urlopen(probe_request, timeout=10):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline or process.poll() is not None:
+                        pytest.fail(f"jupyter server did not start: {log.read_text()[-3000:]}")
+                    time.sleep(0.2)
+            yield port
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    return launch

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +23,6 @@ from confnb.provisioner.kernelspec import KERNEL_NAME
 
 pytestmark = pytest.mark.slow
 TOKEN = uuid.uuid4().hex
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Server:
@@ -56,41 +46,14 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(confnb_kernel_env: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    port = _free_port()
+def server(
+    confnb_kernel_env: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    jupyter_server: Callable[..., AbstractContextManager[int]],
+) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("jupyter-server") / "server.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jupyter_server",
-                "--no-browser",
-                "--allow-root",
-                "--ServerApp.ip=127.0.0.1",
-                f"--ServerApp.port={port}",
-                f"--IdentityProvider.token={TOKEN}",
-                f"--ServerApp.root_dir={log.parent}",
-            ],
-            env=dict(os.environ),
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    running = Server(port)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                running.rest("GET", "/api")
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail(f"jupyter server did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.2)
-        yield running
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with jupyter_server(root=log.parent, token=TOKEN, log=log) as port:
+        yield Server(port)
 
 
 async def _request(ws: WebSocketClientConnection, msg_type: str, content: dict[str, Any]) -> list[dict[str, Any]]:

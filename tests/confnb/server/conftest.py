@@ -9,16 +9,12 @@ REST, so they are owned by the server's kernel manager exactly as JupyterLab's a
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +25,6 @@ import confnb.server
 
 SERVER_CONFIG = Path(confnb.server.__file__).with_name("jupyter_server_config.json")
 API = "/confnb/api"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -80,42 +70,18 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(confnb_kernel_env: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(
+    confnb_kernel_env: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    jupyter_server: Callable[..., AbstractContextManager[int]],
+) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("confnb-server")
     config = home / "config"
     (config / "jupyter_server_config.d").mkdir(parents=True)
     shutil.copy(SERVER_CONFIG, config / "jupyter_server_config.d" / "confnb.json")
-    running = Server(_free_port(), uuid.uuid4().hex, home / "server.log")
-    with running.log.open("w") as stderr:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jupyter_server",
-                "--no-browser",
-                "--allow-root",
-                "--ServerApp.ip=127.0.0.1",
-                f"--ServerApp.port={running.port}",
-                f"--IdentityProvider.token={running.token}",
-                f"--ServerApp.root_dir={home}",
-            ],
-            env={**os.environ, "JUPYTER_CONFIG_DIR": str(config)},
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                running.request("GET", "/api")
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail(f"jupyter server did not start: {running.log.read_text()[-3000:]}")
-                time.sleep(0.2)
+    token, log = uuid.uuid4().hex, home / "server.log"
+    with jupyter_server(root=home, token=token, log=log, env={"JUPYTER_CONFIG_DIR": str(config)}) as port:
+        running = Server(port, token, log)
         yield running
-    finally:
         for kernel_id in list(running.kernels):
             running.stop_kernel(kernel_id)
-        process.terminate()
-        process.wait(timeout=30)
