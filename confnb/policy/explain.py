@@ -44,7 +44,7 @@ def explain_output(policy: OutputPolicy) -> list[str]:
         lines.append(f"No released table may have more than {policy.max_rows} rows.")
     lines.append(
         f"Notebook output may use {', '.join(policy.mime) or 'no MIME type at all'}, at most "
-        f"{policy.max_output_bytes} bytes per output."
+        f"{policy.max_output_bytes} bytes per cell (all of its outputs together)."
     )
     lines.append(
         "Tracebacks show only the exception type and the cell line."
