@@ -4,6 +4,9 @@ A notebook states its own expectations in cell metadata, so the checks travel wi
 
 - ``tags: ["refused-leak"]``: the cell tries to take out something the owner's policy protects; its output must
   show the vault's ``PolicyViolation`` message, which names the rule (``[rule release.… of 'dataset']``);
+- ``tags: ["refused-leak", "raises-exception"]``: the same, left uncaught: the cell's error must be that
+  ``PolicyViolation`` (nbclient's ``raises-exception`` tag; JupyterLab stops "Run All" at it, so only a notebook's
+  last code cell has it);
 - ``confnb.expect``: text that must appear in the cell's output (released values, group names, rules);
 - ``confnb.absent``: text that must not (a withheld group's name, say).
 
@@ -20,6 +23,7 @@ from typing import Any
 
 KERNEL_NAME = "confnb-snp"
 REFUSED_TAG = "refused-leak"
+RAISES_TAG = "raises-exception"
 REFUSAL_MARK = "PolicyViolation"
 RULE_MARK = "[rule release."
 GATE_NOTICE = "[confnb] output withheld"
@@ -77,12 +81,13 @@ def check(notebook: Any, name: str) -> NotebookOutcome:
         where = f"cell {index}"
         text = cell_text(cell)
         errors = [output for output in cell.outputs if output.get("output_type") == "error"]
-        if errors:
+        tags = cell.metadata.get("tags", [])
+        if errors and not (RAISES_TAG in tags and REFUSED_TAG in tags and _all_refusals(errors)):
             outcome.problems.append(f"{where} raised {errors[0].get('ename')}: {errors[0].get('evalue')}")
         if GATE_NOTICE in text:
             outcome.problems.append(f"{where}: the display gate withheld output ({_line_with(text, GATE_NOTICE)})")
         metadata = cell.metadata.get("confnb", {})
-        if REFUSED_TAG in cell.metadata.get("tags", []):
+        if REFUSED_TAG in tags:
             outcome.refused_leaks += 1
             if REFUSAL_MARK not in text or RULE_MARK not in text:
                 outcome.problems.append(f"{where} should show a refused leak with its policy rule, but shows: {text!r}")
@@ -93,6 +98,10 @@ def check(notebook: Any, name: str) -> NotebookOutcome:
             if absent in text:
                 outcome.problems.append(f"{where}: {absent!r} must not be in its output")
     return outcome
+
+
+def _all_refusals(errors: list[Any]) -> bool:
+    return all(error.get("ename") == REFUSAL_MARK and RULE_MARK in str(error.get("evalue", "")) for error in errors)
 
 
 def run(path: Path, executed: Path | None = None) -> NotebookOutcome:

@@ -108,6 +108,14 @@ _MAX_HEADER_TEXT = 1024
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
 _CELL_LINE = re.compile(r"Cell In\[[0-9]{1,12}\], line ([0-9]{1,9})(?![0-9])")
 _ENAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
+#: A vault refusal ends its message with the rule and the datasets that imposed it
+#: (``kernel_enclave.vault.protocol.PolicyViolation``). DESIGN.md promises the analyst a message naming the rule,
+#: so redaction keeps that part, rebuilt from a fixed vocabulary: one of these rules and up to eight dataset ids.
+_REFUSAL_NAME = "PolicyViolation"
+_REFUSAL_RULES = frozenset({"release.allow", "release.min_group_size", "release.never_release", "release.max_rows"})
+_REFUSAL = re.compile(r"(?:\A|.* )\[rule ([a-z_.]{1,64}) of ([^\]\n]{1,1200})\]\Z", re.DOTALL)
+_DATASET_NAME = re.compile(r"'[A-Za-z0-9][A-Za-z0-9._-]{0,127}'")
+_MAX_REFUSAL_DATASETS = 8
 _IMPLIED_REPLY = re.compile(r"[a-z][a-z0-9_]{0,62}_reply")
 _MAX_TRACEBACK_SCAN = 64 * 1024  # per traceback entry: the cell line is near the start of a frame
 _STATES = frozenset({"busy", "idle", "starting"})
@@ -252,8 +260,28 @@ def _buffer_bytes(buffers: list[Any]) -> int:
     return total
 
 
-def _redacted_traceback(ename: object, traceback: object) -> tuple[str, list[str]]:
-    """Exception type and cell line only: enough to find the bug, nothing of the values involved."""
+def _refusal(ename: object, evalue: object) -> str | None:
+    """``[rule R of 'a', 'b']`` when this error is a vault refusal naming a known rule and well-formed datasets.
+
+    Only these words survive: an executor can raise a PolicyViolation of its own, so the rest of its message
+    is treated like any other exception's.
+    """
+    if ename != _REFUSAL_NAME or not isinstance(evalue, str):
+        return None
+    found = _REFUSAL.fullmatch(evalue[-2048:])
+    if found is None or found.group(1) not in _REFUSAL_RULES:
+        return None
+    named = found.group(2)
+    if named != "no dataset":
+        names = named.split(", ")
+        if len(names) > _MAX_REFUSAL_DATASETS or not all(_DATASET_NAME.fullmatch(name) for name in names):
+            return None
+    return f"[rule {found.group(1)} of {named}]"
+
+
+def _redacted_traceback(ename: object, traceback: object, refusal: str | None = None) -> tuple[str, list[str]]:
+    """Exception type and cell line only: enough to find the bug, nothing of the values involved (and, for a vault
+    refusal, the rule that refused)."""
     name = ename if isinstance(ename, str) and _ENAME.fullmatch(ename) else "Exception"
     line = None
     if isinstance(traceback, list):
@@ -263,9 +291,10 @@ def _redacted_traceback(ename: object, traceback: object) -> tuple[str, list[str
                 if found:
                     line = found.group(1)
                     break
-    if line is None:
-        return name, [f"{name} (details withheld by the display policy)"]
-    return name, [f"{name} at line {line} of the cell (details withheld by the display policy)"]
+    where = f"{name}" if line is None else f"{name} at line {line} of the cell"
+    if refusal is not None:
+        where += f": withheld by the data owner's output policy {refusal}"
+    return name, [f"{where} (details withheld by the display policy)"]
 
 
 class MessageGate:
@@ -598,8 +627,9 @@ class MessageGate:
         )
         if self._policy.tracebacks != "redacted":
             return None
-        ename, traceback = _redacted_traceback(content.get("ename"), content.get("traceback"))
-        return {"ename": ename, "evalue": "", "traceback": traceback}
+        refusal = _refusal(content.get("ename"), content.get("evalue"))
+        ename, traceback = _redacted_traceback(content.get("ename"), content.get("traceback"), refusal)
+        return {"ename": ename, "evalue": refusal or "", "traceback": traceback}
 
     # -- handlers: each returns the content to send (``content`` itself when unchanged) or raises _WithheldError -----
 

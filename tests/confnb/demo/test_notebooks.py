@@ -64,3 +64,29 @@ def test_an_error_or_a_gate_notice_fails_the_notebook():
     outcome = check(_executed(error, notice), "broken.ipynb")
     assert outcome.problems[0] == "cell 1 raised VaultError: boom"
     assert "the display gate withheld output" in outcome.problems[1]
+
+
+def _uncaught(ename: str, evalue: str, tags: list[str]) -> nbformat.NotebookNode:
+    cell = new_code_cell("...", outputs=[new_output("error", ename=ename, evalue=evalue, traceback=[])])
+    cell.metadata["tags"] = tags
+    return cell
+
+
+def test_an_uncaught_refusal_passes_where_the_cell_says_it_raises():
+    rule = "[rule release.min_group_size of 'admissions']"
+    outcome = check(_executed(_uncaught("PolicyViolation", rule, ["refused-leak", "raises-exception"])), "ok.ipynb")
+    assert outcome.ok, outcome.problems
+    assert outcome.refused_leaks == 1
+
+
+def test_an_uncaught_error_fails_unless_it_is_the_refusal_the_cell_announces():
+    rule = "[rule release.min_group_size of 'admissions']"
+    cases = [
+        _uncaught("PolicyViolation", rule, ["refused-leak"]),  # not announced as raising
+        _uncaught("PolicyViolation", rule, ["raises-exception"]),  # not a refused leak
+        _uncaught("VaultError", rule, ["refused-leak", "raises-exception"]),  # another error
+        _uncaught("PolicyViolation", "", ["refused-leak", "raises-exception"]),  # no rule named (redacted)
+    ]
+    for cell in cases:
+        outcome = check(_executed(cell), "broken.ipynb")
+        assert outcome.problems and outcome.problems[0].startswith("cell 1 raised"), cell.metadata

@@ -1548,3 +1548,67 @@ def test_a_canary_in_a_withheld_part_never_comes_out(
         assert_well_formed(out)
         assert not leaked(out)
     assert sum(gate.withheld.values()) >= repeat + 1
+
+
+# -- vault refusals under redaction: the rule survives, nothing else does ----------------------------------------------
+
+
+def test_an_uncaught_refusal_keeps_the_rule_and_the_datasets() -> None:
+    gate = make_gate(tracebacks="redacted")
+    evalue = "a mean is computed from fewer than 10 records of the dataset [rule release.min_group_size of 'patients']"
+    (out,) = gate.filter(
+        "iopub", message("error", {"ename": "PolicyViolation", "evalue": evalue, "traceback": IPYTHON_TRACEBACK})
+    )
+    assert out["content"] == {
+        "ename": "PolicyViolation",
+        "evalue": "[rule release.min_group_size of 'patients']",
+        "traceback": [
+            "PolicyViolation at line 4 of the cell: withheld by the data owner's output policy "
+            "[rule release.min_group_size of 'patients'] (details withheld by the display policy)"
+        ],
+    }
+
+
+def test_a_refusal_of_several_datasets_names_them_all() -> None:
+    gate = make_gate(tracebacks="redacted")
+    evalue = "x [rule release.never_release of 'claims', 'patients.v2']"
+    (out,) = gate.filter("iopub", message("error", {"ename": "PolicyViolation", "evalue": evalue, "traceback": []}))
+    assert out["content"]["evalue"] == "[rule release.never_release of 'claims', 'patients.v2']"
+    assert "of 'claims', 'patients.v2'] (details withheld" in out["content"]["traceback"][0]
+
+
+@pytest.mark.parametrize(
+    ("ename", "evalue"),
+    [
+        ("ValueError", "[rule release.allow of 'patients']"),  # only a PolicyViolation is a refusal
+        ("PolicyViolation", f"[rule {CANARY} of 'patients']"),  # unknown rule
+        ("PolicyViolation", f"[rule release.allow of '{CANARY} x']"),  # not a dataset id
+        ("PolicyViolation", f"[rule release.allow of 'patients', {CANARY}]"),
+        ("PolicyViolation", "[rule release.allow of " + ", ".join(f"'d{i}'" for i in range(9)) + "]"),  # too many
+        ("PolicyViolation", f"[rule release.allow of 'patients'] {CANARY}"),  # not at the end
+        ("PolicyViolation", f"{CANARY}[rule release.allow of 'patients']"),  # glued to other text
+        ("PolicyViolation", "[rule release.allow of 'patients']\n"),
+        ("PolicyViolation", CANARY),
+    ],
+)
+def test_anything_but_a_well_formed_refusal_is_redacted_as_before(ename: str, evalue: str) -> None:
+    gate = make_gate(tracebacks="redacted")
+    (out,) = gate.filter("iopub", message("error", {"ename": ename, "evalue": evalue, "traceback": []}))
+    assert out["content"]["evalue"] == ""
+    assert out["content"]["traceback"] == [f"{ename} (details withheld by the display policy)"]
+    assert not leaked([out])
+
+
+def test_the_refusal_in_a_redacted_error_reply_keeps_its_rule() -> None:
+    gate = make_gate(tracebacks="redacted")
+    cell = run_cell(gate)
+    content = {
+        "status": "error",
+        "execution_count": 1,
+        "ename": "PolicyViolation",
+        "evalue": f"{CANARY} [rule release.max_rows of 'loans']",
+        "traceback": IPYTHON_TRACEBACK,
+    }
+    (out,) = gate.filter("shell", message("execute_reply", content, cell))
+    assert out["content"]["evalue"] == "[rule release.max_rows of 'loans']"
+    assert not leaked([out])
