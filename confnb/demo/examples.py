@@ -1,6 +1,7 @@
 """The example use cases as the demo runs them: their owners' brokers, the kernelspec that reaches them, notebooks.
 
-Everything comes from the repository's ``examples/`` folder: each ``*/*_owner.py`` is a data owner's script (its
+Everything comes from the repository's ``examples/`` folder (a wheel carries a copy as ``confnb/_examples``, so
+``pip install confnb`` is enough to run the demo): each ``*/*_owner.py`` is a data owner's script (its
 ``prepare`` makes the owner's store and encrypted datasets; ``OWNER`` and ``BROKER_URL_VARIABLE`` name it), and each
 ``*/*.ipynb`` is an analyst's notebook. The demo runs the same code a reader of the examples runs by hand, and picks
 up a new example without being changed.
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+#: A source checkout's ``examples/`` (what its reader edits) wins over the copy an installed wheel carries.
+SOURCE_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+PACKAGED_EXAMPLES = Path(__file__).resolve().parents[1] / "_examples"
 DATASETS_FOLDER = "datasets"
 # The order a newcomer reads them in (Lab opens the first); examples not listed follow alphabetically.
 READING_ORDER = ("hospital", "credit", "two_owners")
@@ -40,12 +43,14 @@ class ExampleOwner:
 
 
 def examples_root(root: Path | None = None) -> Path:
-    found = root or EXAMPLES
-    if not any(found.glob("*/*_owner.py")):
-        raise DemoError(
-            f"no example owner scripts in {found}: the demo runs the examples of a source checkout of confnb"
-        )
-    return found
+    candidates = [root] if root is not None else [SOURCE_EXAMPLES, PACKAGED_EXAMPLES]
+    for found in candidates:
+        if any(found.glob("*/*_owner.py")):
+            return found
+    raise DemoError(
+        f"no example owner scripts in {' or '.join(str(path) for path in candidates)}: this installation of confnb "
+        "carries no examples (install it from a wheel or run it from a source checkout)"
+    )
 
 
 def owners(root: Path) -> list[ExampleOwner]:
