@@ -77,6 +77,17 @@ class Lab:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
+    def put_setting(self, plugin: str, values: dict[str, Any]) -> None:
+        """Save a user setting of a Lab plugin, as Lab's settings editor does (pages loaded afterwards see it)."""
+        request = urllib.request.Request(
+            f"{self.url}/lab/api/settings/{plugin}",
+            method="PUT",
+            data=json.dumps({"raw": json.dumps(values)}).encode(),
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
 
 def _free_port() -> int:
     with socket.socket() as probe:

@@ -44,12 +44,16 @@ setInterval(record, 5);
 """
 
 
-def open_notebook(page: Any, lab: Any, name: str) -> None:
+def open_notebook(page: Any, lab: Any, name: str, *, keyboard: bool = False) -> None:
     page.add_init_script(RECORD_STATES)
     # A workspace of its own: Lab would otherwise restore the tabs an earlier test left open, and the panel
     # follows whichever notebook is current.
     page.goto(lab.page_url(f"/lab/workspaces/{Path(name).stem}-{secrets.token_hex(4)}/tree/{name}") + "&reset")
-    page.click(BADGE)  # the badge opens the panel in the right sidebar
+    if keyboard:  # found by its role and accessible name, as a screen reader finds it, and opened with Enter
+        page.get_by_role("button", name=re.compile(r"^Kernel attestation: .+ Open the attestation panel\.$")).focus()
+        page.keyboard.press("Enter")
+    else:
+        page.click(BADGE)  # the badge opens the panel in the right sidebar
     page.wait_for_selector(PANEL, state="visible")
 
 
@@ -71,6 +75,7 @@ def test_panel_verifies_the_simulated_kernel(page: Any, lab: Any, artifacts_dir:
 
     assert panel.get_attribute("data-simulated") == "true"
     assert page.locator(f"{PANEL} .confnb-simulated-banner").is_visible()
+    assert banner_contrast(page) >= 4.5
     assert page.locator(BADGE).get_attribute("data-state") == "simulated"
     verdicts = checks(page)
     assert verdicts, "the panel lists no checks"
@@ -113,6 +118,80 @@ def test_panel_verifies_the_simulated_kernel(page: Any, lab: Any, artifacts_dir:
     bundle = json.loads(page.locator("#confnb-evidence-json").text_content() or "")
     assert bundle["format"] == "confnb-evidence/1"
     assert bundle["claims"]["nonce"] == panel.get_attribute("data-nonce") != nonce
+
+
+# Lab's theme variables resolved on a probe inside the panel, against what the panel itself computes to.
+THEME_COLORS = """
+panel => {
+  const probe = document.createElement('div');
+  probe.style.background = 'var(--jp-layout-color1)';
+  probe.style.color = 'var(--jp-ui-font-color1)';
+  panel.appendChild(probe);
+  const expected = getComputedStyle(probe);
+  const sidebar = getComputedStyle(panel.closest('.confnb-Sidebar') || panel);
+  const result = {
+    background: sidebar.backgroundColor, expected_background: expected.backgroundColor,
+    color: sidebar.color, expected_color: expected.color,
+  };
+  probe.remove();
+  return result;
+}
+"""
+
+
+def _luminance(css_color: str) -> float:
+    """WCAG 2 relative luminance of an opaque ``rgb(r, g, b)``."""
+
+    def linear(channel: float) -> float:
+        return channel / 12.92 if channel <= 0.04045 else ((channel + 0.055) / 1.055) ** 2.4
+
+    red, green, blue = (linear(int(part) / 255) for part in re.findall(r"\d+", css_color)[:3])
+    return 0.2126 * red + 0.7152 * green + 0.0722 * blue
+
+
+def banner_contrast(page: Any) -> float:
+    """WCAG contrast ratio of the SIMULATED banner's text on its background (4.5 is the AA minimum)."""
+    colors = page.locator(f"{PANEL} .confnb-simulated-banner").evaluate(
+        "banner => { const style = getComputedStyle(banner); return [style.color, style.backgroundColor]; }"
+    )
+    lighter, darker = sorted((_luminance(color) for color in colors), reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+def test_the_panel_works_from_the_keyboard_and_follows_the_dark_theme(page: Any, lab: Any, artifacts_dir: Path) -> None:
+    lab.put_setting("@jupyterlab/apputils-extension:themes", {"theme": "JupyterLab Dark"})
+    try:
+        open_notebook(page, lab, "attested.ipynb", keyboard=True)
+        wait_for_verdict(page, "verified")
+        page.wait_for_selector('body[data-jp-theme-name="JupyterLab Dark"]', state="attached")
+
+        # The verdict is announced to assistive technology, and every control has a name it can read out.
+        verdict = page.locator(f"{PANEL} .confnb-verdict")
+        assert verdict.get_attribute("role") == "status" and verdict.get_attribute("aria-live") == "polite"
+        assert page.get_by_label("File (CSV, Parquet or Arrow)").is_enabled()
+        assert page.get_by_role("button", name="Encrypt and upload").is_enabled()
+        assert page.get_by_role("button", name="Verify again").is_enabled()
+
+        # "Verify again" from the keyboard: fresh evidence under a new nonce.
+        nonce = page.locator(PANEL).get_attribute("data-nonce")
+        page.get_by_role("button", name="Verify again").focus()
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            "nonce => { const p = document.getElementById('confnb-attestation-panel');"
+            " return p.dataset.status === 'verified' && p.dataset.nonce !== nonce; }",
+            arg=nonce,
+            timeout=VERIFY_TIMEOUT_MS,
+        )
+
+        # The panel draws with the dark theme's own colours: dark background, light text.
+        colors = page.locator(PANEL).evaluate(THEME_COLORS)
+        assert colors["background"] == colors["expected_background"], colors
+        assert colors["color"] == colors["expected_color"], colors
+        assert _luminance(colors["background"]) < 0.1 < _luminance(colors["color"]), colors
+        assert banner_contrast(page) >= 4.5  # SIMULATED stays impossible to miss on a dark background
+        page.screenshot(path=str(artifacts_dir / "attestation-panel-dark.png"))
+    finally:
+        lab.put_setting("@jupyterlab/apputils-extension:themes", {"theme": "JupyterLab Light"})
 
 
 def run_cell(page: Any, code: str) -> str:
