@@ -123,6 +123,7 @@ def lab(
     root = tmp_path_factory.mktemp("lab-root")
     _write_notebook(root / "attested.ipynb", "confnb-snp")
     _write_notebook(root / "upload.ipynb", "confnb-snp")
+    _write_notebook(root / "restarted.ipynb", "confnb-snp")
     _write_notebook(root / "tampered.ipynb", TAMPERED_KERNEL)
     _write_notebook(root / "compromised.ipynb", "confnb-snp")
     _write_notebook(root / "plain.ipynb", "python3")

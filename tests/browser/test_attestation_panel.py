@@ -253,6 +253,34 @@ def test_uploaded_csv_arrives_in_the_kernel_as_a_sealed_dataset(page: Any, lab: 
     assert str(visits["cost"].iloc[:3].mean()) not in refused
 
 
+def test_a_restarted_kernel_is_verified_afresh_and_upload_waits_for_it(page: Any, lab: Any) -> None:
+    """A restart is a new launch with new keys: the old verdict must not carry over to the new kernel."""
+    open_notebook(page, lab, "restarted.ipynb")
+    wait_for_verdict(page, "verified")
+    before = json.loads(page.locator("#confnb-evidence-json").text_content() or "")
+    verified_at = len(page.evaluate("window.__confnbStates"))
+
+    page.get_by_role("menuitem", name="Kernel").click()
+    page.get_by_role("menuitem", name=re.compile(r"^Restart Kernel…")).click()
+    page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept").click()  # "Restart"
+    page.wait_for_function(
+        "claims => { const p = document.getElementById('confnb-attestation-panel');"
+        " const shown = document.getElementById('confnb-evidence-json');"
+        " if (p.dataset.status !== 'verified' || !shown) return false;"
+        " return JSON.parse(shown.textContent).claims.hpke_public_key !== claims.hpke_public_key; }",
+        arg=before["claims"],
+        timeout=VERIFY_TIMEOUT_MS,
+    )
+    after = json.loads(page.locator("#confnb-evidence-json").text_content() or "")
+    assert after["claims"]["nonce"] != before["claims"]["nonce"]
+
+    # Between the two verdicts the panel went back to pending, and upload was disabled all that time.
+    since = page.evaluate("window.__confnbStates")[verified_at:]
+    assert any(state["status"] != "verified" for state in since), since
+    assert all(state["disabled"] is True for state in since if state["status"] != "verified"), since
+    assert page.locator(UPLOAD).is_enabled()
+
+
 def test_tampered_evidence_fails_and_keeps_upload_disabled(page: Any, lab: Any) -> None:
     open_notebook(page, lab, "tampered.ipynb")
     wait_for_verdict(page, "failed")
