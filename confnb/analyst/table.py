@@ -52,7 +52,8 @@ _REFUSED: Final = {
     ),
     **dict.fromkeys(
         ("head", "tail", "sample", "iloc", "loc", "at", "iat", "iterrows", "itertuples", "items", "show"),
-        "t.preview() shows what the output policy allows.",
+        "t.preview() shows what the output policy allows; t.mock() makes up rows with the same columns and types "
+        "to try code on.",
     ),
     **dict.fromkeys(
         ("shape", "size", "index", "empty"),
@@ -570,6 +571,25 @@ class SealedTable:
         reply, _ = self._session.request({"op": "preview", "plan": self._plan})
         preview = reply.get("preview")
         return dict(preview) if isinstance(preview, dict) else {}
+
+    @short_traceback
+    def mock(self, rows: int = 100, seed: int = 0, null_rate: float = 0.0) -> pd.DataFrame:
+        """Made-up rows with this table's columns and types, to write and debug pandas code on before running it
+        here (needs the policy's ``schema`` release kind). The values come from ``seed`` alone, never from the data;
+        ``null_rate`` makes that share of each nullable column's values null.
+        """
+        import pyarrow as pa
+
+        from confnb.analyst.mock import mock_table
+
+        _, buffers = self._session.request({"op": "schema", "plan": self._plan, "arrow": True})
+        if len(buffers) != 1:
+            raise VaultError("the vault sent no schema to make mock data from")
+        try:
+            schema = pa.ipc.open_stream(pa.py_buffer(buffers[0])).schema
+        except (pa.ArrowException, ValueError, OSError):
+            raise VaultError("the vault's schema is not an Arrow IPC stream") from None
+        return mock_table(schema, rows, seed, null_rate).to_pandas()
 
     @short_traceback
     def seal(self, path: str | os.PathLike[str]) -> Path:

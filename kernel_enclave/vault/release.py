@@ -188,6 +188,41 @@ def schema(
     return schema_of(evaluate_node(node, empty_sources(sources)))
 
 
+def schema_table(
+    plan: Mapping[str, Any], sources: Mapping[str, SourceTable], policies: Mapping[str, OutputPolicy]
+) -> pa.Table:
+    """A table with no rows and the result's schema, for the analyst's mock data (``SealedTable.mock``).
+
+    Rebuilt from the types alone: a zero-row slice of a dictionary column still carries its dictionary (the
+    category values), and a schema's metadata can carry pandas' index values; neither may leave with the schema.
+    """
+    node = parse_plan(plan)
+    require_kind("schema", node_datasets(node, sources), policies)
+    found = evaluate_node(node, empty_sources(sources)).table.schema
+    return pa.schema([pa.field(f.name, bare_type(f.type), f.nullable) for f in found]).empty_table()
+
+
+def bare_type(arrow_type: pa.DataType) -> pa.DataType:
+    """``arrow_type`` with every nested field rebuilt without its metadata."""
+
+    def field(child: pa.Field) -> pa.Field:
+        return pa.field(child.name, bare_type(child.type), child.nullable)
+
+    if pa.types.is_struct(arrow_type):
+        return pa.struct([field(arrow_type.field(i)) for i in range(arrow_type.num_fields)])
+    if pa.types.is_map(arrow_type):
+        return pa.map_(field(arrow_type.key_field), field(arrow_type.item_field), arrow_type.keys_sorted)
+    if pa.types.is_fixed_size_list(arrow_type):
+        return pa.list_(field(arrow_type.value_field), arrow_type.list_size)
+    if pa.types.is_large_list(arrow_type):
+        return pa.large_list(field(arrow_type.value_field))
+    if pa.types.is_list(arrow_type):
+        return pa.list_(field(arrow_type.value_field))
+    if pa.types.is_dictionary(arrow_type):
+        return pa.dictionary(arrow_type.index_type, bare_type(arrow_type.value_type), arrow_type.ordered)
+    return arrow_type
+
+
 def preview(
     plan: Mapping[str, Any], sources: Mapping[str, SourceTable], policies: Mapping[str, OutputPolicy]
 ) -> dict[str, Any]:

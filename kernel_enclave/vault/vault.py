@@ -303,10 +303,12 @@ class Vault:
     # -- tables -----------------------------------------------------------------------------------------------
 
     def _schema(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        """Names and types; with ``"arrow": true`` also the schema as a zero-row Arrow table (for mock data)."""
         tree = _plan(header)
         columns = release.schema(tree, self._sources, self._policies)
+        out = [ipc_bytes(release.schema_table(tree, self._sources, self._policies))] if header.get("arrow") else []
         self.audit.append("release", kind="schema", operation=digest_of(tree))
-        return {"ok": True, "columns": columns}, []
+        return {"ok": True, "columns": columns}, out
 
     def _preview(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         tree = _plan(header)

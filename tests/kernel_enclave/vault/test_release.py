@@ -28,6 +28,7 @@ from kernel_enclave.vault.release import (
     release,
     require_kind,
     schema,
+    schema_table,
 )
 
 
@@ -498,6 +499,30 @@ def test_schema_touches_no_rows(patients: dict[str, SourceTable]) -> None:
     assert schema(plan, patients, {"hospital": policy("h")})[-1] == {"name": "n", "type": "int64"}
     with pytest.raises(VaultError):
         evaluate(plan, patients)
+
+
+def test_the_schema_table_carries_types_and_nothing_of_the_data() -> None:
+    """A zero-row slice keeps a dictionary column's categories and a schema keeps pandas' metadata: both stripped."""
+    wards = pa.array(["SECRET-WARD-A", "SECRET-WARD-B"] * 10).dictionary_encode()
+    nested = pa.array([{"code": "SECRET-CODE"}] * 20)
+    table = pa.table({"ward": wards, "age": pa.array(range(20), pa.int64()), "extra": nested})
+    field_with_metadata = table.schema.field("age").with_metadata({b"note": b"SECRET-FIELD"})
+    table = table.cast(
+        table.schema.set(1, field_with_metadata).with_metadata({b"pandas": b'{"index": "SECRET-INDEX"}'})
+    )
+    sources = {"t": SourceTable.from_dataset("hospital", table)}
+    empty = schema_table(src(), sources, {"hospital": policy("h", allow=("schema",))})
+    assert empty.num_rows == 0
+    assert empty.schema.names == ["ward", "age", "extra"]
+    assert empty.schema.field("ward").type == pa.dictionary(pa.int32(), pa.string())
+    assert empty.schema.metadata is None and empty.schema.field("age").metadata is None
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, empty.schema) as writer:
+        writer.write_table(empty)
+    assert b"SECRET" not in sink.getvalue().to_pybytes()
+    with pytest.raises(PolicyViolation) as caught:
+        schema_table(src(), sources, {"hospital": policy("h", allow=("aggregate",))})
+    assert caught.value.rule == "release.allow"
 
 
 def test_preview(patients: dict[str, SourceTable]) -> None:
