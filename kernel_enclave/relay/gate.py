@@ -291,7 +291,7 @@ def _redacted_traceback(ename: object, traceback: object, refusal: str | None = 
                 if found:
                     line = found.group(1)
                     break
-    where = f"{name}" if line is None else f"{name} at line {line} of the cell"
+    where = name if line is None else f"{name} at line {line} of the cell"
     if refusal is not None:
         where += f": withheld by the data owner's output policy {refusal}"
     return name, [f"{where} (details withheld by the display policy)"]
