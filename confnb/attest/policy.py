@@ -17,33 +17,14 @@ from typing import Any
 
 from confnb.attest.errors import PolicyError
 from confnb.attest.report import Product
-from confnb.attest.tcb import COMPONENTS
-from confnb.policy.toml import TableReader, parse_toml, read_policy_text
+from confnb.policy.schema import GUEST_POLICY_BITS, PLATFORM_INFO_BITS
+from confnb.policy.toml import KeyLines, TableReader, brief, parse_policy, read_policy_text
 
 _SIGNING_KEYS = ("VCEK", "VLEK")
 _FIRMWARE = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?$")
 _ABI = re.compile(r"^(\d+)\.(\d+)$")
-_BY_PRODUCT = ("min_tcb_by_product", "min_launch_tcb_by_product")  # filled from min_tcb / min_launch_tcb tables
 
-# Policy-file names of the guest POLICY and PLATFORM_INFO bits, and the report attributes they read.
-GUEST_POLICY_BITS = {
-    "smt_allowed": "smt_allowed",
-    "single_socket": "single_socket",
-    "cxl_allowed": "cxl_allowed",
-    "mem_aes_256_xts": "mem_aes_256_xts",
-    "rapl_disabled": "rapl_disabled",
-    "ciphertext_hiding": "ciphertext_hiding",
-    "page_swap_disabled": "page_swap_disabled",
-}
-PLATFORM_INFO_BITS = {
-    "smt_enabled": "smt_enabled",
-    "tsme_enabled": "tsme_enabled",
-    "ecc_enabled": "ecc_enabled",
-    "rapl_disabled": "rapl_disabled",
-    "ciphertext_hiding_enabled": "ciphertext_hiding_enabled",
-    "alias_check_complete": "alias_check_complete",
-    "tio_enabled": "tio_enabled",
-}
+__all__ = ["GUEST_POLICY_BITS", "PLATFORM_INFO_BITS", "AttestationPolicy"]
 
 
 @dataclass(frozen=True)
@@ -121,22 +102,20 @@ class AttestationPolicy:
 
     @classmethod
     def from_toml(cls, text: str, source: str = "<policy>") -> AttestationPolicy:
-        document = parse_toml(text, source)
+        """Read the ``[attestation]`` table; the file's other tables must be known ones (checked, not read)."""
+        document = parse_policy(text, source)
         table = document.get("attestation")
         if table is None:
             raise PolicyError(f"{source}: no [attestation] table")
-        return _Reader(text, source, "attestation").read(table)
+        return _Reader(KeyLines(text), source, "attestation").read(table)
 
 
 class _Reader(TableReader):
-    """Validates the ``[attestation]`` table key by key, naming the line of each offending key."""
+    """Validates the values of the ``[attestation]`` table, whose names the schema has already checked."""
 
     def read(self, table: Any) -> AttestationPolicy:
         if not isinstance(table, dict):
             raise self.fail("", "must be a table")
-        self.reject_unknown(
-            table, {name for name in AttestationPolicy.__dataclass_fields__ if name != "source"} - set(_BY_PRODUCT)
-        )
         values: dict[str, Any] = {"source": self.source}
         for key in (
             "allow_simulated",
@@ -191,7 +170,7 @@ class _Reader(TableReader):
     def firmware(self, key: str, value: Any) -> tuple[int, int, int]:
         match = _FIRMWARE.match(value) if isinstance(value, str) else None
         if not match:
-            raise self.fail(key, f'must be a version like "1.55" or "1.55.29", not {value!r}')
+            raise self.fail(key, f'must be a version like "1.55" or "1.55.29", not {brief(value)}')
         major, minor, build = (int(part or 0) for part in match.groups())
         return (major, minor, build)
 
@@ -199,8 +178,6 @@ class _Reader(TableReader):
         if not isinstance(value, dict):
             raise self.fail(key, "must be a table of SPLs such as { bootloader = 3, snp = 8 }")
         for name, spl in value.items():
-            if name not in COMPONENTS:
-                raise self.fail(f"{key}.{name}", f"unknown TCB component (known: {', '.join(COMPONENTS)})")
             self.integer(f"{key}.{name}", spl, 0, 255)
         return dict(value)
 
@@ -218,13 +195,11 @@ class _Reader(TableReader):
         if not isinstance(value, dict):
             raise self.fail(key, f"must be a table of flags such as {{ {next(iter(known))} = false }}")
         for name, flag in value.items():
-            if name not in known:
-                raise self.fail(f"{key}.{name}", f"unknown flag (known: {', '.join(known)})")
             self.boolean(f"{key}.{name}", flag)
         return dict(value)
 
     def abi(self, key: str, value: Any) -> tuple[int, int]:
         match = _ABI.match(value) if isinstance(value, str) else None
         if not match:
-            raise self.fail(key, f'must be a version like "1.51", not {value!r}')
+            raise self.fail(key, f'must be a version like "1.51", not {brief(value)}')
         return (int(match.group(1)), int(match.group(2)))

@@ -11,7 +11,7 @@ from confnb.attest.policy import AttestationPolicy
 from confnb.cli.common import EXIT_OK, UsageError, print_json, write_output
 from confnb.policy.explain import explain_attestation, explain_output
 from confnb.policy.output import OutputPolicy, has_output_policy
-from confnb.policy.toml import parse_toml, read_policy_text
+from confnb.policy.toml import parse_policy, read_policy_text
 
 TEMPLATES = {
     "attestation": """\
@@ -84,9 +84,9 @@ def register(subcommands: Any) -> None:
 
 
 def load_policies(path: str) -> tuple[AttestationPolicy | None, OutputPolicy | None]:
-    """Both halves of a policy file (either may be absent, not both)."""
+    """Both halves of a policy file (either may be absent, not both); any name, at any level, must be known."""
     text = read_policy_text(path)
-    document = parse_toml(text, path)
+    document = parse_policy(text, path)
     attestation = AttestationPolicy.from_toml(text, path) if "attestation" in document else None
     output = OutputPolicy.from_toml(text, path) if has_output_policy(document) else None
     if attestation is None and output is None:

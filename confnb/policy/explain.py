@@ -34,6 +34,8 @@ def explain_output(policy: OutputPolicy) -> list[str]:
             )
         else:
             lines.append("Aggregates over groups of any size may be released, even single records (min_group_size 1).")
+    if "row_count" in policy.allow and policy.min_group_size > 1:
+        lines.append(f"A row count is released only when it counts at least {policy.min_group_size} records.")
     if policy.never_release:
         lines.append(
             "These columns appear in no released result, not even as group keys or through derived columns: "

@@ -9,30 +9,34 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from confnb.attest.errors import PolicyError
-from confnb.policy.toml import TableReader, parse_toml, read_policy_text
+from confnb.policy.schema import OUTPUT_TABLES, POLICY_TABLES, check_names
+from confnb.policy.toml import KeyLines, TableReader, brief, parse_policy, read_policy_text
 
 RELEASE_KINDS = ("schema", "row_count", "aggregate", "model_metrics", "model_parameters", "predict_public")
 TRACEBACK_MODES = ("full", "redacted")  # redacted: exception type and cell line only
 _STRICTNESS = {"full": 0, "redacted": 1}
 DEFAULT_MIME = ("text/plain",)
 DEFAULT_MAX_OUTPUT_BYTES = 1_000_000
+# A policy that does not say how many records a released number needs gets a safe floor, never "a single record":
+# an owner who allows aggregates and forgets the rule must not release one patient's value. Writing 1 still works.
+DEFAULT_MIN_GROUP_SIZE = 10
 _ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
-OUTPUT_TABLES = ("policy", "release", "display")
 
 
 @dataclass(frozen=True)
 class OutputPolicy:
-    """One owner's rules. Defaults deny every release kind and show only plain text, with tracebacks redacted."""
+    """One owner's rules. Defaults deny every release kind, set min_group_size 10, show only plain text, and redact
+    tracebacks."""
 
     id: str
     allow: frozenset[str] = frozenset()
-    min_group_size: int = 1
+    min_group_size: int = DEFAULT_MIN_GROUP_SIZE
     never_release: frozenset[str] = frozenset()
     max_rows: int | None = None
     mime: tuple[str, ...] = DEFAULT_MIME
@@ -73,36 +77,40 @@ class OutputPolicy:
         return cls.from_toml(read_policy_text(path), source=str(path))
 
     @classmethod
-    def from_toml(cls, text: str, source: str = "<policy>") -> OutputPolicy:
-        document = parse_toml(text, source)
-        if not any(table in document for table in OUTPUT_TABLES):
+    def from_toml(cls, text: str, source: str = "<policy>", *, tables: Collection[str] = POLICY_TABLES) -> OutputPolicy:
+        """Read the output half of a policy file; every other table must be one ``tables`` names, and known.
+
+        An upload's policy passes ``tables=OUTPUT_TABLES``: an ``[attestation]`` table there would bind nothing.
+        """
+        document = parse_policy(text, source, tables=tables)
+        if not has_output_policy(document):
             raise PolicyError(f"{source}: no output policy ([policy], [release], [display] tables)")
-        return _read(text, source, document)
+        return _read(KeyLines(text), source, document)
 
     @classmethod
     def from_dict(cls, document: dict[str, Any], source: str = "<policy>") -> OutputPolicy:
         """The inverse of :meth:`to_dict`, validated as strictly as a file (the vault gets policies as JSON)."""
-        if not isinstance(document, dict) or not has_output_policy(document):
+        check_names(document, source, tables=OUTPUT_TABLES)
+        if not has_output_policy(document):
             raise PolicyError(f"{source}: no output policy ([policy], [release], [display] tables)")
-        return _read("", source, document)
+        return _read(KeyLines(""), source, document)
 
 
 def has_output_policy(document: dict[str, Any]) -> bool:
     return any(table in document for table in OUTPUT_TABLES)
 
 
-def _read(text: str, source: str, document: dict[str, Any]) -> OutputPolicy:
+def _read(lines: KeyLines, source: str, document: dict[str, Any]) -> OutputPolicy:
+    """Typed values of the output tables, whose names :func:`check_names` has already checked."""
     values: dict[str, Any] = {}
-    identity = TableReader(text, source, "policy")
+    identity = TableReader(lines, source, "policy")
     table = identity.table_of("", document.get("policy", {}), '{ id = "claims-2026-v1" }')
-    identity.reject_unknown(table, {"id"})
     if "id" not in table:
         raise PolicyError(f'{source}: [policy] needs an id, e.g. id = "claims-2026-v1"')
     values["id"] = identity.string("id", table["id"], _ID_PATTERN, "1-128 letters, digits or . _ : -")
 
-    release = TableReader(text, source, "release")
+    release = TableReader(lines, source, "release")
     table = release.table_of("", document.get("release", {}), '{ allow = ["aggregate"] }')
-    release.reject_unknown(table, {"allow", "min_group_size", "never_release", "max_rows"})
     if "allow" in table:
         values["allow"] = frozenset(release.choices("allow", table["allow"], RELEASE_KINDS, allow_empty=True))
     if "min_group_size" in table:
@@ -112,21 +120,20 @@ def _read(text: str, source: str, document: dict[str, Any]) -> OutputPolicy:
     if "max_rows" in table:
         values["max_rows"] = release.integer("max_rows", table["max_rows"], 0, 10**12)
 
-    display = TableReader(text, source, "display")
+    display = TableReader(lines, source, "display")
     table = display.table_of("", document.get("display", {}), '{ mime = ["text/plain"] }')
-    display.reject_unknown(table, {"mime", "max_output_bytes", "tracebacks"})
     if "mime" in table:
         mime = display.strings("mime", table["mime"])
         for item in mime:
             if "/" not in item or item.count("/") != 1 or " " in item:
-                raise display.fail("mime", f"{item!r} is not a MIME type such as text/plain")
+                raise display.fail("mime", f"{brief(item)} is not a MIME type such as text/plain")
         values["mime"] = mime
     if "max_output_bytes" in table:
         values["max_output_bytes"] = display.integer("max_output_bytes", table["max_output_bytes"], 0, 10**10)
     if "tracebacks" in table:
         mode = table["tracebacks"]
         if mode not in TRACEBACK_MODES:
-            raise display.fail("tracebacks", f"must be one of {', '.join(TRACEBACK_MODES)}, not {mode!r}")
+            raise display.fail("tracebacks", f"must be one of {', '.join(TRACEBACK_MODES)}, not {brief(mode)}")
         values["tracebacks"] = mode
     return OutputPolicy(**values, sources=(values["id"],))
 

@@ -50,6 +50,36 @@ def test_output_policy_tables_beside_attestation_are_left_alone():
 
 
 @pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ("[relese]\nallow = []\n", "policy.toml:3: [relese]: unknown table (did you mean [release]?)"),
+        ("[release]\nmax_row = 5\n", "policy.toml:4: release.max_row: unknown key (did you mean 'max_rows'?)"),
+        ('[privacy]\nmode = "dp"\n', "policy.toml:3: [privacy]: this version of confnb does not support"),
+    ],
+)
+def test_an_unknown_table_beside_attestation_is_refused_though_this_half_does_not_read_it(tmp_path, extra, error):
+    # The broker reads only [attestation] from its attestation.toml; a misspelt table there is still an error.
+    text = "[attestation]\nmax_vmpl = 1\n" + extra
+    with pytest.raises(PolicyError) as caught:
+        AttestationPolicy.from_toml(text, source="policy.toml")
+    assert str(caught.value).startswith(error)
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    with pytest.raises(PolicyError) as caught:
+        AttestationPolicy.load(path)
+    assert str(caught.value).startswith(error.replace("policy.toml", str(path), 1))
+
+
+def test_the_schema_knows_every_key_the_reader_reads():
+    from dataclasses import fields
+
+    from confnb.policy.schema import ATTESTATION
+
+    read = {f.name for f in fields(AttestationPolicy)} - {"source", "min_tcb_by_product", "min_launch_tcb_by_product"}
+    assert set(ATTESTATION.children) == read
+
+
+@pytest.mark.parametrize(
     ("text", "line", "fragment"),
     [
         ("[attestation]\nreject_debg = true\n", 2, "attestation.reject_debg: unknown key"),
@@ -68,6 +98,25 @@ def test_output_policy_tables_beside_attestation_are_left_alone():
         ("[attestation]\nmax_evidence_age_s = 0\n", 2, "max_evidence_age_s"),
         ('[attestation]\nproducts = ["Venice"]\n', 2, "'Venice' is not one of Milan, Genoa, Turin"),
         ("[attestation]\nguest_policy = { debug = false }\n", 2, "attestation.guest_policy.debug: unknown flag"),
+        ("[attestation]\nreject_debg = true\n", 2, "unknown key (did you mean 'reject_debug'?)"),
+        ("[attestation]\n[attestation.extra]\nx = 1\n", 2, "attestation.extra: unknown key"),
+        (
+            "[attestation]\n\n[attestation.min_tcb.Turn]\nsnp = 1\n",
+            3,
+            "attestation.min_tcb.Turn: unknown TCB component or product (did you mean 'Turin'?)",
+        ),
+        (
+            "[attestation.min_tcb.Genoa]\nsnp = 1\nspn = 2\n",
+            3,
+            "attestation.min_tcb.Genoa.spn: unknown TCB component (did you mean 'snp'?)",
+        ),
+        (
+            "[attestation]\nmin_launch_tcb = { Milan = { tee = 1, xx = 1 } }\n",
+            2,
+            "attestation.min_launch_tcb.Milan.xx: unknown TCB component",
+        ),
+        ("[attestation]\nplatform_info.smt = true\n", 2, "attestation.platform_info.smt: unknown flag"),
+        ("[attestation]\nmin_tcb = { Turin = 3 }\n", 2, "attestation.min_tcb.Turin: must be a table of SPLs"),
         (
             "[attestation]\n[attestation.platform_info]\ntsme_enabled = 1\n",
             3,

@@ -38,6 +38,21 @@ def test_defaults_deny():
     assert policy.mime == ("text/plain",) and policy.tracebacks == "redacted"
 
 
+def test_a_policy_silent_on_min_group_size_needs_10_records_and_says_so():
+    from confnb.policy.explain import explain_output
+
+    silent = OutputPolicy.from_toml('[policy]\nid = "p"\n[release]\nallow = ["aggregate", "row_count"]\n')
+    assert silent.min_group_size == 10
+    assert OutputPolicy.from_dict(silent.to_dict()).min_group_size == 10  # what the vault receives says 10
+    explained = "\n".join(explain_output(silent))
+    assert "at least 10 records; smaller groups are suppressed" in explained
+    assert "A row count is released only when it counts at least 10 records." in explained
+    assert "single records" not in explained
+    # The twin: an owner who means single records must say so, and the explanation says it plainly.
+    single = OutputPolicy.from_toml('[policy]\nid = "p"\n[release]\nallow = ["aggregate"]\nmin_group_size = 1\n')
+    assert single.min_group_size == 1 and "even single records" in "\n".join(explain_output(single))
+
+
 def test_the_same_file_can_carry_the_attestation_half():
     from confnb.attest.policy import AttestationPolicy
 
