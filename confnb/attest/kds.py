@@ -5,6 +5,13 @@ while what it serves barely changes: a VCEK for a (product, hwID, TCB) triple is
 live for 25 years, and only the CRLs roll over. So everything is cached on disk and the network is the
 fallback, never the first resort; with ``CONFNB_OFFLINE`` it is never used at all.
 
+A server (the key broker) must not let a stranger's request make it wait on AMD: evidence without certificates and
+with a made-up CHIP_ID would otherwise buy a fetch, with retries, per request. :meth:`KdsClient.for_server` builds a
+client that never waits: one fetch per cache entry at a time (single-flight; a second asker is told to retry, not
+queued), a bounded number of fetches at all, no retry loop, one short deadline per fetch, a pause for every fetch
+after KDS answers 429/503, and failures remembered per entry for a while, so a flood costs AMD and the broker a
+handful of requests instead of one per request.
+
 The cache is *not* a trust anchor: the verifier checks every signature up to a pinned ARK no matter where a
 certificate came from. What is checked here is only that a response is the kind of object that was asked for
 (and, for a VCEK, that it is for the requested chip and TCB), because anything cached is kept for a long
@@ -26,7 +33,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -42,6 +51,7 @@ from confnb.fileio import write_atomically
 __all__ = [
     "DEFAULT_BASE_URL",
     "KdsClient",
+    "KdsDeferredError",
     "cert_chain_url",
     "crl_url",
     "default_cache_dir",
@@ -69,6 +79,14 @@ _RETRY_STATUSES = frozenset({429, 503})
 # AMD's responses are a few KiB; the cap keeps a misbehaving proxy from making us buffer something huge.
 MAX_RESPONSE_BYTES = 1 << 20
 _USER_AGENT = "confnb-kds/1"
+_READ_CHUNK = 64 * 1024
+# A server's pause after 429/503 without a usable Retry-After, and the longest it believes one: a Retry-After of
+# years (a broken proxy) must not switch fetching off for good.
+SERVER_BACKOFF_S = 10.0
+MAX_SERVER_BACKOFF_S = 600.0
+# How many failed cache entries a client remembers; the oldest is forgotten first. Random CHIP_IDs make new
+# entries without end, so the memory of failures has to be bounded too.
+MAX_REMEMBERED_FAILURES = 4096
 
 
 def default_cache_dir() -> Path:
@@ -265,12 +283,27 @@ def _crl_is_stale(crl: x509.CertificateRevocationList, now: dt.datetime) -> bool
     return next_update is None or next_update <= now
 
 
+class KdsDeferredError(KdsError):
+    """A fetch was not attempted (another is in flight, the budget is spent, KDS asked us to pause): retry later."""
+
+
+@dataclass
+class _KeyLock:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+
+
 class KdsClient:
     """Fetches VCEKs, product chains and CRLs from KDS, cache first; safe to share between threads.
 
     The cache layout (under ``cache_dir``) is meant to be inspectable and pre-seedable by hand for air-gapped
     hosts: ``vcek/<Product>/<hwID hex>/<TCB hex>.der``, ``cert_chain/<Product>/<vcek|vlek>.pem`` and
     ``crl/<Product>/<vcek|vlek>.crl``.
+
+    By default a caller waits: for another thread fetching the same entry, for ``min_interval_s`` and for KDS's
+    Retry-After (within ``max_wait_s``), which suits a command line. ``wait=False`` never waits (see the module
+    docstring); ``max_in_flight`` bounds concurrent fetches, ``deadline_s`` bounds one fetch end to end and
+    ``negative_ttl_s`` is how long a failed entry is answered from memory.
     """
 
     def __init__(
@@ -284,6 +317,10 @@ class KdsClient:
         *,
         min_interval_s: float = 0.0,
         sleep: Callable[[float], None] = time.sleep,
+        wait: bool = True,
+        max_in_flight: int | None = None,
+        deadline_s: float | None = None,
+        negative_ttl_s: float = 0.0,
     ) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         url = base_url if base_url is not None else os.environ.get(ENV_URL) or DEFAULT_BASE_URL
@@ -293,8 +330,10 @@ class KdsClient:
             raise ValueError(f"KDS base URL must be http(s), not {url!r}")
         self.base_url = url.rstrip("/")
         self.offline = _offline_from_env() if offline is None else bool(offline)
-        if timeout_s <= 0 or max_wait_s < 0 or min_interval_s < 0:
-            raise ValueError("timeout_s must be positive; max_wait_s and min_interval_s non-negative")
+        if timeout_s <= 0 or max_wait_s < 0 or min_interval_s < 0 or negative_ttl_s < 0:
+            raise ValueError("timeout_s must be positive; max_wait_s, min_interval_s and negative_ttl_s non-negative")
+        if (max_in_flight is not None and max_in_flight < 1) or (deadline_s is not None and deadline_s <= 0):
+            raise ValueError("max_in_flight must be at least 1 and deadline_s positive")
         self.timeout_s = float(timeout_s)
         self.max_wait_s = float(max_wait_s)
         self.min_interval_s = float(min_interval_s)
@@ -304,8 +343,38 @@ class KdsClient:
         self._next_request_at = float("-inf")
         # One lock per cache file: concurrent verifications of reports from one chip fetch its VCEK once
         # instead of each spending a request of KDS's tiny budget (and it serialises writes to that file).
-        self._key_locks: dict[Path, threading.Lock] = {}
+        # Entries live only while someone holds or waits for them, so made-up CHIP_IDs cannot grow the map.
+        self._key_locks: dict[Path, _KeyLock] = {}
         self._key_locks_guard = threading.Lock()
+        self.wait = bool(wait)
+        self.deadline_s = deadline_s
+        self.negative_ttl_s = float(negative_ttl_s)
+        self._slots = threading.BoundedSemaphore(max_in_flight) if max_in_flight is not None else None
+        self._failures: OrderedDict[Path, tuple[float, str]] = OrderedDict()
+        self._failures_lock = threading.Lock()
+        self._paused_until = float("-inf")
+
+    @classmethod
+    def for_server(
+        cls, cache_dir: Path | None = None, base_url: str | None = None, offline: bool | None = None
+    ) -> KdsClient:
+        """A client for a network service: never waits, one fetch at a time, 5 s per fetch, failures kept 5 min.
+
+        A request's worst case is then one 5 s fetch, and only while no other fetch runs; every other miss is
+        answered at once with a :class:`KdsDeferredError` naming when to retry.
+        """
+        return cls(
+            cache_dir,
+            base_url,
+            offline,
+            timeout_s=5.0,
+            max_wait_s=0.0,
+            min_interval_s=1.0,
+            wait=False,
+            max_in_flight=1,
+            deadline_s=5.0,
+            negative_ttl_s=300.0,
+        )
 
     def __repr__(self) -> str:
         where = f"cache_dir={str(self.cache_dir)!r}, base_url={self.base_url!r}"
@@ -350,7 +419,10 @@ class KdsClient:
         path = self.vcek_path(product, hw_id, tcb)
         hw = _normalise_hw_id(product, hw_id)
         what = f"the VCEK of {product.value} chip {_short_hex(hw)} at TCB {tcb}"
-        with self._key_lock(path):
+        cached = self._read_vcek(path, product, hw, tcb)
+        if cached is not None:
+            return cached
+        with self._key_lock(path, what):
             cached = self._read_vcek(path, product, hw, tcb)
             if cached is not None:
                 return cached
@@ -358,7 +430,7 @@ class KdsClient:
             body = self._fetch(url, what, path)
             problem = _validate_vcek(body, product, hw, tcb)
             if problem is not None:
-                raise KdsError(f"KDS answered {url} with something that is not {what}: {problem}")
+                raise self._remember(path, KdsError(f"KDS answered {url} with something that is not {what}: {problem}"))
             self._write(path, body)
             return body
 
@@ -387,7 +459,10 @@ class KdsClient:
         key = _check_signing_key(signing_key)
         path = self.cert_chain_path(product, key)
         what = f"the {product.value} {key.upper()} certificate chain"
-        with self._key_lock(path):
+        cached = self._read_chain(path, product, key)
+        if cached is not None:
+            return cached
+        with self._key_lock(path, what):
             cached = self._read_chain(path, product, key)
             if cached is not None:
                 return cached
@@ -396,7 +471,8 @@ class KdsClient:
             try:
                 chain = _parse_chain(body, product, key, check_signatures=True)
             except (CertificateError, ValueError) as exc:
-                raise KdsError(f"KDS answered {url} with something that is not {what}: {exc}") from None
+                error = KdsError(f"KDS answered {url} with something that is not {what}: {exc}")
+                raise self._remember(path, error) from None
             self._write(path, _to_pem(chain))
             return [cert.der for cert in chain]
 
@@ -416,8 +492,10 @@ class KdsClient:
             chain = _parse_chain(pem, product, key, check_signatures=True)
         except (CertificateError, ValueError) as exc:
             raise KdsError(f"not caching the {product.value} {key.upper()} chain: {exc}") from None
-        with self._key_lock(path):
+        with self._key_lock(path, f"the {product.value} {key.upper()} certificate chain"):
             self._write(path, _to_pem(chain))
+        with self._failures_lock:
+            self._failures.pop(path, None)
 
     def _read_chain(self, path: Path, product: Product, key: str) -> list[bytes] | None:
         data = self._read(path)
@@ -443,7 +521,7 @@ class KdsClient:
         key = _check_signing_key(signing_key)
         path = self.crl_path(product, key)
         what = f"the {product.value} {key.upper()} CRL"
-        with self._key_lock(path):
+        with self._key_lock(path, what):
             data = self._read(path)
             stale: bytes | None = None
             if data is not None:
@@ -470,18 +548,74 @@ class KdsClient:
             try:
                 _parse_crl(body)
             except ValueError as exc:
-                raise KdsError(f"KDS answered {url} with something that is not {what}: {exc}") from None
+                raise self._remember(
+                    path, KdsError(f"KDS answered {url} with something that is not {what}: {exc}")
+                ) from None
             self._write(path, body)
             return body
 
     # --- plumbing ------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _key_lock(self, path: Path) -> Iterator[None]:
+    def _key_lock(self, path: Path, what: str) -> Iterator[None]:
+        """Single-flight per cache entry; without ``wait`` a second asker is deferred instead of queued."""
         with self._key_locks_guard:
-            lock = self._key_locks.setdefault(path, threading.Lock())
-        with lock:
+            entry = self._key_locks.setdefault(path, _KeyLock())
+            entry.users += 1
+        try:
+            if not entry.lock.acquire(blocking=self.wait):
+                raise KdsDeferredError(f"{what} is being fetched from KDS for another request; retry in a few seconds")
+            try:
+                yield
+            finally:
+                entry.lock.release()
+        finally:
+            with self._key_locks_guard:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._key_locks[path]
+
+    def _remember(self, path: Path, error: KdsError) -> KdsError:
+        """Keep a failed entry's error for ``negative_ttl_s``, so asking again costs KDS nothing; returns it."""
+        if self.negative_ttl_s > 0 and not isinstance(error, KdsDeferredError):
+            with self._failures_lock:
+                self._failures[path] = (time.monotonic() + self.negative_ttl_s, str(error))
+                self._failures.move_to_end(path)
+                while len(self._failures) > MAX_REMEMBERED_FAILURES:
+                    self._failures.popitem(last=False)
+        return error
+
+    def _remembered(self, path: Path) -> KdsError | None:
+        with self._failures_lock:
+            entry = self._failures.get(path)
+            if entry is None:
+                return None
+            until, message = entry
+            left = until - time.monotonic()
+            if left <= 0:
+                del self._failures[path]
+                return None
+        return KdsError(f"{message} (failed recently; KDS is not asked again for another {left:.0f} s)")
+
+    @contextlib.contextmanager
+    def _slot(self, what: str) -> Iterator[None]:
+        if self._slots is None:
             yield
+            return
+        if not self._slots.acquire(blocking=self.wait):
+            raise KdsDeferredError(f"not fetching {what}: other KDS fetches are in progress; retry in a few seconds")
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def _pause(self, status: int, retry_after: str | None) -> float:
+        """After 429/503 nobody fetches for a while: KDS limits the client, not one URL. Returns the pause."""
+        pause = _retry_after_seconds(retry_after, dt.datetime.now(dt.UTC))
+        pause = min(max(SERVER_BACKOFF_S if pause is None else pause, MIN_RETRY_DELAY_S), MAX_SERVER_BACKOFF_S)
+        with self._throttle_lock:
+            self._paused_until = max(self._paused_until, time.monotonic() + pause)
+        return pause
 
     def _read(self, path: Path) -> bytes | None:
         try:
@@ -520,19 +654,40 @@ class KdsClient:
     def _throttle(self) -> None:
         """Space requests ``min_interval_s`` apart across threads; the slot is reserved under the lock so that
         the sleep can happen outside it without two threads picking the same slot."""
-        if self.min_interval_s <= 0:
-            return
         with self._throttle_lock:
             now = time.monotonic()
+            if not self.wait:
+                start = max(self._next_request_at, self._paused_until)
+                if start > now:
+                    raise KdsDeferredError(
+                        f"KDS requests are paused for another {start - now:.1f} s (rate limit); retry then"
+                    )
+                self._next_request_at = now + self.min_interval_s
+                return
+            if self.min_interval_s <= 0:
+                return
             start = max(now, self._next_request_at)
             self._next_request_at = start + self.min_interval_s
         if start > now:
             self._sleep(start - now)
 
     def _fetch(self, url: str, what: str, cache_path: Path) -> bytes:
-        """GET ``url``, waiting out 429/503 within ``max_wait_s``; every other failure is one KdsError."""
+        """GET ``url`` once per cache entry at most every ``negative_ttl_s``; failures are one KdsError."""
         if self.offline:
             raise KdsError(f"{what} is not in the cache at {cache_path} and offline mode is on ({ENV_OFFLINE})")
+        remembered = self._remembered(cache_path)
+        if remembered is not None:
+            raise remembered
+        with self._slot(what):
+            try:
+                return self._get(url, what)
+            except KdsError as exc:
+                self._remember(cache_path, exc)
+                raise
+
+    def _get(self, url: str, what: str) -> bytes:
+        """GET ``url``, waiting out 429/503 within ``max_wait_s`` (unless ``wait`` is off) and ``deadline_s``."""
+        deadline = None if self.deadline_s is None else time.monotonic() + self.deadline_s
         waited = 0.0
         backoff = INITIAL_BACKOFF_S
         attempt = 0
@@ -540,11 +695,14 @@ class KdsClient:
         while True:
             attempt += 1
             self._throttle()
+            timeout = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
+            if timeout <= 0:
+                raise KdsError(f"cannot fetch {what} from {url}: no answer within {self.deadline_s:g} s")
             log.debug("KDS GET %s (attempt %d)", url, attempt)
             try:
-                with self._opener.open(request, timeout=self.timeout_s) as response:
+                with self._opener.open(request, timeout=timeout) as response:
                     status = int(response.status)
-                    body: bytes = response.read(MAX_RESPONSE_BYTES + 1)
+                    body = _read_within(response, deadline)
             except urllib.error.HTTPError as exc:
                 status = exc.code
                 retry_after = exc.headers.get("Retry-After") if exc.headers is not None else None
@@ -553,11 +711,16 @@ class KdsClient:
                     raise KdsError(f"KDS has no certificate for {what}: {url} (404)") from None
                 if status not in _RETRY_STATUSES:
                     raise KdsError(f"KDS request {url} failed: HTTP {status} {exc.reason}".rstrip()) from None
+                if not self.wait:
+                    paused = self._pause(status, retry_after)
+                    raise KdsDeferredError(
+                        f"KDS answered HTTP {status} for {what}; no KDS requests for {paused:g} s, retry then"
+                    ) from None
                 pause = _retry_after_seconds(retry_after, dt.datetime.now(dt.UTC))
                 if pause is None:
                     pause, backoff = backoff, min(backoff * 2, MAX_BACKOFF_S)
                 pause = max(pause, MIN_RETRY_DELAY_S)
-                if waited + pause > self.max_wait_s:
+                if waited + pause > self.max_wait_s or (deadline is not None and time.monotonic() + pause > deadline):
                     raise KdsError(
                         f"KDS kept answering HTTP {status} for {url}: gave up after {attempt} attempts and "
                         f"{waited:g} s of waiting (the next wait of {pause:g} s would exceed max_wait_s="
@@ -568,13 +731,28 @@ class KdsClient:
                 waited += pause
                 continue
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                raise KdsError(f"cannot fetch {what} from {url}: {_network_reason(exc, self.timeout_s)}") from exc
+                raise KdsError(f"cannot fetch {what} from {url}: {_network_reason(exc, timeout)}") from exc
             if status != 200:
                 raise KdsError(f"KDS request {url} failed: HTTP {status}")
             if len(body) > MAX_RESPONSE_BYTES:
                 raise KdsError(f"KDS answered {url} with more than {MAX_RESPONSE_BYTES} bytes; not {what}")
             log.debug("KDS GET %s: %d bytes", url, len(body))
             return body
+
+
+def _read_within(response: http.client.HTTPResponse, deadline: float | None) -> bytes:
+    """The body, at most MAX_RESPONSE_BYTES + 1 of it; a server trickling bytes past the deadline is cut off."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_RESPONSE_BYTES:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("the response did not arrive within the deadline")
+        chunk = response.read(min(_READ_CHUNK, MAX_RESPONSE_BYTES + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _der_to_pem(der: bytes) -> bytes:

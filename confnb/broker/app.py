@@ -1,25 +1,60 @@
 """The broker's HTTP API (ASGI, FastAPI): challenges and key releases, with a published OpenAPI document.
 
 Every challenge, release and denial is appended to the owner's audit log before the response leaves, so a release
-the log does not show cannot have happened. Handlers are synchronous and run in the server's thread pool: the work
-is SQLite, one ECDSA verification and one HPKE seal, all of which release the GIL or are short.
+the log does not show cannot have happened; so is every refusal made before a handler runs (a body over the cap, a
+field that does not validate). Challenge refusals past the per-address cap are counted and audited as one entry per
+address per interval, so a flood of them cannot make the log, and the broker's disk, pay for each.
+
+The event loop never blocks: SQLite, signatures and seals run in thread pools of their own, one for releases, one
+for challenges and one for auditing early refusals, each bounded. A flood of release requests therefore queues
+behind its own few workers while ``/healthz`` and ``/v1/challenge`` keep answering, and no handler waits on AMD's
+KDS (see :meth:`confnb.attest.kds.KdsClient.for_server`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, TypeVar
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from confnb import __version__
 from confnb.attest.errors import PolicyError
 from confnb.attest.verifier import Verifier
 from confnb.broker.challenges import ChallengeLimitError, ChallengeStore
+from confnb.broker.limits import (
+    MAX_DATASET_ID_CHARS,
+    BodyLimit,
+    BrokerLimits,
+    Scope,
+    bounded,
+    client_key,
+    key_release_dataset,
+    refusal_body,
+)
 from confnb.broker.release import Denial, Grant, decide
 from confnb.broker.store import OwnerStore
+
+_T = TypeVar("_T")
+log = logging.getLogger(__name__)
+
+# Field caps, all far above what a genuine bundle holds (see confnb.attest.evidence); a longer field is a 400 that
+# names it, before any parsing beyond JSON.
+PemText = Annotated[str, StringConstraints(max_length=16 * 1024)]
+ClaimName = Annotated[str, StringConstraints(max_length=64)]
+ClaimValue = Annotated[str, StringConstraints(max_length=4096)]
 
 
 class ChallengeResponse(BaseModel):
@@ -27,8 +62,28 @@ class ChallengeResponse(BaseModel):
     expires_at: str = Field(description="RFC 3339; evidence presented later is refused")
 
 
+class Refusal(BaseModel):
+    reason: str = Field(description="why the request was refused (at most a few thousand characters)")
+
+
+class EvidenceCerts(BaseModel):
+    vek: PemText | None = Field(default=None, description="the VCEK or VLEK, PEM")
+    chain: list[PemText] = Field(default_factory=list, max_length=4, description="ASK or ASVK, then ARK, PEM")
+
+
+class EvidenceBundle(BaseModel):
+    format: str = Field(max_length=64, description="confnb-evidence/1")
+    tee: str = Field(max_length=32, description="sev-snp or simulated")
+    report: str = Field(max_length=8192, description="the attestation report, base64")
+    certs: EvidenceCerts = Field(
+        default_factory=EvidenceCerts,
+        description="without them the broker uses its certificate cache; it does not wait on AMD's KDS",
+    )
+    claims: dict[ClaimName, ClaimValue] = Field(max_length=32, description="what REPORT_DATA binds, nonce included")
+
+
 class KeyReleaseRequest(BaseModel):
-    evidence: dict[str, Any] = Field(description="a confnb-evidence/1 bundle whose nonce claim is a fresh challenge")
+    evidence: EvidenceBundle = Field(description="a confnb-evidence/1 bundle whose nonce claim is a fresh challenge")
 
 
 class KeyReleaseGrant(BaseModel):
@@ -51,31 +106,92 @@ class KeyReleaseDenial(BaseModel):
 
 class OwnerInfo(BaseModel):
     public_key: str = Field(description="the owner's Ed25519 public key, PEM; it signs output policies and the log")
-    datasets: list[str]
+    datasets: list[str] | None = Field(
+        default=None,
+        description="the registered dataset ids, only if the owner publishes them (broker serve "
+        "--publish-dataset-ids); null otherwise, since ids can say what an owner holds",
+    )
 
 
-def create_app(store: OwnerStore, verifier: Verifier | None = None) -> FastAPI:
+_TOO_LARGE: dict[int | str, dict[str, Any]] = {
+    413: {"model": Refusal, "description": "the body is larger than the broker accepts"}
+}
+_RETRY_AFTER: dict[str, Any] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
+
+
+def create_app(store: OwnerStore, verifier: Verifier | None = None, limits: BrokerLimits | None = None) -> FastAPI:
+    limits = limits or BrokerLimits()
+    pools = _Pools(limits)
+    tally = _RefusalTally(store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        flusher = asyncio.create_task(_flush_periodically(tally, pools, limits.refusal_tally_s))
+        try:
+            yield
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            pools.shutdown()
+            tally.flush()  # the refusals counted since the last interval
+
     app = FastAPI(
         title="confnb key broker",
         version=__version__,
         description="Releases dataset keys only to kernels whose SEV-SNP attestation satisfies the owner's policy.",
+        lifespan=lifespan,
     )
-    challenges = ChallengeStore(store.database)
+    challenges = ChallengeStore(
+        store.database, max_outstanding=limits.max_challenges, max_per_client=limits.max_challenges_per_client
+    )
     verifier = verifier or Verifier()
+
+    async def audit_refusal(scope: Scope, status: int, reason: str) -> None:
+        dataset_id = key_release_dataset(scope["path"])
+        detail = {"reason": reason, "status": status, "path": bounded(scope["path"], 200)}
+        await pools.run(pools.refusal, store.audit.append, "denial", _actor(scope.get("client")), dataset_id, detail)
+
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, on_refusal=audit_refusal)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        reason = bounded("request: " + "; ".join(_describe(error) for error in exc.errors()))
+        await audit_refusal(request.scope, 400, reason)
+        return JSONResponse(status_code=400, content=refusal_body(request.url.path, reason))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's own refusals (a body that is not UTF-8, an unknown path) in the broker's documented shape;
+        those of a broker operation are audited, a path the broker does not serve is not its business."""
+        reason = bounded(f"request: {exc.detail}")
+        if exc.status_code == 400 or key_release_dataset(request.url.path) is not None:
+            await audit_refusal(request.scope, exc.status_code, reason)
+        return JSONResponse(
+            status_code=exc.status_code, content=refusal_body(request.url.path, reason), headers=exc.headers
+        )
 
     @app.post(
         "/v1/challenge",
         response_model=ChallengeResponse,
-        responses={429: {"description": "too many challenges outstanding; retry later"}},
+        responses={
+            429: {
+                "model": Refusal,
+                "description": "too many challenges outstanding; retry later",
+                "headers": _RETRY_AFTER,
+            },
+            **_TOO_LARGE,
+        },
         summary="Get a fresh single-use nonce",
     )
-    def challenge(request: Request) -> Any:
+    async def challenge(request: Request) -> Any:
+        host = request.client.host if request.client else "unknown"
         try:
-            issued = challenges.issue()
+            issued = await pools.run(pools.challenge, _issue, challenges, store, client_key(host), _client(request))
         except ChallengeLimitError as exc:
+            tally.count(client_key(host), str(exc))
             return JSONResponse(status_code=429, content={"reason": str(exc)}, headers={"Retry-After": "30"})
-        store.audit.append("challenge", _client(request), None, {"nonce": issued.nonce})
-        return ChallengeResponse(**issued.to_dict())
+        return ChallengeResponse(**issued)
 
     @app.post(
         "/v1/datasets/{dataset_id}/key-release",
@@ -84,54 +200,158 @@ def create_app(store: OwnerStore, verifier: Verifier | None = None) -> FastAPI:
             403: {"model": KeyReleaseDenial},
             400: {"model": KeyReleaseDenial},
             404: {"model": KeyReleaseDenial},
+            413: {"model": KeyReleaseDenial, "description": "the body is larger than the broker accepts"},
         },
         summary="Appraise evidence and release the dataset key sealed to the attested kernel",
     )
-    def key_release(dataset_id: str, body: KeyReleaseRequest, request: Request) -> Any:
-        outcome: Grant | Denial
-        try:
-            record = store.dataset(dataset_id)
-        except PolicyError as exc:  # fail closed: an unreadable policy releases nothing
-            record, outcome = None, Denial(dataset_id, f"policy: the owner's attestation policy is unusable: {exc}")
-        else:
-            outcome = Denial(dataset_id, "no such dataset", status=404)
-        if record is not None:
-            outcome = decide(body.evidence, record, challenges, verifier, store.master_key)
-        actor = _client(request)
-        dataset_id = _printable(dataset_id)
-        if isinstance(outcome, Grant):
-            store.audit.append(
-                "release",
-                actor,
-                dataset_id,
-                {
-                    "key_id": outcome.key_id,
-                    "evidence": outcome.evidence_digest,
-                    "simulated": outcome.simulated,
-                    "nonce": body.evidence.get("claims", {}).get("nonce"),
-                },
-            )
-            return outcome.to_dict()
-        store.audit.append(
-            "denial", actor, dataset_id, {"reason": _printable(outcome.reason), "status": outcome.status}
+    async def key_release(
+        dataset_id: Annotated[str, Path(max_length=MAX_DATASET_ID_CHARS)], body: KeyReleaseRequest, request: Request
+    ) -> Any:
+        status, content = await pools.run(
+            pools.release, _release, store, challenges, verifier, dataset_id, body, _client(request)
         )
-        return JSONResponse(status_code=outcome.status, content=outcome.to_dict())
+        return content if status == 200 else JSONResponse(status_code=status, content=content)
 
-    @app.get("/v1/owner", response_model=OwnerInfo, summary="The owner's public key and registered datasets")
-    def owner() -> OwnerInfo:
+    @app.get(
+        "/v1/owner",
+        response_model=OwnerInfo,
+        responses=_TOO_LARGE,
+        summary="The owner's public key (and dataset ids, if the owner publishes them)",
+    )
+    async def owner() -> OwnerInfo:
         pem = store.owner_public_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
-        return OwnerInfo(public_key=pem, datasets=store.dataset_ids())
+        datasets = await pools.run(pools.challenge, store.dataset_ids) if limits.publish_dataset_ids else None
+        return OwnerInfo(public_key=pem, datasets=datasets)
 
     @app.get("/healthz", include_in_schema=False)
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI documents a 422 for every request it validates; this broker answers those with 400."""
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for operations in document.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = document.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
-def _printable(text: str) -> str:
-    """Untrusted text made storable: lone surrogates (valid in JSON escapes, not in UTF-8) become "?"."""
-    return text.encode("utf-8", "replace").decode("utf-8")
+def _issue(challenges: ChallengeStore, store: OwnerStore, client: str, actor: str) -> dict[str, str]:
+    issued = challenges.issue(client=client)
+    store.audit.append("challenge", actor, None, {"nonce": issued.nonce})
+    return issued.to_dict()
+
+
+def _release(
+    store: OwnerStore,
+    challenges: ChallengeStore,
+    verifier: Verifier,
+    dataset_id: str,
+    body: KeyReleaseRequest,
+    actor: str,
+) -> tuple[int, dict[str, Any]]:
+    """Decide and audit, in a release worker: the entry is durable before the response is built."""
+    outcome: Grant | Denial
+    try:
+        record = store.dataset(dataset_id)
+    except PolicyError as exc:  # fail closed: an unreadable policy releases nothing
+        record, outcome = None, Denial(dataset_id, f"policy: the owner's attestation policy is unusable: {exc}")
+    else:
+        outcome = Denial(dataset_id, "no such dataset", status=404)
+    evidence = body.evidence.model_dump()
+    if record is not None:
+        outcome = decide(evidence, record, challenges, verifier, store.master_key)
+    dataset_id = bounded(dataset_id, MAX_DATASET_ID_CHARS)
+    if isinstance(outcome, Grant):
+        store.audit.append(
+            "release",
+            actor,
+            dataset_id,
+            {
+                "key_id": outcome.key_id,
+                "evidence": outcome.evidence_digest,
+                "simulated": outcome.simulated,
+                "nonce": evidence["claims"].get("nonce"),
+            },
+        )
+        return 200, outcome.to_dict()
+    reason = bounded(outcome.reason)
+    store.audit.append("denial", actor, dataset_id, {"reason": reason, "status": outcome.status})
+    return outcome.status, {**outcome.to_dict(), "dataset_id": dataset_id, "reason": reason}
+
+
+class _Pools:
+    """The broker's bounded thread pools; their queues are bounded by the connection caps in front of them."""
+
+    def __init__(self, limits: BrokerLimits) -> None:
+        self.release = ThreadPoolExecutor(limits.release_workers, thread_name_prefix="confnb-release")
+        self.challenge = ThreadPoolExecutor(limits.challenge_workers, thread_name_prefix="confnb-challenge")
+        self.refusal = ThreadPoolExecutor(limits.refusal_workers, thread_name_prefix="confnb-refusal")
+
+    @staticmethod
+    async def run(pool: ThreadPoolExecutor, function: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(function, *args))
+
+    def shutdown(self) -> None:
+        for pool in (self.release, self.challenge, self.refusal):
+            pool.shutdown(wait=True)
+
+
+class _RefusalTally:
+    """Challenge refusals per client address since the last flush, audited as one ``denial`` entry each."""
+
+    def __init__(self, store: OwnerStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._counts: dict[str, tuple[int, str]] = {}
+
+    def count(self, client: str, reason: str) -> None:
+        with self._lock:
+            seen, _ = self._counts.get(client, (0, ""))
+            self._counts[client] = (seen + 1, reason)
+
+    def flush(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        pending = list(counts.items())
+        try:
+            while pending:
+                client, (refused, reason) = pending[0]
+                detail = {"refused": "challenge", "status": 429, "count": refused, "reason": bounded(reason)}
+                self.store.audit.append("denial", client, None, detail)
+                pending.pop(0)
+        finally:  # what could not be written is counted again, not lost
+            for client, (refused, reason) in pending:
+                with self._lock:
+                    seen, _ = self._counts.get(client, (0, ""))
+                    self._counts[client] = (seen + refused, reason)
+
+
+async def _flush_periodically(tally: _RefusalTally, pools: _Pools, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await pools.run(pools.refusal, tally.flush)
+        except Exception:  # a busy or broken log must not end the flushing for good; the next interval retries
+            log.exception("could not audit the refused challenges")
+
+
+def _describe(error: Any) -> str:
+    """One validation error as "where: what", without the offending input (which may be huge or secret)."""
+    where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+    return f"{bounded(where, 100)}: {bounded(str(error.get('msg', 'invalid')), 200)}"
+
+
+def _actor(client: Any) -> str:
+    return f"{client[0]}:{client[1]}" if client else "unknown"
 
 
 def _client(request: Request) -> str:

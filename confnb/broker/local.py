@@ -14,25 +14,27 @@ from collections.abc import Iterator
 
 from confnb.attest.verifier import Verifier
 from confnb.broker.app import create_app
+from confnb.broker.limits import BrokerLimits
 from confnb.broker.store import OwnerStore
 
 _START_TIMEOUT_S = 30
 
 
 @contextlib.contextmanager
-def serve_locally(store: OwnerStore, verifier: Verifier | None = None) -> Iterator[str]:
-    """Serve ``store`` on 127.0.0.1 at a free port; yields the base URL."""
+def serve_locally(
+    store: OwnerStore, verifier: Verifier | None = None, limits: BrokerLimits | None = None
+) -> Iterator[str]:
+    """Serve ``store`` on 127.0.0.1 at a free port, with the broker's limits; yields the base URL."""
     import uvicorn
 
+    from confnb.broker.server import uvicorn_config
+
+    limits = limits or BrokerLimits()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
-    config = uvicorn.Config(
-        create_app(store, verifier or Verifier(kds=None)),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        proxy_headers=False,
+    config = uvicorn_config(
+        create_app(store, verifier or Verifier(kds=None), limits), limits, "127.0.0.1", port, log_level="warning"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"confnb-broker-{port}", daemon=True)

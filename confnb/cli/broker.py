@@ -42,6 +42,23 @@ def register(subcommands: Any) -> None:
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (and --tls-key)")
     serve.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    serve.add_argument(
+        "--publish-dataset-ids",
+        action="store_true",
+        help="list the registered dataset ids in GET /v1/owner (default: only the owner's public key)",
+    )
+    serve.add_argument(
+        "--challenges-per-client",
+        type=_positive,
+        metavar="N",
+        help="unused challenges one client address may hold (default 64; raise it behind a proxy)",
+    )
+    serve.add_argument(
+        "--connections-per-client",
+        type=_positive,
+        metavar="N",
+        help="open connections one client address may hold (default 64; raise it behind a proxy)",
+    )
     serve.set_defaults(handler=_serve)
 
     keys = subcommands.add_parser(
@@ -84,6 +101,16 @@ def register(subcommands: Any) -> None:
     check.add_argument("--broker-dir", metavar="OWNER_DIR", required=True, type=Path)
     check.add_argument("--json", action="store_true", help="print the result as JSON")
     check.set_defaults(handler=_audit_verify)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _store_options(parser: argparse.ArgumentParser, flag: str = "--dir") -> None:
@@ -145,34 +172,42 @@ def _serve(args: argparse.Namespace) -> int:
     if args.tls_cert:
         _check_tls(args.tls_cert, args.tls_key)
 
+    import dataclasses
+
     import uvicorn
 
     from confnb.attest.kds import KdsClient
     from confnb.attest.verifier import Verifier
     from confnb.broker.app import create_app
+    from confnb.broker.limits import BrokerLimits
+    from confnb.broker.server import uvicorn_config
 
     store = _open(args)
-    app = create_app(store, Verifier(KdsClient()))
+    limits = BrokerLimits(publish_dataset_ids=args.publish_dataset_ids)
+    if args.challenges_per_client:
+        limits = dataclasses.replace(limits, max_challenges_per_client=args.challenges_per_client)
+    if args.connections_per_client:
+        limits = dataclasses.replace(limits, max_connections_per_client=args.connections_per_client)
+    # The server's KDS client never makes a request wait on AMD (single-flight, bounded, short deadline).
+    app = create_app(store, Verifier(KdsClient.for_server()), limits)
     scheme = "https" if args.tls_cert else "http"
     print(f"confnb broker for {store.directory} on {scheme}://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
+    config = uvicorn_config(
+        app, limits, args.host, args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, log_level="warning"
+    )
+    server = uvicorn.Server(config)
     try:
-        uvicorn.run(
-            app,
-            host=args.host,
-            port=args.port,
-            ssl_certfile=args.tls_cert,
-            ssl_keyfile=args.tls_key,
-            log_level="warning",
-            # The audit log's actor is the TCP peer. uvicorn's default believes X-Forwarded-For from 127.0.0.1,
-            # i.e. from every client of a broker on loopback, which could then write any actor into the log.
-            proxy_headers=False,
-        )
+        server.run()
+        if not server.started:  # what uvicorn.run turns into its exit code 3
+            raise SystemExit(3)
     except SystemExit as exc:
         # uvicorn exits with its own code 3 when it cannot start (address in use, say), after logging why; the
         # CLI's contract is 2 for that.
         if exc.code not in (None, 0):
             raise UsageError(f"the broker could not start on {args.host}:{args.port} (see above)") from None
         raise
+    except KeyboardInterrupt:  # Ctrl-C is how a broker is meant to stop, as uvicorn.run treats it
+        pass
     return EXIT_OK
 
 

@@ -804,3 +804,125 @@ def test_non_http_base_url_is_refused() -> None:
 
 def test_module_exports() -> None:
     assert set(kds.__all__) >= {"KdsClient", "vcek_url"}
+
+
+# --- the server's client: never waits, bounded, remembers -------------------------------------------------
+
+
+def server_client(h: Harness, **kwargs: Any) -> KdsClient:
+    """What KdsClient.for_server builds, pointed at the fake KDS."""
+    options: dict[str, Any] = {
+        "timeout_s": 5.0,
+        "max_wait_s": 0.0,
+        "wait": False,
+        "max_in_flight": 1,
+        "deadline_s": 5.0,
+        "negative_ttl_s": 300.0,
+    }
+    options.update(kwargs)
+    return h.make(**options)
+
+
+def test_for_server_never_waits_and_bounds_everything(tmp_path: Path) -> None:
+    client = KdsClient.for_server(cache_dir=tmp_path, base_url="http://127.0.0.1:9", offline=False)
+    assert client.wait is False and client.max_wait_s == 0 and client.deadline_s == 5.0
+    assert client.negative_ttl_s == 300.0 and client._slots is not None
+
+
+def test_server_client_defers_a_second_asker_of_one_entry(h: Harness, r2: tuple[bytes, TcbVersion, bytes]) -> None:
+    chip, tcb, der = r2
+    release = threading.Event()
+    h.server.route(R2_VCEK_PATH, Reply(200, der, hold=release))
+    client = server_client(h)
+    first: list[bytes] = []
+    fetching = threading.Thread(target=lambda: first.append(client.vcek(Product.MILAN, chip, tcb)))
+    fetching.start()
+    deadline = time.monotonic() + 5
+    while not h.server.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    with pytest.raises(kds.KdsDeferredError, match="being fetched from KDS for another request"):
+        client.vcek(Product.MILAN, chip, tcb)
+    assert time.monotonic() - started < 1  # told at once, not queued behind the fetch
+    release.set()
+    fetching.join(10)
+    assert first == [der]
+    assert client.vcek(Product.MILAN, chip, tcb) == der  # the legitimate twin: the retry is served from the cache
+    assert h.server.requests == [R2_VCEK_PATH] and h.sleeps == []
+    assert client._key_locks == {}  # no lock outlives its users
+
+
+def test_server_client_bounds_fetches_in_flight(h: Harness, r2: tuple[bytes, TcbVersion, bytes]) -> None:
+    chip, tcb, der = r2
+    release = threading.Event()
+    h.server.route(R2_VCEK_PATH, Reply(200, der, hold=release))
+    client = server_client(h)
+    fetching = threading.Thread(target=client.vcek, args=(Product.MILAN, chip, tcb))
+    fetching.start()
+    deadline = time.monotonic() + 5
+    while not h.server.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(kds.KdsDeferredError, match="other KDS fetches are in progress"):
+        client.vcek(Product.MILAN, os.urandom(64), tcb)
+    release.set()
+    fetching.join(10)
+    assert h.server.requests == [R2_VCEK_PATH]
+
+
+def test_server_client_pauses_every_fetch_after_429(h: Harness, r2: tuple[bytes, TcbVersion, bytes]) -> None:
+    chip, tcb, _ = r2
+    h.server.route(R2_VCEK_PATH, Reply(429, headers={"Retry-After": "30"}))
+    client = server_client(h)
+    with pytest.raises(kds.KdsDeferredError, match=r"HTTP 429.*no KDS requests for 30 s"):
+        client.vcek(Product.MILAN, chip, tcb)
+    for _ in range(20):  # made-up chips, as a flood of certificate-less evidence would bring
+        with pytest.raises(kds.KdsDeferredError, match="paused for another"):
+            client.vcek(Product.MILAN, os.urandom(64), tcb)
+    assert h.server.requests == [R2_VCEK_PATH] and h.sleeps == []  # one request, no retry, no waiting
+
+
+def test_server_client_caps_an_absurd_retry_after(h: Harness, r2: tuple[bytes, TcbVersion, bytes]) -> None:
+    chip, tcb, _ = r2
+    h.server.route(R2_VCEK_PATH, Reply(503, headers={"Retry-After": "999999999"}))
+    with pytest.raises(kds.KdsDeferredError, match=f"no KDS requests for {kds.MAX_SERVER_BACKOFF_S:g} s"):
+        server_client(h).vcek(Product.MILAN, chip, tcb)
+
+
+def test_server_client_remembers_a_failure_for_a_while(
+    h: Harness, r2: tuple[bytes, TcbVersion, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chip, tcb, der = r2
+    client = server_client(h)
+    missing = os.urandom(64)
+    with pytest.raises(KdsError, match="404"):
+        client.vcek(Product.MILAN, missing, tcb)
+    with pytest.raises(KdsError, match="failed recently; KDS is not asked again"):
+        client.vcek(Product.MILAN, missing, tcb)
+    assert len(h.server.requests) == 1
+    h.server.serve(R2_VCEK_PATH, der)
+    assert client.vcek(Product.MILAN, chip, tcb) == der  # the legitimate twin: another entry is still fetched
+    assert len(h.server.requests) == 2
+    monkeypatch.setattr(kds, "MAX_REMEMBERED_FAILURES", 3)
+    for _ in range(6):
+        with pytest.raises(KdsError, match="404"):
+            client.vcek(Product.MILAN, os.urandom(64), tcb)
+    assert len(client._failures) == 3  # the memory of failures is bounded, oldest forgotten first
+
+
+def test_server_client_remembered_failure_expires(h: Harness, r2: tuple[bytes, TcbVersion, bytes]) -> None:
+    chip, tcb, der = r2
+    client = server_client(h, negative_ttl_s=0.2)
+    with pytest.raises(KdsError, match="404"):
+        client.vcek(Product.MILAN, chip, tcb)
+    h.server.serve(R2_VCEK_PATH, der)
+    time.sleep(0.3)
+    assert client.vcek(Product.MILAN, chip, tcb) == der
+
+
+def test_deadline_bounds_one_fetch(h: Harness, r2: tuple[bytes, TcbVersion, bytes]) -> None:
+    chip, tcb, der = r2
+    h.server.route(R2_VCEK_PATH, Reply(200, der, hold=threading.Event()))
+    started = time.monotonic()
+    with pytest.raises(KdsError, match="timed out"):
+        server_client(h, deadline_s=0.5).vcek(Product.MILAN, chip, tcb)
+    assert time.monotonic() - started < 3

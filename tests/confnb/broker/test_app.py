@@ -6,6 +6,7 @@ import base64
 import json
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from confnb import hpke
 from confnb.attest import Verifier
 from confnb.broker.audit import verify_log
+from confnb.broker.limits import BrokerLimits
 from confnb.broker.local import serve_locally
 from confnb.broker.store import OwnerStore
 from confnb.policy.output import OutputPolicy
@@ -40,7 +42,8 @@ class Broker:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+            with error:  # it holds the connection's socket
+                return error.code, json.loads(error.read())
 
     def get(self, path: str) -> dict:
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
@@ -96,7 +99,8 @@ def test_denials_are_403_with_reasons_and_audited(broker, simulated_backend):
     status, missing = broker.post("/v1/datasets/nope/key-release", {"evidence": evidence})
     assert status == 404 and missing["reason"] == "no such dataset"
     status, malformed = broker.post("/v1/datasets/claims/key-release", {"evidence": {"format": "x"}})
-    assert status == 400 and malformed["reason"].startswith("evidence:")
+    assert status == 400 and malformed["reason"].startswith("request: evidence.tee: Field required")
+    assert malformed["dataset_id"] == "claims" and malformed["released"] is False
     verification = verify_log(broker.store.directory / "audit.sqlite", broker.store.owner_public_key)
     assert verification.ok, verification.problems
     kinds = [entry.kind for entry in verification.entries]
@@ -107,14 +111,21 @@ def test_openapi_document_is_published(broker):
     document = broker.get("/openapi.json")
     assert "/v1/challenge" in document["paths"]
     assert "/v1/datasets/{dataset_id}/key-release" in document["paths"]
-    assert broker.get("/v1/owner")["datasets"] == ["claims"]
+
+
+def test_owner_info_lists_dataset_ids_only_when_the_owner_publishes_them(broker, tmp_path):
+    owner = broker.get("/v1/owner")
+    assert owner["datasets"] is None and "claims" not in json.dumps(owner)
+    assert owner["public_key"].startswith("-----BEGIN PUBLIC KEY-----")
+    with serve_locally(broker.store, Verifier(), BrokerLimits(publish_dataset_ids=True)) as url:
+        assert Broker(url, broker.store).get("/v1/owner")["datasets"] == ["claims"]
 
 
 def test_hostile_text_in_a_request_is_audited_not_a_500(broker):
     status, denial = broker.post(
         "/v1/datasets/claims/key-release", {"evidence": {"format": "\ud800", "tee": "simulated"}}
     )
-    assert status == 400 and denial["reason"].startswith("evidence:")
+    assert status == 400 and denial["reason"].startswith("request: ")
     assert verify_log(broker.store.directory / "audit.sqlite", broker.store.owner_public_key).ok
 
 
@@ -152,3 +163,84 @@ def test_an_unusable_default_policy_denies_instead_of_failing(broker, simulated_
     status, denial = broker.post("/v1/datasets/nopolicy/key-release", {"evidence": evidence})
     assert status == 403 and "attestation policy is unusable" in denial["reason"] and "max_vmpl" in denial["reason"]
     (broker.store.directory / "attestation.toml").unlink()
+
+
+def _post_from(url: str, source: str, path: str) -> tuple[int, dict, dict]:
+    import http.client
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30, source_address=(source, 0))
+    try:
+        connection.request("POST", path, body=b"{}", headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read()), {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        connection.close()
+
+
+def test_one_address_cannot_hold_every_challenge(tmp_path, simulated_backend):
+    """The probe held all 10,000 challenges from one client and locked every kernel out; now the cap is per address
+    as well as global, and a kernel at another address still gets its challenge and its key."""
+    store = OwnerStore.create(tmp_path / "owner")
+    attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
+    store.register_dataset("claims", OUTPUT_POLICY, attestation)
+    limits = BrokerLimits(max_challenges_per_client=5, max_challenges=8)
+    with serve_locally(store, Verifier(), limits) as url:
+        flood = [_post_from(url, "127.0.0.2", "/v1/challenge") for _ in range(12)]
+        assert [status for status, _, _ in flood] == [200] * 5 + [429] * 7
+        status, refusal, headers = flood[-1]
+        assert "for 127.0.0.2, the most one client may hold" in refusal["reason"] and headers["retry-after"] == "30"
+        kernel = Broker(url, store)
+        hpke_key = ec.generate_private_key(ec.SECP256R1())
+        status, challenge = kernel.post("/v1/challenge", {})
+        assert status == 200
+        status, grant = kernel.post(
+            "/v1/datasets/claims/key-release", {"evidence": _evidence(simulated_backend, challenge["nonce"], hpke_key)}
+        )
+        assert status == 200, grant
+        # The global cap still holds: three more addresses take the last three, the fourth is refused.
+        assert [_post_from(url, f"127.0.0.{3 + i}", "/v1/challenge")[0] for i in range(4)] == [200, 200, 200, 429]
+    verification = verify_log(store.directory / "audit.sqlite", store.owner_public_key)
+    assert verification.ok, verification.problems
+    tallies: Counter[str] = Counter()
+    for entry in verification.entries:
+        if entry.detail.get("refused") == "challenge":  # one entry per address per interval
+            tallies[entry.actor] += entry.detail["count"]
+    assert tallies == {"127.0.0.2": 7, "127.0.0.6": 1}
+
+
+def _closed_by_peer(sock) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True  # closed while our half request sat unread: the kernel answers with a reset
+
+
+def test_slow_and_surplus_connections_are_closed_and_a_prompt_client_is_served(broker_store_with_limits):
+    import contextlib
+    import socket
+    import time
+
+    url, port = broker_store_with_limits
+    with contextlib.ExitStack() as stack:
+        surplus = []
+        for _ in range(4):  # the cap is 3 connections per address
+            sock = stack.enter_context(
+                socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+            )
+            sock.sendall(b"POST /v1/challenge HTTP/1.1\r\nHost: b")
+            surplus.append(sock)
+        started = time.monotonic()
+        assert _closed_by_peer(surplus[3])  # the fourth: closed at once
+        assert time.monotonic() - started < 0.5
+        assert [_post_from(url, "127.0.0.1", "/v1/challenge")[0] for _ in range(2)] == [200, 200]  # another address
+        assert all(_closed_by_peer(sock) for sock in surplus[:3])  # the first three: at their 1 s deadline
+        assert 0.8 < time.monotonic() - started < 5
+
+
+@pytest.fixture
+def broker_store_with_limits(tmp_path) -> Iterator[tuple[str, int]]:
+    store = OwnerStore.create(tmp_path / "owner")
+    with serve_locally(store, Verifier(), BrokerLimits(max_connections_per_client=3, request_timeout_s=1.0)) as url:
+        yield url, int(url.rsplit(":", 1)[1])

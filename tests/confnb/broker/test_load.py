@@ -8,15 +8,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,68 +23,13 @@ from confnb.broker.store import OwnerStore
 from confnb.policy.output import OutputPolicy
 from kernel_enclave.attestation import issue_evidence
 from kernel_enclave.measurement import simulated_measurement
+from tests.confnb.broker._broker_process import BrokerProcess
 
 CLIENTS = 50
 RELEASES_PER_CLIENT = 20
 HPKE_KEY = ec.generate_private_key(ec.SECP256R1())
 HPKE_PUBLIC = HPKE_KEY.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
 SIGNING_PUBLIC = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
-class BrokerProcess:
-    def __init__(self, owner: Path) -> None:
-        self.owner = owner
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = self._log()
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "confnb", "broker", "serve", "--dir", str(self.owner), "--port", str(self.port)],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                env={**os.environ, "CONFNB_OFFLINE": "1"},
-            )
-        finally:
-            os.close(log)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1):
-                    return
-            except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"broker exited: {(self.owner / 'broker.log').read_text()}") from None
-                time.sleep(0.05)
-        raise RuntimeError("broker did not start")
-
-    def _log(self) -> int:
-        # A file, not a pipe: nobody reads a pipe during the load, and a full pipe would stall the broker.
-        return os.open(self.owner / "broker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    def post(self, path: str, body: object) -> tuple[int, dict]:
-        request = urllib.request.Request(
-            self.url + path, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
 
 
 def release_once(broker: BrokerProcess, backend) -> tuple[int, str]:
