@@ -58,4 +58,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_ANALYST_API})
+    """The public API and the module's own dunders: not the helpers this file imports (``Any``, ``TYPE_CHECKING``)."""
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__") and name.endswith("__"))})

@@ -21,7 +21,7 @@ from typing import Any
 from confnb.attest.errors import AttestInputError
 
 VMM_TYPES = ("qemu", "ec2")
-DEFAULT_GUEST_FEATURES = 0x1  # SNPActive alone, as sev-snp-measure assumes; KVM on Linux 6.6+ adds DebugSwap
+DEFAULT_GUEST_FEATURES = 0x1  # SNPActive alone, as KVM sets it except on Linux 6.6 and 6.7 (0x21, with DebugSwap)
 MAX_VCPUS = 4096  # KVM's x86 ceiling (with MAXSMP); beyond it the input is a typo, not a VM
 MAX_FIRMWARE_SIZE = 64 * 1024 * 1024  # far above any OVMF build; stops a disk image being read by mistake
 PAGE_SIZE = 4096

@@ -8,7 +8,6 @@ not a report at all (wrong length, a version we do not know the layout of) raise
 
 from __future__ import annotations
 
-import binascii
 import enum
 import functools
 import struct
@@ -589,37 +588,3 @@ def _exact(value: bytes, size: int, name: str) -> bytes:
     if len(value) != size:
         raise ReportFormatError(f"{name} must be {size} bytes, not {len(value)}")
     return value
-
-
-# -- containers the report travels in ---------------------------------------------------------------------
-
-_GUEST_RESPONSE_SIZE = 4000  # struct snp_report_resp from /dev/sev-guest
-_HCL_MAGIC = b"HCLA"
-
-
-def extract_report(data: bytes) -> tuple[bytes, str]:
-    """Find the report inside the containers it is commonly shipped in; returns (report, container name).
-
-    Accepts the bare 1184 bytes, hex text of them, a 4000-byte ``/dev/sev-guest`` response (status, size, report
-    at 0x20) and an Azure vTPM HCL report (``HCLA`` header, report at 0x20).
-    """
-    if len(data) == REPORT_SIZE:
-        return data, "raw"
-    stripped = b"".join(data.split())  # hex dumps come wrapped in lines
-    if len(stripped) == 2 * REPORT_SIZE:
-        try:
-            return binascii.unhexlify(stripped), "hex"
-        except (binascii.Error, ValueError):
-            pass
-    if len(data) == _GUEST_RESPONSE_SIZE:
-        status, size = struct.unpack_from("<II", data, 0)
-        if status != 0:
-            raise ReportFormatError(f"/dev/sev-guest response carries firmware error status {status:#x}")
-        if size == REPORT_SIZE:
-            return data[0x20 : 0x20 + REPORT_SIZE], "sev-guest-response"
-    if data[:4] == _HCL_MAGIC and len(data) >= 0x20 + REPORT_SIZE:
-        return data[0x20 : 0x20 + REPORT_SIZE], "azure-hcl"
-    raise ReportFormatError(
-        f"not a SEV-SNP attestation report: {len(data)} bytes, expected {REPORT_SIZE} "
-        "(or hex text of them, a /dev/sev-guest response, or an Azure HCL report)"
-    )

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from confnb.attest.amd_certs import shipped_chain
 from confnb.attest.appraisal import appraise
 from confnb.attest.certs import (
     Cert,
@@ -33,9 +34,12 @@ from confnb.attest.certs import (
     vek_extensions,
 )
 from confnb.attest.chain import ChainVerdict, appraise_chain
+from confnb.attest.crl import crl_scope
 from confnb.attest.errors import AttestInputError, CertificateError, KdsError
 from confnb.attest.evidence import Evidence, report_data_for
+from confnb.attest.inputs import load_certificate_input
 from confnb.attest.kds import KdsClient
+from confnb.attest.kds import crl_url as crl_url_for
 from confnb.attest.policy import AttestationPolicy
 from confnb.attest.report import SIGNED_SIZE, AttestationReport, FirmwareVersion, Product, SigningKey
 from confnb.attest.result import Check, Outcome, VerificationResult
@@ -76,8 +80,13 @@ class Verifier:
         nonce: bytes | None = None,
         claims: dict[str, str] | None = None,
         crl: bytes | None = None,
+        crl_url: str | None = None,
     ) -> VerificationResult:
-        """Verify one report. Raises AttestInputError only for input that is not a report/certificate at all."""
+        """Verify one report. Raises AttestInputError only for input that is not a report/certificate at all.
+
+        ``crl_url`` is where ``crl`` was downloaded from, which says which certificates it covers when the CRL
+        does not say so itself (an issuingDistributionPoint); see the ``crl_scope`` check.
+        """
         moment = _utc(at)
         appraisal = _policy(policy)
         parsed = AttestationReport.parse(report)
@@ -88,7 +97,7 @@ class Verifier:
 
         chain_found = self._gather(parsed, _as_bytes(vek), _as_bytes(chain), result)
         if chain_found is not None:
-            self._check_chain(parsed, report, chain_found, appraisal, moment, result, crl)
+            self._check_chain(parsed, report, chain_found, appraisal, moment, result, crl, crl_url)
         product = result.product or parsed.cpuid_product
         result.checks.append(
             _tcb_order(
@@ -117,13 +126,22 @@ class Verifier:
         *,
         nonce: bytes | None = None,
         crl: bytes | None = None,
+        crl_url: str | None = None,
     ) -> VerificationResult:
         """Verify a ``confnb-evidence/1`` bundle: the report, its certificates, and the claims it binds."""
         if not isinstance(evidence, Evidence):
             evidence = Evidence.from_json(evidence)
         chain = "".join(evidence.chain).encode() if evidence.chain else None
         return self.verify(
-            evidence.report, evidence.vek, chain, policy, at, nonce=nonce, claims=evidence.claims, crl=crl
+            evidence.report,
+            evidence.vek,
+            chain,
+            policy,
+            at,
+            nonce=nonce,
+            claims=evidence.claims,
+            crl=crl,
+            crl_url=crl_url,
         )
 
     # -- certificates ---------------------------------------------------------------------------------------
@@ -155,6 +173,13 @@ class Verifier:
         ask = _pick(pool, issuer_role, product, leaf)
         ark = _pick(pool, Role.ARK, product)
         if (ask is None or ark is None) and product is not None:
+            # AMD's ASK/ASVK and ARK ship with confnb (amd_certs): no cache or network needed for them.
+            shipped = shipped_chain(product, "vlek" if issuer_role is Role.ASVK else "vcek")
+            if shipped:
+                ask = ask or _pick(shipped, issuer_role, product, leaf)
+                ark = ark or _pick(shipped, Role.ARK, product)
+                sources.append("ASK/ARK shipped with confnb")
+        if (ask is None or ark is None) and product is not None:
             fetched = self._fetch_chain(product, "vlek" if issuer_role is Role.ASVK else "vcek")
             if fetched:
                 ask = ask or _pick(tuple(fetched), issuer_role, product, leaf)
@@ -167,7 +192,7 @@ class Verifier:
                     "certificates",
                     Outcome.FAIL,
                     f"no {' or '.join(missing)} certificate for {product.value if product else 'an unknown product'}: "
-                    "not in the input, the cache, or reachable at KDS (pass --chain)",
+                    "not in the input, among those confnb ships, in the cache, or reachable at KDS (pass --chain)",
                 )
             )
             return None
@@ -226,6 +251,7 @@ class Verifier:
         moment: datetime,
         result: VerificationResult,
         crl: bytes | None,
+        crl_url: str | None,
     ) -> None:
         vek, ask, ark = chain.vek, chain.ask, chain.ark
         verdict = appraise_chain(vek, ask, ark, appraisal is not None and appraisal.allow_simulated)
@@ -263,7 +289,7 @@ class Verifier:
         )
         checks.append(self._signature_check(report, report_bytes, verdict))
         if crl is not None or (appraisal is not None and appraisal.check_revocation):
-            checks.append(self._revocation(crl, ark, ask, vek, product, moment))
+            checks += self._revocation(crl, crl_url, ark, ask, vek, product, moment)
 
     @staticmethod
     def _signature_check(report: AttestationReport, report_bytes: bytes, verdict: ChainVerdict) -> Check:
@@ -287,19 +313,25 @@ class Verifier:
     def _revocation(
         self,
         crl_der: bytes | None,
+        crl_url: str | None,
         ark: Cert,
         ask: Cert,
         vek: Cert,
         product: Product | None,
         moment: datetime,
-    ) -> Check:
+    ) -> list[Check]:
+        """``crl_scope`` (when the CRL is ARK-signed) and ``revocation``: is the ASK/ASVK or the VEK revoked?"""
         if crl_der is None:
             if self.kds is None or product is None:
-                return Check("revocation", Outcome.FAIL, "revocation check required but no CRL is available")
+                return [Check("revocation", Outcome.FAIL, "revocation check required but no CRL is available")]
+            kind = "vlek" if ask.role is Role.ASVK else "vcek"
             try:
-                crl_der = self.kds.crl(product, "vlek" if ask.role is Role.ASVK else "vcek")
+                crl_der = self.kds.crl(product, kind)
             except KdsError as exc:
-                return Check("revocation", Outcome.FAIL, f"revocation check required but the CRL is unavailable: {exc}")
+                return [
+                    Check("revocation", Outcome.FAIL, f"revocation check required but the CRL is unavailable: {exc}")
+                ]
+            crl_url = crl_url_for(self.kds.base_url, product, kind)  # fetched for this chain: its scope is known
         try:
             crl = x509.load_der_x509_crl(crl_der)
         except ValueError:
@@ -309,20 +341,36 @@ class Verifier:
                 raise AttestInputError("CRL: neither DER nor PEM") from None
         ark_key = ark.certificate.public_key()
         if crl.issuer != ark.subject or not crl.is_signature_valid(ark_key):  # type: ignore[arg-type]
-            return Check("revocation", Outcome.FAIL, f"CRL is not signed by {ark.common_name}")
+            return [Check("revocation", Outcome.FAIL, f"CRL is not signed by {ark.common_name}")]
+        scope = crl_scope(crl, ask, crl_url)
+        if not scope.ok:
+            return [
+                scope,
+                Check(
+                    "revocation",
+                    Outcome.FAIL,
+                    f"unknown: the CRL given does not cover {ask.common_name} (see crl_scope)",
+                ),
+            ]
         next_update = crl.next_update_utc
         if next_update is not None and next_update < moment:
-            return Check("revocation", Outcome.FAIL, f"CRL expired {next_update:%Y-%m-%d} (next update passed)")
+            return [
+                scope,
+                Check("revocation", Outcome.FAIL, f"CRL expired {next_update:%Y-%m-%d} (next update passed)"),
+            ]
         revoked = [
             cert.common_name
             for cert in (ask, vek)
             if crl.get_revoked_certificate_by_serial_number(cert.certificate.serial_number) is not None
         ]
-        return _check(
-            "revocation",
-            not revoked,
-            f"revoked: {', '.join(revoked)}" if revoked else f"not revoked (CRL of {crl.last_update_utc:%Y-%m-%d})",
-        )
+        return [
+            scope,
+            _check(
+                "revocation",
+                not revoked,
+                f"revoked: {', '.join(revoked)}" if revoked else f"not revoked (CRL of {crl.last_update_utc:%Y-%m-%d})",
+            ),
+        ]
 
     # -- report-level checks that need no certificate -------------------------------------------------------
 
@@ -542,13 +590,13 @@ def _given(vek: bytes | None, chain: bytes | None) -> _Given:
     sources: list[str] = []
     leaf: Cert | None = None
     if vek:
-        certs = load_certificates(vek, "VEK certificate")
+        certs = load_certificate_input(vek, "VEK certificate")
         leaves = [cert for cert in certs if cert.role in (Role.VCEK, Role.VLEK)]
         leaf = leaves[0] if leaves else certs[0]
         pool.extend(cert for cert in certs if cert is not leaf)
         sources.append("VEK given")
     if chain:
-        pool.extend(load_certificates(chain, "certificate chain"))
+        pool.extend(load_certificate_input(chain, "certificate chain"))
         sources.append("chain given")
     if leaf is None:
         leaf = next((cert for cert in pool if cert.role in (Role.VCEK, Role.VLEK)), None)

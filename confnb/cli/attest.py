@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from confnb.attest.certtable import der_to_pem
 from confnb.attest.errors import EvidenceError
 from confnb.attest.evidence import Evidence, parse_nonce, parse_rfc3339
+from confnb.attest.inputs import ReportInput, decode_report
 from confnb.attest.kds import KdsClient
-from confnb.attest.report import AttestationReport, extract_report
+from confnb.attest.report import AttestationReport
 from confnb.attest.result import Outcome, VerificationResult
 from confnb.attest.verifier import Verifier
 from confnb.cli.common import (
@@ -37,8 +39,10 @@ def register(subcommands: Any) -> None:
     show = commands.add_parser(
         "show",
         help="decode every field of a report",
-        description="Decode every field of an ATTESTATION_REPORT (raw 1184 bytes, hex, a /dev/sev-guest response, "
-        "an Azure HCL report, or a confnb evidence bundle). Decoding is not verification.",
+        description="Decode every field of an ATTESTATION_REPORT (raw 1184 bytes, with a trailing newline, hex with "
+        "or without 0x, base64 or base64url, a /dev/sev-guest response, an Azure HCL report or a report cut from "
+        "one with its runtime-data header, a report followed by its certificate table, or a confnb evidence "
+        "bundle). Decoding is not verification.",
     )
     show.add_argument("report", metavar="REPORT", help="report or evidence file")
     show.add_argument("--json", action="store_true", help="print JSON")
@@ -52,13 +56,32 @@ def register(subcommands: Any) -> None:
         epilog="Exit codes: 0 verified, 1 rejected (failing checks printed), 2 unusable input.",
     )
     verify.add_argument("evidence", nargs="?", metavar="EVIDENCE.json", help="a confnb-evidence/1 bundle")
-    verify.add_argument("--report", metavar="FILE", help="a bare report (instead of an evidence bundle)")
-    verify.add_argument("--vek", metavar="FILE", help="VCEK or VLEK certificate (PEM or DER)")
-    verify.add_argument("--chain", metavar="FILE", help="ASK/ASVK and ARK certificates (PEM, as KDS serves)")
+    verify.add_argument(
+        "--report",
+        metavar="FILE",
+        help="a bare report, in any form 'attest show' reads (instead of an evidence bundle); "
+        "certificates appended to it in a certificate table are used when --vek is not given",
+    )
+    verify.add_argument(
+        "--vek",
+        metavar="FILE",
+        help="VCEK or VLEK certificate: PEM or DER, or a /dev/sev-guest certificate table (which carries the chain)",
+    )
+    verify.add_argument(
+        "--chain",
+        metavar="FILE",
+        help="ASK/ASVK and ARK certificates: PEM or DER, several concatenated (default: the ones confnb ships)",
+    )
     verify.add_argument("--policy", metavar="FILE", help="appraisal policy (TOML with an [attestation] table)")
     verify.add_argument("--nonce", metavar="HEX", help="the nonce the evidence must carry (freshness)")
     verify.add_argument("--at", metavar="RFC3339", help="verify as of this time (default: now)")
     verify.add_argument("--crl", metavar="FILE", help="check revocation against this ARK-signed CRL")
+    verify.add_argument(
+        "--crl-url",
+        metavar="URL",
+        help="where the --crl file was downloaded from (…/vcek/v1/<Product>/crl or …/vlek/…), which shows the "
+        "certificates it covers when the CRL does not name its distribution point itself",
+    )
     verify.add_argument(
         "--offline", action="store_true", help="never contact AMD KDS; use only the input and the local cache"
     )
@@ -95,7 +118,8 @@ def register(subcommands: Any) -> None:
         description="Print the expected MEASUREMENT as 96 hex characters. For a real SEV-SNP VM it is computed "
         "from the launch inputs (OVMF, and for a measured direct boot the kernel, initrd and command line, which "
         "QEMU hashes with kernel-hashes=on) by sev-snp-measure. For the simulated TEE it is the SHA-384 of the "
-        "installed kernel_enclave code, so it changes whenever that code changes.",
+        "installed enclave code (kernel_enclave and the confnb modules it uses), so it changes whenever that code "
+        "changes.",
         epilog="Every input must be exactly what the VMM is given: another OVMF build, vCPU count or model, or one "
         "more space in --append yields another measurement. Exit codes: 0 printed, 2 unusable input.",
     )
@@ -117,7 +141,8 @@ def register(subcommands: Any) -> None:
         "--guest-features",
         metavar="VALUE",
         default="0x1",
-        help="SEV_FEATURES of every vCPU (default 0x1, SNPActive; hosts on Linux 6.6+ set 0x21, adding DebugSwap)",
+        help="SEV_FEATURES of every vCPU (default 0x1, SNPActive, as KVM sets it; Linux 6.6 and 6.7 hosts set 0x21, "
+        "adding DebugSwap)",
     )
     measure.add_argument(
         "--json", action="store_true", help="print JSON (for a real VM: the inputs, their SHA-256 and a policy line)"
@@ -133,14 +158,17 @@ def _show(args: argparse.Namespace) -> int:
     evidence = _maybe_evidence(data)
     if evidence is not None:
         report, container = evidence.report, "confnb-evidence/1"
+        attached: tuple[bytes, ...] = ()
     else:
-        report, container = extract_report(data)
+        found = decode_report(data)
+        report, container, attached = found.report, found.container, found.certificates
     parsed = AttestationReport.parse(report)
     document = parsed.to_dict()
     if args.json:
         print_json(
             {
                 "container": container,
+                "certificates": [_describe_certificate(der) for der in attached],
                 "report": document,
                 "claims": evidence.claims if evidence else None,
                 "tee": evidence.tee if evidence else None,
@@ -151,6 +179,10 @@ def _show(args: argparse.Namespace) -> int:
         print(paint(SIMULATED_BANNER, "inverse-yellow"))
     print(f"ATTESTATION_REPORT v{parsed.version} ({container})")
     _print_tree(document, indent=1)
+    if attached:
+        print("certificates attached to the report:")
+        for der in attached:
+            print(f"  {_describe_certificate(der)}")
     if evidence is not None:
         print("claims (bound by REPORT_DATA; verify to trust them):")
         _print_tree(evidence.claims, indent=1)
@@ -159,6 +191,12 @@ def _show(args: argparse.Namespace) -> int:
         print(paint("format problems: " + "; ".join(problems), "red"))
     print(paint("decoded only - run 'confnb attest verify' to check it", "dim"))
     return EXIT_OK
+
+
+def _describe_certificate(der: bytes) -> str:
+    from confnb.attest.certs import parse_certificate
+
+    return parse_certificate(der).describe()
 
 
 def _print_tree(document: dict[str, Any], indent: int) -> None:
@@ -181,6 +219,8 @@ def _verify(args: argparse.Namespace) -> int:
         raise UsageError("nothing to verify: give an EVIDENCE.json bundle or --report FILE")
     if args.evidence and (args.vek or args.chain):
         raise UsageError("--vek and --chain go with --report; an evidence bundle carries its own certificates")
+    if args.crl_url and not args.crl:
+        raise UsageError("--crl-url says where the --crl file came from; give --crl FILE too")
     at = parse_rfc3339(args.at) if args.at else None
     nonce = parse_nonce(args.nonce) if args.nonce else None
     crl = read_bytes(args.crl, "CRL") if args.crl else None
@@ -195,17 +235,35 @@ def _verify(args: argparse.Namespace) -> int:
         evidence = _maybe_evidence(data)
         if evidence is None:
             raise UsageError(f"{args.evidence} is not a confnb evidence bundle (for a bare report use --report)")
-        result = verifier.verify_evidence(evidence, policy, at, nonce=nonce, crl=crl)
+        result = verifier.verify_evidence(evidence, policy, at, nonce=nonce, crl=crl, crl_url=args.crl_url)
     else:
-        report, _container = extract_report(read_bytes(args.report, "report"))
+        found = decode_report(read_bytes(args.report, "report"))
         vek = read_bytes(args.vek, "VEK certificate") if args.vek else None
         chain = read_bytes(args.chain, "certificate chain") if args.chain else None
-        result = verifier.verify(report, vek, chain, policy, at, nonce=nonce, crl=crl)
+        vek, chain = _with_attached(found, vek, chain)
+        result = verifier.verify(found.report, vek, chain, policy, at, nonce=nonce, crl=crl, crl_url=args.crl_url)
     if args.json:
         print_json(result.to_dict())
     else:
         print_result(result)
     return EXIT_OK if result.ok else EXIT_REJECTED
+
+
+def _with_attached(found: ReportInput, vek: bytes | None, chain: bytes | None) -> tuple[bytes | None, bytes | None]:
+    """Certificates appended to the report stand in for --vek when it is not given, and join the chain pool when
+    it is (the verifier still picks each by role and checks every signature)."""
+    if not found.certificates:
+        return vek, chain
+    attached = "".join(der_to_pem(der) for der in found.certificates).encode("ascii")
+    if vek is None:
+        return attached, chain
+    return vek, attached if chain is None else _as_pem(chain) + attached
+
+
+def _as_pem(chain: bytes) -> bytes:
+    from confnb.attest.inputs import load_certificate_input
+
+    return "".join(der_to_pem(cert.der) for cert in load_certificate_input(chain, "certificate chain")).encode()
 
 
 def print_result(result: VerificationResult) -> None:

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from confnb.attest.errors import ReportFormatError
-from confnb.attest.report import REPORT_SIZE, AttestationReport, Product, SigningKey, extract_report
+from confnb.attest.inputs import extract_report
+from confnb.attest.report import REPORT_SIZE, AttestationReport, Product, SigningKey
 from confnb.attest.tcb import TcbLayout, TcbVersion
 
 

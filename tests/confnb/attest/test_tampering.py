@@ -106,10 +106,17 @@ def test_bit_flips_in_the_chain_are_caught(verifier, vector, role):
         except ValueError:
             continue  # the flip broke the DER itself
         try:
-            failures = _failures(verifier, vector, vek=leaf.der, chain=chain)
+            result = verifier.verify(vector.report, leaf.der, chain, at=vector.inside_validity)
         except CertificateError:
             continue
-        assert failures & expected, (role, position, bit, failures)
+        if result.ok:
+            # The flip made the certificate no longer the leaf's issuer or a root (its name changed), so the
+            # verifier passed it over for AMD's own, which confnb ships: the tampered bytes decided nothing.
+            mutated = load_certificates(_flip(target.der, position, bit))[0]
+            assert "shipped with confnb" in result.check("certificates").detail, (role, position, bit)
+            assert (mutated.subject, mutated.role) != (target.subject, target.role), (role, position, bit)
+            continue
+        assert {check.name for check in result.failures} & expected, (role, position, bit, result.failures)
 
 
 def test_vek_from_another_chip_is_rejected(verifier):

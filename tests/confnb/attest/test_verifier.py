@@ -72,23 +72,6 @@ def test_module_level_verify_matches_the_documented_signature(vector):
     assert document["report"]["measurement"] == vector.meta["measurement"]
 
 
-def test_missing_chain_comes_from_the_cache_offline(tmp_path, vector):
-    from confnb.attest.certs import Role, load_certificates
-
-    kds = KdsClient(cache_dir=tmp_path, offline=True)
-    leaf = load_certificates(vector.vek)[0].der  # some VEK files carry the chain too
-    without = Verifier(kds).verify(vector.report, leaf, None, at=vector.inside_validity)
-    assert [check.name for check in without.failures] == ["certificates"]
-
-    chain = load_certificates(vector.chain)
-    issuer = [
-        c for c in chain if c.role in (Role.ASK, Role.ASVK) and c.subject == load_certificates(vector.vek)[0].issuer
-    ]
-    ark = [c for c in chain if c.role is Role.ARK]
-    kds.store_cert_chain(ark[0].product, "vlek" if issuer[0].role is Role.ASVK else "vcek", [issuer[0].der, ark[0].der])
-    assert Verifier(kds).verify(vector.report, leaf, None, at=vector.inside_validity).ok
-
-
 def test_missing_vcek_comes_from_the_cache_offline(tmp_path, vector):
     if vector.signing_key != "VCEK":
         pytest.skip("VLEKs cannot be fetched: they must come with the evidence")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from confnb.attest.certs import load_certificates
+from confnb.attest.certtable import ARK_GUID, ASK_GUID, VCEK_GUID, build_cert_table
 from tests.conftest import vector_by_id
 
 
@@ -133,6 +136,12 @@ def test_policy_rejection_exits_1_and_names_the_check(tmp_path, shared_vectors):
         (lambda f, t: [str(t / "bad.json")], "evidence format"),
         (lambda f, t: [str(f["report"]), "--report", str(f["report"])], "not both"),
         (lambda f, t: [], "nothing to verify"),
+        (lambda f, t: ["--report", str(t / "report.b64")], "neither hex nor base64"),
+        (lambda f, t: ["--report", str(f["report"]), "--vek", str(t / "bad.pem")[:-3] + "b64"], "neither PEM, DER"),
+        (
+            lambda f, t: ["--report", str(f["report"]), "--crl-url", "https://kdsintf.amd.com/vcek/v1/Turin/crl"],
+            "--crl",
+        ),
     ],
     ids=[
         "missing",
@@ -145,12 +154,17 @@ def test_policy_rejection_exits_1_and_names_the_check(tmp_path, shared_vectors):
         "bad-evidence",
         "both",
         "nothing",
+        "bad-base64",
+        "vek-neither",
+        "crl-url-alone",
     ],
 )
 def test_unusable_input_is_one_line_and_exit_2(files, tmp_path, make_args, fragment):
     (tmp_path / "bad.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
     (tmp_path / "bad.toml").write_text("[attestation]\nmax_vmpl = 9\n")
     (tmp_path / "bad.json").write_text('{"format": "other"}')
+    (tmp_path / "report.b64").write_text(base64.b64encode(files["report"].read_bytes()).decode()[:-8] + "\n")
+    (tmp_path / "bad.b64").write_bytes(b"\x01" * 100)
     assert_one_line_error(confnb("attest", "verify", *make_args(files, tmp_path)), fragment)
 
 
@@ -167,6 +181,50 @@ def test_show_decodes_every_field(files):
 def test_show_unwraps_containers(shared_vectors):
     run = confnb("attest", "show", str(shared_vectors / "lit-sev-snp-utils/snp_report_msg_resp.bin"), "--json")
     assert json.loads(run.stdout)["container"] == "sev-guest-response"
+
+
+def test_other_tools_forms_verify_offline_with_only_the_vek(files, tmp_path):
+    """A base64 report (AWS's guides, Constellation) and a DER VCEK: AMD's ASK and ARK come with confnb."""
+    report = files["report"].read_bytes()
+    (tmp_path / "report.b64").write_bytes(base64.b64encode(report) + b"\n")
+    run = confnb("attest", "verify", "--report", str(tmp_path / "report.b64"), "--vek", str(files["vek"]), "--offline")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "shipped with confnb" in run.stdout
+    (tmp_path / "report.hex").write_text("0x" + report.hex() + "\n")
+    assert (
+        confnb("attest", "verify", "--report", str(tmp_path / "report.hex"), "--vek", str(files["vek"])).returncode == 0
+    )
+
+
+def test_a_report_with_its_certificate_table_verifies_alone(files, tmp_path):
+    """What SNP_GET_EXT_REPORT returns, saved as one file: the report, then the host's certificate table."""
+    vek = files["vek"].read_bytes()
+    ask, ark = (cert.der for cert in load_certificates(files["chain"].read_bytes()))
+    table = build_cert_table({VCEK_GUID: vek, ASK_GUID: ask, ARK_GUID: ark})
+    (tmp_path / "ext-report.bin").write_bytes(files["report"].read_bytes() + table + bytes(-len(table) % 4096))
+    run = confnb("attest", "verify", "--report", str(tmp_path / "ext-report.bin"), "--offline")
+    assert run.returncode == 0, run.stdout + run.stderr
+    shown = json.loads(confnb("attest", "show", str(tmp_path / "ext-report.bin"), "--json").stdout)
+    assert shown["container"] == "report+cert-table" and len(shown["certificates"]) == 3
+    (tmp_path / "certs.bin").write_bytes(table)  # the table alone, as --vek
+    (tmp_path / "chain.der").write_bytes(ask + ark)  # and a chain of concatenated DER certificates
+    by_table = confnb("attest", "verify", "--report", str(files["report"]), "--vek", str(tmp_path / "certs.bin"))
+    assert by_table.returncode == 0, by_table.stdout + by_table.stderr
+    by_der = confnb(
+        "attest", "verify", "--report", str(files["report"]), "--vek", str(files["vek"]),
+        "--chain", str(tmp_path / "chain.der"),
+    )  # fmt: skip
+    assert by_der.returncode == 0 and "chain given" in by_der.stdout, by_der.stdout + by_der.stderr
+
+
+def test_a_lookalike_with_a_certificate_table_is_unusable_input(files, tmp_path):
+    """A table whose VCEK slot holds the ARK is refused as input, not verified and not guessed around."""
+    vek = files["vek"].read_bytes()
+    ask, ark = (cert.der for cert in load_certificates(files["chain"].read_bytes()))
+    table = build_cert_table({VCEK_GUID: ark, ASK_GUID: ask, ARK_GUID: vek})
+    (tmp_path / "ext-report.bin").write_bytes(files["report"].read_bytes() + table)
+    run = confnb("attest", "verify", "--report", str(tmp_path / "ext-report.bin"), "--offline")
+    assert_one_line_error(run, "entry VCEK holds 'ARK-Turin'")
 
 
 def test_simulated_round_trip_through_files(tmp_path):
