@@ -2,8 +2,9 @@
 
 The comm is answered here, like ``confnb.attestation``, because the executor runs the analyst's code: it must not
 see the ciphertext's framing, decide what an upload is called, or fake a "done". The relay only moves bytes: every
-check that matters (descriptor, policy, HPKE, Tink, parsing, the name) happens in the vault, reached over
-``upload.sock``, which serves the launcher's user and nothing but the upload operations.
+check that matters (descriptor, policy, HPKE, Tink, the name, validation of the parsed table) happens in the vault,
+reached over ``upload.sock``, which serves the launcher's user and nothing but the upload operations; the file
+itself is parsed by a confined process the vault starts (:mod:`kernel_enclave.vault.upload_parser`).
 
 Protocol (``data`` of comm messages; replies are ``comm_msg`` on iopub, framed by busy/idle):
 

@@ -4,8 +4,9 @@ The browser seals a fresh content key to the kernel's attested HPKE key with ``i
 (dataset name, file format, file name, output policy), and encrypts the file with Tink's streaming AEAD under that
 key with the descriptor's canonical JSON as associated data. The Jupyter server and the relay in between see only
 ciphertext; if either changes the name, the format or the policy, the key does not open (HPKE) or the first
-segment does not authenticate (Tink). Only then, inside the vault, is the plaintext parsed and registered under
-the owner's policy, like any brokered dataset.
+segment does not authenticate (Tink). Only then is the plaintext parsed, in a confined process of its own
+(:mod:`kernel_enclave.vault.upload_parser`), validated by the vault (:mod:`kernel_enclave.vault.untrusted`) and
+registered under the owner's policy, like any brokered dataset.
 
 The relay reaches these operations over ``upload.sock`` (the launcher's user only), one connection for all its
 uploads; each upload lives in that connection and nothing of it survives a failure, a cancel or the connection::
@@ -39,7 +40,9 @@ from confnb.attest.evidence import canonical_claims
 from confnb.datasets.errors import IntegrityError
 from confnb.datasets.streaming_aead import AES256_GCM_HKDF_1MB, iter_decrypt, plaintext_size
 from confnb.policy.output import OutputPolicy
+from confnb.policy.schema import OUTPUT_TABLES
 from kernel_enclave.vault.protocol import ProtocolError, VaultError, error_reply
+from kernel_enclave.vault.upload_parser import parse_upload
 from kernel_enclave.vault.vault import Reply, Vault
 
 UPLOAD_FORMAT: Final = "confnb-upload/1"
@@ -55,7 +58,6 @@ CONTENT_KEY_BYTES: Final = 32
 DECRYPT_WAIT_S: Final = 120.0
 OPERATIONS: Final = ("upload_begin", "upload_chunk", "upload_end", "upload_cancel")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_FORMAT_NAMES = {"csv": "CSV", "parquet": "Parquet", "arrow": "Arrow IPC"}
 
 
 class UploadError(VaultError):
@@ -109,7 +111,7 @@ class UploadDescriptor:
         if len(text) > MAX_POLICY_CHARS:
             raise UploadError(f"descriptor.policy: the policy TOML is longer than {MAX_POLICY_CHARS} characters")
         try:
-            policy = OutputPolicy.from_toml(text, source="upload policy")
+            policy = OutputPolicy.from_toml(text, source="upload policy", tables=OUTPUT_TABLES)
         except PolicyError as exc:
             raise UploadError(f"descriptor.policy: {_one_line(str(exc))}") from None
         try:
@@ -277,37 +279,13 @@ class UploadSession:
 
 
 def parse_table(data: pa.Buffer, file_format: str) -> pa.Table:
-    """The decrypted file as a table. Errors name the format and pyarrow's error type, never the content."""
+    """The decrypted file as a validated table, parsed in a process of its own (:mod:`.upload_parser`): the vault
+    runs no CSV or Parquet reader on upload bytes, only the checked IPC reader on what the parser hands back.
+    Errors name the check or the format and pyarrow's error type, never the content."""
     try:
-        if file_format == "csv":
-            import pyarrow.csv as pacsv  # type: ignore[import-untyped]
-
-            table = pacsv.read_csv(pa.BufferReader(data))
-        elif file_format == "parquet":
-            import pyarrow.parquet as pq  # type: ignore[import-untyped]
-
-            table = pq.read_table(pa.BufferReader(data))
-        else:
-            table = _read_arrow(data)
-    except (pa.ArrowException, ValueError, OSError) as exc:
-        raise UploadError(
-            f"the decrypted file is not a readable {_FORMAT_NAMES[file_format]} file ({type(exc).__name__}); "
-            "check that file_format matches the file"
-        ) from None
-    if table.num_columns == 0:
-        raise UploadError("the decrypted file has no columns")
-    names = table.column_names
-    if len(set(names)) != len(names):
-        raise UploadError("the decrypted file has two columns with the same name")
-    return table
-
-
-def _read_arrow(data: pa.Buffer) -> pa.Table:
-    """Arrow IPC file format (``.arrow``, Feather v2) first, then the streaming format."""
-    try:
-        return pa.ipc.open_file(data).read_all()
-    except (pa.ArrowException, ValueError, OSError):
-        return pa.ipc.open_stream(data).read_all()
+        return parse_upload(data, file_format)
+    except VaultError as exc:
+        raise UploadError(str(exc)) from None
 
 
 class Uploads:

@@ -11,6 +11,7 @@ import io
 import os
 import secrets
 import socket
+import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -227,3 +228,26 @@ def test_the_upload_socket_answers_only_the_allowed_user(simulated_backend: Simu
     finally:
         server.close()
         directory.rmdir()
+
+
+def test_an_arrow_file_with_offsets_outside_its_buffer_is_refused_and_audited_by_check(site: Site) -> None:
+    """The parser process refuses it by full validation; the refusal names the check and the vault registers
+    nothing, then takes the repaired file under the same name."""
+    good = pa.array(["a", "b", "c"])
+    offsets = pa.py_buffer(struct.pack("<4i", 0, 1 << 26, 2, 3))
+    broken = pa.Array.from_buffers(pa.string(), 3, [None, offsets, good.buffers()[2]])
+
+    def arrow(column: pa.Array) -> bytes:
+        sink = pa.BufferOutputStream()
+        table = pa.table({"s": column, "n": [1, 2, 3]})
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        return bytes(sink.getvalue().to_pybytes())
+
+    answer = upload(site, descriptor("h", "arrow"), arrow(broken))
+    expected = "the uploaded file: refused by check validation, Arrow full validation failed (column 0)"
+    assert answer == {"ok": False, "error": {"type": "UploadError", "message": expected}}
+    assert not site.vault.has_dataset("h") and site.policies == []
+    refused = site.vault.audit.entries()[-1]
+    assert refused["event"] == "upload-refused" and refused["fields"]["reason"] == expected
+    assert upload(site, descriptor("h", "arrow"), arrow(good))["rows"] == 3
