@@ -40,8 +40,9 @@ browser:
 
 test: lint typecheck browser
 	$(JLPM) test
-	@# Here a missing browser or an unbuilt lab extension fails the browser tests instead of skipping them.
-	CONFNB_REQUIRE_BROWSER=1 $(BIN)/pytest
+	@# Here a missing browser or an unbuilt lab extension fails the browser tests instead of skipping them, and
+	@# missing SEV-SNP vectors (../shared/vectors/snp) fail the run instead of skipping the tests that read them.
+	CONFNB_REQUIRE_BROWSER=1 CONFNB_REQUIRE_VECTORS=1 $(BIN)/pytest
 
 docs: $(STAMP)
 	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
@@ -49,8 +50,10 @@ docs: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	@# Every benchmark runs; the target fails afterwards if any of them missed its target.
+	@# Each writes benchmarks/results/<script>.json with its commit and machine; the README table is rewritten from them.
 	status=0; for script in attest_verify dataset_ipc_load dataset_parquet_load broker_release kernel_roundtrip vault_ops lab_verify; do \
-		$(BIN)/python benchmarks/$$script.py || status=1; done; exit $$status
+		$(BIN)/python benchmarks/$$script.py || status=1; done; \
+	$(BIN)/python benchmarks/_provenance.py || status=1; exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

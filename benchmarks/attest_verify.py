@@ -184,18 +184,31 @@ def bench_vector(vector: dict[str, object], rounds: int) -> dict[str, object]:
 
 
 def main() -> int:
+    from _provenance import TIMES, Provenance, add_output_argument, ratio
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3000, help="rounds of one call per contender (default 3000)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    add_output_argument(parser, "attest_verify")
     args = parser.parse_args()
+    provenance = Provenance("attest_verify")
     index = VECTORS / "vectors.json"
     if not index.is_file():
         print(f"vectors not found at {VECTORS}: they live in ../shared beside the project", file=sys.stderr)
         return 2
     vectors = [v for v in json.loads(index.read_text()) if v["id"] in GENOA_CASES]
     results = [bench_vector(vector, args.rounds) for vector in vectors]
+    rust = [row["ratio_vs_rust"] for row in results if "ratio_vs_rust" in row]
+    summary = {
+        "figure": "warm verification vs bare ECDSA / vs `sev-attest-tool` (worst of R10, R16)",
+        "result": f"{ratio(max(row['ratio_vs_floor'] for row in results))} / "
+        + (ratio(max(rust)) if len(rust) == len(results) else "not measured"),
+        "target": f"≤ {TARGET_VS_FLOOR:g}{TIMES} / ≤ {TARGET_VS_RUST:g}{TIMES}",
+        "met": targets_met(results),
+    }
+    document = provenance.record({"vectors": results, "rounds": args.rounds}, summary, args.out)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(document, indent=2))
     else:
         print(f"{'vector':7} {'confnb ms':>10} {'floor ms':>9} {'rust ms':>8} {'vs floor':>9} {'vs rust':>8}")
         for row in results:
@@ -205,11 +218,19 @@ def main() -> int:
                 f"{row.get('ratio_vs_rust', float('nan')):7.2f}x"
             )
         print(f"targets: <= {TARGET_VS_FLOOR}x the floor, <= {TARGET_VS_RUST}x sev-attest-tool")
-    met = all(
-        row["ratio_vs_floor"] <= TARGET_VS_FLOOR and row.get("ratio_vs_rust", 0) <= TARGET_VS_RUST  # type: ignore[operator]
+    if any("ratio_vs_rust" not in row for row in results):
+        print("the sev-attest-tool target was not measured, so it is not met", file=sys.stderr)
+    return 0 if targets_met(results) else 1
+
+
+def targets_met(results: list[dict[str, object]]) -> bool:
+    """Both targets on every vector; a target that was not measured (sev-attest-tool absent) is not met."""
+    return all(
+        row["ratio_vs_floor"] <= TARGET_VS_FLOOR  # type: ignore[operator]
+        and "ratio_vs_rust" in row
+        and row["ratio_vs_rust"] <= TARGET_VS_RUST  # type: ignore[operator]
         for row in results
     )
-    return 0 if met else 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ NO_VECTORS = (
     f"real SEV-SNP vectors not found at {SHARED_VECTORS}: they live in ../shared beside the project "
     "and are never copied into it"
 )
+REQUIRE_VECTORS = "CONFNB_REQUIRE_VECTORS"  # `make test` sets it to 1: without the vectors the run fails
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,13 @@ def _load_vectors() -> list[Vector]:
 
 
 VECTORS = _load_vectors()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under ``CONFNB_REQUIRE_VECTORS=1`` a run without the real vectors fails at once, instead of quietly
+    skipping the hundreds of tests that read them (and passing on what is left)."""
+    if os.environ.get(REQUIRE_VECTORS) == "1" and not VECTORS:
+        raise pytest.UsageError(f"{REQUIRE_VECTORS}=1 requires the real SEV-SNP vectors, but {NO_VECTORS}")
 
 
 def vector_by_id(identifier: str) -> Vector:
@@ -134,7 +142,7 @@ def simulated_tee_dir(_simulated_tee_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def simulated_backend(simulated_tee_dir: Path) -> SimulatedBackend:
-    """A simulated backend on the session's chip, measuring the current kernel_enclave code."""
+    """A simulated backend on the session's chip, measuring the current enclave code."""
     from kernel_enclave.tee.simulated import SimulatedBackend
 
     return SimulatedBackend(state_dir=simulated_tee_dir)

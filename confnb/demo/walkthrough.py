@@ -46,7 +46,7 @@ def run(workdir: Path) -> list[Outcome]:
     tee = SimulatedBackend()  # persisted, so later runs and kernels share one simulated "chip"
     print(f"simulated chip state: {tee.state_dir} (root sha256 {tee.ark_sha256()[:16]}…)")
     measurement = simulated_measurement().hex()
-    print(f"kernel measurement (SHA-384 of the kernel_enclave code): {measurement}")
+    print(f"kernel measurement (SHA-384 of the enclave code): {measurement}")
 
     step("2. The analyst's policy: accept simulated hardware, but only this kernel's measurement")
     policy_path = workdir / "analyst-policy.toml"

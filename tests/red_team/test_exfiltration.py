@@ -592,16 +592,29 @@ def test_the_simulated_chip_cannot_be_used_from_the_executor(hostile: Hostile) -
 
 @needs_separate_user
 def test_a_vault_of_the_analysts_own_cannot_open_the_dataset(hostile: Hostile) -> None:
-    outcome = hostile.attempt(
+    # The session's chip is the kernel's alone: the executor cannot even load it.
+    hostile.attempt(
         "def attack():\n"
         "    from kernel_enclave.tee import get_backend\n"
+        "    return get_backend('simulated').ark_sha256()\n"
+    ).refused("PermissionError")
+    # A chip of the analyst's own runs the same code, so its evidence carries the pinned measurement: only the
+    # owner's pin on the chip (simulated_roots) keeps the broker from releasing the key to this vault.
+    outcome = hostile.attempt(
+        "def attack():\n"
+        "    import tempfile\n"
+        "    from kernel_enclave.tee.simulated import SimulatedBackend\n"
         "    from kernel_enclave.vault.keys import VaultKeys\n"
         "    from kernel_enclave.vault.vault import Vault\n"
-        "    vault = Vault(backend=get_backend('simulated'), keys=VaultKeys.generate(),\n"
-        "                  broker_url=os.environ['CONFNB_BROKER_URL'])\n"
-        "    return vault.handle({'op': 'open', 'source': 'patients', 'broker': None}, [])\n"
+        "    chip = SimulatedBackend(state_dir=tempfile.mkdtemp())\n"
+        "    vault = Vault(backend=chip, keys=VaultKeys.generate(), broker_url=os.environ['CONFNB_BROKER_URL'])\n"
+        "    reply, buffers = vault.handle({'op': 'open', 'source': 'patients', 'broker': None}, [])\n"
+        "    return reply, len(buffers)\n",
+        limit=100_000,
     )
-    assert outcome.raised is not None or "'ok': False" in outcome.value, outcome
+    assert outcome.raised is None, outcome  # Vault.handle ran and answered
+    assert "'ok': False" in outcome.value, outcome
+    assert "simulated_root" in outcome.value and "someone else's" in outcome.value, outcome
 
 
 def test_the_environment_holds_no_keys(hostile: Hostile) -> None:

@@ -20,7 +20,6 @@ from confnb.provisioner.kernelspec import KERNEL_NAME
 
 pytestmark = pytest.mark.slow
 API = "/confnb/api"
-REPO = Path(__file__).resolve().parents[3]
 TCB_KEYS = {"bootloader", "tee", "snp", "microcode", "raw"}
 
 
@@ -135,13 +134,6 @@ def test_upload_presets_are_policies_the_vault_accepts(server: Any) -> None:
         assert all(f"[{table}]" in preset["toml"] for table in ("policy", "release", "display"))
 
 
-def _fault_supported() -> bool:
-    return "report-signature" in (REPO / "kernel_enclave" / "tee" / "simulated.py").read_text()
-
-
-@pytest.mark.skipif(
-    not _fault_supported(), reason="the simulated TEE does not implement CONFNB_SIMULATED_FAULT=report-signature yet"
-)
 def test_a_tampered_report_fails_with_the_failing_check_named(
     server: Any, confnb_kernel_env: Path, install_variant: Callable[..., str]
 ) -> None:

@@ -1581,7 +1581,10 @@ def test_a_refusal_of_several_datasets_names_them_all() -> None:
     ("ename", "evalue"),
     [
         ("ValueError", "[rule release.allow of 'patients']"),  # only a PolicyViolation is a refusal
-        ("PolicyViolation", f"[rule {CANARY} of 'patients']"),  # unknown rule
+        ("PolicyViolation", f"[rule {CANARY} of 'patients']"),  # not even a rule's shape
+        # well-formed, but not one of the vault's rules: only the allowlist stops the analyst's words
+        ("PolicyViolation", "[rule release.canary.is_forty_two of 'patients']"),
+        ("PolicyViolation", "[rule display.mime of 'patients']"),
         ("PolicyViolation", f"[rule release.allow of '{CANARY} x']"),  # not a dataset id
         ("PolicyViolation", f"[rule release.allow of 'patients', {CANARY}]"),
         ("PolicyViolation", "[rule release.allow of " + ", ".join(f"'d{i}'" for i in range(9)) + "]"),  # too many
