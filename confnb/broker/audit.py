@@ -42,7 +42,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -63,7 +63,9 @@ __all__ = [
     "AuditLogBusyError",
     "AuditLogError",
     "AuditVerification",
+    "ReleaseReconciliation",
     "compute_entry_hash",
+    "reconcile_releases",
     "verify_log",
 ]
 
@@ -664,3 +666,94 @@ def verify_log(
         messages = [*messages[:MAX_REPORTED_PROBLEMS], f"... and {extra} more problems"]
     first_bad = next((seq for seq, _ in problems if seq is not None), None)
     return AuditVerification(not problems, entries, messages, head, first_bad)
+
+
+# -- reconciling with a kernel's log ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReleaseReconciliation:
+    """One key-release attempt (one nonce) as the broker's log and a kernel's log tell it.
+
+    ``broker`` is ``"released"`` (a ``release`` entry names the nonce), ``"not released"`` (only its ``challenge``
+    entry: the broker refused, or stopped before deciding) or ``"unknown"`` (no entry at all). ``kernel`` is
+    ``"received"``, ``"failed"`` (with the kernel's ``cause``), ``"no outcome"`` (the kernel recorded the request
+    but nothing after it: it stopped first) or ``"absent"``. ``agree`` says whether the two tell the same story;
+    ``finding`` says in a sentence what happened, and when they differ, why that can happen and what it means.
+    """
+
+    nonce: str
+    dataset_id: str | None
+    broker: str
+    kernel: str
+    cause: str
+    agree: bool
+    finding: str
+
+
+def reconcile_releases(
+    broker_entries: Iterable[AuditEntry], kernel_entries: Iterable[Mapping[str, Any]]
+) -> list[ReleaseReconciliation]:
+    """Match a kernel's key-release attempts (``key-request``/``key-received``/``key-request-failed`` entries of
+    its audit log, as ``cn.audit()`` returns them) with the broker's log, nonce by nonce.
+
+    The kernel records ``key-request`` durably *before* its evidence leaves, and the broker records ``release``
+    durably *before* the key leaves, so a release the broker logged always has its request in the kernel's log, and
+    a key the kernel received always has its release in the broker's. What can legitimately differ is the outcome
+    of an interrupted exchange, and each such case is named here rather than hidden: the broker released but the
+    answer was lost (the kernel says failed) or the kernel stopped before recording it (no outcome). Either way the
+    key was sealed to that kernel's attested key, which never leaves its vault and ends with it.
+    """
+    released: dict[str, AuditEntry] = {}
+    issued: set[str] = set()
+    for entry in broker_entries:
+        nonce = str(entry.detail.get("nonce") or "").lower()
+        if entry.kind is AuditKind.RELEASE and nonce:
+            released[nonce] = entry
+        elif entry.kind is AuditKind.CHALLENGE and nonce:
+            issued.add(nonce)
+    attempts: dict[str, dict[str, Any]] = {}
+    for record in kernel_entries:
+        event, fields = record.get("event"), record.get("fields") or {}
+        nonce = str(fields.get("nonce") or "").lower()
+        if not nonce or event not in ("key-request", "key-received", "key-request-failed"):
+            continue
+        attempt = attempts.setdefault(nonce, {"dataset": fields.get("dataset"), "state": "absent", "cause": ""})
+        if event == "key-request" and attempt["state"] == "absent":
+            attempt["state"] = "no outcome"
+        elif event == "key-received":
+            attempt["state"] = "received"
+        elif event == "key-request-failed" and attempt["state"] != "received":
+            attempt["state"], attempt["cause"] = "failed", str(fields.get("cause", ""))
+    return [_reconcile(nonce, attempt, released.get(nonce), nonce in issued) for nonce, attempt in attempts.items()]
+
+
+def _reconcile(
+    nonce: str, attempt: Mapping[str, Any], release: AuditEntry | None, issued: bool
+) -> ReleaseReconciliation:
+    kernel, cause = str(attempt["state"]), str(attempt["cause"])
+    dataset = attempt.get("dataset") or (release.dataset_id if release else None)
+    broker = "released" if release is not None else "not released" if issued else "unknown"
+    findings: dict[tuple[str, str], tuple[bool, str]] = {
+        ("released", "received"): (True, "released and received"),
+        ("not released", "failed"): (True, f"not released: {cause}"),
+        ("not released", "no outcome"): (True, "not released; the kernel stopped before the broker decided"),
+        ("released", "failed"): (
+            False,
+            f"released but not received ({cause}): the answer was lost after the broker logged it; the key was "
+            "sealed to that kernel's attested key only",
+        ),
+        ("released", "no outcome"): (
+            False,
+            "released; the kernel stopped before it recorded the answer; the key was sealed to that kernel's "
+            "attested key only, which ended with it",
+        ),
+        ("not released", "received"): (False, "the kernel says it received a key the broker's log does not show"),
+        ("unknown", "failed"): (True, f"not released: {cause} (the broker never saw the request)"),
+    }
+    agree, finding = findings.get(
+        (broker, kernel), (False, f"the broker's log says {broker}, the kernel's log says {kernel}")
+    )
+    if broker == "unknown" and kernel in ("received", "no outcome"):
+        agree, finding = False, "the broker's log does not know this nonce (another broker, or its log is incomplete)"
+    return ReleaseReconciliation(nonce, dataset, broker, kernel, cause, agree, finding)

@@ -17,6 +17,7 @@ useless. Keeping it here (the default) is the convenient choice for a single tru
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import os
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 from confnb.attest.evidence import rfc3339
 from confnb.attest.policy import AttestationPolicy
-from confnb.broker.audit import AuditLog
+from confnb.broker.audit import AuditLog, AuditLogError
 from confnb.broker.db import initialize, transaction
 from confnb.broker.keys import KdfParameters, MasterKey, MasterKeyError, new_kdf_parameters
 from confnb.broker.release import DatasetRecord
@@ -177,6 +178,10 @@ class OwnerStore:
             raise StoreError(f"a dataset key is {DATASET_KEY_SIZE} bytes")
         signed_policy = output_policy.canonical_json()
         signature = base64.b64encode(self.owner_key.sign(signed_policy)).decode()
+        # The row commits only after its audit entry is durable: a full disk or a failing database leaves neither
+        # a key nor an entry (the insert rolls back). Only a failure of the final commit itself, after the entry,
+        # can part them; it is then recorded as such, as far as the disk allows.
+        audited = False
         try:
             with transaction(self.database) as db:
                 db.execute(
@@ -191,14 +196,20 @@ class OwnerStore:
                         rfc3339(datetime.now(UTC)),
                     ),
                 )
+                self.audit.append(
+                    "admin",
+                    "owner",
+                    dataset_id,
+                    {"action": "register", "key_id": key_id, "output_policy": output_policy.digest()},
+                )
+                audited = True
         except sqlite3.IntegrityError:
             raise StoreError(f"dataset {dataset_id!r} is already registered") from None
-        self.audit.append(
-            "admin",
-            "owner",
-            dataset_id,
-            {"action": "register", "key_id": key_id, "output_policy": output_policy.digest()},
-        )
+        except (sqlite3.Error, AuditLogError) as exc:
+            if audited:
+                with contextlib.suppress(AuditLogError, ValueError):
+                    self.audit.append("admin", "owner", dataset_id, {"action": "register-failed", "key_id": key_id})
+            raise StoreError(f"cannot register dataset {dataset_id!r}: {exc}; nothing was registered") from None
         return key_id, dataset_key
 
     def dataset(self, dataset_id: str) -> DatasetRecord | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from confnb.datasets.manifest import (
 )
 from confnb.datasets.parquet import write_encrypted_parquet
 from confnb.datasets.reader import ARROW_FORMAT, PARQUET_FORMAT, file_associated_data, read_verified
-from confnb.fileio import write_atomically
+from confnb.fileio import WriteError, describe_os_error, sync_directory, write_atomically
 from confnb.policy.output import OutputPolicy
 
 PART_NAME = "part-0000.arrow"
@@ -83,7 +84,11 @@ def encrypt_dataset(
     target = Path(out_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise StoreError(f"{target} exists and is not an empty directory; nothing was written")
-    if store.dataset(dataset_id) is not None:
+    try:
+        registered = store.dataset(dataset_id) is not None
+    except sqlite3.Error as exc:  # a full disk cannot even open SQLite's shared-memory file
+        raise StoreError(f"cannot read the broker's database {store.database}: {exc}; nothing was written") from None
+    if registered:
         raise StoreError(f"dataset {dataset_id!r} is already registered with this broker")
     table = open_input(source)
     key_id, dataset_key = secrets.token_hex(8), os.urandom(32)
@@ -127,8 +132,11 @@ def encrypt_dataset(
         if target.exists():
             target.rmdir()  # empty, checked above
         os.replace(staging, target)
-    except BaseException:
+        sync_directory(target.parent)
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk, a quota, an I/O error: one line, nothing left behind
+            raise StoreError(f"cannot write {target}: {_cause(exc)}; nothing was written, no key registered") from None
         raise
     try:
         store.register_dataset(
@@ -138,6 +146,16 @@ def encrypt_dataset(
         shutil.rmtree(target, ignore_errors=True)  # without its key the directory is unreadable noise
         raise
     return EncryptedDataset(target, manifest)
+
+
+def _cause(error: OSError) -> str:
+    """Arrow's I/O errors wrap the system's; either way, the cause in a few words."""
+    if isinstance(error, WriteError) or error.errno is not None:
+        return describe_os_error(error)
+    text = str(error)
+    if "No space left on device" in text:
+        return "no space left on device"
+    return text.splitlines()[0][:300] if text else "I/O error"
 
 
 def decrypt_dataset(directory: str | os.PathLike[str], store: OwnerStore, out_file: str | os.PathLike[str]) -> int:
@@ -156,7 +174,11 @@ def decrypt_dataset(directory: str | os.PathLike[str], store: OwnerStore, out_fi
             writer.write_table(table)
     else:
         raise StoreError(f"{destination}: name the output .parquet, .csv or .arrow")
-    write_atomically(destination, sink.getvalue().to_pybytes(), mode=0o600)
+    try:
+        write_atomically(destination, sink.getvalue().to_pybytes(), mode=0o600)
+    except OSError as exc:  # one line for the CLI; the previous file (if any) is intact
+        problem = str(exc) if isinstance(exc, WriteError) else f"cannot write {destination}: {describe_os_error(exc)}"
+        raise StoreError(problem) from None
     return int(table.num_rows)
 
 

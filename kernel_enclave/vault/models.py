@@ -51,6 +51,7 @@ from sklearn.utils import _safe_indexing  # type: ignore[import-untyped]
 from sklearn.utils._param_validation import InvalidParameterError  # type: ignore[import-untyped]
 
 from confnb.policy.output import OutputPolicy
+from kernel_enclave.vault import stoppable
 from kernel_enclave.vault.plan import SourceTable
 from kernel_enclave.vault.protocol import PolicyViolation, VaultError
 from kernel_enclave.vault.release import check_columns, check_count, require_kind
@@ -574,15 +575,10 @@ def fit(
     train_records = counter.total() if train_rows is not None else all_records
     _require_records(train_records, policies, "the training split")
 
+    # Training runs in a worker process the vault kills when the analyst interrupts the cell (see stoppable).
+    estimator, fit_warnings = stoppable.run(_train, estimator, x_train, y_train, openmp=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            if y_train is None:
-                estimator.fit(x_train)
-            else:
-                estimator.fit(x_train, y_train)
-        except Exception as exc:  # scikit-learn raises many types; none of their text leaves
-            raise _failure("fit", name, exc) from None
         try:
             class_records = counter.smallest_group(y_train) if task == "classification" else None
             labels = getattr(_final(estimator), "labels_", None)
@@ -592,7 +588,7 @@ def fit(
                 category_records = counter.smallest_indicator(_indicators(estimator, x_train))
         except Exception as exc:
             raise _failure("fit", name, exc) from None
-    categories = tuple(dict.fromkeys(w.category.__name__ for w in caught))
+    categories = tuple(dict.fromkeys([*fit_warnings, *(w.category.__name__ for w in caught)]))
     eval_records = _RecordCounter(source, test_rows).total() if test_rows is not None else train_records
     return TrainedModel(
         estimator=estimator,
@@ -614,6 +610,21 @@ def fit(
         category_records=_frozen(category_records),
         warnings=categories,
     )
+
+
+def _train(estimator: Any, x: Any, y: Any) -> tuple[Any, list[str]]:
+    """The fitted estimator and the categories of the warnings it raised (in the worker process: no text leaves)."""
+    name = type(estimator).__name__
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if y is None:
+                estimator.fit(x)
+            else:
+                estimator.fit(x, y)
+        except Exception as exc:  # scikit-learn raises many types; none of their text leaves
+            raise _failure("fit", name, exc) from None
+    return estimator, list(dict.fromkeys(w.category.__name__ for w in caught))
 
 
 def _frozen(records: dict[str, int] | None) -> Records | None:

@@ -10,17 +10,29 @@ all big-endian.
 
 A reply header is ``{"ok": true, ...}`` or ``{"ok": false, "error": {"type": ..., "message": ..., ...}}``; errors
 carry column names and types at most, never data values.
+
+Requests carry ids. The executor numbers its requests (``"id"``: a positive integer, increasing on a connection) and
+every reply repeats the id of the request it answers, so a reply can never be taken for another's. An analyst's
+interrupt abandons a request: the executor sends ``{"op": "cancel", "id": n}`` (no reply), the vault stops that
+request's work and answers it with a :class:`Cancelled` error, and the executor discards that reply when it reads
+past it. Closing the connection cancels every request still open on it.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 PROTOCOL = "confnb-vault/1"
+CANCEL = "cancel"  # {"op": "cancel", "id": n}: stop request n; answered by request n's own (discarded) reply
+MAX_REQUEST_ID = 2**53 - 1  # exact in every JSON implementation
+# Beside the socket: why the vault process ended, in a few words, written by the launcher when it does, so that the
+# executor can tell the analyst ("the vault stopped: killed by SIGKILL ...; restart the kernel").
+EXIT_STATUS_FILE = "vault.exit"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_BUFFERS = 16
 MAX_BUFFER_BYTES = 8 * 1024 * 1024 * 1024
@@ -56,11 +68,40 @@ class PolicyViolation(VaultError):  # noqa: N818 - the name analysts see, as the
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "rule": self.rule, "datasets": list(self.datasets)}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled only between the vault and its own worker processes (kernel_enclave.vault.stoppable).
+        return (_rebuild_violation, (self.rule, self.datasets, str(self)))
+
+
+def _rebuild_violation(rule: str, datasets: Sequence[str], message: str) -> PolicyViolation:
+    violation = PolicyViolation(rule, datasets, "")
+    violation.args = (message,)
+    return violation
+
 
 class ProtocolError(VaultError):
     """A frame that is not a well-formed message of this protocol."""
 
     kind = "ProtocolError"
+
+
+class Cancelled(VaultError):  # noqa: N818 - an outcome, like PolicyViolation, not a fault
+    """A request stopped because the executor cancelled it (the analyst interrupted the cell) or went away."""
+
+    kind = "Cancelled"
+
+    def __init__(self, message: str = "cancelled: the request was interrupted") -> None:
+        super().__init__(message)
+
+
+def request_id(header: dict[str, Any]) -> int | None:
+    """The request's id (``None`` for a request without one), or :class:`ProtocolError` for a malformed id."""
+    value = header.get("id")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_REQUEST_ID:
+        raise ProtocolError(f"a request id is an integer from 1 to {MAX_REQUEST_ID}")
+    return value
 
 
 def error_from_dict(error: object) -> VaultError:
@@ -72,7 +113,22 @@ def error_from_dict(error: object) -> VaultError:
         violation = PolicyViolation(str(error.get("rule", "")), [str(d) for d in error.get("datasets", [])], "")
         violation.args = (message,)  # the vault's own wording, already naming rule and datasets
         return violation
+    if error.get("type") == Cancelled.kind:
+        return Cancelled(message)
     return VaultError(message)
+
+
+def describe_exit(returncode: int) -> str:
+    """Why a vault process with this return code (negative: killed by that signal) ended, for the analyst."""
+    if returncode >= 0:
+        return f"it exited with status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    if -returncode == signal.SIGKILL:
+        return f"it was killed by {name} (out of memory, or stopped from outside)"
+    return f"it was killed by {name}"
 
 
 def error_reply(exc: VaultError) -> dict[str, Any]:

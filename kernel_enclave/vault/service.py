@@ -2,14 +2,20 @@
 
 The socket lives in a directory only the kernel's processes can reach, and every connection is checked with
 ``SO_PEERCRED`` against the one user the executor runs as, so another process in the VM cannot ask the vault for
-anything even if it finds the path. Each connection gets a thread; :class:`~kernel_enclave.vault.vault.Vault`
-serializes the work itself.
+anything even if it finds the path. :class:`~kernel_enclave.vault.vault.Vault` serializes the work itself.
+
+Each connection gets two threads: a reader, which takes frames off the socket as they come, and a worker, which
+answers the requests in order, each reply naming the id of its request. The reader stays free while a request
+runs, so a ``cancel`` (or the connection closing) reaches the running request's cancellation token at once, and
+the work stops (:mod:`kernel_enclave.vault.stoppable`); requests still queued behind a cancel are answered, in
+order, as soon as it has stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import socket
 import struct
 import threading
@@ -17,10 +23,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from kernel_enclave.vault.protocol import ProtocolError, error_reply, recv_message, send_message
+from kernel_enclave.vault import stoppable
+from kernel_enclave.vault.protocol import (
+    CANCEL,
+    Cancelled,
+    ProtocolError,
+    error_reply,
+    recv_message,
+    request_id,
+    send_message,
+)
 from kernel_enclave.vault.vault import Reply, Vault
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Requests read ahead of the one running (the executor pipelines its handle drops before a request). Beyond this the
+# reader waits, so a client cannot make the vault hold an unbounded number of frames.
+MAX_QUEUED = 16
+_Request = tuple[dict[str, Any], list[bytes], int | None, threading.Event]
 
 
 class Connection(Protocol):
@@ -96,25 +115,86 @@ class VaultServer:
         return bool(uid == self._allowed_uid)
 
     def _serve(self, connection: socket.socket) -> None:
+        """The connection's reader: frames in, cancels applied at once, requests queued for :meth:`_answer`."""
         handler = self._connections()
-        with connection:
-            try:
-                while True:
-                    try:
-                        header, buffers = recv_message(connection)
-                    except (EOFError, ConnectionError, OSError):
-                        return
-                    except ProtocolError as exc:
-                        with contextlib.suppress(OSError):
-                            send_message(connection, error_reply(exc))
-                        return  # the stream is out of step; the client reconnects
-                    reply, out = handler.handle(header, buffers)
-                    try:
+        sending = threading.Lock()
+        open_requests: dict[int, threading.Event] = {}  # id -> token, for requests queued or running
+        guard = threading.Lock()
+        work: queue.Queue[_Request | None] = queue.Queue(MAX_QUEUED)
+        answering = threading.Thread(
+            target=self._answer,
+            args=(connection, handler, work, open_requests, guard, sending),
+            name="confnb-vault-work",
+            daemon=True,
+        )
+        answering.start()
+        try:
+            while True:
+                try:
+                    header, buffers = recv_message(connection)
+                    rid = request_id(header)
+                except (EOFError, ConnectionError, OSError):
+                    return
+                except ProtocolError as exc:
+                    with sending, contextlib.suppress(OSError):
+                        send_message(connection, error_reply(exc))
+                    return  # the stream is out of step; the client reconnects
+                if header.get("op") == CANCEL:
+                    with guard:
+                        token = open_requests.get(rid) if rid is not None else None
+                    if token is not None:
+                        token.set()
+                    continue  # a cancel has no reply of its own: the cancelled request's reply answers it
+                token = threading.Event()
+                if rid is not None:
+                    with guard:
+                        if rid in open_requests:
+                            duplicate = ProtocolError(f"request id {rid} is already in use on this connection")
+                            with sending, contextlib.suppress(OSError):
+                                send_message(connection, error_reply(duplicate))
+                            return
+                        open_requests[rid] = token
+                work.put((header, buffers, rid, token))
+        finally:
+            with guard:  # the executor is gone (or out of step): nobody will read these replies
+                for token in open_requests.values():
+                    token.set()
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RD)
+            work.put(None)
+
+    @staticmethod
+    def _answer(
+        connection: socket.socket,
+        handler: Connection,
+        work: queue.Queue[_Request | None],
+        open_requests: dict[int, threading.Event],
+        guard: threading.Lock,
+        sending: threading.Lock,
+    ) -> None:
+        """The connection's worker: each request in turn, under its cancellation token; the reply names its id."""
+        try:
+            while (item := work.get()) is not None:
+                header, buffers, rid, token = item
+                out: list[bytes] = []
+                if token.is_set():
+                    reply = error_reply(Cancelled("cancelled before it started"))
+                else:
+                    with stoppable.cancellable(token):
+                        reply, out = handler.handle(header, buffers)
+                with guard:
+                    if rid is not None:
+                        open_requests.pop(rid, None)
+                if rid is not None:
+                    reply = {**reply, "id": rid}
+                try:
+                    with sending:
                         send_message(connection, reply, out)
-                    except (ConnectionError, OSError):
-                        return
-            finally:
-                handler.close()
+                except (ConnectionError, OSError):
+                    pass  # the reader sees the same and cancels what is left
+        finally:
+            handler.close()
+            connection.close()
 
     def close(self) -> None:
         self._closed.set()

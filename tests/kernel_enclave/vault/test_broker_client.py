@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import socket
+import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -12,7 +14,14 @@ from confnb.broker.local import serve_locally
 from confnb.broker.store import OwnerStore
 from confnb.policy.output import OutputPolicy
 from kernel_enclave.measurement import simulated_measurement
-from kernel_enclave.vault.broker_client import BROKER_URL_VARIABLE, BrokerClient, KeyReleaseError, broker_url
+from kernel_enclave.vault.audit import KernelAuditError
+from kernel_enclave.vault.broker_client import (
+    BROKER_URL_VARIABLE,
+    BrokerClient,
+    KeyReleaseError,
+    RetryPolicy,
+    broker_url,
+)
 
 CURVE = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
 POLICY = OutputPolicy.from_toml('[policy]\nid = "claims-v1"\n[release]\nallow = ["aggregate"]\n')
@@ -68,9 +77,73 @@ def test_the_broker_address_comes_from_configuration(monkeypatch):
         broker_url("file:///etc/passwd")
 
 
-def test_an_unreachable_broker_is_one_clear_error(simulated_backend):
+FAST = RetryPolicy(attempts=3, first_pause_s=0.05, max_pause_s=0.1, timeout_s=0.5, total_s=10)
+
+
+def _kinds(store, since):
+    return [entry.kind.value for entry in store.audit.entries() if entry.seq > since]
+
+
+def test_a_broker_that_never_answers_is_given_up_on_in_bounded_time(simulated_backend):
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections (the backlog), never answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(KeyReleaseError) as failed:
+            BrokerClient(
+                simulated_backend, ec.generate_private_key(ec.SECP256R1()), bytes(32), CURVE, url=url, retry=FAST
+            ).release("claims", bytes(32))
+        elapsed = time.monotonic() - started
+    assert re.fullmatch(
+        rf"broker {re.escape(url)} unreachable: no answer in time \(timed out\) \(gave up after 3 attempts in "
+        r"\d+\.\d s\)",
+        str(failed.value),
+    ), failed.value
+    assert 1.5 <= elapsed < 4, elapsed  # three timeouts of 0.5 s and two short pauses, no more
+
+
+def test_a_down_broker_is_retried_then_named_with_the_cause(simulated_backend):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # closed again: nothing listens there
-    with pytest.raises(KeyReleaseError, match="unreachable"):
-        _client(simulated_backend, f"http://127.0.0.1:{port}").release("claims", bytes(32))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"  # closed again: nothing listens there
+    with pytest.raises(KeyReleaseError, match=r"unreachable: connection refused \(gave up after 3 attempts in "):
+        BrokerClient(
+            simulated_backend, ec.generate_private_key(ec.SECP256R1()), bytes(32), CURVE, url=url, retry=FAST
+        ).release("claims", bytes(32))
+
+
+def test_a_refusal_is_an_answer_and_is_not_retried(broker, simulated_tee_dir):
+    from kernel_enclave.tee.simulated import SimulatedBackend
+
+    store, url = broker
+    since = store.audit.head()[0]
+    impostor = SimulatedBackend(state_dir=simulated_tee_dir, measurement=bytes(48))
+    client = BrokerClient(impostor, ec.generate_private_key(ec.SECP256R1()), bytes(32), CURVE, url=url, retry=FAST)
+    with pytest.raises(KeyReleaseError, match=rf"^broker {re.escape(url)} refused \(403\): attestation rejected"):
+        client.release("claims", store.owner_public_key.public_bytes_raw())
+    assert _kinds(store, since) == ["challenge", "denial"]  # one attempt, not three
+
+
+def test_each_attempt_is_journaled_before_the_evidence_leaves_and_after_the_answer(broker, simulated_backend):
+    store, url = broker
+    since = store.audit.head()[0]
+    journal: list[tuple[str, dict]] = []
+    released = _client(simulated_backend, url).release(
+        "claims", store.owner_public_key.public_bytes_raw(), lambda event, fields: journal.append((event, dict(fields)))
+    )
+    assert [event for event, _ in journal] == ["key-request", "key-received"]
+    assert {fields["nonce"] for _, fields in journal} == {released.nonce}
+    assert journal[0][1] == {"dataset": "claims", "broker": url, "nonce": released.nonce, "attempt": 1}
+    release = [entry for entry in store.audit.entries() if entry.seq > since and entry.kind.value == "release"]
+    assert [entry.detail["nonce"] for entry in release] == [released.nonce]
+
+
+def test_a_journal_that_cannot_record_stops_the_release_before_the_evidence_leaves(broker, simulated_backend):
+    store, url = broker
+    since = store.audit.head()[0]
+
+    def full_disk(event: str, fields: object) -> None:
+        raise KernelAuditError("the audit log no longer accepts entries: writing failed (No space left on device)")
+
+    with pytest.raises(KernelAuditError):
+        _client(simulated_backend, url).release("claims", store.owner_public_key.public_bytes_raw(), full_disk)
+    assert _kinds(store, since) == ["challenge"]  # the broker never saw evidence, so released nothing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import socket
 import struct
 from collections.abc import Iterator
@@ -13,12 +14,15 @@ from hypothesis import strategies as st
 from kernel_enclave.vault.protocol import (
     MAX_BUFFERS,
     MAX_HEADER_BYTES,
+    MAX_REQUEST_ID,
+    Cancelled,
     PolicyViolation,
     ProtocolError,
     VaultError,
     error_from_dict,
     error_reply,
     recv_message,
+    request_id,
     send_message,
 )
 
@@ -100,3 +104,29 @@ def test_other_errors_stay_plain_vault_errors() -> None:
     assert type(received) is VaultError
     assert str(received) == "no column 'x'"
     assert isinstance(error_from_dict("garbage"), ProtocolError)
+
+
+@pytest.mark.parametrize("good", [None, 1, 42, MAX_REQUEST_ID])
+def test_request_ids_are_positive_integers_or_absent(good: int | None) -> None:
+    header = {"op": "release"} if good is None else {"op": "release", "id": good}
+    assert request_id(header) == good
+
+
+@pytest.mark.parametrize("bad", [0, -3, MAX_REQUEST_ID + 1, True, 1.0, "1", [1]])
+def test_other_request_ids_are_protocol_errors(bad: object) -> None:
+    with pytest.raises(ProtocolError, match="a request id is an integer from 1 to"):
+        request_id({"op": "release", "id": bad})
+
+
+def test_a_cancelled_request_crosses_the_wire_as_cancelled() -> None:
+    received = error_from_dict(error_reply(Cancelled())["error"])
+    assert isinstance(received, Cancelled)
+    assert str(received) == "cancelled: the request was interrupted"
+
+
+def test_a_policy_violation_survives_the_way_back_from_a_vault_worker() -> None:
+    """Workers return the vault's own refusals by pickle; the rule and datasets must arrive intact."""
+    violation = PolicyViolation("release.max_rows", ["claims", "patients"], "the result has more than 20 rows")
+    back = pickle.loads(pickle.dumps(violation))
+    assert isinstance(back, PolicyViolation)
+    assert (back.rule, back.datasets, str(back)) == (violation.rule, violation.datasets, str(violation))
