@@ -162,6 +162,8 @@ def interleaved_medians(
 
 
 def main() -> int:
+    from _provenance import TIMES, Provenance, add_output_argument, ratio
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000, help="table rows (10M is about 0.67 GB)")
     parser.add_argument("--rounds", type=int, default=11, help="interleaved timing rounds")
@@ -171,10 +173,12 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the files")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_output_argument(parser, "dataset_ipc_load")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.dir, args.threads)
         return 0
+    provenance = Provenance("dataset_ipc_load")
 
     load = os.getloadavg()[0]
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
@@ -251,6 +255,13 @@ def main() -> int:
         "met": {"speed": speed >= TARGET_SPEED, "memory": memory <= TARGET_MEMORY},
         "versions": {"python": sys.version.split()[0], "pyarrow": pa.__version__},
     }
+    summary = {
+        "figure": "encrypted IPC load vs plaintext IPC read; peak memory vs table",
+        "result": f"{ratio(speed)}; {memory:.3f}{TIMES}",
+        "target": f"≥ {TARGET_SPEED:g}{TIMES}; ≤ {TARGET_MEMORY:g}{TIMES}",
+        "met": all(results["met"].values()),
+    }
+    results = provenance.record(results, summary, args.out)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -87,6 +87,8 @@ def _recording_cpu(function: Callable[[], object], into: list[float]) -> Callabl
 
 
 def main() -> int:
+    from _provenance import TIMES, Provenance, add_output_argument, ratio
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4_000_000, help="table rows (4M is about 0.27 GB)")
     parser.add_argument("--rounds", type=int, default=25, help="interleaved timing rounds")
@@ -94,7 +96,9 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=None, help="where to write the files (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the files")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    add_output_argument(parser, "dataset_parquet_load")
     args = parser.parse_args()
+    provenance = Provenance("dataset_parquet_load")
     compression = None if args.compression == "none" else args.compression
 
     load = os.getloadavg()[0]
@@ -177,6 +181,13 @@ def main() -> int:
         "met": {"speed": speed >= TARGET_SPEED},
         "versions": {"python": sys.version.split()[0], "pyarrow": pa.__version__},
     }
+    summary = {
+        "figure": f"PME load vs plaintext Parquet scan ({args.compression}; median of per-round ratios)",
+        "result": ratio(speed),
+        "target": f"≥ {TARGET_SPEED:g}{TIMES}",
+        "met": all(results["met"].values()),
+    }
+    results = provenance.record(results, summary, args.out)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

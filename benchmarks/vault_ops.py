@@ -349,6 +349,8 @@ def run(rows: int, aggregate_rounds: int, fit_rounds: int, log: Callable[[str], 
 
 
 def main() -> int:
+    from _provenance import TIMES, Provenance, add_output_argument, ratio
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="table rows (default 1,000,000)")
     parser.add_argument("--aggregate-rounds", type=int, default=21, help="interleaved aggregate rounds (default 21)")
@@ -356,6 +358,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--serve-baseline", type=Path, help=argparse.SUPPRESS)
+    add_output_argument(parser, "vault_ops")
     args = parser.parse_args()
     if args.child is not None:
         child(args.child)
@@ -370,8 +373,17 @@ def main() -> int:
     load = os.getloadavg()[0]
     if load > 0.5:
         log(f"warning: load average {load:.2f}; other processes compete for the CPUs")
+    provenance = Provenance("vault_ops")
     figures = run(args.rows, args.aggregate_rounds, args.fit_rounds, log)
     figures["load_average_at_start"] = load
+    ratios, targets = figures["ratios"], figures["targets"]
+    summary = {
+        "figure": "vault vs plaintext: group-by / fit / peak memory",
+        "result": " / ".join(ratio(ratios[name]) for name in ("aggregate", "fit", "memory")),
+        "target": " / ".join(f"≤ {targets[name]:g}{TIMES}" for name in ("aggregate", "fit", "memory")),
+        "met": all(figures["met"].values()),
+    }
+    figures = provenance.record(figures, summary, args.out)
     if args.json:
         print(json.dumps(figures, indent=2))
     else:

@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     drop_privileges()
 
     # No debugger: debugpy would hand the analyst's client raw variables and a second code path into the
-    # process. The relay also refuses debug requests; this keeps ipykernel from advertising or starting one.
+    # process. The relay also refuses debug requests; this keeps ipykernel from advertising or starting one, and
+    # from importing debugpy at all (which stock ipykernel does at every start).
+    sys.modules["debugpy"] = None  # type: ignore[assignment]
     import ipykernel.debugger
 
     ipykernel.debugger._is_debugpy_available = False

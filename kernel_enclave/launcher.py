@@ -32,12 +32,8 @@ import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-
-from confnb import hpke
-from kernel_enclave.attestation import issue_evidence
 from kernel_enclave.executor import ENV_RELAY_PID
 from kernel_enclave.handshake import (
     MAX_LINE_BYTES,
@@ -55,14 +51,23 @@ from kernel_enclave.privileges import (
     executor_identity,
     make_undumpable,
 )
-from kernel_enclave.relay.datasets import DatasetPolicies
-from kernel_enclave.relay.gate import MessageGate
-from kernel_enclave.tee import TeeBackend, TeeError, get_backend
-from kernel_enclave.tee.simulated import ENV_FAULT, SimulatedBackend
-from kernel_enclave.vault.broker_client import BROKER_URL_VARIABLE
-from kernel_enclave.vault.keys import DATASET_PATH_VARIABLE, SOCKET_VARIABLE, VaultKeys
+from kernel_enclave.vault.protocol import EXIT_STATUS_FILE, describe_exit
+from kernel_enclave.vault.warmup import WARMUP_VARIABLE
+
+# What the launcher imports before the executor starts is on every kernel start's path: the rest (cryptography,
+# ZeroMQ, the TEE backend, the relay) is imported while ipykernel starts.
+if TYPE_CHECKING:
+    from kernel_enclave.relay.datasets import DatasetPolicies
+    from kernel_enclave.relay.gate import MessageGate
+    from kernel_enclave.relay.relay import Relay
+    from kernel_enclave.tee import TeeBackend
 
 UPLOAD_SOCKET = "upload.sock"  # beside the vault's socket; the launcher's user only
+# The executor's environment names these before it starts, which is before the modules that define them (and the
+# cryptography they import) are loaded: kernel_enclave.vault.keys.SOCKET_VARIABLE and
+# kernel_enclave.tee.simulated.ENV_FAULT (tests/kernel_enclave/test_launcher.py holds them equal).
+SOCKET_VARIABLE = "CONFNB_VAULT_SOCKET"
+FAULT_VARIABLE = "CONFNB_SIMULATED_FAULT"
 EXECUTOR_READY_TIMEOUT_S = 60.0
 EXECUTOR_STOP_GRACE_S = 3.0
 VAULT_READY_TIMEOUT_S = 60.0
@@ -79,6 +84,9 @@ class KernelKeys:
 
     def __init__(self) -> None:
         import zmq
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+        from kernel_enclave.vault.keys import VaultKeys
 
         self.session_key = secrets.token_hex(32).encode("ascii")
         self.curve_publickey, self.curve_secretkey = zmq.curve_keypair()
@@ -90,6 +98,8 @@ class KernelKeys:
         )
 
     def evidence(self, backend: TeeBackend, nonce: bytes) -> dict[str, Any]:
+        from kernel_enclave.attestation import issue_evidence
+
         return issue_evidence(
             backend,
             nonce,
@@ -111,13 +121,15 @@ def executor_environment(requested: Mapping[str, str], home: Path, vault_socket:
     environment[ENV_RELAY_PID] = str(os.getpid())
     environment[SOCKET_VARIABLE] = str(vault_socket)
     environment.pop("JPY_PARENT_PID", None)
-    environment.pop(ENV_FAULT, None)  # the TEE's business, not the analyst's code's
+    environment.pop(FAULT_VARIABLE, None)  # the TEE's business, not the analyst's code's
     return environment
 
 
 def simulated_fault(request: LaunchRequest) -> str | None:
     """The fault to inject (simulated TEE only): from the kernelspec's environment, which reaches the launcher
     in the launch request (SSH) or in its own environment (local mode)."""
+    from kernel_enclave.tee.simulated import ENV_FAULT
+
     if request.tee != "simulated":
         return None  # real hardware is never made to misbehave on request
     return request.env.get(ENV_FAULT) or os.environ.get(ENV_FAULT) or None
@@ -194,6 +206,10 @@ async def _stop_executor(process: asyncio.subprocess.Process) -> None:
 async def _start_vault(
     keys: KernelKeys, request: LaunchRequest, socket_path: Path, identity: ExecutorIdentity
 ) -> asyncio.subprocess.Process:
+    from kernel_enclave.tee.simulated import ENV_FAULT
+    from kernel_enclave.vault.broker_client import BROKER_URL_VARIABLE
+    from kernel_enclave.vault.keys import DATASET_PATH_VARIABLE
+
     environment = {
         name: value
         for name, value in os.environ.items()
@@ -220,6 +236,7 @@ async def _start_vault(
         "upload_socket": str(socket_path.with_name(UPLOAD_SOCKET)),
         "launcher_uid": os.getuid(),
         "simulated_fault": simulated_fault(request) or "",
+        "warmup": request.env.get(WARMUP_VARIABLE) or os.environ.get(WARMUP_VARIABLE, ""),
     }
     assert process.stdin is not None
     process.stdin.write(json.dumps(config).encode() + b"\n")
@@ -266,6 +283,16 @@ async def _serve_gate_requests(vault: asyncio.subprocess.Process, gate: MessageG
         await vault.stdin.drain()
 
 
+async def _record_vault_exit(vault: asyncio.subprocess.Process, path: Path) -> None:
+    """When the vault ends, write why beside its socket: the executor tells the analyst (the vault stopped: ...)."""
+    status = await vault.wait()
+    with contextlib.suppress(OSError):
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.fchmod(descriptor, 0o644)  # the executor's user reads it, whatever the umask
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(describe_exit(status) + "\n")
+
+
 async def _stop_vault(vault: asyncio.subprocess.Process) -> None:
     if vault.returncode is None:
         with contextlib.suppress(ProcessLookupError):
@@ -275,9 +302,6 @@ async def _stop_vault(vault: asyncio.subprocess.Process) -> None:
 
 async def launch(out: Any) -> int:
     from kernel_enclave.relay.display import DisplayPolicy, DisplayPolicyError
-    from kernel_enclave.relay.relay import Relay
-    from kernel_enclave.relay.upload import UploadRelay
-    from kernel_enclave.relay.wire import new_header
 
     try:
         make_undumpable()
@@ -292,31 +316,26 @@ async def launch(out: Any) -> int:
         except DisplayPolicyError as exc:
             raise LaunchError(f"launch request: {exc}") from None
     try:
-        fault = simulated_fault(request)
-        backend = get_backend(request.tee, fault=fault, fault_armed=False) if fault else get_backend(request.tee)
-    except TeeError as exc:
-        raise LaunchError(str(exc)) from None
-
-    try:
         identity = executor_identity()
         check_executor_can_run(identity)
     except PrivilegeError as exc:
         raise LaunchError(str(exc)) from None
-    keys = KernelKeys()
     run_dir = Path(tempfile.mkdtemp(prefix="confnb-kernel-"))
     run_dir.chmod(0o711)  # the executor's user passes through to its own directory and the vault's socket
     process: asyncio.subprocess.Process | None = None
     vault: asyncio.subprocess.Process | None = None
+    vault_exit: asyncio.Task[None] | None = None
     gate_task: asyncio.Task[None] | None = None
     relay: Relay | None = None
     relay_thread: threading.Thread | None = None
     try:
         vault_socket = private_directory(run_dir / "vault", mode=0o711) / "vault.sock"
-        vault = await _start_vault(keys, request, vault_socket, identity)
         home = private_directory(run_dir / "executor", identity)
         executor_key = secrets.token_hex(32).encode("ascii")
         connection_file, executor_urls = write_executor_connection(home, executor_key, identity)
-        await _vault_ready(vault)
+        # The executor starts first: ipykernel's start is the longest step of a launch and needs nothing but its
+        # connection file, so the keys, the vault, the relay and the evidence are made while it starts. It runs no
+        # code until the relay passes it a request, and only the attested client can send one.
         switch = {"user": identity.uid, "group": identity.gid, "extra_groups": []} if identity.switches else {}
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -331,10 +350,27 @@ async def launch(out: Any) -> int:
             start_new_session=True,  # its own group: interrupts and ipykernel's killpg stay inside the executor
             **switch,  # type: ignore[arg-type]
         )
+        keys = KernelKeys()  # the vault's start is the next longest: it comes next, the relay after it
+        vault = await _start_vault(keys, request, vault_socket, identity)
+        vault_exit = asyncio.create_task(_record_vault_exit(vault, vault_socket.with_name(EXIT_STATUS_FILE)))
+        from confnb import hpke
+        from kernel_enclave.relay.datasets import DatasetPolicies
+        from kernel_enclave.relay.gate import MessageGate
+        from kernel_enclave.relay.relay import Relay
+        from kernel_enclave.relay.upload import UploadRelay
+        from kernel_enclave.relay.wire import new_header
+        from kernel_enclave.tee import get_backend
+        from kernel_enclave.tee.base import TeeError
+        from kernel_enclave.tee.simulated import SimulatedBackend
+
+        try:
+            fault = simulated_fault(request)
+            backend = get_backend(request.tee, fault=fault, fault_armed=False) if fault else get_backend(request.tee)
+        except TeeError as exc:
+            raise LaunchError(str(exc)) from None
         session_id = secrets.token_hex(16)
         gate = MessageGate(policy, lambda msg_type: new_header(msg_type, session_id))
         datasets = DatasetPolicies()
-        gate_task = asyncio.create_task(_serve_gate_requests(vault, gate, datasets))
         relay = Relay(
             client_key=keys.session_key,
             curve_publickey=keys.curve_publickey,
@@ -352,6 +388,8 @@ async def launch(out: Any) -> int:
         relay_thread = threading.Thread(target=relay.run, name="confnb-relay", daemon=True)
         relay_thread.start()
         evidence_task = asyncio.create_task(asyncio.to_thread(keys.evidence, backend, request.nonce))
+        await _vault_ready(vault)
+        gate_task = asyncio.create_task(_serve_gate_requests(vault, gate, datasets))
         exited = asyncio.create_task(process.wait())
         ready = asyncio.create_task(asyncio.to_thread(relay.ready.wait, EXECUTOR_READY_TIMEOUT_S))
         await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -375,6 +413,9 @@ async def launch(out: Any) -> int:
         out.write(response.to_line())
         out.flush()
         _silence_output()
+        assert vault.stdin is not None
+        vault.stdin.write(b'{"started": true}\n')  # the vault's heavy imports begin now, off the start path
+        await vault.stdin.drain()
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -390,6 +431,8 @@ async def launch(out: Any) -> int:
             await _stop_executor(process)
         if gate_task is not None:
             gate_task.cancel()
+        if vault_exit is not None:
+            vault_exit.cancel()  # stopping the kernel is no vault failure
         if vault is not None:
             await _stop_vault(vault)
         if relay is not None:

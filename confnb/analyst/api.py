@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any, Final
 
 from confnb.analyst.errors import VaultError, short_traceback
 from confnb.analyst.model import SealedModel
 from confnb.analyst.results import result_id_of
-from confnb.analyst.session import current_session
+from confnb.analyst.session import VaultSession, current_session
 from confnb.analyst.table import SealedResult, SealedTable
 
 __all__ = ["EXPORT_FORMATS", "audit", "export", "kernel_info", "open", "unseal"]
@@ -22,6 +24,10 @@ __all__ = ["EXPORT_FORMATS", "audit", "export", "kernel_info", "open", "unseal"]
 BROKER_URL_VARIABLE: Final = "CONFNB_BROKER_URL"
 EXPORT_FORMATS: Final = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".skops": "skops"}
 MAX_SEALED_BYTES: Final = 8 * 1024 * 1024 * 1024
+WARMUP_NOTICE_AFTER_S: Final = 1.0  # a wait shorter than this goes unmentioned
+WARMUP_POLL_S: Final = 10.0
+WARMUP_LIMIT_S: Final = 600.0
+_warm_vaults: set[str] = set()  # sockets of vaults known to have loaded their libraries
 
 
 @short_traceback
@@ -44,6 +50,7 @@ def open(  # cn.open is the name analysts expect (as xarray.open_dataset)
         raise TypeError("broker is the key broker's URL")
     url = broker or os.environ.get(BROKER_URL_VARIABLE) or None
     session = current_session()
+    wait_until_loaded(session)
     reply, _ = session.request({"op": "open", "source": source, "broker": url})
     return SealedTable._from_reply(session, reply)
 
@@ -57,6 +64,7 @@ def unseal(path: str | os.PathLike[str]) -> SealedTable | SealedModel:
         raise ValueError(f"{target} is larger than any sealed file this kernel wrote")
     data = target.read_bytes()
     session = current_session()
+    wait_until_loaded(session)
     reply, _ = session.request({"op": "unseal"}, [data])
     if isinstance(reply.get("model"), str):
         return SealedModel(session, reply)
@@ -125,6 +133,31 @@ def audit(path: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
 def kernel_info() -> dict[str, Any]:
     """This kernel as the vault reports it: TEE kind, launch measurement (hex) and export-signing public key."""
     return current_session().kernel()
+
+
+def wait_until_loaded(session: VaultSession) -> None:
+    """Wait for the vault to finish loading scikit-learn and pandas, saying so on stderr if that takes a while.
+
+    The vault loads them in the background once the kernel has started, so that the kernel is ready at once; only
+    a ``cn.open`` in the first seconds of a kernel's life can find them still loading.
+    """
+    if session.path in _warm_vaults:
+        return
+    status, _ = session.request({"op": "warmup", "wait": WARMUP_NOTICE_AFTER_S})
+    started = time.monotonic()
+    if status.get("state") not in ("ready", "failed"):
+        print(
+            "confnb: the vault is still loading scikit-learn and pandas (once per kernel); waiting...",
+            file=sys.stderr,
+            flush=True,
+        )
+        while status.get("state") not in ("ready", "failed"):
+            if time.monotonic() - started > WARMUP_LIMIT_S:
+                raise VaultError(f"the vault did not finish loading its libraries within {WARMUP_LIMIT_S:g} s")
+            status, _ = session.request({"op": "warmup", "wait": WARMUP_POLL_S})
+    if status.get("state") == "failed":
+        raise VaultError(f"the vault could not load its libraries ({status.get('error', 'no reason given')})")
+    _warm_vaults.add(session.path)
 
 
 def _export_format(target: Path, chosen: str | None) -> str:

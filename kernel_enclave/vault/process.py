@@ -5,13 +5,19 @@ stderr (on a host, that is a log the operator reads). The conversation on those 
 
 1. launcher → vault: the configuration, with the kernel's HPKE and signing keys (memory to memory: the keys
    never touch a file). The vault is non-dumpable before it reads them.
-2. vault → launcher: ``{"ready": true}`` once the socket accepts connections (or ``{"error": ...}``).
+2. vault → launcher: ``{"ready": true}`` once the socket accepts connections (or ``{"error": ...}``); later
+   launcher → vault: ``{"started": true}`` once the client has the kernel, the moment the warm-up begins (below).
 3. vault → launcher: ``{"display": {...}, "seq": n, "dataset": {"id", "source", "policy_id", "policy"}}``
    whenever a dataset opens (``source`` "broker" or "upload"; "sealed" when unsealing a table brings a dataset's
    policy into force): the owner's ``[display]`` table, which the relay's gate must enforce before the analyst
    gets a handle, and the whole output policy, which the relay shows to whoever asks what binds this kernel. The
    launcher tightens the gate, records the policy and answers ``{"ack": n}``; without the answer the dataset does
    not open (fail closed).
+
+The vault is ready (step 2) before scikit-learn, pandas and the estimator allowlist are loaded: those take seconds
+and most cells never reach the vault, so a thread loads them once the kernel has started, while it already runs
+cells (see :mod:`~kernel_enclave.vault.warmup`). Until it is done the executor's requests that need them wait for
+it; ``hello``, ``warmup``, ``audit`` and ``drop`` are answered at once.
 
 Besides the executor's socket, the vault serves ``upload.sock`` beside it: the upload operations only, for the
 launcher's own user only (the relay answers the ``confnb.upload`` comm and passes the ciphertext on; the executor
@@ -29,15 +35,25 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from confnb.policy.output import OutputPolicy
 from kernel_enclave.privileges import make_undumpable
 from kernel_enclave.tee import get_backend
-from kernel_enclave.vault.protocol import VaultError
+from kernel_enclave.vault import stoppable
+from kernel_enclave.vault.protocol import Cancelled, VaultError, error_reply
+from kernel_enclave.vault.warmup import BACKGROUND, IMMEDIATE_OPS, VAULT_WARMUP, Warmup, configured_mode, valid_wait
+
+if TYPE_CHECKING:
+    from kernel_enclave.vault.keys import VaultKeys
+    from kernel_enclave.vault.service import Connection
+    from kernel_enclave.vault.upload import Uploads
+    from kernel_enclave.vault.vault import Reply, Vault
 
 _PR_SET_PDEATHSIG = 1
+WAIT_SLICE_S = 0.1  # how soon a request waiting for the warm-up notices an interrupt
 GATE_ACK_TIMEOUT_S = 10.0
 
 
@@ -73,20 +89,85 @@ class GateChannel:
             self._acked.notify_all()
 
 
-def _listen(stdin: IO[bytes], gate: GateChannel) -> None:
-    """Acknowledgements until EOF; EOF means the launcher is gone, and so is the kernel."""
+class WarmedConnection:
+    """The executor's connection: each request that needs the heavy modules first waits for the warm-up.
+
+    The waiting happens here, outside the vault's lock, so a request waiting for scikit-learn holds up nothing
+    else; a ``warmup`` request's ``wait`` is spent here too, and the vault then only reports the state. An interrupt
+    ends a waiting request at once (:class:`~kernel_enclave.vault.protocol.Cancelled`), as it would a running one.
+    """
+
+    def __init__(self, vault: Vault, warmup: Warmup) -> None:
+        self._vault = vault
+        self._warmup = warmup
+
+    def handle(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        op = header.get("op")
+        try:
+            if op == "warmup":
+                wait = header.get("wait")
+                if valid_wait(wait):
+                    self._wait(wait)
+                    header = {**header, "wait": 0}
+            elif op not in IMMEDIATE_OPS:
+                self._wait(None)
+        except Cancelled as exc:
+            return error_reply(exc), []
+        return self._vault.handle(header, buffers)
+
+    def _wait(self, seconds: float | None) -> None:
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while True:
+            left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
+            if self._warmup.wait(max(left, 0.0)) or (deadline is not None and time.monotonic() >= deadline):
+                return
+            stoppable.check()
+
+    def close(self) -> None:
+        pass
+
+
+class _LazyUploads:
+    """The upload socket's handlers, made on its first connection: uploads need Arrow, which the warm-up loads."""
+
+    def __init__(self, vault: Vault, keys: VaultKeys, warmup: Warmup) -> None:
+        self._vault, self._keys, self._warmup = vault, keys, warmup
+        self._lock = threading.Lock()
+        self._uploads: Uploads | None = None
+
+    def connection(self) -> Connection:
+        self._warmup.wait()  # the imports stay in the warm-up's thread, never two threads in the same package
+        with self._lock:
+            if self._uploads is None:
+                from kernel_enclave.vault.upload import Uploads
+
+                self._uploads = Uploads(self._vault, self._keys.hpke_private_key)
+            return self._uploads.connection()
+
+
+def _listen(stdin: IO[bytes], gate: GateChannel, warm_up: bool) -> None:
+    """Acknowledgements until EOF; EOF means the launcher is gone, and so is the kernel.
+
+    ``{"started": true}`` says the kernel is in the client's hands: the warm-up begins then (in the background
+    mode), so that it does not compete for the CPU with the kernel's own start.
+    """
     for line in stdin:
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            gate.acknowledge(int(json.loads(line)["ack"]))
+        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+            message = json.loads(line)
+            if message.get("started") is True:
+                if warm_up:
+                    VAULT_WARMUP.start()
+                continue
+            gate.acknowledge(int(message["ack"]))
     os._exit(0)
 
 
 def run(config: dict[str, Any], stdin: IO[bytes], stdout: IO[bytes]) -> None:
     from kernel_enclave.vault.keys import VaultKeys
     from kernel_enclave.vault.service import VaultServer
-    from kernel_enclave.vault.upload import Uploads
     from kernel_enclave.vault.vault import Vault
 
+    mode = configured_mode(str(config.get("warmup") or ""))
     gate = GateChannel(stdout)
     keys = VaultKeys.from_dict(config["keys"])
     tee = str(config["tee"])
@@ -99,12 +180,16 @@ def run(config: dict[str, Any], stdin: IO[bytes], stdout: IO[bytes]) -> None:
         dataset_path=config.get("dataset_path") or "",
     )
     server = VaultServer(
-        vault, Path(config["socket"]), allowed_uid=int(config["executor_uid"]), owner_uid=int(config["executor_uid"])
+        vault,
+        Path(config["socket"]),
+        allowed_uid=int(config["executor_uid"]),
+        owner_uid=int(config["executor_uid"]),
+        connections=lambda: WarmedConnection(vault, VAULT_WARMUP),
     )
     server.start()
     if config.get("upload_socket"):
         launcher_uid = int(config["launcher_uid"])
-        uploads = Uploads(vault, keys.hpke_private_key)
+        uploads = _LazyUploads(vault, keys, VAULT_WARMUP)
         upload_server = VaultServer(
             vault,
             Path(config["upload_socket"]),
@@ -115,7 +200,7 @@ def run(config: dict[str, Any], stdin: IO[bytes], stdout: IO[bytes]) -> None:
         upload_server.start()
     stdout.write(b'{"ready": true}\n')
     stdout.flush()
-    _listen(stdin, gate)
+    _listen(stdin, gate, warm_up=mode == BACKGROUND)
 
 
 def main() -> None:

@@ -21,32 +21,48 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa  # type: ignore[import-untyped]
+from typing import TYPE_CHECKING, Any
 
 from confnb.attest.errors import PolicyError
 from confnb.datasets.errors import DatasetFormatError, IntegrityError
 from confnb.datasets.manifest import DatasetIntegrityError, verify_dataset
-from confnb.datasets.reader import read_verified
 from confnb.policy.output import OutputPolicy, strictest
 from kernel_enclave.attestation import issue_evidence
 from kernel_enclave.tee.base import TeeBackend, TeeError
-from kernel_enclave.vault import export, models, plan, release, sealing
+from kernel_enclave.vault import sealing, stoppable, warmup
 from kernel_enclave.vault.audit import KernelAuditLog
 from kernel_enclave.vault.broker_client import BrokerClient, KeyReleaseError
 from kernel_enclave.vault.keys import DATASET_PATH_VARIABLE, VaultKeys
-from kernel_enclave.vault.protocol import PROTOCOL, PolicyViolation, ProtocolError, VaultError, error_reply
+from kernel_enclave.vault.protocol import PROTOCOL, Cancelled, PolicyViolation, ProtocolError, VaultError, error_reply
+from kernel_enclave.vault.warmup import VAULT_WARMUP, Deferred, deferred_function
+
+# Arrow, scikit-learn, pandas and Parquet take seconds to import: the vault answers before they are loaded, and its
+# requests wait for them (see warmup).
+if TYPE_CHECKING:
+    import pyarrow as pa  # type: ignore[import-untyped]
+
+    from confnb.datasets.reader import read_verified
+    from kernel_enclave.vault import export, models, plan, release
+else:
+    pa = Deferred("pyarrow")
+    export = Deferred("kernel_enclave.vault.export")
+    models = Deferred("kernel_enclave.vault.models")
+    plan = Deferred("kernel_enclave.vault.plan")
+    release = Deferred("kernel_enclave.vault.release")
+    read_verified = deferred_function("confnb.datasets.reader", "read_verified")
 
 REMEMBERED_RESULTS = 256  # released values kept for export; older ones must be released again
 MAX_PUBLIC_ROWS = 10_000_000
+# Releases over fewer source rows, without a join, take well under a second: computed in the vault's thread,
+# cheaper than forking a worker. A join, whose result can be far larger than its inputs, always gets one.
+WORKER_MIN_ROWS = 2_000_000
 
 Reply = tuple[dict[str, Any], list[bytes]]
 # Told (dataset id, where its policy came from: "broker", "upload" or "sealed", the policy) before a dataset's data
 # becomes reachable; raising refuses the dataset. The vault process tightens the relay's gate with it.
 PolicyListener = Callable[[str, str, OutputPolicy], None]
 # Requests whose handlers write no audit entry of their own (they release nothing): recorded as plain requests.
-_UNRECORDED_BY_HANDLER = frozenset({"hello", "audit", "drop"})
+_UNRECORDED_BY_HANDLER = frozenset({"hello", "warmup", "audit", "drop"})
 
 
 @dataclass(frozen=True)
@@ -76,11 +92,12 @@ def ipc_bytes(table: pa.Table) -> bytes:
     return bytes(sink.getvalue().to_pybytes())
 
 
-def read_ipc(data: bytes, what: str) -> pa.Table:
-    try:
-        return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-    except (pa.ArrowException, ValueError, OSError):
-        raise VaultError(f"{what} is not an Arrow IPC stream") from None
+def read_ipc(data: bytes, what: str, *, public: bool = False) -> pa.Table:
+    """Arrow from outside the vault (the executor's public data, a sealed file), checked before any compute by
+    :mod:`kernel_enclave.vault.untrusted`: framing, declared sizes, schema limits, full validation."""
+    from kernel_enclave.vault import untrusted
+
+    return untrusted.read_ipc(data, what, untrusted.PUBLIC_LIMITS if public else untrusted.SEALED_LIMITS)
 
 
 def _columns(table: pa.Table) -> list[dict[str, str]]:
@@ -115,6 +132,7 @@ class Vault:
         self.audit = KernelAuditLog(keys.signing_key, audit_path)
         self._handlers: dict[str, Callable[[dict[str, Any], list[bytes]], Reply]] = {
             "hello": self._hello,
+            "warmup": self._warmup,
             "open": self._open,
             "schema": self._schema,
             "release": self._release,
@@ -142,9 +160,13 @@ class Vault:
             return error_reply(ProtocolError(f"unknown vault operation {shown!r}")), []
         with self._lock:
             try:
+                stoppable.check()  # interrupted while it waited for its turn: it does not start
                 if op in _UNRECORDED_BY_HANDLER:
                     self.audit.append("request", op=op, operation=digest_of(_operation(header)))
                 return handler(header, buffers)
+            except Cancelled as cancelled:  # the analyst interrupted: stopped, recorded, answered (and discarded)
+                self.audit.append("cancelled", op=op, operation=digest_of(_operation(header)))
+                return error_reply(cancelled), []
             except PolicyViolation as violation:
                 self.audit.append(
                     "refusal",
@@ -216,6 +238,16 @@ class Vault:
             },
         }, []
 
+    def _warmup(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        """How far the heavy imports are; with ``wait``, after starting them and waiting up to that many seconds
+        (``cn.open`` asks first, to say why it waits)."""
+        wait = header.get("wait")
+        if wait is not None:
+            if not warmup.valid_wait(wait):
+                raise ProtocolError(f"warmup: wait is a number of seconds from 0 to {warmup.MAX_WAIT_S:g}")
+            VAULT_WARMUP.wait(wait)
+        return {"ok": True, **VAULT_WARMUP.status()}, []
+
     def _open(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         source = _text(header, "source")
         broker = header.get("broker")
@@ -235,7 +267,9 @@ class Vault:
             return self._opened_reply(handle, dataset_id), []
         client = self._broker_client(broker)
         try:
-            released = client.release(dataset_id, manifest.owner_public_key)
+            released = client.release(
+                dataset_id, manifest.owner_public_key, lambda event, fields: self.audit.append(event, **fields)
+            )
         except KeyReleaseError as exc:
             self.audit.append("key-refused", dataset=dataset_id, broker=client.url, reason=str(exc))
             raise VaultError(f"no key for {dataset_id!r}: {exc}") from None
@@ -312,13 +346,13 @@ class Vault:
 
     def _preview(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         tree = _plan(header)
-        preview = release.preview(tree, self._sources, self._policies)
+        preview = self._stoppable(release.preview, tree)
         self.audit.append("preview", operation=digest_of(tree), shown=sorted(k for k in preview if k != "withheld"))
         return {"ok": True, "preview": preview}, []
 
     def _release(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         tree = _plan(header)
-        released = release.release(tree, self._sources, self._policies)
+        released = self._stoppable(release.release, tree)
         operation = digest_of(tree)
         reply: dict[str, Any] = {
             "ok": True,
@@ -355,6 +389,12 @@ class Vault:
         )
         return reply, out
 
+    def _stoppable(self, compute: Callable[..., Any], tree: dict[str, Any]) -> Any:
+        """``compute(tree, sources, policies)``, in a worker an interrupt can stop when it may take long."""
+        if _long(tree, self._sources):
+            return stoppable.run(compute, tree, self._sources, self._policies)
+        return compute(tree, self._sources, self._policies)
+
     def _remember(self, result: _Result) -> str:
         result_id = self._new_id("r")
         self._results[result_id] = result
@@ -366,7 +406,6 @@ class Vault:
 
     def _fit(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         tree = _plan(header)
-        source = plan.evaluate(tree, self._sources)
         target = header.get("target")
         features = header.get("features")
         test_size = header.get("test_size")
@@ -381,7 +420,11 @@ class Vault:
             raise ProtocolError("fit: test_size must be a number or null")
         if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, int)):
             raise ProtocolError("fit: random_state must be an integer or null")
-        model = models.fit(source, header.get("estimator"), target, features, test_size, random_state, self._policies)
+        fit_args = (header.get("estimator"), target, features, test_size, random_state, self._policies)
+        if _long(tree, self._sources):  # a join (or a large table) first: evaluated in the worker too, stoppable
+            model = stoppable.run(_evaluate_and_fit, tree, self._sources, *fit_args, openmp=True)
+        else:
+            model = models.fit(plan.evaluate(tree, self._sources), *fit_args)
         model_id = self._new_id("m")
         self._models[model_id] = model
         self.audit.append(
@@ -421,10 +464,10 @@ class Vault:
         op = header["op"]
         kind = "model_parameters" if op == "model_params" else "model_metrics"
         value: Any
-        if op == "model_metrics":
-            value = models.metrics(model, self._policies)
+        if op == "model_metrics":  # predictions over the evaluation set: as stoppable as the fit
+            value = stoppable.run(models.metrics, model, self._policies, openmp=True)
         elif op == "model_score":
-            value = models.score(model, self._policies)
+            value = stoppable.run(models.score, model, self._policies, openmp=True)
         else:
             value = models.params(model, self._policies)
         datasets = tuple(sorted(model.datasets))
@@ -446,10 +489,10 @@ class Vault:
         model_id, model = self._model(header)
         if len(buffers) != 1:
             raise ProtocolError("predict: send the public data as one Arrow IPC buffer")
-        public = read_ipc(buffers[0], "predict: the public data")
+        public = read_ipc(buffers[0], "predict: the public data", public=True)
         if public.num_rows > MAX_PUBLIC_ROWS:
             raise VaultError(f"predict: at most {MAX_PUBLIC_ROWS} rows of public data per request")
-        predictions = models.predict(model, public, self._policies)
+        predictions = stoppable.run(models.predict, model, public, self._policies, openmp=True)
         datasets = tuple(sorted(model.datasets))
         policy_id = release.require_kind("predict_public", datasets, self._policies)
         payload = ipc_bytes(predictions)
@@ -639,6 +682,29 @@ def _text(header: Mapping[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value or len(value) > 4096:
         raise ProtocolError(f"{header.get('op', 'request')}: {key} must be a non-empty string")
     return value
+
+
+def _evaluate_and_fit(tree: dict[str, Any], sources: Mapping[str, plan.SourceTable], *fit_args: Any) -> Any:
+    return models.fit(plan.evaluate(tree, sources), *fit_args)
+
+
+def _long(tree: dict[str, Any], sources: Mapping[str, plan.SourceTable]) -> bool:
+    """Whether a plan joins, or reads at least :data:`WORKER_MIN_ROWS` source rows (before it is parsed: a walk
+    without recursion, so that no plan the executor sends can exhaust the stack here)."""
+    rows = 0
+    pending: list[object] = [tree]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            if node.get("node") == "join":
+                return True
+            handle = node.get("handle")
+            if node.get("node") == "source" and isinstance(handle, str) and handle in sources:
+                rows += sources[handle].table.num_rows
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    return rows >= WORKER_MIN_ROWS
 
 
 def _plan(header: Mapping[str, Any]) -> dict[str, Any]:

@@ -6,30 +6,14 @@ how fast anything is; timings on a busy test machine say nothing, so no ratio is
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+RunBenchmark = Callable[..., dict[str, Any]]  # the fixture in conftest.py
 
 
-def run(script: str, *arguments: str) -> dict[str, Any]:
-    finished = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--json", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert finished.returncode in (0, 1), finished.stderr[-3000:]  # 1: a target missed, which timing noise allows
-    results: dict[str, Any] = json.loads(finished.stdout)
-    return results
-
-
-def test_parquet_load_pairs_each_round_and_reports_cpu_time() -> None:
-    results = run("dataset_parquet_load.py", "--rows", "30000", "--rounds", "5")
+def test_parquet_load_pairs_each_round_and_reports_cpu_time(run_benchmark: RunBenchmark) -> None:
+    results = run_benchmark("dataset_parquet_load.py", "--rows", "30000", "--rounds", "5")
     assert len(results["speed_vs_plaintext_per_round"]) == 5
     assert results["speed_vs_plaintext"] == sorted(results["speed_vs_plaintext_per_round"])[2]
     assert set(results["cpu_median_seconds"]) == set(results["warm_median_seconds"])
@@ -38,7 +22,7 @@ def test_parquet_load_pairs_each_round_and_reports_cpu_time() -> None:
     assert results["met"] == {"speed": results["speed_vs_plaintext"] >= results["target"]["speed_vs_plaintext"]}
 
 
-def test_ipc_load_reports_speed_and_peak_memory() -> None:
-    results = run("dataset_ipc_load.py", "--rows", "200000", "--rounds", "3", "--children", "1")
+def test_ipc_load_reports_speed_and_peak_memory(run_benchmark: RunBenchmark) -> None:
+    results = run_benchmark("dataset_ipc_load.py", "--rows", "200000", "--rounds", "3", "--children", "1")
     assert {"speed", "memory"} <= set(results["met"])
     assert results["table_nbytes"] > 0

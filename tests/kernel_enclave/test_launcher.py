@@ -21,6 +21,7 @@ from confnb.attest.verifier import verify_evidence
 from kernel_enclave.handshake import LaunchRequest
 from kernel_enclave.launcher import executor_environment, simulated_fault
 from kernel_enclave.tee.simulated import ENV_FAULT
+from kernel_enclave.vault.keys import SOCKET_VARIABLE
 
 from .relay.conftest import Kernel, start_kernel, stop_kernel
 
@@ -45,6 +46,7 @@ def test_the_executor_never_sees_the_fault(monkeypatch: pytest.MonkeyPatch, tmp_
     environment = executor_environment({ENV_FAULT: "report-signature", "KEPT": "1"}, tmp_path, tmp_path / "v.sock")
     assert ENV_FAULT not in environment
     assert environment["KEPT"] == "1"
+    assert environment[SOCKET_VARIABLE] == str(tmp_path / "v.sock")  # the name the analyst's API reads
 
 
 @pytest.fixture(scope="module")
