@@ -132,6 +132,9 @@ async def _browser_session(port: int, kernel_id: str) -> str:
         if reply["msg_type"] == "status" and reply["content"]["execution_state"] == "idle":
             break
     connection.close()  # the tab is closed
+    # Until the server's close frame arrives: a loop ended earlier would leave the socket for the garbage collector.
+    while await asyncio.wait_for(connection.read_message(), 10) is not None:
+        pass
     return text
 
 
