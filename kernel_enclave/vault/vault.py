@@ -83,10 +83,6 @@ def read_ipc(data: bytes, what: str) -> pa.Table:
         raise VaultError(f"{what} is not an Arrow IPC stream") from None
 
 
-def _columns(table: pa.Table) -> list[dict[str, str]]:
-    return [{"name": field.name, "type": str(field.type)} for field in table.schema]
-
-
 class Vault:
     """One kernel's data plane. Thread-safe: one lock serializes requests (they are CPU-bound anyway)."""
 
@@ -266,7 +262,7 @@ class Vault:
 
     def _opened_reply(self, handle: str, dataset_id: str) -> dict[str, Any]:
         policy = self._policies[dataset_id]
-        columns = _columns(self._sources[handle].table) if policy.allows("schema") else None
+        columns = plan.schema_of(self._sources[handle]) if policy.allows("schema") else None
         return {
             "ok": True,
             "handle": handle,
@@ -485,8 +481,8 @@ class Vault:
         table = source.table
         # After a join, which source record each row came from decides min_group_size; it is sealed along.
         record_columns = []
-        for position, (dataset, ids) in enumerate(source.record_ids or ()):
-            name = f"\x00record{position}"
+        hidden = plan.fresh_names(len(source.record_ids or ()), set(table.column_names))
+        for name, (dataset, ids) in zip(hidden, source.record_ids or (), strict=True):
             table = table.append_column(name, ids)
             record_columns.append([name, dataset])
         metadata = {
@@ -530,10 +526,11 @@ class Vault:
             for column, origins in sealed.metadata["lineage"].items()
         }
         record_columns = [(str(name), str(dataset)) for name, dataset in sealed.metadata.get("record_columns", [])]
-        records = tuple((dataset, table.column(name)) for name, dataset in record_columns) or None
-        table = table.drop_columns([name for name, _ in record_columns])
+        if any(name not in table.column_names for name, _ in record_columns):
+            raise VaultError("the sealed table lacks the record-id columns its metadata names")
+        frame = plan.SourceTable.from_arrow(table, lineage, frozenset(sealed.metadata["datasets"]), record_columns)
         handle = self._new_id("d")
-        self._sources[handle] = plan.SourceTable(table, lineage, frozenset(sealed.metadata["datasets"]), records)
+        self._sources[handle] = frame
         self.audit.append("unseal", handle=handle, datasets=sorted(policies), digest=_bytes_digest(buffers[0]))
         datasets = sorted(policies)
         shown = all(self._policies[name].allows("schema") for name in datasets)
@@ -542,7 +539,7 @@ class Vault:
             "handle": handle,
             "dataset": "+".join(datasets),
             "datasets": datasets,
-            "columns": _columns(table) if shown else None,
+            "columns": plan.schema_of(frame) if shown else None,
             "policy": strictest(self._policies[name] for name in datasets).to_dict(),
         }, []
 
