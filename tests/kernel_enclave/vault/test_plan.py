@@ -701,3 +701,39 @@ def test_any_well_formed_expression_evaluates_or_raises_a_vault_error(
         assert result.table.num_rows <= 5
     for value in ("Ann", "bob", "Cid", "-2.25", "10.0", "2024-02-29"):
         assert value not in message
+
+
+# -- window functions over groups -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def staff() -> dict[str, SourceTable]:
+    table = pa.table(
+        {
+            "dept": pa.array(["a", "b", "a", "a", None, "b", "b"]),
+            "pay": pa.array([30.0, 10.0, 30.0, 20.0, 5.0, float("nan"), 40.0]),
+            "n": pa.array([1, 2, 3, 4, 5, 6, 7], pa.int64()),
+        }
+    )
+    return {"t": SourceTable.from_dataset("staff", table)}
+
+
+@pytest.mark.parametrize("func", ["rank", "sum", "mean", "count"])
+def test_over_matches_pandas_groupby_rank_and_transform(staff: dict[str, SourceTable], func: str) -> None:
+    frame = staff["t"].table.to_pandas()
+    grouped = frame.groupby("dept")["pay"]
+    expected = grouped.rank() if func == "rank" else grouped.transform(func)
+    got = out(assign(fn("over", col("pay"), func=func, by=["dept"])), staff)
+    for g, e in zip(got, expected, strict=True):
+        assert (g is None and pd.isna(e)) or g == pytest.approx(e), (func, got, list(expected))
+
+
+def test_over_lineage_includes_the_group_keys_and_refuses_extremes(staff: dict[str, SourceTable]) -> None:
+    result = evaluate(assign(fn("over", col("n"), func="sum", by=["dept"])), staff)
+    assert result.lineage["out"] == frozenset({("staff", "n"), ("staff", "dept")})
+    with pytest.raises(VaultError, match="func must be one of rank, sum, mean, count"):
+        parse_plan(assign(fn("over", col("n"), func="max", by=["dept"])))
+    with pytest.raises(VaultError, match="over: no column 'nope'"):
+        evaluate(assign(fn("over", col("n"), func="rank", by=["nope"])), staff)
+    with pytest.raises(VaultError, match=r"over \(sum\) needs numbers"):
+        evaluate(assign(fn("over", col("dept"), func="sum", by=["n"])), staff)
