@@ -89,24 +89,30 @@ _RECORD_PREFIX = "\x01record"
 
 @dataclass(frozen=True)
 class SourceTable:
-    """A Polars frame inside the vault with, per column, the dataset columns it derives from.
+    """A lazy Polars query inside the vault with, per column, the dataset columns it derives from.
+
+    A plan compiles to one lazy query over the decrypted datasets, so Polars' optimiser sees all of it (only the
+    columns a result needs are read, filters move below joins); it runs when a release, a schema or a model needs it.
 
     ``records`` is ``None`` while each row is a distinct record of every dataset in ``datasets`` (true of a dataset
     and of anything selected, filtered or derived from it). After a join it lists, per occurrence of a dataset in
     the join tree, the hidden column of ``data`` holding the id of the source record behind each row (null where an
     outer join had no match), so that the release engine can count records instead of rows. Hidden columns are
-    never visible to a plan: :attr:`columns` leaves them out.
+    never visible to a plan: :attr:`columns` leaves them out. ``unique`` names the hidden columns known to hold
+    each record at most once (a join on keys unique on the other side repeats no record), where counting distinct
+    records is counting rows with an id.
 
     ``arrow_types`` remembers the Arrow type of each column that is still a dataset column as the vault decrypted
     it, so that schemas and materialised tables show the owner's types (Polars reads a dictionary column as
     categorical, a string column as a large string) and error messages name them.
     """
 
-    data: pl.DataFrame
+    data: pl.LazyFrame
     lineage: Mapping[str, Lineage]
     datasets: frozenset[str]
     records: tuple[tuple[str, str], ...] | None = field(default=None, compare=False, repr=False)
     arrow_types: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    unique: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, pa.Table):  # an Arrow table, with record ids as Arrow arrays (tests, models)
@@ -152,28 +158,40 @@ class SourceTable:
         data = data.with_columns(pl.col(name).cast(pl.Int64) for name in hidden)
         arrow_types = {f.name: f.type for f in table.schema if f.name not in hidden}
         records = tuple((dataset, name) for name, dataset in record_columns) or None
-        return cls(data, dict(lineage), datasets, records, arrow_types)
+        return cls(data.lazy(), dict(lineage), datasets, records, arrow_types)
+
+    @cached_property
+    def schema(self) -> pl.Schema:
+        """Names and types of every column (hidden ones included), resolved without reading a row."""
+        with engine_errors("plan", []):
+            return self.data.collect_schema()
+
+    def empty(self) -> pl.DataFrame:
+        """A frame with this schema and no rows: plans are type-checked on it before any row is read."""
+        return pl.DataFrame(schema=self.schema)
 
     @cached_property
     def columns(self) -> list[str]:
         """The columns a plan sees, in order (hidden record-id columns left out)."""
         hidden = {name for _, name in self.records or ()}
-        return [name for name in self.data.columns if name not in hidden]
+        return [name for name in self.schema.names() if name not in hidden]
 
-    @property
+    @cached_property
     def num_rows(self) -> int:
-        return int(self.data.height)
+        with engine_errors("count", []):
+            return int(self.data.select(pl.len()).collect().item())
 
     def dtype(self, name: str) -> Any:
-        return self.data.schema[name]
+        return self.schema[name]
 
     def arrow_type(self, name: str) -> Any:
         """The column's Arrow type: the dataset's own while the column is unchanged, else Polars' type in Arrow."""
         known = self.arrow_types.get(name)
-        return known if known is not None else arrow_type_of(self.data.schema[name])
+        return known if known is not None else arrow_type_of(self.schema[name])
 
     def visible(self) -> pl.DataFrame:
-        return self.data.select(self.columns)
+        with engine_errors("evaluation", []):
+            return self.data.select(self.columns).collect()
 
     @cached_property
     def table(self) -> pa.Table:
@@ -185,28 +203,33 @@ class SourceTable:
         """Record ids per dataset occurrence as Arrow arrays (for the models), or None before any join."""
         if self.records is None:
             return None
-        return tuple((dataset, self.data.get_column(name).to_arrow()) for dataset, name in self.records)
+        ids = self.data.select([name for _, name in self.records]).collect()
+        return tuple((dataset, ids.get_column(name).to_arrow()) for dataset, name in self.records)
 
-    def record_columns(self) -> tuple[pl.DataFrame, tuple[tuple[str, str], ...]]:
-        """The frame with a record-id column for every dataset occurrence, materialising "row i is record i"."""
+    def record_columns(self) -> tuple[pl.LazyFrame, tuple[tuple[str, str], ...], frozenset[str]]:
+        """The query with a record-id column for every dataset occurrence ("row i is record i" made explicit), and
+        the ones known unique."""
         if self.records is not None:
-            return self.data, self.records
+            return self.data, self.records, self.unique
         occurrences = []
         data = self.data
+        taken = set(self.schema.names())
         for i, dataset in enumerate(sorted(self.datasets)):
-            name = fresh_names(1, set(data.columns), f"{_RECORD_PREFIX}{i}")[0]
+            name = fresh_names(1, taken, f"{_RECORD_PREFIX}{i}")[0]
+            taken.add(name)
             data = data.with_row_index(name).with_columns(pl.col(name).cast(pl.Int64))
             occurrences.append((dataset, name))
-        return data, tuple(occurrences)
+        return data, tuple(occurrences), frozenset(name for _, name in occurrences)
 
     def record_occurrences(self) -> tuple[tuple[str, pa.ChunkedArray], ...]:
         """Record ids per dataset occurrence, materialising the implicit "row i is record i" when none are stored."""
-        data, occurrences = self.record_columns()
-        return tuple((dataset, data.get_column(name).to_arrow()) for dataset, name in occurrences)
+        data, occurrences, _ = self.record_columns()
+        ids = data.select([name for _, name in occurrences]).collect()
+        return tuple((dataset, ids.get_column(name).to_arrow()) for dataset, name in occurrences)
 
     def replace(
         self,
-        data: pl.DataFrame,
+        data: pl.LazyFrame,
         lineage: Mapping[str, Lineage] | None = None,
         arrow_types: Mapping[str, Any] | None = None,
     ) -> SourceTable:
@@ -216,6 +239,7 @@ class SourceTable:
             self.datasets,
             self.records,
             self.arrow_types if arrow_types is None else arrow_types,
+            self.unique,
         )
 
 
@@ -705,6 +729,7 @@ def _select(frame: SourceTable, columns: tuple[str, ...]) -> SourceTable:
         frame.datasets,
         frame.records,
         {name: kind for name, kind in frame.arrow_types.items() if name in columns},
+        frame.unique,
     )
 
 
@@ -713,7 +738,7 @@ def _filter(frame: SourceTable, predicate: Expr) -> SourceTable:
     if value.dtype not in (pl.Boolean, pl.Null):
         raise VaultError(f"filter: the predicate ({value.label}) is {_type_name(value.dtype)}, not a boolean")
     with engine_errors("filter", [value.label]):
-        data = frame.data.lazy().filter(value.expr.fill_null(False)).collect()
+        data = frame.data.filter(value.expr.fill_null(False))
     return frame.replace(data)
 
 
@@ -721,23 +746,24 @@ def _assign(frame: SourceTable, columns: tuple[tuple[str, Expr], ...]) -> Source
     current = frame
     for name, expr in columns:
         data = current.data
-        hidden = {column for _, column in current.records or ()}
         records = current.records
-        if name in hidden:  # a plan's name that happens to equal a hidden column: move the hidden one aside
-            new = fresh_names(1, set(data.columns) | {name})[0]
+        unique = current.unique
+        if any(name == column for _, column in records or ()):  # a plan's name equal to a hidden column's
+            new = fresh_names(1, set(current.schema.names()) | {name})[0]
             data = data.rename({name: new})
             records = tuple((d, new if c == name else c) for d, c in records or ())
-            current = SourceTable(data, current.lineage, current.datasets, records, current.arrow_types)
+            unique = frozenset(new if c == name else c for c in unique)
+            current = SourceTable(data, current.lineage, current.datasets, records, current.arrow_types, unique)
         value = _eval_expr(expr, current)
-        with engine_errors("assign", [quote(name)]):
-            data = current.data.lazy().with_columns(value.expr.alias(name)).collect()
+        data = current.data.with_columns(value.expr.alias(name))
         if name not in current.lineage and records:  # keep hidden columns last
-            data = data.select([*(c for c in data.columns if c not in hidden), *(c for _, c in records)])
+            hidden = [c for _, c in records]
+            data = data.select([*current.columns, name, *hidden])
         lineage = {**current.lineage, name: value.lineage}
         arrow_types = {k: v for k, v in current.arrow_types.items() if k != name}
         if isinstance(expr, Col) and expr.name in current.arrow_types:
             arrow_types[name] = current.arrow_types[expr.name]
-        current = SourceTable(data, lineage, current.datasets, records, arrow_types)
+        current = SourceTable(data, lineage, current.datasets, records, arrow_types, unique)
     return current
 
 
@@ -766,30 +792,39 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
     key_types = ", ".join(f"{quote(k)} {left.arrow_type(k)}/{right.arrow_type(k)}" for k in node.on)
     key_casts = [_join_key_type(left.dtype(k), right.dtype(k), key_types) for k in node.on]
     # Record ids ride along as hidden columns under names neither side uses.
-    left_data, left_records = left.record_columns()
-    right_data, right_records = right.record_columns()
+    left_data, left_records, left_unique = left.record_columns()
+    right_data, right_records, right_unique = right.record_columns()
     taken = set(out_names) | set(left.columns) | set(right.columns)
     hidden = fresh_names(len(left_records) + len(right_records), taken)
     left_hidden, right_hidden = hidden[: len(left_records)], hidden[len(left_records) :]
     # Rename both sides up front so the output never depends on Polars' suffix rules.
-    left_frame = left_data.lazy().select(
+    left_frame = left_data.select(
         *(_key_expr(k, cast) for k, cast in zip(node.on, key_casts, strict=True)),
         *(pl.col(n).alias(renamed(n, left_suffix)) for n in left_rest),
         *(pl.col(old).alias(new) for (_, old), new in zip(left_records, left_hidden, strict=True)),
     )
-    right_frame = right_data.lazy().select(
+    right_frame = right_data.select(
         *(_key_expr(k, cast) for k, cast in zip(node.on, key_casts, strict=True)),
         *(pl.col(n).alias(renamed(n, right_suffix)) for n in right_rest),
         *(pl.col(old).alias(new) for (_, old), new in zip(right_records, right_hidden, strict=True)),
     )
+
+    def joined_of(left_side: pl.LazyFrame, right_side: pl.LazyFrame) -> pl.LazyFrame:
+        how = JOIN_TYPES[node.how]
+        joined = left_side.join(right_side, on=list(node.on), how=how, coalesce=True, nulls_equal=False)
+        return joined.select([*out_names, *hidden])
+
     with engine_errors("join", [f"keys {key_types}"]):
-        _check_join_size(left_frame, right_frame, list(node.on))
-        joined = (
-            left_frame.join(right_frame, on=list(node.on), how=JOIN_TYPES[node.how], coalesce=True, nulls_equal=False)
-            .select([*out_names, *hidden])
-            .collect()
-        )
+        empty_left = pl.LazyFrame(schema=left_frame.collect_schema())
+        joined_of(empty_left, pl.LazyFrame(schema=right_frame.collect_schema())).collect()  # type check, no rows
+        left_keys_unique, right_keys_unique = _check_join_size(left_frame, right_frame, list(node.on))
+    joined = joined_of(left_frame, right_frame)
     records = tuple((dataset, name) for name, (dataset, _) in zip(hidden, left_records + right_records, strict=True))
+    # A record stays once per row when the other side's keys are unique (each row meets at most one partner).
+    unique = {new for (_, old), new in zip(left_records, left_hidden, strict=True) if old in left_unique}
+    unique = unique if right_keys_unique else set()
+    if left_keys_unique:
+        unique |= {new for (_, old), new in zip(right_records, right_hidden, strict=True) if old in right_unique}
     lineage: dict[str, Lineage] = {key: lineage_of(left, key) | lineage_of(right, key) for key in node.on}
     lineage.update({renamed(n, left_suffix): lineage_of(left, n) for n in left_rest})
     lineage.update({renamed(n, right_suffix): lineage_of(right, n) for n in right_rest})
@@ -798,7 +833,7 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
     arrow_types.update(
         {k: left.arrow_types[k] for k in node.on if k in left.arrow_types and left.dtype(k) == right.dtype(k)}
     )
-    return SourceTable(joined, lineage, left.datasets | right.datasets, records, arrow_types)
+    return SourceTable(joined, lineage, left.datasets | right.datasets, records, arrow_types, frozenset(unique))
 
 
 def _join_key_type(left: Any, right: Any, shown: str) -> Any:
@@ -819,23 +854,36 @@ def _key_expr(name: str, cast: Any) -> pl.Expr:
     return pl.col(name) if cast is None else pl.col(name).cast(cast)
 
 
-def _check_join_size(left: pl.LazyFrame, right: pl.LazyFrame, keys: list[str]) -> None:
-    """Refuse a join whose result could not fit, before Polars tries: a many-to-many join is quadratic."""
-    left_counts = left.group_by(keys).agg(pl.len().cast(pl.Int64).alias("\x00l"))
-    right_counts = right.group_by(keys).agg(pl.len().cast(pl.Int64).alias("\x00r"))
-    sizes = pl.collect_all(
+def _check_join_size(left: pl.LazyFrame, right: pl.LazyFrame, keys: list[str]) -> tuple[bool, bool]:
+    """Refuse a join whose result could not fit, before Polars tries: a many-to-many join is quadratic.
+
+    Returns whether the keys are unique on the left and on the right (null keys match nothing, so do not count).
+    """
+    present = pl.all_horizontal([pl.col(k).is_not_null() for k in keys])
+
+    def counts(side: pl.LazyFrame, name: str) -> pl.LazyFrame:
+        return side.select(keys).filter(present).group_by(keys).agg(pl.len().cast(pl.Int64).alias(name))
+
+    found = pl.collect_all(
         [
-            left_counts.join(right_counts, on=keys, how="inner").select((pl.col("\x00l") * pl.col("\x00r")).sum()),
-            left.select(pl.len().cast(pl.Int64)),
-            right.select(pl.len().cast(pl.Int64)),
+            counts(left, "\x01n").select(pl.col("\x01n").max()),
+            counts(right, "\x01n").select(pl.col("\x01n").max()),
+            left.select(pl.len()),
+            right.select(pl.len()),
         ]
     )
-    pairs, left_rows, right_rows = (int(frame.item() or 0) for frame in sizes)
+    left_most, right_most, left_rows, right_rows = (int(frame.item() or 0) for frame in found)
+    if left_most <= 1 or right_most <= 1:
+        pairs = max(left_rows, right_rows)
+    else:
+        matched = counts(left, "\x01l").join(counts(right, "\x01r"), on=keys, how="inner")
+        pairs = int(matched.select((pl.col("\x01l") * pl.col("\x01r")).sum()).collect().item() or 0)
     if pairs + left_rows + right_rows > MAX_JOIN_ROWS:
         raise VaultError(
             f"join: the result would have more than {MAX_JOIN_ROWS:,} rows (a many-to-many join?); "
             "aggregate one side first or join on more keys"
         )
+    return left_most <= 1, right_most <= 1
 
 
 # -- expressions --------------------------------------------------------------------------------------------
@@ -901,13 +949,13 @@ def _eval_expr(expr: Expr, frame: SourceTable) -> Value:
         compiled = _call(expr, args, frame)
         if expr.fn == "over":
             lineage |= frozenset().union(*(lineage_of(frame, name) for name in expr.options["by"]))
-        dtype = frame.data.head(0).lazy().select(compiled.alias("\x00")).collect().schema["\x00"]
+        dtype = frame.empty().lazy().select(compiled.alias("\x01")).collect().schema["\x01"]
     return Value(compiled, dtype, lineage, f"the result of {expr.fn} ({_type_name(dtype)})")
 
 
 def _check(frame: SourceTable, bad: pl.Expr) -> bool:
     """Whether any row makes ``bad`` true: a value-dependent check run as its own query before the real one."""
-    return bool(frame.data.lazy().select(bad.fill_null(False).any()).collect().item())
+    return bool(frame.data.select(bad.fill_null(False).any()).collect().item())
 
 
 def _call(expr: Call, args: list[Value], frame: SourceTable) -> pl.Expr:
@@ -1209,6 +1257,8 @@ def schema_of(frame: SourceTable) -> list[dict[str, str]]:
 def empty_sources(sources: Mapping[str, SourceTable]) -> dict[str, SourceTable]:
     """The same sources with no rows: evaluating a plan over them gives its schema without touching data."""
     return {
-        handle: SourceTable(source.data.head(0), source.lineage, source.datasets, source.records, source.arrow_types)
+        handle: SourceTable(
+            source.empty().lazy(), source.lineage, source.datasets, source.records, source.arrow_types, source.unique
+        )
         for handle, source in sources.items()
     }

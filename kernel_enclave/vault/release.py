@@ -264,25 +264,32 @@ def _records_total(frame: SourceTable, mask: pl.Expr | None) -> dict[str, int]:
     if frame.records is None:
         if mask is None:
             return dict.fromkeys(frame.datasets, frame.num_rows)
-        rows = frame.data.lazy().select(mask.fill_null(False).sum()).collect().item()
+        with engine_errors("count", []):
+            rows = frame.data.select(mask.fill_null(False).sum()).collect().item()
         return dict.fromkeys(frame.datasets, int(rows or 0))
     exprs = [
-        _distinct(pl.col(c) if mask is None else pl.col(c).filter(mask.fill_null(False))).alias(f"r{i}")
+        _records_of(frame, c, pl.col(c) if mask is None else pl.col(c).filter(mask.fill_null(False))).alias(f"r{i}")
         for i, (_, c) in enumerate(frame.records)
     ]
-    row = frame.data.lazy().select(exprs).collect().row(0)
+    with engine_errors("count", []):
+        row = frame.data.select(exprs).collect().row(0)
     records: dict[str, int] = {}
     for (dataset, _), count in zip(frame.records, row, strict=True):
         records[dataset] = min(records.get(dataset, int(count)), int(count))
     return records
 
 
+def _records_of(frame: SourceTable, hidden: str, ids: pl.Expr) -> pl.Expr:
+    """Distinct record ids; where each record is known to appear once (:attr:`SourceTable.unique`), the ids."""
+    return ids.count().cast(pl.Int64) if hidden in frame.unique else _distinct(ids)
+
+
 def _record_exprs(frame: SourceTable, prefix: str, mask: pl.Expr | None = None) -> list[pl.Expr]:
     """Per dataset occurrence, the distinct records in a group (where ``mask`` holds); none before a join."""
     exprs = []
-    for i in range(len(frame.records or ())):
+    for i, (_, hidden) in enumerate(frame.records or ()):
         ids = pl.col(f"r{i}") if mask is None else pl.col(f"r{i}").filter(mask.fill_null(False))
-        exprs.append(_distinct(ids).alias(f"{prefix}{i}"))
+        exprs.append(_records_of(frame, hidden, ids).alias(f"{prefix}{i}"))
     return exprs
 
 
@@ -361,8 +368,8 @@ def _work_frame(frame: SourceTable, exprs: list[pl.Expr]) -> pl.LazyFrame:
     """The columns an aggregation reads, with the record ids (``r0``...) of each dataset occurrence."""
     records = [pl.col(column).alias(f"r{i}") for i, (_, column) in enumerate(frame.records or ())]
     if not exprs and not records:  # a count over no columns: something to count rows over
-        return frame.data.lazy().with_row_index("\x01rows").select("\x01rows")
-    return frame.data.lazy().select([*exprs, *records])
+        return frame.data.with_row_index("\x01rows").select("\x01rows")
+    return frame.data.select([*exprs, *records])
 
 
 # ---------------------------------------------------------------------------------------------------------------

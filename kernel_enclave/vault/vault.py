@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa  # type: ignore[import-untyped]
 
@@ -32,11 +32,14 @@ from confnb.datasets.reader import read_verified
 from confnb.policy.output import OutputPolicy, strictest
 from kernel_enclave.attestation import issue_evidence
 from kernel_enclave.tee.base import TeeBackend, TeeError
-from kernel_enclave.vault import export, models, plan, release, sealing
+from kernel_enclave.vault import export, plan, release, sealing
 from kernel_enclave.vault.audit import KernelAuditLog
 from kernel_enclave.vault.broker_client import BrokerClient, KeyReleaseError
 from kernel_enclave.vault.keys import DATASET_PATH_VARIABLE, VaultKeys
 from kernel_enclave.vault.protocol import PROTOCOL, PolicyViolation, ProtocolError, VaultError, error_reply
+
+if TYPE_CHECKING:
+    from kernel_enclave.vault import models
 
 REMEMBERED_RESULTS = 256  # released values kept for export; older ones must be released again
 MAX_PUBLIC_ROWS = 10_000_000
@@ -361,6 +364,8 @@ class Vault:
     # -- models -----------------------------------------------------------------------------------------------
 
     def _fit(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        from kernel_enclave.vault import models  # scikit-learn loads with a kernel's first model operation
+
         tree = _plan(header)
         source = plan.evaluate(tree, self._sources)
         target = header.get("target")
@@ -413,6 +418,8 @@ class Vault:
         return model_id, model
 
     def _model_release(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        from kernel_enclave.vault import models  # scikit-learn loads with a kernel's first model operation
+
         model_id, model = self._model(header)
         op = header["op"]
         kind = "model_parameters" if op == "model_params" else "model_metrics"
@@ -439,6 +446,8 @@ class Vault:
         return {"ok": True, "result": result_id, "kind": kind, "value": value, "policy": policy_id}, []
 
     def _predict(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        from kernel_enclave.vault import models  # scikit-learn loads with a kernel's first model operation
+
         model_id, model = self._model(header)
         if len(buffers) != 1:
             raise ProtocolError("predict: send the public data as one Arrow IPC buffer")
@@ -465,6 +474,8 @@ class Vault:
     # -- sealing ----------------------------------------------------------------------------------------------
 
     def _seal(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        from kernel_enclave.vault import models  # scikit-learn loads with a kernel's first model operation
+
         if header.get("model") is not None:
             model_id, model = self._model(header)
             datasets = sorted(model.datasets)
@@ -496,6 +507,8 @@ class Vault:
         return {"ok": True}, [blob]
 
     def _unseal(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        from kernel_enclave.vault import models  # scikit-learn loads with a kernel's first model operation
+
         if len(buffers) != 1:
             raise ProtocolError("unseal: send the sealed file as one buffer")
         try:
@@ -546,6 +559,8 @@ class Vault:
     # -- export and audit -------------------------------------------------------------------------------------
 
     def _export(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        from kernel_enclave.vault import models  # scikit-learn loads with a kernel's first model operation
+
         recipient = header.get("recipient")
         if recipient is not None and not isinstance(recipient, str):
             raise ProtocolError("export: recipient must be a hex public key or null")

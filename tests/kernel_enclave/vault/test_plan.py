@@ -737,3 +737,17 @@ def test_over_lineage_includes_the_group_keys_and_refuses_extremes(staff: dict[s
         evaluate(assign(fn("over", col("n"), func="rank", by=["nope"])), staff)
     with pytest.raises(VaultError, match=r"over \(sum\) needs numbers"):
         evaluate(assign(fn("over", col("dept"), func="sum", by=["n"])), staff)
+
+
+def test_a_join_on_keys_unique_on_one_side_marks_the_other_sides_records_unique(two: dict[str, SourceTable]) -> None:
+    """Counting rows with an id is counting records only where no record can repeat: the flag must be exact."""
+    many_to_one = evaluate({"node": "join", "left": src("l"), "right": src("r"), "on": ["k"]}, two)
+    assert many_to_one.records is not None
+    left_id, right_id = (name for _, name in many_to_one.records)
+    # R's keys are unique, so each L row meets at most one R row; L's key 2 repeats, so R's record 0 repeats.
+    assert many_to_one.unique == frozenset({left_id})
+    ids = dict(zip(["L", "R"], (ids.to_pylist() for _, ids in many_to_one.record_ids or ()), strict=True))
+    assert len(ids["L"]) == len(set(ids["L"]))
+    assert len(ids["R"]) > len(set(ids["R"]))
+    self_join = evaluate({"node": "join", "left": src("l"), "right": src("l"), "on": ["k"]}, two)
+    assert self_join.unique == frozenset()
