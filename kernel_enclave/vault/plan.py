@@ -146,7 +146,7 @@ class SourceTable:
     ) -> SourceTable:
         """An Arrow table (a dataset, or an unsealed table with its hidden record-id columns) as a vault frame."""
         try:
-            data = pl.from_arrow(table, rechunk=False)
+            data = pl.from_arrow(table, rechunk=True)  # one chunk per column: sorts and quantiles need no copy
         except (Exception, pl.exceptions.PanicException):
             raise VaultError("a table has a column type the vault's query engine cannot read") from None
         assert isinstance(data, pl.DataFrame)
@@ -860,22 +860,24 @@ def _check_join_size(left: pl.LazyFrame, right: pl.LazyFrame, keys: list[str]) -
     Returns whether the keys are unique on the left and on the right (null keys match nothing, so do not count).
     """
     present = pl.all_horizontal([pl.col(k).is_not_null() for k in keys])
+    key = pl.col(keys[0]) if len(keys) == 1 else pl.struct(keys)
 
-    def counts(side: pl.LazyFrame, name: str) -> pl.LazyFrame:
-        return side.select(keys).filter(present).group_by(keys).agg(pl.len().cast(pl.Int64).alias(name))
+    def sizes(side: pl.LazyFrame) -> pl.LazyFrame:
+        """Rows, rows with a key, and distinct keys: the keys are unique when the last two agree."""
+        keyed = key.filter(present)
+        return side.select(pl.len().alias("rows"), keyed.len().alias("keyed"), keyed.n_unique().alias("distinct"))
 
-    found = pl.collect_all(
-        [
-            counts(left, "\x01n").select(pl.col("\x01n").max()),
-            counts(right, "\x01n").select(pl.col("\x01n").max()),
-            left.select(pl.len()),
-            right.select(pl.len()),
-        ]
+    (left_rows, left_keyed, left_distinct), (right_rows, right_keyed, right_distinct) = (
+        tuple(int(n or 0) for n in frame.row(0)) for frame in pl.collect_all([sizes(left), sizes(right)])
     )
-    left_most, right_most, left_rows, right_rows = (int(frame.item() or 0) for frame in found)
-    if left_most <= 1 or right_most <= 1:
-        pairs = max(left_rows, right_rows)
+    left_unique, right_unique = left_keyed == left_distinct, right_keyed == right_distinct
+    if left_unique or right_unique:
+        pairs = max(left_keyed, right_keyed)
     else:
+
+        def counts(side: pl.LazyFrame, name: str) -> pl.LazyFrame:
+            return side.select(keys).filter(present).group_by(keys).agg(pl.len().cast(pl.Int64).alias(name))
+
         matched = counts(left, "\x01l").join(counts(right, "\x01r"), on=keys, how="inner")
         pairs = int(matched.select((pl.col("\x01l") * pl.col("\x01r")).sum()).collect().item() or 0)
     if pairs + left_rows + right_rows > MAX_JOIN_ROWS:
@@ -883,7 +885,7 @@ def _check_join_size(left: pl.LazyFrame, right: pl.LazyFrame, keys: list[str]) -
             f"join: the result would have more than {MAX_JOIN_ROWS:,} rows (a many-to-many join?); "
             "aggregate one side first or join on more keys"
         )
-    return left_most <= 1, right_most <= 1
+    return left_unique, right_unique
 
 
 # -- expressions --------------------------------------------------------------------------------------------
