@@ -113,6 +113,7 @@ class SourceTable:
     records: tuple[tuple[str, str], ...] | None = field(default=None, compare=False, repr=False)
     arrow_types: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     unique: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    streaming: bool = field(default=False, compare=False, repr=False)  # reads a scanned dataset: streaming engine
 
     def __post_init__(self) -> None:
         if isinstance(self.data, pa.Table):  # an Arrow table, with record ids as Arrow arrays (tests, models)
@@ -160,6 +161,20 @@ class SourceTable:
         records = tuple((dataset, name) for name, dataset in record_columns) or None
         return cls(data.lazy(), dict(lineage), datasets, records, arrow_types)
 
+    @classmethod
+    def from_scan(cls, dataset_id: str, scan: pl.LazyFrame, arrow_schema: pa.Schema) -> SourceTable:
+        """A dataset too large for memory, read segment by segment as queries run (:mod:`.scan`)."""
+        names = list(arrow_schema.names)
+        if len(set(names)) != len(names) or any("\x00" in name for name in names):
+            raise VaultError(f"dataset {quote(dataset_id)} has duplicate column names or names with NUL characters")
+        lineage = {name: frozenset({(dataset_id, name)}) for name in names}
+        arrow_types = {f.name: f.type for f in arrow_schema}
+        return cls(scan, lineage, frozenset({dataset_id}), None, arrow_types, frozenset(), True)
+
+    def collect(self, query: pl.LazyFrame) -> pl.DataFrame:
+        """Run a query over this table: on Polars' streaming engine when a scanned dataset is behind it."""
+        return query.collect(engine="streaming" if self.streaming else "auto")
+
     @cached_property
     def schema(self) -> pl.Schema:
         """Names and types of every column (hidden ones included), resolved without reading a row."""
@@ -179,7 +194,7 @@ class SourceTable:
     @cached_property
     def num_rows(self) -> int:
         with engine_errors("count", []):
-            return int(self.data.select(pl.len()).collect().item())
+            return int(self.collect(self.data.select(pl.len())).item())
 
     def dtype(self, name: str) -> Any:
         return self.schema[name]
@@ -191,7 +206,7 @@ class SourceTable:
 
     def visible(self) -> pl.DataFrame:
         with engine_errors("evaluation", []):
-            return self.data.select(self.columns).collect()
+            return self.collect(self.data.select(self.columns))
 
     @cached_property
     def table(self) -> pa.Table:
@@ -203,7 +218,7 @@ class SourceTable:
         """Record ids per dataset occurrence as Arrow arrays (for the models), or None before any join."""
         if self.records is None:
             return None
-        ids = self.data.select([name for _, name in self.records]).collect()
+        ids = self.collect(self.data.select([name for _, name in self.records]))
         return tuple((dataset, ids.get_column(name).to_arrow()) for dataset, name in self.records)
 
     def record_columns(self) -> tuple[pl.LazyFrame, tuple[tuple[str, str], ...], frozenset[str]]:
@@ -224,7 +239,7 @@ class SourceTable:
     def record_occurrences(self) -> tuple[tuple[str, pa.ChunkedArray], ...]:
         """Record ids per dataset occurrence, materialising the implicit "row i is record i" when none are stored."""
         data, occurrences, _ = self.record_columns()
-        ids = data.select([name for _, name in occurrences]).collect()
+        ids = self.collect(data.select([name for _, name in occurrences]))
         return tuple((dataset, ids.get_column(name).to_arrow()) for dataset, name in occurrences)
 
     def replace(
@@ -240,6 +255,7 @@ class SourceTable:
             self.records,
             self.arrow_types if arrow_types is None else arrow_types,
             self.unique,
+            self.streaming,
         )
 
 
@@ -730,6 +746,7 @@ def _select(frame: SourceTable, columns: tuple[str, ...]) -> SourceTable:
         frame.records,
         {name: kind for name, kind in frame.arrow_types.items() if name in columns},
         frame.unique,
+        frame.streaming,
     )
 
 
@@ -753,7 +770,9 @@ def _assign(frame: SourceTable, columns: tuple[tuple[str, Expr], ...]) -> Source
             data = data.rename({name: new})
             records = tuple((d, new if c == name else c) for d, c in records or ())
             unique = frozenset(new if c == name else c for c in unique)
-            current = SourceTable(data, current.lineage, current.datasets, records, current.arrow_types, unique)
+            current = SourceTable(
+                data, current.lineage, current.datasets, records, current.arrow_types, unique, current.streaming
+            )
         value = _eval_expr(expr, current)
         data = current.data.with_columns(value.expr.alias(name))
         if name not in current.lineage and records:  # keep hidden columns last
@@ -763,7 +782,7 @@ def _assign(frame: SourceTable, columns: tuple[tuple[str, Expr], ...]) -> Source
         arrow_types = {k: v for k, v in current.arrow_types.items() if k != name}
         if isinstance(expr, Col) and expr.name in current.arrow_types:
             arrow_types[name] = current.arrow_types[expr.name]
-        current = SourceTable(data, lineage, current.datasets, records, arrow_types, unique)
+        current = SourceTable(data, lineage, current.datasets, records, arrow_types, unique, current.streaming)
     return current
 
 
@@ -817,7 +836,8 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
     with engine_errors("join", [f"keys {key_types}"]):
         empty_left = pl.LazyFrame(schema=left_frame.collect_schema())
         joined_of(empty_left, pl.LazyFrame(schema=right_frame.collect_schema())).collect()  # type check, no rows
-        left_keys_unique, right_keys_unique = _check_join_size(left_frame, right_frame, list(node.on))
+        streaming = left.streaming or right.streaming
+        left_keys_unique, right_keys_unique = _check_join_size(left_frame, right_frame, list(node.on), streaming)
     joined = joined_of(left_frame, right_frame)
     records = tuple((dataset, name) for name, (dataset, _) in zip(hidden, left_records + right_records, strict=True))
     # A record stays once per row when the other side's keys are unique (each row meets at most one partner).
@@ -833,7 +853,8 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
     arrow_types.update(
         {k: left.arrow_types[k] for k in node.on if k in left.arrow_types and left.dtype(k) == right.dtype(k)}
     )
-    return SourceTable(joined, lineage, left.datasets | right.datasets, records, arrow_types, frozenset(unique))
+    datasets = left.datasets | right.datasets
+    return SourceTable(joined, lineage, datasets, records, arrow_types, frozenset(unique), streaming)
 
 
 def _join_key_type(left: Any, right: Any, shown: str) -> Any:
@@ -854,7 +875,7 @@ def _key_expr(name: str, cast: Any) -> pl.Expr:
     return pl.col(name) if cast is None else pl.col(name).cast(cast)
 
 
-def _check_join_size(left: pl.LazyFrame, right: pl.LazyFrame, keys: list[str]) -> tuple[bool, bool]:
+def _check_join_size(left: pl.LazyFrame, right: pl.LazyFrame, keys: list[str], streaming: bool) -> tuple[bool, bool]:
     """Refuse a join whose result could not fit, before Polars tries: a many-to-many join is quadratic.
 
     Returns whether the keys are unique on the left and on the right (null keys match nothing, so do not count).
@@ -868,7 +889,8 @@ def _check_join_size(left: pl.LazyFrame, right: pl.LazyFrame, keys: list[str]) -
         return side.select(pl.len().alias("rows"), keyed.len().alias("keyed"), keyed.n_unique().alias("distinct"))
 
     (left_rows, left_keyed, left_distinct), (right_rows, right_keyed, right_distinct) = (
-        tuple(int(n or 0) for n in frame.row(0)) for frame in pl.collect_all([sizes(left), sizes(right)])
+        tuple(int(n or 0) for n in frame.row(0))
+        for frame in pl.collect_all([sizes(left), sizes(right)], engine="streaming" if streaming else "auto")
     )
     left_unique, right_unique = left_keyed == left_distinct, right_keyed == right_distinct
     if left_unique or right_unique:
@@ -879,7 +901,8 @@ def _check_join_size(left: pl.LazyFrame, right: pl.LazyFrame, keys: list[str]) -
             return side.select(keys).filter(present).group_by(keys).agg(pl.len().cast(pl.Int64).alias(name))
 
         matched = counts(left, "\x01l").join(counts(right, "\x01r"), on=keys, how="inner")
-        pairs = int(matched.select((pl.col("\x01l") * pl.col("\x01r")).sum()).collect().item() or 0)
+        total = matched.select((pl.col("\x01l") * pl.col("\x01r")).sum())
+        pairs = int(total.collect(engine="streaming" if streaming else "auto").item() or 0)
     if pairs + left_rows + right_rows > MAX_JOIN_ROWS:
         raise VaultError(
             f"join: the result would have more than {MAX_JOIN_ROWS:,} rows (a many-to-many join?); "
@@ -957,7 +980,7 @@ def _eval_expr(expr: Expr, frame: SourceTable) -> Value:
 
 def _check(frame: SourceTable, bad: pl.Expr) -> bool:
     """Whether any row makes ``bad`` true: a value-dependent check run as its own query before the real one."""
-    return bool(frame.data.select(bad.fill_null(False).any()).collect().item())
+    return bool(frame.collect(frame.data.select(bad.fill_null(False).any())).item())
 
 
 def _call(expr: Call, args: list[Value], frame: SourceTable) -> pl.Expr:

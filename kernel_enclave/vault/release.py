@@ -265,14 +265,14 @@ def _records_total(frame: SourceTable, mask: pl.Expr | None) -> dict[str, int]:
         if mask is None:
             return dict.fromkeys(frame.datasets, frame.num_rows)
         with engine_errors("count", []):
-            rows = frame.data.select(mask.fill_null(False).sum()).collect().item()
+            rows = frame.collect(frame.data.select(mask.fill_null(False).sum())).item()
         return dict.fromkeys(frame.datasets, int(rows or 0))
     exprs = [
         _records_of(frame, c, pl.col(c) if mask is None else pl.col(c).filter(mask.fill_null(False))).alias(f"r{i}")
         for i, (_, c) in enumerate(frame.records)
     ]
     with engine_errors("count", []):
-        row = frame.data.select(exprs).collect().row(0)
+        row = frame.collect(frame.data.select(exprs)).row(0)
     records: dict[str, int] = {}
     for (dataset, _), count in zip(frame.records, row, strict=True):
         records[dataset] = min(records.get(dataset, int(count)), int(count))
@@ -446,9 +446,9 @@ def _aggregate(node: Aggregate, frame: SourceTable, policies: Mapping[str, Outpu
         if key_names:
             # Rows with a null key form groups of their own, dropped afterwards: cheaper than filtering every row.
             groups = lazy.group_by(key_names).agg(aggregations)
-            grouped = groups.drop_nulls(key_names).sort(key_names).collect()
+            grouped = frame.collect(groups.drop_nulls(key_names).sort(key_names))
         else:
-            grouped = lazy.select(aggregations).collect()
+            grouped = frame.collect(lazy.select(aggregations))
 
     rows = grouped.height
     records = _group_records(frame, grouped, "n", "count_all")
@@ -497,7 +497,7 @@ def _value_counts(node: ValueCounts, frame: SourceTable, policies: Mapping[str, 
         grouped_lazy = lazy.group_by("k0").agg(pl.len().cast(pl.Int64).alias("count_all"), *_record_exprs(frame, "n"))
         if node.dropna:
             grouped_lazy = grouped_lazy.drop_nulls("k0")
-        grouped = grouped_lazy.sort(["count_all", "k0"], descending=[True, False], nulls_last=True).collect()
+        grouped = frame.collect(grouped_lazy.sort(["count_all", "k0"], descending=[True, False], nulls_last=True))
     records = _group_records(frame, grouped, "n", "count_all")
     result = grouped.select(pl.col("k0").alias(node.column), pl.col("count_all").alias("count"))
     survivors, suppressed = _suppress(result, records, policies, True, "the value counts")
@@ -549,7 +549,7 @@ def _describe(node: Describe, frame: SourceTable, policies: Mapping[str, OutputP
             exprs.append(ties.fill_null(False).sum().cast(pl.Int64).alias(f"c{i}_{label}_ties"))
             exprs.extend(_record_exprs(frame, f"c{i}_{label}_t", ties))
     with engine_errors("describe", [f"column {quote(name)} ({frame.arrow_type(name)})" for name in columns]):
-        stats = _work_frame(frame, work).select(exprs).collect()
+        stats = frame.collect(_work_frame(frame, work).select(exprs))
 
     k = max(_policy(d, policies, "release.min_group_size").min_group_size for d in frame.datasets)
     kept: dict[str, Any] = {}

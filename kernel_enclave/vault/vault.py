@@ -32,7 +32,7 @@ from confnb.datasets.reader import read_verified
 from confnb.policy.output import OutputPolicy, strictest
 from kernel_enclave.attestation import issue_evidence
 from kernel_enclave.tee.base import TeeBackend, TeeError
-from kernel_enclave.vault import export, plan, release, sealing
+from kernel_enclave.vault import export, plan, release, scan, sealing
 from kernel_enclave.vault.audit import KernelAuditLog
 from kernel_enclave.vault.broker_client import BrokerClient, KeyReleaseError
 from kernel_enclave.vault.keys import DATASET_PATH_VARIABLE, VaultKeys
@@ -180,7 +180,7 @@ class Vault:
         with self._lock:
             if dataset_id in self._opened:
                 raise VaultError(f"the dataset name {dataset_id!r} is already taken in this kernel")
-            handle = self._register(dataset_id, table, policy, source)
+            handle = self._register(dataset_id, plan.SourceTable.from_dataset(dataset_id, table), policy, source)
             if record is not None:
                 try:
                     self.audit.append("upload", dataset=dataset_id, handle=handle, **record)
@@ -195,12 +195,12 @@ class Vault:
         """Whether the name is taken (advisory: :meth:`add_table` checks again under the lock)."""
         return dataset_id in self._opened
 
-    def _register(self, dataset_id: str, table: pa.Table, policy: OutputPolicy, source: str) -> str:
+    def _register(self, dataset_id: str, frame: plan.SourceTable, policy: OutputPolicy, source: str) -> str:
         if self._on_policy is not None:
             self._on_policy(dataset_id, source, policy)  # the relay's gate tightens before any handle exists
         self._policies[dataset_id] = policy
         handle = self._new_id("d")
-        self._sources[handle] = plan.SourceTable.from_dataset(dataset_id, table)
+        self._sources[handle] = frame
         self._opened[dataset_id] = handle
         return handle
 
@@ -246,11 +246,17 @@ class Vault:
             raise VaultError(f"{dataset_id!r}: the owner's output policy is unusable: {exc}") from None
         if policy.digest() != manifest.output_policy_digest:
             raise VaultError(f"{dataset_id!r}: the released output policy is not the one the signed manifest names")
-        try:
-            table = read_verified(verified, released.key)
-        except (IntegrityError, DatasetFormatError) as exc:
-            raise VaultError(f"{dataset_id!r}: {exc}") from None
-        handle = self._register(dataset_id, table, policy, "broker")
+        if scan.should_scan(verified):  # larger than the vault's memory budget: read segment by segment per query
+            lazy = scan.scan_dataset(verified, released.key)
+            frame = plan.SourceTable.from_scan(dataset_id, lazy, manifest.schema.to_arrow())
+        else:
+            try:
+                table = read_verified(verified, released.key)
+            except (IntegrityError, DatasetFormatError) as exc:
+                raise VaultError(f"{dataset_id!r}: {exc}") from None
+            frame = plan.SourceTable.from_dataset(dataset_id, table)
+            del table
+        handle = self._register(dataset_id, frame, policy, "broker")
         self.audit.append(
             "open",
             dataset=dataset_id,
