@@ -36,6 +36,10 @@ from confnb.datasets.reader import ARROW_FORMAT, file_associated_data
 MEMORY_BUDGET_VARIABLE = "CONFNB_VAULT_MEMORY_BUDGET"
 # The share of the vault's memory limit a decrypted dataset may take; the rest is for the queries over it.
 IN_MEMORY_SHARE = 4
+# Decrypted batches are handed to Polars in frames of about this size: large enough that the engine's per-morsel
+# costs vanish, small enough that the frames the engine holds in flight stay far below the budget.
+FRAME_BYTES = 16 * 2**20
+FRAMES_PER_BUDGET = 32
 
 
 def memory_budget() -> int | None:
@@ -82,6 +86,8 @@ def scan_dataset(verified: VerifiedDataset, key: bytes) -> pl.LazyFrame:
         for entry in manifest.files
     ]
     schema = polars_schema(arrow_schema)
+    budget = memory_budget()
+    frame_bytes = FRAME_BYTES if budget is None else max(2**20, min(FRAME_BYTES, budget // FRAMES_PER_BUDGET))
 
     def read(
         with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, batch_size: int | None
@@ -89,19 +95,27 @@ def scan_dataset(verified: VerifiedDataset, key: bytes) -> pl.LazyFrame:
         # n_rows is a hint: every file is read to its end, so its completeness is checked before the query ends.
         for path, associated_data, rows in files:
             seen = 0
+            pending: list[Any] = []
+            pending_bytes = 0
             for batch in iter_encrypted_ipc_batches(path, key, associated_data):
                 seen += batch.num_rows
                 if not batch.schema.equals(arrow_schema):
                     raise IntegrityError(f"{manifest.dataset_id}: a file's schema is not the signed manifest's")
-                frame = _frame(batch if with_columns is None else batch.select(with_columns))
-                yield frame if predicate is None else frame.filter(predicate)
+                pending.append(batch if with_columns is None else batch.select(with_columns))
+                pending_bytes += pending[-1].nbytes
+                if pending_bytes >= frame_bytes:
+                    yield _frame(pending, predicate)
+                    pending, pending_bytes = [], 0
+            if pending:
+                yield _frame(pending, predicate)
             if seen != rows:
                 raise IntegrityError(f"{manifest.dataset_id}: a file holds {seen} rows, its manifest says {rows}")
 
     return pl.io.plugins.register_io_source(io_source=read, schema=schema)
 
 
-def _frame(batch: Any) -> pl.DataFrame:
-    frame = pl.from_arrow(batch)
+def _frame(batches: list[Any], predicate: pl.Expr | None) -> pl.DataFrame:
+    """A few record batches as one Polars frame (fewer, larger morsels for the engine), filtered if asked."""
+    frame = pl.from_arrow(pa.Table.from_batches(batches), rechunk=False)
     assert isinstance(frame, pl.DataFrame)
-    return frame
+    return frame if predicate is None else frame.filter(predicate)
