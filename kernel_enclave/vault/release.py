@@ -38,6 +38,7 @@ import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type in
 from confnb.policy.output import OutputPolicy, strictest
 from kernel_enclave.vault.plan import (
     RELEASE_NODES,
+    Agg,
     Aggregate,
     Count,
     Describe,
@@ -346,6 +347,12 @@ def _key_expr(frame: SourceTable, name: str) -> pl.Expr:
     return column
 
 
+def _present_expr(frame: SourceTable, name: str) -> pl.Expr:
+    """A column as a count reads it: NaN is missing, as pandas counts."""
+    column = pl.col(name)
+    return column.fill_nan(None) if frame.dtype(name).is_float() else column
+
+
 def _value_expr(frame: SourceTable, name: str, func: str) -> pl.Expr:
     """An input of a numeric aggregation: booleans count as 0/1 (as in pandas), decimals as floats."""
     dtype = frame.dtype(name)
@@ -385,15 +392,27 @@ def _aggregate(node: Aggregate, frame: SourceTable, policies: Mapping[str, Outpu
     subjects = [f"column {quote(c)} ({frame.arrow_type(c)})" for c in dict.fromkeys((*node.by, *inputs))]
     key_names = [f"k{i}" for i in range(len(node.by))]
     work: list[pl.Expr] = [_key_expr(frame, name).alias(k) for k, name in zip(key_names, node.by, strict=True)]
-    value_names: dict[tuple[str, bool], str] = {}  # (column, as number) -> work column
+    value_names: dict[tuple[str, str], str] = {}  # (column, work kind) -> work column
+    as_numbers = {agg.column for agg in node.aggs if agg.func in _NUMERIC_FUNCS}
+
+    def kind_of(agg: Agg) -> str:
+        """A count reads any form with NaN as null (the numeric one if there is one); min, max and nunique also
+        need -0.0 as 0.0; the numeric aggregations need numbers."""
+        if agg.func in _NUMERIC_FUNCS or (agg.func == "count" and agg.column in as_numbers):
+            return "number"
+        return "present" if agg.func == "count" else "plain"
+
     for agg in node.aggs:
         if agg.column is None:
             continue
-        numeric = agg.func in _NUMERIC_FUNCS
-        expr = _value_expr(frame, agg.column, agg.func) if numeric else _key_expr(frame, agg.column)
-        if (agg.column, numeric) not in value_names:
-            value_names[(agg.column, numeric)] = f"v{len(value_names)}"
-            work.append(expr.alias(value_names[(agg.column, numeric)]))
+        kind = kind_of(agg)
+        if kind == "number":
+            expr = _value_expr(frame, agg.column, agg.func)
+        else:
+            expr = _present_expr(frame, agg.column) if kind == "present" else _key_expr(frame, agg.column)
+        if (agg.column, kind) not in value_names:
+            value_names[(agg.column, kind)] = f"v{len(value_names)}"
+            work.append(expr.alias(value_names[(agg.column, kind)]))
     strictest_k = max(
         (_policy(d, policies, "release.min_group_size").min_group_size for d in frame.datasets), default=1
     )
@@ -407,7 +426,7 @@ def _aggregate(node: Aggregate, frame: SourceTable, policies: Mapping[str, Outpu
         if agg.column is None:
             outputs[agg.name] = "count_all"
             continue
-        work_name = value_names[(agg.column, agg.func in _NUMERIC_FUNCS)]
+        work_name = value_names[(agg.column, kind_of(agg))]
         value = pl.col(work_name)
         output = f"a{position}"
         outputs[agg.name] = output

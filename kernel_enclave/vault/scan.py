@@ -39,7 +39,7 @@ IN_MEMORY_SHARE = 4
 # Decrypted batches are handed to Polars in frames of about this size: large enough that the engine's per-morsel
 # costs vanish, small enough that the frames the engine holds in flight stay far below the budget.
 FRAME_BYTES = 16 * 2**20
-FRAMES_PER_BUDGET = 32
+FRAMES_PER_BUDGET = 64
 
 
 def memory_budget() -> int | None:
