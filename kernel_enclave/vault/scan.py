@@ -45,12 +45,16 @@ FRAMES_PER_BUDGET = 64
 def memory_budget() -> int | None:
     """Bytes of plaintext the vault decrypts into memory; a larger dataset is scanned. None: no limit known.
 
-    ``CONFNB_VAULT_MEMORY_BUDGET`` (bytes) when set, else a quarter of the tightest of the process's address-space
-    and data-segment limits and the machine's memory.
+    ``CONFNB_VAULT_MEMORY_BUDGET`` (bytes) when set, else :func:`memory_share`.
     """
     configured = os.environ.get(MEMORY_BUDGET_VARIABLE)
     if configured:
         return max(int(configured), 0)
+    return memory_share()
+
+
+def memory_share() -> int | None:
+    """A quarter of the tightest of the process's address-space and data-segment limits and the machine's memory."""
     limits = []
     for which in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
         soft, _ = resource.getrlimit(which)
@@ -86,8 +90,8 @@ def scan_dataset(verified: VerifiedDataset, key: bytes) -> pl.LazyFrame:
         for entry in manifest.files
     ]
     schema = polars_schema(arrow_schema)
-    budget = memory_budget()
-    frame_bytes = FRAME_BYTES if budget is None else max(2**20, min(FRAME_BYTES, budget // FRAMES_PER_BUDGET))
+    share = memory_share()  # what the process may hold, whatever the configured budget for decrypting up front
+    frame_bytes = FRAME_BYTES if share is None else max(2**20, min(FRAME_BYTES, share // FRAMES_PER_BUDGET))
 
     def read(
         with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, batch_size: int | None
