@@ -114,6 +114,8 @@ class SourceTable:
     arrow_types: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     unique: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     streaming: bool = field(default=False, compare=False, repr=False)  # reads a scanned dataset: streaming engine
+    # Float columns known to hold no NaN (checked once when a dataset is loaded): read without a NaN-to-null pass.
+    nan_free: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, pa.Table):  # an Arrow table, with record ids as Arrow arrays (tests, models)
@@ -127,6 +129,7 @@ class SourceTable:
             object.__setattr__(self, "data", converted.data)
             object.__setattr__(self, "records", converted.records)
             object.__setattr__(self, "arrow_types", converted.arrow_types)
+            object.__setattr__(self, "nan_free", converted.nan_free)
 
     @classmethod
     def from_dataset(cls, dataset_id: str, table: pa.Table) -> SourceTable:
@@ -159,7 +162,10 @@ class SourceTable:
         data = data.with_columns(pl.col(name).cast(pl.Int64) for name in hidden)
         arrow_types = {f.name: f.type for f in table.schema if f.name not in hidden}
         records = tuple((dataset, name) for name, dataset in record_columns) or None
-        return cls(data.lazy(), dict(lineage), datasets, records, arrow_types)
+        floats = [name for name, dtype in data.schema.items() if dtype.is_float()]
+        has_nan = data.select(pl.col(name).is_nan().any() for name in floats).row(0) if floats else ()
+        nan_free = frozenset(name for name, found in zip(floats, has_nan, strict=True) if not found)
+        return cls(data.lazy(), dict(lineage), datasets, records, arrow_types, frozenset(), False, nan_free)
 
     @classmethod
     def from_scan(cls, dataset_id: str, scan: pl.LazyFrame, arrow_schema: pa.Schema) -> SourceTable:
@@ -256,6 +262,7 @@ class SourceTable:
             self.arrow_types if arrow_types is None else arrow_types,
             self.unique,
             self.streaming,
+            self.nan_free,
         )
 
 
@@ -747,6 +754,7 @@ def _select(frame: SourceTable, columns: tuple[str, ...]) -> SourceTable:
         {name: kind for name, kind in frame.arrow_types.items() if name in columns},
         frame.unique,
         frame.streaming,
+        frame.nan_free & set(columns),
     )
 
 
@@ -771,7 +779,14 @@ def _assign(frame: SourceTable, columns: tuple[tuple[str, Expr], ...]) -> Source
             records = tuple((d, new if c == name else c) for d, c in records or ())
             unique = frozenset(new if c == name else c for c in unique)
             current = SourceTable(
-                data, current.lineage, current.datasets, records, current.arrow_types, unique, current.streaming
+                data,
+                current.lineage,
+                current.datasets,
+                records,
+                current.arrow_types,
+                unique,
+                current.streaming,
+                current.nan_free,
             )
         value = _eval_expr(expr, current)
         data = current.data.with_columns(value.expr.alias(name))
@@ -782,7 +797,12 @@ def _assign(frame: SourceTable, columns: tuple[tuple[str, Expr], ...]) -> Source
         arrow_types = {k: v for k, v in current.arrow_types.items() if k != name}
         if isinstance(expr, Col) and expr.name in current.arrow_types:
             arrow_types[name] = current.arrow_types[expr.name]
-        current = SourceTable(data, lineage, current.datasets, records, arrow_types, unique, current.streaming)
+        nan_free = current.nan_free - {name}
+        if isinstance(expr, Col) and expr.name in current.nan_free:
+            nan_free |= {name}
+        current = SourceTable(
+            data, lineage, current.datasets, records, arrow_types, unique, current.streaming, nan_free
+        )
     return current
 
 
@@ -854,7 +874,12 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
         {k: left.arrow_types[k] for k in node.on if k in left.arrow_types and left.dtype(k) == right.dtype(k)}
     )
     datasets = left.datasets | right.datasets
-    return SourceTable(joined, lineage, datasets, records, arrow_types, frozenset(unique), streaming)
+    nan_free = {renamed(n, left_suffix) for n in left_rest if n in left.nan_free}
+    nan_free |= {renamed(n, right_suffix) for n in right_rest if n in right.nan_free}
+    nan_free |= {k for k in node.on if k in left.nan_free and k in right.nan_free}
+    return SourceTable(
+        joined, lineage, datasets, records, arrow_types, frozenset(unique), streaming, frozenset(nan_free)
+    )
 
 
 def _join_key_type(left: Any, right: Any, shown: str) -> Any:
@@ -1283,7 +1308,14 @@ def empty_sources(sources: Mapping[str, SourceTable]) -> dict[str, SourceTable]:
     """The same sources with no rows: evaluating a plan over them gives its schema without touching data."""
     return {
         handle: SourceTable(
-            source.empty().lazy(), source.lineage, source.datasets, source.records, source.arrow_types, source.unique
+            source.empty().lazy(),
+            source.lineage,
+            source.datasets,
+            source.records,
+            source.arrow_types,
+            source.unique,
+            False,
+            source.nan_free,
         )
         for handle, source in sources.items()
     }

@@ -342,7 +342,7 @@ def _key_expr(frame: SourceTable, name: str) -> pl.Expr:
     if isinstance(dtype, pl.Categorical | pl.Enum):
         return column.cast(pl.String)
     if dtype.is_float():
-        column = column.fill_nan(None)
+        column = column if name in frame.nan_free else column.fill_nan(None)
         return pl.when(column == 0).then(pl.lit(0.0, dtype)).otherwise(column)
     return column
 
@@ -350,7 +350,7 @@ def _key_expr(frame: SourceTable, name: str) -> pl.Expr:
 def _present_expr(frame: SourceTable, name: str) -> pl.Expr:
     """A column as a count reads it: NaN is missing, as pandas counts."""
     column = pl.col(name)
-    return column.fill_nan(None) if frame.dtype(name).is_float() else column
+    return column.fill_nan(None) if frame.dtype(name).is_float() and name not in frame.nan_free else column
 
 
 def _value_expr(frame: SourceTable, name: str, func: str) -> pl.Expr:
@@ -364,7 +364,7 @@ def _value_expr(frame: SourceTable, name: str, func: str) -> pl.Expr:
     if dtype.is_integer():
         return column
     if dtype.is_float():
-        return column.fill_nan(None)
+        return column if name in frame.nan_free else column.fill_nan(None)
     shown = frame.arrow_type(name)
     if pa.types.is_dictionary(shown):
         shown = shown.value_type
@@ -549,7 +549,11 @@ def _describe(node: Describe, frame: SourceTable, policies: Mapping[str, OutputP
         raise VaultError("describe: a column named 'statistic' would clash with the row labels; rename it")
 
     exprs: list[pl.Expr] = []
-    work = [pl.col(name).cast(pl.Float64).fill_nan(None).alias(f"c{i}") for i, name in enumerate(columns)]
+    work = [
+        (pl.col(name).cast(pl.Float64) if name in frame.nan_free else pl.col(name).cast(pl.Float64).fill_nan(None))
+        .alias(f"c{i}")
+        for i, name in enumerate(columns)
+    ]
     for i in range(len(columns)):
         c = pl.col(f"c{i}")
         present = c.is_not_null()

@@ -743,7 +743,7 @@ def test_a_join_on_keys_unique_on_one_side_marks_the_other_sides_records_unique(
     """Counting rows with an id is counting records only where no record can repeat: the flag must be exact."""
     many_to_one = evaluate({"node": "join", "left": src("l"), "right": src("r"), "on": ["k"]}, two)
     assert many_to_one.records is not None
-    left_id, right_id = (name for _, name in many_to_one.records)
+    left_id, _ = (name for _, name in many_to_one.records)
     # R's keys are unique, so each L row meets at most one R row; L's key 2 repeats, so R's record 0 repeats.
     assert many_to_one.unique == frozenset({left_id})
     ids = dict(zip(["L", "R"], (ids.to_pylist() for _, ids in many_to_one.record_ids or ()), strict=True))
@@ -751,3 +751,18 @@ def test_a_join_on_keys_unique_on_one_side_marks_the_other_sides_records_unique(
     assert len(ids["R"]) > len(set(ids["R"]))
     self_join = evaluate({"node": "join", "left": src("l"), "right": src("l"), "on": ["k"]}, two)
     assert self_join.unique == frozenset()
+
+
+def test_float_columns_without_nan_are_known_through_selects_assignments_and_joins() -> None:
+    """Reading a column without the NaN-to-null pass is right only where no NaN can be: the flag must be exact."""
+    left = pa.table({"k": [1, 2], "clean": [1.5, 2.5], "dirty": [float("nan"), 1.0], "v": [0.5, 0.25]})
+    right = pa.table({"k": [1, 2], "v": [float("nan"), 3.0]})
+    sources = {"l": SourceTable.from_dataset("L", left), "r": SourceTable.from_dataset("R", right)}
+    assert sources["l"].nan_free == frozenset({"clean", "v"})
+    assigned = evaluate(
+        {"node": "assign", "input": src("l"), "columns": [["copy", col("clean")], ["clean", fn("log", col("v"))]]},
+        sources,
+    )
+    assert assigned.nan_free == frozenset({"copy", "v"})
+    joined = evaluate({"node": "join", "left": src("l"), "right": src("r"), "on": ["k"]}, sources)
+    assert joined.nan_free == frozenset({"clean", "v_x"})
