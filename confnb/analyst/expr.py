@@ -20,11 +20,14 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 if TYPE_CHECKING:
     from confnb.analyst.table import SealedResult
 
-__all__ = ["Column", "Expr", "col", "lit", "where"]
+__all__ = ["Column", "Expr", "Window", "col", "lit", "where"]
 
 JsonScalar = bool | int | float | str | None
 
 CAST_TYPES: Final = ("int64", "float64", "string", "bool")
+# A group's minimum or maximum is not offered: copied onto every row of the group it would pass the vault's check
+# that an extreme is shared by at least k records.
+WINDOW_FUNCS: Final = ("rank", "sum", "mean", "count")
 _CAST_ALIASES: Final = {
     "int": "int64",
     "int64": "int64",
@@ -126,6 +129,8 @@ class Expr:
             if isinstance(node, dict):
                 if isinstance(node.get("col"), str):
                     found.add(node["col"])
+                if node.get("fn") == "over":
+                    found.update(name for name in node.get("by", []) if isinstance(name, str))
                 stack.extend(node.get("args", []))
         return found
 
@@ -317,6 +322,20 @@ class Expr:
         """Cast to int64, float64, string or bool (Python types, numpy dtypes and pandas names are accepted)."""
         return Expr({"fn": "cast", "args": [self.to_json()], "type": _cast_name(dtype)}, self._table)
 
+    # -- window functions over groups (one value per row, computed within the row's group) ----------------------
+
+    def rank(self) -> Window:
+        """The row's rank within its group, ties averaged: ``t["pay"].rank().over("dept")`` is pandas'
+        ``df.groupby("dept")["pay"].rank()``."""
+        return Window(self, "rank")
+
+    def transform(self, func: str) -> Window:
+        """A group statistic on every row of the group: ``t["pay"].transform("mean").over("dept")`` is pandas'
+        ``df.groupby("dept")["pay"].transform("mean")``; ``func`` is sum, mean or count."""
+        if func not in WINDOW_FUNCS or func == "rank":
+            raise ValueError(f"transform takes one of {', '.join(f for f in WINDOW_FUNCS if f != 'rank')}")
+        return Window(self, func)
+
     # -- statistics (lazy results; need an expression taken from a table, e.g. t["age"]) ------------------------
 
     def _target(self, what: str) -> _AggregateTarget:
@@ -388,6 +407,28 @@ class Expr:
     @property
     def str(self) -> _StringAccessor:
         return _StringAccessor(self)
+
+
+class Window:
+    """``expr.rank()`` or ``expr.transform(func)`` waiting for its groups: ``.over("g")`` makes it an expression."""
+
+    __slots__ = ("_expr", "_func")
+
+    def __init__(self, expr: Expr, func: str) -> None:
+        self._expr = expr
+        self._func = func
+
+    def over(self, *by: str | Iterable[str]) -> Expr:
+        names: list[str] = []
+        for item in by:
+            names.extend([item] if isinstance(item, str) else list(item))
+        if not names or not all(isinstance(name, str) and name for name in names):
+            raise TypeError("over takes the names of the group columns, e.g. .over('dept')")
+        node = {"fn": "over", "args": [self._expr.to_json()], "func": self._func, "by": names}
+        return Expr(node, self._expr._table)
+
+    def __repr__(self) -> str:
+        return f"<Window {self._func} of {_render(self._expr._node)}; call .over(columns)>"
 
 
 class Column(Expr):

@@ -14,7 +14,6 @@ import pyarrow as pa  # type: ignore[import-untyped]
 from confnb.datasets.errors import DatasetFormatError, IntegrityError
 from confnb.datasets.ipc import read_encrypted_ipc
 from confnb.datasets.manifest import DatasetFormat, Manifest, VerifiedDataset
-from confnb.datasets.parquet import read_encrypted_parquet_dataset
 
 ARROW_FORMAT: DatasetFormat = "arrow-ipc-tink-aes256-gcm-hkdf-1mb"
 PARQUET_FORMAT: DatasetFormat = "parquet-pme-aes-gcm-v1"
@@ -34,6 +33,9 @@ def read_verified(verified: VerifiedDataset, dataset_key: bytes) -> Any:
     """
     manifest = verified.manifest
     if manifest.format == PARQUET_FORMAT:
+        # Imported here: pyarrow's Parquet dataset reader loads pandas, which a vault reading Arrow IPC never needs.
+        from confnb.datasets.parquet import read_encrypted_parquet_dataset
+
         table = read_encrypted_parquet_dataset(
             [verified.path(entry.name) for entry in manifest.files],
             dataset_key,

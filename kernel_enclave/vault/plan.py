@@ -1,20 +1,23 @@
-"""The vault's plan evaluator: JSON plan trees from the executor, evaluated into Arrow tables with column lineage.
+"""The vault's plan evaluator: JSON plan trees from the executor, compiled to Polars and run with column lineage.
 
 The executor is the analyst's process and therefore hostile, so a plan is parsed strictly before anything runs:
-every field's type is checked, unknown keys and nodes are refused, nesting and size are bounded. Evaluation only
-ever calls a fixed set of ``pyarrow.compute`` kernels; nothing in a plan is executed as code.
+every field's type is checked, unknown keys and nodes are refused, nesting and size are bounded, and every
+expression is type-checked against the schema before a row is read. The vault then builds the Polars expressions
+itself from a fixed set of operations; nothing in a plan is deserialised as a Polars plan, pickled or executed as
+code, and no Python callable ever enters a Polars query.
 
 Every column of an evaluated table carries its *lineage*, the set of ``(dataset_id, source_column)`` it was
 derived from. The output policy (:mod:`kernel_enclave.vault.release`) uses it to keep ``never_release`` columns and
 everything derived from them out of released results; a filter predicate or join key does not enter the lineage of
 the columns it selects rows of, as the spec allows.
 
-A table also knows which source *records* each row came from (:attr:`SourceTable.record_ids`) once a join has run:
-a join can repeat one record many times, and ``min_group_size`` is about records, not rows, so the release engine
-counts distinct records per dataset rather than trusting row counts after a join.
+A table also knows which source *records* each row came from once a join has run: hidden record-id columns, one
+per occurrence of a dataset in the join tree, travel through every later filter, assignment and join inside the
+Polars frame. A join can repeat one record many times, and ``min_group_size`` is about records, not rows, so the
+release engine counts distinct records per dataset rather than trusting row counts after a join.
 
-Error messages name operations, columns and types, never a data value: Arrow's own messages can quote values
-("Failed to parse string: '...'"), so they are never passed through.
+Error messages name operations, columns and types, never a data value: Polars' own messages can quote values
+("conversion failed for values [...]"), so they are never passed through.
 """
 
 from __future__ import annotations
@@ -23,11 +26,15 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from functools import cached_property
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
+import polars as pl
 import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
-import pyarrow.compute as pc  # type: ignore[import-untyped]
 
+from kernel_enclave.vault import stoppable
 from kernel_enclave.vault.protocol import VaultError
 
 MAX_DEPTH = 64
@@ -38,29 +45,30 @@ MAX_ISIN_VALUES = 100_000
 Lineage = frozenset[tuple[str, str]]
 _NO_LINEAGE: Lineage = frozenset()
 
-JOIN_TYPES = {"inner": "inner", "left": "left outer", "right": "right outer", "outer": "full outer"}
-AGG_FUNCS = ("count", "sum", "mean", "min", "max", "std", "var", "median", "quantile", "nunique")
-CAST_TYPES: dict[str, Any] = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string(), "bool": pa.bool_()}
-
-_COMPARISONS = {
-    "eq": pc.equal,
-    "ne": pc.not_equal,
-    "lt": pc.less,
-    "le": pc.less_equal,
-    "gt": pc.greater,
-    "ge": pc.greater_equal,
+JOIN_TYPES: dict[str, Literal["inner", "left", "right", "full"]] = {
+    "inner": "inner",
+    "left": "left",
+    "right": "right",
+    "outer": "full",
 }
-_ARITHMETIC = {"add": pc.add, "sub": pc.subtract, "mul": pc.multiply, "pow": pc.power}
-_LOGICAL = {"and": pc.and_kleene, "or": pc.or_kleene, "xor": pc.xor}
-_UNARY_MATH = {"log": pc.ln, "exp": pc.exp, "sqrt": pc.sqrt, "neg": pc.negate, "abs": pc.abs}
-_TEMPORAL = {"year": pc.year, "month": pc.month, "day": pc.day, "hour": pc.hour, "weekday": pc.day_of_week}
-_STRING = {"lower": pc.utf8_lower, "upper": pc.utf8_upper, "len": pc.utf8_length}
+AGG_FUNCS = ("count", "sum", "mean", "min", "max", "std", "var", "median", "quantile", "nunique")
+CAST_TYPES: dict[str, Any] = {"int64": pl.Int64, "float64": pl.Float64, "string": pl.String, "bool": pl.Boolean}
+# Window functions over groups (a group transform): one value per row, computed within the row's group. No
+# minimum or maximum: a group's extreme copied onto every row would pass the release engine's lone-extreme check.
+WINDOW_FUNCS = ("rank", "sum", "mean", "count")
+
+_COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge")
+_ARITHMETIC = ("add", "sub", "mul", "pow")
+_LOGICAL = ("and", "or", "xor")
+_UNARY_MATH = ("log", "exp", "sqrt", "neg", "abs")
+_TEMPORAL = ("year", "month", "day", "hour", "weekday")
+_STRING = ("lower", "upper", "len")
 
 # fn name -> (number of args, allowed option keys, required option keys)
 _FUNCTIONS: dict[str, tuple[int, frozenset[str], frozenset[str]]] = {
     **{name: (2, frozenset(), frozenset()) for name in (*_COMPARISONS, *_ARITHMETIC, "truediv", "floordiv", "mod")},
     **{name: (2, frozenset(), frozenset()) for name in _LOGICAL},
-    **{name: (1, frozenset(), frozenset()) for name in (*_UNARY_MATH, *_TEMPORAL, "lower", "upper", "len")},
+    **{name: (1, frozenset(), frozenset()) for name in (*_UNARY_MATH, *_TEMPORAL, *_STRING)},
     "not": (1, frozenset(), frozenset()),
     "is_null": (1, frozenset(), frozenset()),
     "not_null": (1, frozenset(), frozenset()),
@@ -71,27 +79,58 @@ _FUNCTIONS: dict[str, tuple[int, frozenset[str], frozenset[str]]] = {
     "round": (1, frozenset({"ndigits"}), frozenset()),
     "startswith": (1, frozenset({"prefix"}), frozenset({"prefix"})),
     "cast": (1, frozenset({"type"}), frozenset({"type"})),
+    "over": (1, frozenset({"func", "by"}), frozenset({"func", "by"})),
 }
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tables with lineage
 
+_RECORD_PREFIX = "\x01record"
+
 
 @dataclass(frozen=True)
 class SourceTable:
-    """An Arrow table inside the vault with, per column, the dataset columns it derives from.
+    """A lazy Polars query inside the vault with, per column, the dataset columns it derives from.
 
-    ``record_ids`` is ``None`` while each row is a distinct record of every dataset in ``datasets`` (true of a
-    dataset and of anything selected, filtered or derived from it). After a join it lists, per occurrence of a
-    dataset in the join tree, the id of the source record behind each row (null where an outer join had no match),
-    so that the release engine can count records instead of rows.
+    A plan compiles to one lazy query over the decrypted datasets, so Polars' optimiser sees all of it (only the
+    columns a result needs are read, filters move below joins); it runs when a release, a schema or a model needs it.
+
+    ``records`` is ``None`` while each row is a distinct record of every dataset in ``datasets`` (true of a dataset
+    and of anything selected, filtered or derived from it). After a join it lists, per occurrence of a dataset in
+    the join tree, the hidden column of ``data`` holding the id of the source record behind each row (null where an
+    outer join had no match), so that the release engine can count records instead of rows. Hidden columns are
+    never visible to a plan: :attr:`columns` leaves them out. ``unique`` names the hidden columns known to hold
+    each record at most once (a join on keys unique on the other side repeats no record), where counting distinct
+    records is counting rows with an id.
+
+    ``arrow_types`` remembers the Arrow type of each column that is still a dataset column as the vault decrypted
+    it, so that schemas and materialised tables show the owner's types (Polars reads a dictionary column as
+    categorical, a string column as a large string) and error messages name them.
     """
 
-    table: pa.Table
+    data: pl.LazyFrame
     lineage: Mapping[str, Lineage]
     datasets: frozenset[str]
-    record_ids: tuple[tuple[str, pa.ChunkedArray], ...] | None = field(default=None, compare=False, repr=False)
+    records: tuple[tuple[str, str], ...] | None = field(default=None, compare=False, repr=False)
+    arrow_types: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    unique: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    streaming: bool = field(default=False, compare=False, repr=False)  # reads a scanned dataset: streaming engine
+    # Float columns known to hold no NaN (checked once when a dataset is loaded): read without a NaN-to-null pass.
+    nan_free: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, pa.Table):  # an Arrow table, with record ids as Arrow arrays (tests, models)
+            table = self.data
+            given: Sequence[tuple[str, Any]] = self.records or ()
+            hidden = fresh_names(len(given), set(table.column_names))
+            for name, (_, ids) in zip(hidden, given, strict=True):
+                table = table.append_column(name, ids)
+            pairs = [(name, dataset) for name, (dataset, _) in zip(hidden, given, strict=True)]
+            converted = SourceTable.from_arrow(table, self.lineage, self.datasets, pairs)
+            object.__setattr__(self, "data", converted.data)
+            object.__setattr__(self, "records", converted.records)
+            object.__setattr__(self, "arrow_types", converted.arrow_types)
+            object.__setattr__(self, "nan_free", converted.nan_free)
 
     @classmethod
     def from_dataset(cls, dataset_id: str, table: pa.Table) -> SourceTable:
@@ -99,14 +138,189 @@ class SourceTable:
         names = list(table.column_names)
         if len(set(names)) != len(names):
             raise VaultError(f"dataset {quote(dataset_id)} has duplicate column names")
-        return cls(table, {name: frozenset({(dataset_id, name)}) for name in names}, frozenset({dataset_id}))
+        lineage = {name: frozenset({(dataset_id, name)}) for name in names}
+        return cls.from_arrow(table, lineage, frozenset({dataset_id}), ())
+
+    @classmethod
+    def from_arrow(
+        cls,
+        table: pa.Table,
+        lineage: Mapping[str, Lineage],
+        datasets: frozenset[str],
+        record_columns: Sequence[tuple[str, str]],
+    ) -> SourceTable:
+        """An Arrow table (a dataset, or an unsealed table with its hidden record-id columns) as a vault frame."""
+        try:
+            data = pl.from_arrow(table, rechunk=True)  # one chunk per column: sorts and quantiles need no copy
+        except (Exception, pl.exceptions.PanicException):
+            raise VaultError("a table has a column type the vault's query engine cannot read") from None
+        assert isinstance(data, pl.DataFrame)
+        if any("\x00" in name for name in data.columns):
+            raise VaultError("a table has a column name with a NUL character")
+        hidden = {name for name, _ in record_columns}
+        if hidden & set(lineage):
+            raise VaultError("a table's record-id columns clash with its columns")
+        data = data.with_columns(pl.col(name).cast(pl.Int64) for name in hidden)
+        arrow_types = {f.name: f.type for f in table.schema if f.name not in hidden}
+        records = tuple((dataset, name) for name, dataset in record_columns) or None
+        floats = [name for name, dtype in data.schema.items() if dtype.is_float()]
+        has_nan = data.select(pl.col(name).is_nan().any() for name in floats).row(0) if floats else ()
+        nan_free = frozenset(name for name, found in zip(floats, has_nan, strict=True) if not found)
+        return cls(data.lazy(), dict(lineage), datasets, records, arrow_types, frozenset(), False, nan_free)
+
+    @classmethod
+    def from_scan(cls, dataset_id: str, scan: pl.LazyFrame, arrow_schema: pa.Schema) -> SourceTable:
+        """A dataset too large for memory, read segment by segment as queries run (:mod:`.scan`)."""
+        names = list(arrow_schema.names)
+        if len(set(names)) != len(names) or any("\x00" in name for name in names):
+            raise VaultError(f"dataset {quote(dataset_id)} has duplicate column names or names with NUL characters")
+        lineage = {name: frozenset({(dataset_id, name)}) for name in names}
+        arrow_types = {f.name: f.type for f in arrow_schema}
+        return cls(scan, lineage, frozenset({dataset_id}), None, arrow_types, frozenset(), True)
+
+    def collect(self, query: pl.LazyFrame) -> pl.DataFrame:
+        """Run a query over this table: on Polars' streaming engine when a scanned dataset is behind it."""
+        return stoppable.collect(query, streaming=self.streaming)
+
+    @cached_property
+    def schema(self) -> pl.Schema:
+        """Names and types of every column (hidden ones included), resolved without reading a row."""
+        with engine_errors("plan", []):
+            return self.data.collect_schema()
+
+    def empty(self) -> pl.DataFrame:
+        """A frame with this schema and no rows: plans are type-checked on it before any row is read."""
+        return pl.DataFrame(schema=self.schema)
+
+    @cached_property
+    def columns(self) -> list[str]:
+        """The columns a plan sees, in order (hidden record-id columns left out)."""
+        hidden = {name for _, name in self.records or ()}
+        return [name for name in self.schema.names() if name not in hidden]
+
+    @cached_property
+    def num_rows(self) -> int:
+        with engine_errors("count", []):
+            return int(self.collect(self.data.select(pl.len())).item())
+
+    def dtype(self, name: str) -> Any:
+        return self.schema[name]
+
+    def arrow_type(self, name: str) -> Any:
+        """The column's Arrow type: the dataset's own while the column is unchanged, else Polars' type in Arrow."""
+        known = self.arrow_types.get(name)
+        return known if known is not None else arrow_type_of(self.schema[name])
+
+    def visible(self) -> pl.DataFrame:
+        with engine_errors("evaluation", []):
+            return self.collect(self.data.select(self.columns))
+
+    @cached_property
+    def table(self) -> pa.Table:
+        """The visible columns as an Arrow table, with each unchanged dataset column in its original Arrow type."""
+        return to_arrow(self.visible(), self.arrow_types)
+
+    @cached_property
+    def record_ids(self) -> tuple[tuple[str, pa.ChunkedArray], ...] | None:
+        """Record ids per dataset occurrence as Arrow arrays (for the models), or None before any join."""
+        if self.records is None:
+            return None
+        ids = self.collect(self.data.select([name for _, name in self.records]))
+        return tuple((dataset, ids.get_column(name).to_arrow()) for dataset, name in self.records)
+
+    def record_columns(self) -> tuple[pl.LazyFrame, tuple[tuple[str, str], ...], frozenset[str]]:
+        """The query with a record-id column for every dataset occurrence ("row i is record i" made explicit), and
+        the ones known unique."""
+        if self.records is not None:
+            return self.data, self.records, self.unique
+        occurrences = []
+        data = self.data
+        taken = set(self.schema.names())
+        for i, dataset in enumerate(sorted(self.datasets)):
+            name = fresh_names(1, taken, f"{_RECORD_PREFIX}{i}")[0]
+            taken.add(name)
+            data = data.with_row_index(name).with_columns(pl.col(name).cast(pl.Int64))
+            occurrences.append((dataset, name))
+        return data, tuple(occurrences), frozenset(name for _, name in occurrences)
 
     def record_occurrences(self) -> tuple[tuple[str, pa.ChunkedArray], ...]:
         """Record ids per dataset occurrence, materialising the implicit "row i is record i" when none are stored."""
-        if self.record_ids is not None:
-            return self.record_ids
-        ids = pa.chunked_array([pa.array(range(self.table.num_rows), pa.int64())])
-        return tuple((dataset, ids) for dataset in sorted(self.datasets))
+        data, occurrences, _ = self.record_columns()
+        ids = self.collect(data.select([name for _, name in occurrences]))
+        return tuple((dataset, ids.get_column(name).to_arrow()) for dataset, name in occurrences)
+
+    def replace(
+        self,
+        data: pl.LazyFrame,
+        lineage: Mapping[str, Lineage] | None = None,
+        arrow_types: Mapping[str, Any] | None = None,
+    ) -> SourceTable:
+        return SourceTable(
+            data,
+            self.lineage if lineage is None else lineage,
+            self.datasets,
+            self.records,
+            self.arrow_types if arrow_types is None else arrow_types,
+            self.unique,
+            self.streaming,
+            self.nan_free,
+        )
+
+
+def fresh_names(count: int, taken: set[str], prefix: str = _RECORD_PREFIX) -> list[str]:
+    """Names for hidden columns that no visible column uses."""
+    names: list[str] = []
+    i = 0
+    while len(names) < count:
+        candidate = prefix if i == 0 and prefix != _RECORD_PREFIX else f"{prefix}{i}"
+        if candidate not in taken and candidate not in names:
+            names.append(candidate)
+        i += 1
+    return names
+
+
+_ARROW_OF: dict[Any, Any] = {}
+
+
+def arrow_type_of(dtype: Any) -> Any:
+    """The Arrow type a Polars column becomes, with Polars' large/view string types shown as plain strings."""
+    key = repr(dtype)
+    found = _ARROW_OF.get(key)
+    if found is None:
+        try:
+            found = _plain_arrow(pl.Series("x", [], dtype=dtype).to_arrow().type)
+        except Exception:
+            found = pa.null()
+        _ARROW_OF[key] = found
+    return found
+
+
+def _plain_arrow(kind: Any) -> Any:
+    if pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return pa.string()
+    if pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
+        return pa.binary()
+    if pa.types.is_dictionary(kind):
+        return pa.dictionary(pa.int32(), _plain_arrow(kind.value_type))
+    return kind
+
+
+def to_arrow(frame: pl.DataFrame, arrow_types: Mapping[str, Any]) -> pa.Table:
+    """A Polars frame as Arrow: dataset columns in their original types, computed ones in plain Arrow types."""
+    table = frame.to_arrow()
+    arrays = []
+    fields = []
+    for position, arrow_field in enumerate(table.schema):
+        column = table.column(position)
+        wanted = arrow_types.get(arrow_field.name) or _plain_arrow(arrow_field.type)
+        if column.type != wanted:
+            try:
+                column = column.cast(wanted)
+            except (pa.ArrowException, ValueError, TypeError, OverflowError):
+                wanted = column.type
+        arrays.append(column)
+        fields.append(pa.field(arrow_field.name, wanted, arrow_field.nullable))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,6 +580,11 @@ class _Parser:
             if not isinstance(obj["type"], str) or obj["type"] not in CAST_TYPES:
                 raise VaultError(f"{where} (cast): type must be one of {', '.join(CAST_TYPES)}")
             options["type"] = obj["type"]
+        elif fn == "over":
+            if not isinstance(obj["func"], str) or obj["func"] not in WINDOW_FUNCS:
+                raise VaultError(f"{where} (over): func must be one of {', '.join(WINDOW_FUNCS)}")
+            options["func"] = obj["func"]
+            options["by"] = _names(obj["by"], f"{where} (over).by", empty=False)
         return Call(fn, parsed, options)
 
 
@@ -397,6 +616,8 @@ def _name(value: object, where: str, *, empty: bool = False) -> str:
         raise VaultError(f"{where} must be a string, not {_json_type(value)}")
     if len(value) > MAX_NAME_CHARS or (not value and not empty):
         raise VaultError(f"{where} must be a string of 1-{MAX_NAME_CHARS} characters")
+    if "\x00" in value:
+        raise VaultError(f"{where} must not contain NUL characters")
     return value
 
 
@@ -444,6 +665,12 @@ def node_datasets(node: Node, sources: Mapping[str, SourceTable]) -> frozenset[s
 
 
 def evaluate_node(node: Node, sources: Mapping[str, SourceTable]) -> SourceTable:
+    """Run a row-level node with Polars, one node at a time.
+
+    Each node is type-checked on the input's schema (which a zero-row frame gives without reading data) before its
+    query runs; the few checks that depend on values (a cast that does not convert, an integer division by zero)
+    run as Polars queries of their own first, so a failure names the operation and never reaches Polars' messages.
+    """
     if isinstance(node, Source):
         return _source(node, sources)
     if isinstance(node, RELEASE_NODES):
@@ -469,10 +696,10 @@ def _source(node: Source, sources: Mapping[str, SourceTable]) -> SourceTable:
 
 def require_columns(frame: SourceTable, names: Sequence[str], what: str) -> None:
     """Raise a VaultError listing the table's columns when a plan names one it does not have."""
-    present = set(frame.table.column_names)
+    present = set(frame.columns)
     for name in names:
         if name not in present:
-            raise VaultError(f"{what}: no column {quote(name)}; columns are {_column_list(frame.table.column_names)}")
+            raise VaultError(f"{what}: no column {quote(name)}; columns are {_column_list(frame.columns)}")
 
 
 def lineage_of(frame: SourceTable, name: str) -> Lineage:
@@ -488,43 +715,100 @@ def _column_list(names: Sequence[str]) -> str:
     return (shown + f", ... ({len(names) - 50} more)") if len(names) > 50 else (shown or "(none)")
 
 
+@contextmanager
+def engine_errors(operation: str, subjects: Sequence[str]) -> Iterator[None]:
+    """Turn a Polars/Arrow failure into a VaultError that names the operation, never a value the engine quotes."""
+    try:
+        yield
+    except VaultError as exc:
+        exc.__suppress_context__ = True  # written by this package: it carries no engine message
+        raise
+    except (pl.exceptions.InvalidOperationError, pl.exceptions.SchemaError, pl.exceptions.SchemaFieldNotFoundError):
+        raise VaultError(f"{operation} is not supported for {_subjects(subjects)}") from None
+    except (pl.exceptions.ComputeError, pa.ArrowInvalid, ValueError, OverflowError, ArithmeticError):
+        raise VaultError(
+            f"{operation} failed on {_subjects(subjects)}: a value does not convert, overflows or divides by zero"
+        ) from None
+    except (pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError):
+        raise VaultError(f"{operation}: the types of {_subjects(subjects)} do not fit together") from None
+    except (pl.exceptions.PolarsError, pl.exceptions.PanicException, pa.ArrowException, IndexError, KeyError):
+        raise VaultError(f"{operation} failed on {_subjects(subjects)}") from None
+    except MemoryError:
+        raise VaultError(f"{operation} failed on {_subjects(subjects)}") from None
+
+
+arrow_errors = engine_errors  # the release engine's historical name
+
+
+def _subjects(subjects: Sequence[str]) -> str:
+    return ", ".join(subjects) if subjects else "its input"
+
+
 def _select(frame: SourceTable, columns: tuple[str, ...]) -> SourceTable:
     require_columns(frame, columns, "select")
+    hidden = [name for _, name in frame.records or ()]
     return SourceTable(
-        frame.table.select(list(columns)),
+        frame.data.select([*columns, *hidden]),
         {name: lineage_of(frame, name) for name in columns},
         frame.datasets,
-        frame.record_ids,
+        frame.records,
+        {name: kind for name, kind in frame.arrow_types.items() if name in columns},
+        frame.unique,
+        frame.streaming,
+        frame.nan_free & set(columns),
     )
 
 
 def _filter(frame: SourceTable, predicate: Expr) -> SourceTable:
     value = _eval_expr(predicate, frame)
-    if not pa.types.is_boolean(value.type):
-        raise VaultError(f"filter: the predicate ({value.label}) is {value.type}, not a boolean")
-    mask = _broadcast(value, frame.table.num_rows)
-    with arrow_errors("filter", [value.label]):
-        table = frame.table.filter(mask)
-        records = None
-        if frame.record_ids is not None:
-            records = tuple((dataset, ids.filter(mask)) for dataset, ids in frame.record_ids)
-    return SourceTable(table, frame.lineage, frame.datasets, records)
+    if value.dtype not in (pl.Boolean, pl.Null):
+        raise VaultError(f"filter: the predicate ({value.label}) is {_type_name(value.dtype)}, not a boolean")
+    with engine_errors("filter", [value.label]):
+        data = frame.data.filter(value.expr.fill_null(False))
+    return frame.replace(data)
 
 
 def _assign(frame: SourceTable, columns: tuple[tuple[str, Expr], ...]) -> SourceTable:
-    table = frame.table
-    lineage = dict(frame.lineage)
+    current = frame
     for name, expr in columns:
-        current = SourceTable(table, lineage, frame.datasets)
+        data = current.data
+        records = current.records
+        unique = current.unique
+        if any(name == column for _, column in records or ()):  # a plan's name equal to a hidden column's
+            new = fresh_names(1, set(current.schema.names()) | {name})[0]
+            data = data.rename({name: new})
+            records = tuple((d, new if c == name else c) for d, c in records or ())
+            unique = frozenset(new if c == name else c for c in unique)
+            current = SourceTable(
+                data,
+                current.lineage,
+                current.datasets,
+                records,
+                current.arrow_types,
+                unique,
+                current.streaming,
+                current.nan_free,
+            )
         value = _eval_expr(expr, current)
-        array = _broadcast(value, table.num_rows)
-        with arrow_errors("assign", [name]):
-            if name in table.column_names:
-                table = table.set_column(table.column_names.index(name), name, array)
-            else:
-                table = table.append_column(name, array)
-        lineage[name] = value.lineage
-    return SourceTable(table, lineage, frame.datasets, frame.record_ids)
+        data = current.data.with_columns(value.expr.alias(name))
+        if name not in current.lineage and records:  # keep hidden columns last
+            hidden = [c for _, c in records]
+            data = data.select([*current.columns, name, *hidden])
+        lineage = {**current.lineage, name: value.lineage}
+        arrow_types = {k: v for k, v in current.arrow_types.items() if k != name}
+        if isinstance(expr, Col) and expr.name in current.arrow_types:
+            arrow_types[name] = current.arrow_types[expr.name]
+        nan_free = current.nan_free - {name}
+        if isinstance(expr, Col) and expr.name in current.nan_free:
+            nan_free |= {name}
+        current = SourceTable(
+            data, lineage, current.datasets, records, arrow_types, unique, current.streaming, nan_free
+        )
+    return current
+
+
+MAX_JOIN_ROWS = 200_000_000
+_KEY_KINDS = ("integer", "float", "string", "boolean", "temporal")
 
 
 def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
@@ -532,8 +816,8 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
     require_columns(right, node.on, "join (right side)")
     left_suffix, right_suffix = node.suffixes
     keys = set(node.on)
-    left_rest = [n for n in left.table.column_names if n not in keys]
-    right_rest = [n for n in right.table.column_names if n not in keys]
+    left_rest = [n for n in left.columns if n not in keys]
+    right_rest = [n for n in right.columns if n not in keys]
     clashing = set(left_rest) & set(right_rest)
     if clashing and left_suffix == right_suffix:
         raise VaultError("join: the two suffixes must differ when both sides share column names")
@@ -545,64 +829,112 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
     out_names += [renamed(n, right_suffix) for n in right_rest]
     if len(set(out_names)) != len(out_names):
         raise VaultError("join: the suffixes make two result columns share a name; choose other suffixes")
-    # Record ids ride along as extra columns under names neither side uses, then come back out.
-    left_records, right_records = left.record_occurrences(), right.record_occurrences()
-    taken = set(out_names) | set(left.table.column_names) | set(right.table.column_names)
-    hidden = _fresh_names(len(left_records) + len(right_records), taken)
+    key_types = ", ".join(f"{quote(k)} {left.arrow_type(k)}/{right.arrow_type(k)}" for k in node.on)
+    key_casts = [_join_key_type(left.dtype(k), right.dtype(k), key_types) for k in node.on]
+    # Record ids ride along as hidden columns under names neither side uses.
+    left_data, left_records, left_unique = left.record_columns()
+    right_data, right_records, right_unique = right.record_columns()
+    taken = set(out_names) | set(left.columns) | set(right.columns)
+    hidden = fresh_names(len(left_records) + len(right_records), taken)
     left_hidden, right_hidden = hidden[: len(left_records)], hidden[len(left_records) :]
-    # Rename both sides up front so the output never depends on Arrow's suffix rules.
-    left_table = left.table.rename_columns(
-        [n if n in keys else renamed(n, left_suffix) for n in left.table.column_names]
+    # Rename both sides up front so the output never depends on Polars' suffix rules.
+    left_frame = left_data.select(
+        *(_key_expr(k, cast) for k, cast in zip(node.on, key_casts, strict=True)),
+        *(pl.col(n).alias(renamed(n, left_suffix)) for n in left_rest),
+        *(pl.col(old).alias(new) for (_, old), new in zip(left_records, left_hidden, strict=True)),
     )
-    right_table = right.table.rename_columns(
-        [n if n in keys else renamed(n, right_suffix) for n in right.table.column_names]
+    right_frame = right_data.select(
+        *(_key_expr(k, cast) for k, cast in zip(node.on, key_casts, strict=True)),
+        *(pl.col(n).alias(renamed(n, right_suffix)) for n in right_rest),
+        *(pl.col(old).alias(new) for (_, old), new in zip(right_records, right_hidden, strict=True)),
     )
-    for name, (_, ids) in zip(left_hidden, left_records, strict=True):
-        left_table = left_table.append_column(name, ids)
-    for name, (_, ids) in zip(right_hidden, right_records, strict=True):
-        right_table = right_table.append_column(name, ids)
-    key_types = ", ".join(
-        f"{quote(k)} {left.table.schema.field(k).type}/{right.table.schema.field(k).type}" for k in node.on
-    )
-    with arrow_errors("join", [f"keys {key_types}"]):
-        _check_join_size(left_table, right_table, list(node.on))
-        joined = left_table.join(
-            right_table, keys=list(node.on), join_type=JOIN_TYPES[node.how], coalesce_keys=True, use_threads=True
-        )
-    records = tuple(
-        (dataset, joined.column(name)) for name, (dataset, _) in zip(hidden, left_records + right_records, strict=True)
-    )
+
+    def joined_of(left_side: pl.LazyFrame, right_side: pl.LazyFrame) -> pl.LazyFrame:
+        how = JOIN_TYPES[node.how]
+        joined = left_side.join(right_side, on=list(node.on), how=how, coalesce=True, nulls_equal=False)
+        return joined.select([*out_names, *hidden])
+
+    with engine_errors("join", [f"keys {key_types}"]):
+        empty_left = pl.LazyFrame(schema=left_frame.collect_schema())
+        joined_of(empty_left, pl.LazyFrame(schema=right_frame.collect_schema())).collect()  # type check, no rows
+        streaming = left.streaming or right.streaming
+        left_keys_unique, right_keys_unique = _check_join_size(left_frame, right_frame, list(node.on), streaming)
+    joined = joined_of(left_frame, right_frame)
+    records = tuple((dataset, name) for name, (dataset, _) in zip(hidden, left_records + right_records, strict=True))
+    # A record stays once per row when the other side's keys are unique (each row meets at most one partner).
+    unique = {new for (_, old), new in zip(left_records, left_hidden, strict=True) if old in left_unique}
+    unique = unique if right_keys_unique else set()
+    if left_keys_unique:
+        unique |= {new for (_, old), new in zip(right_records, right_hidden, strict=True) if old in right_unique}
     lineage: dict[str, Lineage] = {key: lineage_of(left, key) | lineage_of(right, key) for key in node.on}
     lineage.update({renamed(n, left_suffix): lineage_of(left, n) for n in left_rest})
     lineage.update({renamed(n, right_suffix): lineage_of(right, n) for n in right_rest})
-    return SourceTable(joined.select(out_names), lineage, left.datasets | right.datasets, records)
+    arrow_types = {renamed(n, left_suffix): t for n, t in left.arrow_types.items() if n in left_rest}
+    arrow_types.update({renamed(n, right_suffix): t for n, t in right.arrow_types.items() if n in right_rest})
+    arrow_types.update(
+        {k: left.arrow_types[k] for k in node.on if k in left.arrow_types and left.dtype(k) == right.dtype(k)}
+    )
+    datasets = left.datasets | right.datasets
+    nan_free = {renamed(n, left_suffix) for n in left_rest if n in left.nan_free}
+    nan_free |= {renamed(n, right_suffix) for n in right_rest if n in right.nan_free}
+    nan_free |= {k for k in node.on if k in left.nan_free and k in right.nan_free}
+    return SourceTable(
+        joined, lineage, datasets, records, arrow_types, frozenset(unique), streaming, frozenset(nan_free)
+    )
 
 
-MAX_JOIN_ROWS = 200_000_000
+def _join_key_type(left: Any, right: Any, shown: str) -> Any:
+    """The type both sides' key is read as: equal types, or two integers, two floats, string and categorical."""
+    if left == right and not isinstance(left, pl.Categorical):
+        return None
+    kinds = (_kind(left), _kind(right))
+    if kinds == ("integer", "integer"):
+        return pl.Int64
+    if kinds == ("float", "float") or set(kinds) == {"integer", "float"}:
+        return pl.Float64
+    if kinds == ("string", "string"):
+        return pl.String
+    raise VaultError(f"join: the key types do not match ({shown})")
 
 
-def _check_join_size(left: pa.Table, right: pa.Table, keys: list[str]) -> None:
-    """Refuse a join whose result could not fit, before Arrow tries: a many-to-many join is quadratic."""
-    left_counts = left.select(keys).group_by(keys).aggregate([([], "count_all")]).rename_columns([*keys, "\x00l"])
-    right_counts = right.select(keys).group_by(keys).aggregate([([], "count_all")]).rename_columns([*keys, "\x00r"])
-    matched = left_counts.join(right_counts, keys=keys, join_type="inner")
-    pairs = pc.sum(pc.multiply_checked(matched.column("\x00l"), matched.column("\x00r"))).as_py() or 0
-    if pairs + left.num_rows + right.num_rows > MAX_JOIN_ROWS:
+def _key_expr(name: str, cast: Any) -> pl.Expr:
+    return pl.col(name) if cast is None else pl.col(name).cast(cast)
+
+
+def _check_join_size(left: pl.LazyFrame, right: pl.LazyFrame, keys: list[str], streaming: bool) -> tuple[bool, bool]:
+    """Refuse a join whose result could not fit, before Polars tries: a many-to-many join is quadratic.
+
+    Returns whether the keys are unique on the left and on the right (null keys match nothing, so do not count).
+    """
+    present = pl.all_horizontal([pl.col(k).is_not_null() for k in keys])
+    key = pl.col(keys[0]) if len(keys) == 1 else pl.struct(keys)
+
+    def sizes(side: pl.LazyFrame) -> pl.LazyFrame:
+        """Rows, rows with a key, and distinct keys: the keys are unique when the last two agree."""
+        keyed = key.filter(present)
+        return side.select(pl.len().alias("rows"), keyed.len().alias("keyed"), keyed.n_unique().alias("distinct"))
+
+    (left_rows, left_keyed, left_distinct), (right_rows, right_keyed, right_distinct) = (
+        tuple(int(n or 0) for n in frame.row(0))
+        for frame in pl.collect_all([sizes(left), sizes(right)], engine="streaming" if streaming else "auto")
+    )
+    left_unique, right_unique = left_keyed == left_distinct, right_keyed == right_distinct
+    if left_unique or right_unique:
+        pairs = max(left_keyed, right_keyed)
+    else:
+
+        def counts(side: pl.LazyFrame, name: str) -> pl.LazyFrame:
+            return side.select(keys).filter(present).group_by(keys).agg(pl.len().cast(pl.Int64).alias(name))
+
+        matched = counts(left, "\x01l").join(counts(right, "\x01r"), on=keys, how="inner")
+        total = matched.select((pl.col("\x01l") * pl.col("\x01r")).sum())
+        pairs = int(stoppable.collect(total, streaming=streaming).item() or 0)
+    if pairs + left_rows + right_rows > MAX_JOIN_ROWS:
         raise VaultError(
             f"join: the result would have more than {MAX_JOIN_ROWS:,} rows (a many-to-many join?); "
             "aggregate one side first or join on more keys"
         )
-
-
-def _fresh_names(count: int, taken: set[str]) -> list[str]:
-    names: list[str] = []
-    i = 0
-    while len(names) < count:
-        candidate = f"\x00record{i}"
-        if candidate not in taken:
-            names.append(candidate)
-        i += 1
-    return names
+    return left_unique, right_unique
 
 
 # -- expressions --------------------------------------------------------------------------------------------
@@ -610,243 +942,381 @@ def _fresh_names(count: int, taken: set[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class Value:
-    """An evaluated expression: an Arrow array (one value per row) or scalar, with lineage and a safe label."""
+    """A compiled expression: a Polars expression with its type, lineage and a safe label.
 
-    data: Any  # pa.ChunkedArray | pa.Scalar
+    ``scalar`` holds a literal's Python value (a plan literal, never data), ``literal`` says whether there is one.
+    """
+
+    expr: pl.Expr
+    dtype: Any
     lineage: Lineage
-    label: str  # "column 'age'", "a literal", "the result of add": what error messages may say about it
-
-    @property
-    def type(self) -> Any:
-        return self.data.type
-
-    @property
-    def is_scalar(self) -> bool:
-        return isinstance(self.data, pa.Scalar)
+    label: str  # "column 'age' (int64)", "a int64 literal", "the result of add (int64)": safe to show
+    literal: bool = False
+    scalar: Any = None
 
 
-@contextmanager
-def arrow_errors(operation: str, subjects: Sequence[str]) -> Iterator[None]:
-    """Turn an Arrow/NumPy failure into a VaultError that names the operation, never a value Arrow may quote."""
-    try:
-        yield
-    except VaultError:
-        raise
-    except pa.ArrowNotImplementedError:
-        raise VaultError(f"{operation} is not supported for {_subjects(subjects)}") from None
-    except (pa.ArrowTypeError, TypeError):
-        raise VaultError(f"{operation}: the types of {_subjects(subjects)} do not fit together") from None
-    except (pa.ArrowInvalid, ValueError, OverflowError, ArithmeticError):
-        raise VaultError(
-            f"{operation} failed on {_subjects(subjects)}: a value does not convert, overflows or divides by zero"
-        ) from None
-    except (pa.ArrowException, IndexError, KeyError, MemoryError):
-        raise VaultError(f"{operation} failed on {_subjects(subjects)}") from None
+def _kind(dtype: Any) -> str:
+    if dtype == pl.Boolean:
+        return "boolean"
+    if dtype.is_integer():
+        return "integer"
+    if dtype.is_float() or isinstance(dtype, pl.Decimal):
+        return "float"
+    if dtype == pl.String or isinstance(dtype, pl.Categorical | pl.Enum):
+        return "string"
+    if isinstance(dtype, pl.Datetime):
+        return "datetime"
+    if dtype == pl.Date:
+        return "date"
+    if dtype == pl.Null:
+        return "null"
+    return "other"
 
 
-def _subjects(subjects: Sequence[str]) -> str:
-    return ", ".join(subjects) if subjects else "its input"
+def _type_name(dtype: Any) -> str:
+    return str(arrow_type_of(dtype))
+
+
+_LITERAL_TYPES: dict[type, Any] = {bool: pl.Boolean, int: pl.Int64, float: pl.Float64, str: pl.String}
 
 
 def _eval_expr(expr: Expr, frame: SourceTable) -> Value:
     if isinstance(expr, Col):
         require_columns(frame, [expr.name], "expression")
-        column = frame.table.column(expr.name)
-        return Value(column, lineage_of(frame, expr.name), f"column {quote(expr.name)} ({column.type})")
+        dtype = frame.dtype(expr.name)
+        column = pl.col(expr.name)
+        if isinstance(dtype, pl.Categorical | pl.Enum):  # read as its values, as pandas compares a category
+            column, dtype = column.cast(pl.String), pl.String
+        label = f"column {quote(expr.name)} ({frame.arrow_type(expr.name)})"
+        return Value(column, dtype, lineage_of(frame, expr.name), label)
     if isinstance(expr, Lit):
-        with arrow_errors("literal", ["a literal"]):
-            scalar = pa.scalar(expr.value)
-        return Value(scalar, _NO_LINEAGE, f"a {scalar.type} literal")
+        dtype = _LITERAL_TYPES.get(type(expr.value), pl.Null)
+        label = f"a {'null' if dtype == pl.Null else _type_name(dtype)} literal"
+        return Value(pl.lit(expr.value, dtype=dtype), dtype, _NO_LINEAGE, label, True, expr.value)
     args = [_eval_expr(arg, frame) for arg in expr.args]
     lineage = frozenset().union(*(arg.lineage for arg in args))
-    labels = [f"{arg.label}" for arg in args]
-    with arrow_errors(expr.fn, labels):
-        data = _call(expr, args)
-    return Value(data, lineage, f"the result of {expr.fn} ({data.type})")
+    labels = [arg.label for arg in args]
+    with engine_errors(expr.fn, labels):
+        compiled = _call(expr, args, frame)
+        if expr.fn == "over":
+            lineage |= frozenset().union(*(lineage_of(frame, name) for name in expr.options["by"]))
+        dtype = frame.empty().lazy().select(compiled.alias("\x01")).collect().schema["\x01"]
+    return Value(compiled, dtype, lineage, f"the result of {expr.fn} ({_type_name(dtype)})")
 
 
-def _call(expr: Call, args: list[Value]) -> Any:
+def _check(frame: SourceTable, bad: pl.Expr) -> bool:
+    """Whether any row makes ``bad`` true: a value-dependent check run as its own query before the real one."""
+    return bool(frame.collect(frame.data.select(bad.fill_null(False).any())).item())
+
+
+def _call(expr: Call, args: list[Value], frame: SourceTable) -> pl.Expr:
     fn = expr.fn
     if fn in _COMPARISONS:
-        left, right = _coerce_pair(args[0], args[1])
-        return _COMPARISONS[fn](left, right)
+        left, right = _comparable(fn, args[0], args[1])
+        return _compare(fn, left, right, _has_float(args))
     if fn in _ARITHMETIC:
         _require_numeric(fn, args)
-        return _ARITHMETIC[fn](args[0].data, args[1].data)
+        return _arithmetic(fn, args, frame)
     if fn == "truediv":
         _require_numeric(fn, args)
-        return pc.divide(_to_float(args[0].data), _to_float(args[1].data))
+        return _to_float(args[0]) / _to_float(args[1])
     if fn in ("floordiv", "mod"):
         _require_numeric(fn, args)
-        return _floordiv_mod(fn, args[0].data, args[1].data)
+        return _floordiv_mod(fn, args, frame)
     if fn in _LOGICAL or fn == "not":
         for arg in args:
-            if not pa.types.is_boolean(arg.type) and not pa.types.is_null(arg.type):
+            if arg.dtype not in (pl.Boolean, pl.Null):
                 raise VaultError(f"{fn} needs booleans; {arg.label} is not")
+        exprs = [arg.expr.cast(pl.Boolean) for arg in args]
         if fn == "not":
-            return pc.invert(args[0].data)
-        return _LOGICAL[fn](args[0].data, args[1].data)
+            return ~exprs[0]
+        if fn == "and":
+            return exprs[0] & exprs[1]
+        if fn == "or":
+            return exprs[0] | exprs[1]
+        return exprs[0].xor(exprs[1])
     if fn in ("is_null", "not_null"):
-        isnull = pc.is_null(args[0].data, nan_is_null=True)
-        return isnull if fn == "is_null" else pc.invert(isnull)
+        isnull = _nan_to_null(args[0]).is_null()
+        return isnull if fn == "is_null" else ~isnull
     if fn == "isin":
         return _isin(args[0], expr.options["values"])
     if fn == "between":
-        low = _COMPARISONS["ge"](*_coerce_pair(args[0], args[1]))
-        high = _COMPARISONS["le"](*_coerce_pair(args[0], args[2]))
-        return pc.and_kleene(low, high)
+        low = _compare("ge", *_comparable(fn, args[0], args[1]), _has_float(args[:2]))
+        high = _compare("le", *_comparable(fn, args[0], args[2]), _has_float(args[::2]))
+        return low & high
     if fn == "where":
         cond, then, otherwise = args
-        if not pa.types.is_boolean(cond.type):
+        if cond.dtype not in (pl.Boolean, pl.Null):
             raise VaultError(f"where needs a boolean condition; {cond.label} is not")
-        then_data, otherwise_data = _coerce_pair(then, otherwise)
-        return pc.if_else(cond.data, then_data, otherwise_data)
+        then_expr, otherwise_expr = _comparable(fn, then, otherwise)
+        condition = cond.expr.cast(pl.Boolean)
+        return pl.when(condition.is_null()).then(None).when(condition).then(then_expr).otherwise(otherwise_expr)
     if fn == "fill_null":
-        data = nan_to_null(args[0].data)
-        fill = args[1].data
-        if args[1].is_scalar and fill.type != data.type and fill.is_valid:
-            try:
-                fill = fill.cast(data.type)
-            except (pa.ArrowException, ValueError, TypeError, OverflowError):
-                fill = args[1].data  # let coalesce find a common type, as pandas upcasts
-        return pc.coalesce(data, fill)
+        data, fill = args
+        fill_expr = fill.expr
+        if fill.literal and fill.scalar is not None and fill.dtype != data.dtype:
+            if _kind(data.dtype) in ("integer", "float") and _kind(fill.dtype) in ("integer", "float"):
+                if _kind(data.dtype) == "float" or float(fill.scalar).is_integer():
+                    fill_expr = pl.lit(fill.scalar).cast(data.dtype)
+            elif _kind(fill.dtype) != _kind(data.dtype):
+                raise VaultError(f"fill_null: the types of {data.label}, {fill.label} do not fit together")
+        filled: pl.Expr = _nan_to_null(data).fill_null(fill_expr)
+        return filled
     if fn == "round":
         _require_numeric(fn, args)
-        return pc.round(args[0].data, ndigits=expr.options["ndigits"], round_mode="half_to_even")
+        ndigits: int = expr.options["ndigits"]
+        value = _to_float(args[0])
+        if ndigits >= 0:
+            return value.round(ndigits, mode="half_to_even")
+        scale = 10.0 ** (-ndigits)
+        return (value / scale).round(0, mode="half_to_even") * scale
     if fn in _UNARY_MATH:
         _require_numeric(fn, args)
-        return _UNARY_MATH[fn](args[0].data)
+        value = args[0].expr
+        if fn == "log":
+            return _to_float(args[0]).log()
+        if fn == "exp":
+            return _to_float(args[0]).exp()
+        if fn == "sqrt":
+            return _to_float(args[0]).sqrt()
+        return -value if fn == "neg" else value.abs()
     if fn in _TEMPORAL:
-        kind = args[0].type
-        if not (pa.types.is_timestamp(kind) or (pa.types.is_date(kind) and fn != "hour")):
+        kind = _kind(args[0].dtype)
+        if not (kind == "datetime" or (kind == "date" and fn != "hour")):
             raise VaultError(f"{fn} needs a timestamp{'' if fn == 'hour' else ' or date'}; {args[0].label} is not")
-        result = _TEMPORAL[fn](args[0].data)
-        return result.cast(pa.int64())
+        value = args[0].expr
+        part = {
+            "year": value.dt.year(),
+            "month": value.dt.month(),
+            "day": value.dt.day(),
+            "hour": value.dt.hour(),
+            "weekday": value.dt.weekday() - 1,  # Monday is 0, as in pandas
+        }[fn]
+        return part.cast(pl.Int64)
     if fn in _STRING or fn == "startswith":
-        if not _is_string(args[0].type):
+        if args[0].dtype != pl.String:
             raise VaultError(f"{fn} needs a string; {args[0].label} is not")
+        value = args[0].expr
         if fn == "startswith":
-            return pc.starts_with(args[0].data, pattern=expr.options["prefix"])
-        result = _STRING[fn](args[0].data)
-        return result.cast(pa.int64()) if fn == "len" else result
+            return value.str.starts_with(expr.options["prefix"])
+        if fn == "lower":
+            return value.str.to_lowercase()
+        if fn == "upper":
+            return value.str.to_uppercase()
+        return value.str.len_chars().cast(pl.Int64)
+    if fn == "over":
+        return _window(args[0], expr.options["func"], expr.options["by"], frame)
     assert fn == "cast"
-    return _cast(args[0], CAST_TYPES[expr.options["type"]])
-
-
-def _is_string(kind: Any) -> bool:
-    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
-
-
-def _is_numeric(kind: Any) -> bool:
-    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind))
+    return _cast(args[0], CAST_TYPES[expr.options["type"]], frame)
 
 
 def _require_numeric(fn: str, args: Sequence[Value]) -> None:
     for arg in args:
-        if not _is_numeric(arg.type) and not pa.types.is_boolean(arg.type) and not pa.types.is_null(arg.type):
+        if _kind(arg.dtype) not in ("integer", "float", "boolean", "null"):
             raise VaultError(f"{fn} needs numbers; {arg.label} is not numeric")
 
 
-def _to_float(data: Any) -> Any:
-    return data if pa.types.is_floating(data.type) else data.cast(pa.float64())
+def _to_float(value: Value) -> pl.Expr:
+    return value.expr if value.dtype == pl.Float64 else value.expr.cast(pl.Float64)
 
 
-def _floordiv_mod(fn: str, left: Any, right: Any) -> Any:
+def _as_number(value: Value) -> pl.Expr:
+    """Booleans count as 0/1 and decimals as floats in arithmetic, as in pandas."""
+    if value.dtype == pl.Boolean:
+        return value.expr.cast(pl.Int64)
+    if isinstance(value.dtype, pl.Decimal):
+        return value.expr.cast(pl.Float64)
+    return value.expr
+
+
+def _arithmetic(fn: str, args: list[Value], frame: SourceTable) -> pl.Expr:
+    left, right = (_as_number(arg) for arg in args)
+    if fn == "add":
+        return left + right
+    if fn == "sub":
+        return left - right
+    if fn == "mul":
+        return left * right
+    integers = all(_kind(arg.dtype) in ("integer", "boolean") for arg in args)
+    if integers and _check(frame, right < 0):
+        subjects = _subjects([a.label for a in args])
+        raise VaultError(f"pow failed on {subjects}: a value does not convert, overflows or divides by zero")
+    if integers:
+        return left.cast(pl.Int64).pow(right.cast(pl.Int64))
+    return left.cast(pl.Float64).pow(right.cast(pl.Float64))
+
+
+def _floordiv_mod(fn: str, args: list[Value], frame: SourceTable) -> pl.Expr:
     """Python/pandas semantics: floor division and a remainder with the divisor's sign.
 
     Integers stay integers unless a divisor is zero, where pandas switches to floats (inf/NaN); so does this.
     """
-    both_int = all(pa.types.is_integer(d.type) or pa.types.is_boolean(d.type) for d in (left, right))
-    if both_int:
-        left, right = left.cast(pa.int64()), right.cast(pa.int64())
-        zero = pc.equal(right, 0)
-        has_zero = zero.as_py() if isinstance(zero, pa.Scalar) else pc.any(zero).as_py()
-        if not has_zero:
-            remainder = pc.modulo(left, right)
-            return remainder if fn == "mod" else pc.divide(pc.subtract(left, remainder), right)
-    left, right = _to_float(left), _to_float(right)
+    left, right = (_as_number(arg) for arg in args)
+    both_int = all(_kind(arg.dtype) in ("integer", "boolean") for arg in args)
+    if both_int and not _check(frame, right == 0):
+        left, right = left.cast(pl.Int64), right.cast(pl.Int64)
+        return left % right if fn == "mod" else left // right
+    left, right = left.cast(pl.Float64), right.cast(pl.Float64)
     if fn == "mod":
-        return pc.modulo(left, right)
-    return pc.floor(pc.divide(left, right))
+        return left % right
+    return (left / right).floor()
 
 
-def nan_to_null(data: Any) -> Any:
-    """pandas treats NaN as missing; Arrow keeps it as a value. Inputs are normalised so results agree."""
-    if not pa.types.is_floating(data.type) or isinstance(data, pa.Scalar):
-        return data
-    nan = pc.is_nan(data)
-    if not pc.any(nan).as_py():
-        return data
-    return pc.if_else(nan, pa.scalar(None, data.type), data)
+def _nan_to_null(value: Value) -> pl.Expr:
+    """pandas treats NaN as missing; Polars keeps it as a value. Inputs are normalised so results agree."""
+    if value.dtype.is_float():
+        return value.expr.fill_nan(None)
+    return value.expr
 
 
-def _coerce_pair(left: Value, right: Value) -> tuple[Any, Any]:
-    """Let a string literal stand for a timestamp or date when compared with one, as pandas does."""
-    return _coerce_to(left, right.type), _coerce_to(right, left.type)
+def _has_float(args: Sequence[Value]) -> bool:
+    return any(arg.dtype.is_float() for arg in args)
 
 
-def _coerce_to(value: Value, other: Any) -> Any:
-    if value.is_scalar and _is_string(value.type) and (pa.types.is_timestamp(other) or pa.types.is_date(other)):
-        return _temporal_literal(value.data, other)
-    return value.data
+def _compare(fn: str, left: pl.Expr, right: pl.Expr, floats: bool) -> pl.Expr:
+    """A comparison where NaN equals nothing and orders with nothing (IEEE, as pandas compares)."""
+    if floats:
+        compared = _compare(fn, left, right, False)
+        nan = left.cast(pl.Float64).is_nan() | right.cast(pl.Float64).is_nan()
+        return pl.when(nan.fill_null(False)).then(pl.lit(fn == "ne")).otherwise(compared)
+    if fn == "eq":
+        return left == right
+    if fn == "ne":
+        return left != right
+    if fn == "lt":
+        return left < right
+    if fn == "le":
+        return left <= right
+    if fn == "gt":
+        return left > right
+    return left >= right
 
 
-def _temporal_literal(scalar: Any, kind: Any) -> Any:
-    if not scalar.is_valid:
-        return pa.scalar(None, kind)
+def _comparable(fn: str, left: Value, right: Value) -> tuple[pl.Expr, pl.Expr]:
+    """Both sides as expressions of one kind; a string literal stands for a timestamp or date, as in pandas."""
+    left_kind, right_kind = _kind(left.dtype), _kind(right.dtype)
+    if left.literal and left_kind == "string" and right_kind in ("datetime", "date"):
+        return _temporal_literal(left.scalar, right.dtype), right.expr
+    if right.literal and right_kind == "string" and left_kind in ("datetime", "date"):
+        return left.expr, _temporal_literal(right.scalar, left.dtype)
+    numeric = ("integer", "float")
+    fits = (
+        left_kind == right_kind or "null" in (left_kind, right_kind) or (left_kind in numeric and right_kind in numeric)
+    )
+    if not fits or left_kind == "other":
+        raise VaultError(f"{fn} is not supported for {left.label}, {right.label}")
+    return _as_number(left) if left_kind != "boolean" else left.expr, (
+        _as_number(right) if right_kind != "boolean" else right.expr
+    )
+
+
+def _parse_temporal(text: str, dtype: Any) -> Any:
+    """A plan's string literal read as the column's date or time (a local time is in the column's zone)."""
     try:
-        return scalar.cast(kind)
-    except pa.ArrowInvalid:
-        if not (pa.types.is_timestamp(kind) and kind.tz is not None):
-            raise
-    # A local time compared with a zoned column is read in the column's zone (pandas does the same).
-    naive = pa.array([scalar]).cast(pa.timestamp(kind.unit))
-    return pc.assume_timezone(naive, timezone=kind.tz)[0]
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise VaultError("a string literal compared with a date or time is not an ISO date or time") from None
+    if dtype == pl.Date:
+        if parsed.time() != datetime.min.time() or parsed.tzinfo is not None:
+            raise VaultError("a string literal compared with a date column must be a date")
+        return parsed.date()
+    zone = dtype.time_zone
+    if zone is None:
+        if parsed.tzinfo is not None:
+            parsed = parsed.astimezone(ZoneInfo("UTC")).replace(tzinfo=None)
+        return parsed
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=ZoneInfo(zone))
+    return parsed.astimezone(ZoneInfo(zone))
 
 
-def _isin(value: Value, values: tuple[Any, ...]) -> Any:
-    kind = value.type
-    if _is_string(kind) and any(not isinstance(v, str) and v is not None for v in values):
+def _temporal_literal(text: Any, dtype: Any) -> pl.Expr:
+    if text is None:
+        return pl.lit(None, dtype=dtype)
+    return pl.lit(_parse_temporal(str(text), dtype), dtype=dtype)
+
+
+def _isin(value: Value, values: tuple[Any, ...]) -> pl.Expr:
+    kind = _kind(value.dtype)
+    if kind == "string" and any(not isinstance(v, str) and v is not None for v in values):
         raise VaultError(f"isin: {value.label} is a string column; its values must be strings")
-    value_set = pa.array(values) if values else pa.array([], kind)
-    if (pa.types.is_timestamp(kind) or pa.types.is_date(kind)) and _is_string(value_set.type):
-        value_set = pa.array([_temporal_literal(pa.scalar(v, pa.string()), kind) for v in values], kind)
-    elif not pa.types.is_null(value_set.type) and value_set.type != kind:
-        value_set = value_set.cast(kind)
-    return pc.is_in(nan_to_null(value.data), value_set=value_set, skip_nulls=False)
+    present = [v for v in values if v is not None]
+    has_null = len(present) != len(values)
+    if kind in ("datetime", "date") and all(isinstance(v, str) for v in present):
+        members = pl.Series([_parse_temporal(v, value.dtype) for v in present], dtype=value.dtype)
+    elif kind in ("integer", "float") and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+        if kind == "integer" and any(isinstance(v, float) and not v.is_integer() for v in present):
+            members = pl.Series([float(v) for v in present], dtype=pl.Float64)
+            return (
+                pl.when(value.expr.is_null())
+                .then(pl.lit(has_null))
+                .otherwise(value.expr.cast(pl.Float64).is_in(members))
+            )
+        members = pl.Series([float(v) for v in present], dtype=pl.Float64)
+        members = members.cast(value.dtype) if kind == "integer" else members
+    else:
+        try:
+            members = pl.Series(present, strict=True).cast(value.dtype) if present else pl.Series([], dtype=value.dtype)
+        except Exception:
+            raise VaultError(f"isin: the values do not fit {value.label}") from None
+    data = _nan_to_null(value)
+    return pl.when(data.is_null()).then(pl.lit(has_null)).otherwise(data.is_in(members))
 
 
-def _cast(value: Value, target: Any) -> Any:
-    data = value.data
-    if pa.types.is_integer(target) and pa.types.is_floating(data.type):
-        finite = pc.is_finite(data)
-        bad = (not finite.as_py() if finite.is_valid else False) if value.is_scalar else not pc.all(finite).as_py()
-        if bad:
+def _cast(value: Value, target: Any, frame: SourceTable) -> pl.Expr:
+    data = value.expr
+    subjects = _subjects([value.label])
+    if _kind(value.dtype) == "float" and target == pl.Int64:
+        as_float = data.cast(pl.Float64)
+        if _check(frame, as_float.is_nan() | as_float.is_infinite()):
             raise VaultError(f"cast to int64: {value.label} holds NaN or infinite values")
-        return pc.cast(data, options=pc.CastOptions(target_type=target, allow_float_truncate=True))
-    return pc.cast(data, target)
+    if target == pl.Boolean and _kind(value.dtype) == "string":
+        raise VaultError(f"cast is not supported for {subjects}")
+    converted = data.cast(target, strict=False)
+    if _check(frame, data.is_not_null() & converted.is_null()):
+        raise VaultError(f"cast failed on {subjects}: a value does not convert, overflows or divides by zero")
+    return converted
 
 
-def _broadcast(value: Value, rows: int) -> Any:
-    """A scalar expression result becomes a column (``assign(x=1)``); arrays must already match the table."""
-    if value.is_scalar:
-        with arrow_errors("broadcast", [value.label]):
-            return pa.chunked_array([pa.repeat(value.data, rows)], type=value.type)
-    data = value.data
-    if isinstance(data, pa.Array):
-        data = pa.chunked_array([data])
-    if len(data) != rows:
-        raise VaultError(f"{value.label} has a different length from the table")
-    return data
+def _window(value: Value, func: str, by: tuple[str, ...], frame: SourceTable) -> pl.Expr:
+    """A group transform: each row gets ``func`` of its group (pandas' ``groupby(by)[x].rank()/transform``).
+
+    Rows with a null key belong to no group and get null, as pandas' groupby drops them.
+    """
+    require_columns(frame, by, "over")
+    keys = [pl.col(name) for name in by]
+    data = _nan_to_null(value)
+    if func == "rank":
+        if _kind(value.dtype) not in ("integer", "float", "boolean", "string", "datetime", "date"):
+            raise VaultError(f"over (rank) needs values that sort; {value.label} does not")
+        result = data.rank("average").cast(pl.Float64).over(keys)
+    elif func == "count":
+        result = data.count().cast(pl.Int64).over(keys)
+    else:
+        if _kind(value.dtype) not in ("integer", "float", "boolean"):
+            raise VaultError(f"over ({func}) needs numbers; {value.label} is not numeric")
+        number = _as_number(Value(data, value.dtype, value.lineage, value.label))
+        result = (number.sum() if func == "sum" else number.cast(pl.Float64).mean()).over(keys)
+    valid = pl.all_horizontal([key.is_not_null() for key in keys])
+    return pl.when(valid).then(result).otherwise(None)
 
 
 def schema_of(frame: SourceTable) -> list[dict[str, str]]:
-    return [{"name": f.name, "type": str(f.type)} for f in frame.table.schema]
+    return [{"name": name, "type": str(frame.arrow_type(name))} for name in frame.columns]
 
 
 def empty_sources(sources: Mapping[str, SourceTable]) -> dict[str, SourceTable]:
     """The same sources with no rows: evaluating a plan over them gives its schema without touching data."""
     return {
-        handle: SourceTable(source.table.slice(0, 0), source.lineage, source.datasets)
+        handle: SourceTable(
+            source.empty().lazy(),
+            source.lineage,
+            source.datasets,
+            source.records,
+            source.arrow_types,
+            source.unique,
+            False,
+            source.nan_free,
+        )
         for handle, source in sources.items()
     }

@@ -32,8 +32,10 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -159,6 +161,9 @@ def _listen(stdin: IO[bytes], gate: GateChannel, warm_up: bool) -> None:
                     VAULT_WARMUP.start()
                 continue
             gate.acknowledge(int(message["ack"]))
+    spill = os.environ.get("POLARS_TEMP_DIR")
+    if spill and spill.startswith("/dev/shm/confnb-vault-"):  # noqa: S108  # the directory main() made
+        shutil.rmtree(spill, ignore_errors=True)
     os._exit(0)
 
 
@@ -203,8 +208,22 @@ def run(config: dict[str, Any], stdin: IO[bytes], stdout: IO[bytes]) -> None:
     _listen(stdin, gate, warm_up=mode == BACKGROUND)
 
 
+def private_spill_directory() -> Path:
+    """A directory only this process can use, in memory (``/dev/shm``), for whatever Polars writes out of core.
+
+    Without a memory-backed directory it names one that cannot be created, so a spill fails rather than land on a
+    disk the host can read.
+    """
+    shared_memory = Path("/dev/shm")  # noqa: S108  # a private 0700 directory is made inside
+    if shared_memory.is_dir() and os.access(shared_memory, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix="confnb-vault-", dir=shared_memory))
+    return Path("/proc/self/confnb-no-spill")
+
+
 def main() -> None:
     make_undumpable()
+    # Before Polars loads: whatever its streaming engine might write out of core goes to the vault's own memory.
+    os.environ["POLARS_TEMP_DIR"] = str(private_spill_directory())
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the analyst's interrupts are the executor's
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer

@@ -18,6 +18,10 @@ whose rule failed; the released result reports the id of the combined (strictest
 
 Null group keys are dropped, as pandas' ``groupby(dropna=True)`` default does; NaN counts as null throughout, as it
 does in pandas.
+
+Every aggregation runs as one Polars query over the evaluated frame: the group sizes, the distinct source records
+of each dataset per group (from the hidden record-id columns a join leaves) and the ties of each extreme are
+computed in the same group-by as the requested statistics, so the policy checks cost no second pass over the rows.
 """
 
 from __future__ import annotations
@@ -28,28 +32,29 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
-import pyarrow.compute as pc  # type: ignore[import-untyped]
 
 from confnb.policy.output import OutputPolicy, strictest
 from kernel_enclave.vault.plan import (
     RELEASE_NODES,
+    Agg,
     Aggregate,
     Count,
     Describe,
     Lineage,
     SourceTable,
     ValueCounts,
-    arrow_errors,
     empty_sources,
+    engine_errors,
     evaluate_node,
     lineage_of,
-    nan_to_null,
     node_datasets,
     parse_plan,
     quote,
     require_columns,
     schema_of,
+    to_arrow,
 )
 from kernel_enclave.vault.protocol import PolicyViolation, VaultError
 
@@ -165,7 +170,7 @@ def release(
     frame = evaluate_node(node.input, sources)
     if isinstance(node, Count):
         _check_records(_records_total(frame, None), policies, "the row count")
-        return Released("row_count", None, frame.table.num_rows, (), False, 0, datasets, policy_id)
+        return Released("row_count", None, frame.num_rows, (), False, 0, datasets, policy_id)
     if isinstance(node, Aggregate):
         table, suppressed = _aggregate(node, frame, policies)
         index, series = node.by, len(node.aggs) == 1
@@ -198,8 +203,8 @@ def schema_table(
     """
     node = parse_plan(plan)
     require_kind("schema", node_datasets(node, sources), policies)
-    found = evaluate_node(node, empty_sources(sources)).table.schema
-    return pa.schema([pa.field(f.name, bare_type(f.type), f.nullable) for f in found]).empty_table()
+    found = evaluate_node(node, empty_sources(sources))
+    return pa.schema([pa.field(name, bare_type(found.arrow_type(name)), True) for name in found.columns]).empty_table()
 
 
 def bare_type(arrow_type: pa.DataType) -> pa.DataType:
@@ -239,7 +244,7 @@ def preview(
         require_kind("row_count", datasets, policies)
         frame = evaluate_node(node, sources)
         _check_records(_records_total(frame, None), policies, "the row count")
-        result["rows"] = frame.table.num_rows
+        result["rows"] = frame.num_rows
     except PolicyViolation as exc:
         withheld["rows"] = str(exc)
     withheld["values"] = RAW_ROWS
@@ -251,58 +256,127 @@ def preview(
 # Record counting
 
 
-def _records_total(frame: SourceTable, mask: Any) -> dict[str, int]:
+def _distinct(column: pl.Expr) -> pl.Expr:
+    return column.drop_nulls().n_unique().cast(pl.Int64)
+
+
+def _records_total(frame: SourceTable, mask: pl.Expr | None) -> dict[str, int]:
     """Records of each dataset behind the rows (where ``mask`` is true): distinct source records after a join."""
-    if frame.record_ids is None:
-        rows = frame.table.num_rows if mask is None else int(pc.sum(mask).as_py() or 0)
-        return dict.fromkeys(frame.datasets, rows)
+    if frame.records is None:
+        if mask is None:
+            return dict.fromkeys(frame.datasets, frame.num_rows)
+        with engine_errors("count", []):
+            rows = frame.collect(frame.data.select(mask.fill_null(False).sum())).item()
+        return dict.fromkeys(frame.datasets, int(rows or 0))
+    exprs = [
+        _records_of(frame, c, pl.col(c) if mask is None else pl.col(c).filter(mask.fill_null(False))).alias(f"r{i}")
+        for i, (_, c) in enumerate(frame.records)
+    ]
+    with engine_errors("count", []):
+        row = frame.collect(frame.data.select(exprs)).row(0)
     records: dict[str, int] = {}
-    for dataset, ids in frame.record_ids:
-        chosen = ids if mask is None else ids.filter(mask)
-        count = int(pc.count_distinct(chosen, mode="only_valid").as_py())
-        records[dataset] = min(records.get(dataset, count), count)
+    for (dataset, _), count in zip(frame.records, row, strict=True):
+        records[dataset] = min(records.get(dataset, int(count)), int(count))
     return records
+
+
+def _records_of(frame: SourceTable, hidden: str, ids: pl.Expr) -> pl.Expr:
+    """Distinct record ids; where each record is known to appear once (:attr:`SourceTable.unique`), the ids."""
+    return ids.count().cast(pl.Int64) if hidden in frame.unique else _distinct(ids)
+
+
+def _record_exprs(frame: SourceTable, prefix: str, mask: pl.Expr | None = None) -> list[pl.Expr]:
+    """Per dataset occurrence, the distinct records in a group (where ``mask`` holds); none before a join."""
+    exprs = []
+    for i, (_, hidden) in enumerate(frame.records or ()):
+        ids = pl.col(f"r{i}") if mask is None else pl.col(f"r{i}").filter(mask.fill_null(False))
+        exprs.append(_records_of(frame, hidden, ids).alias(f"{prefix}{i}"))
+    return exprs
+
+
+def _group_records(frame: SourceTable, grouped: pl.DataFrame, prefix: str, rows: str) -> dict[str, Any]:
+    """Per group, the records of each dataset as NumPy: the rows, or the fewest distinct ids over its occurrences."""
+    if frame.records is None:
+        counts = grouped.get_column(rows).fill_null(0).to_numpy()
+        return dict.fromkeys(frame.datasets, counts)
+    records: dict[str, Any] = {}
+    for i, (dataset, _) in enumerate(frame.records):
+        counts = grouped.get_column(f"{prefix}{i}").fill_null(0).to_numpy()
+        records[dataset] = counts if dataset not in records else np.minimum(records[dataset], counts)
+    return records
+
+
+def _kept_groups(rows: int, records: Mapping[str, Any], policies: Mapping[str, OutputPolicy]) -> Any:
+    """Which grouped rows have at least k records of every dataset, as NumPy."""
+    kept = np.ones(rows, dtype=bool)
+    for dataset, counts in records.items():
+        kept &= counts >= _policy(dataset, policies, "release.min_group_size").min_group_size
+    return kept
+
+
+def _lone(records: Mapping[str, Any], policies: Mapping[str, OutputPolicy], rows: int) -> Any:
+    """Which grouped rows have fewer than k records of some dataset, as NumPy."""
+    return ~_kept_groups(rows, records, policies)
 
 
 def _suppress(
-    grouped: pa.Table, records: Mapping[str, Any], policies: Mapping[str, OutputPolicy], grouped_by: bool, what: str
-) -> tuple[pa.Table, int]:
+    grouped: pl.DataFrame, records: Mapping[str, Any], policies: Mapping[str, OutputPolicy], grouped_by: bool, what: str
+) -> tuple[pl.DataFrame, int]:
     """Drop groups computed from fewer than k records of any dataset; without a group-by, withhold instead."""
     if not grouped_by:
-        _check_records({d: int(counts[0].as_py()) for d, counts in records.items()}, policies, what)
+        _check_records({d: int(counts[0]) for d, counts in records.items()}, policies, what)
         return grouped, 0
-    keep = pa.chunked_array([pa.array(np.ones(grouped.num_rows, dtype=bool))])
-    for dataset, counts in records.items():
-        k = _policy(dataset, policies, "release.min_group_size").min_group_size
-        keep = pc.and_(keep, pc.greater_equal(counts, k))
-    kept = grouped.filter(keep)
-    return kept, grouped.num_rows - kept.num_rows
+    keep = _kept_groups(grouped.height, records, policies)
+    kept = grouped.filter(pl.Series(keep, dtype=pl.Boolean))
+    return kept, grouped.height - kept.height
 
 
-def _record_aggregations(frame: SourceTable, arrays: dict[str, Any]) -> list[tuple[str, str]]:
-    """Add each dataset occurrence's record ids to the work table; returns (work column, dataset) pairs."""
-    pairs = []
-    for i, (dataset, ids) in enumerate(frame.record_ids or ()):
-        arrays[f"r{i}"] = ids
-        pairs.append((f"r{i}", dataset))
-    return pairs
+# ---------------------------------------------------------------------------------------------------------------
+# Work columns
 
 
-def _count_aggregations(pairs: Sequence[tuple[str, str]]) -> list[tuple[Any, ...]]:
-    """The group size (always computed, requested or not) and the distinct records of each dataset occurrence."""
-    distinct = pc.CountOptions(mode="only_valid")
-    return [([], "count_all"), *((work, "count_distinct", distinct) for work, _ in pairs)]
+def _key_expr(frame: SourceTable, name: str) -> pl.Expr:
+    """A group key as pandas sees it: decoded, NaN as null, and -0.0 the same group as 0.0."""
+    dtype = frame.dtype(name)
+    column = pl.col(name)
+    if isinstance(dtype, pl.Categorical | pl.Enum):
+        return column.cast(pl.String)
+    if dtype.is_float():
+        column = column if name in frame.nan_free else column.fill_nan(None)
+        return pl.when(column == 0).then(pl.lit(0.0, dtype)).otherwise(column)
+    return column
 
 
-def _group_records(frame: SourceTable, grouped: pa.Table, pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """Per group, the records of each dataset: the group size, or distinct record ids after a join."""
-    if frame.record_ids is None:
-        return dict.fromkeys(frame.datasets, grouped.column("count_all"))
-    records: dict[str, Any] = {}
-    for work, dataset in pairs:
-        counts = grouped.column(f"{work}_count_distinct")
-        records[dataset] = counts if dataset not in records else pc.min_element_wise(records[dataset], counts)
-    return records
+def _present_expr(frame: SourceTable, name: str) -> pl.Expr:
+    """A column as a count reads it: NaN is missing, as pandas counts."""
+    column = pl.col(name)
+    return column.fill_nan(None) if frame.dtype(name).is_float() and name not in frame.nan_free else column
+
+
+def _value_expr(frame: SourceTable, name: str, func: str) -> pl.Expr:
+    """An input of a numeric aggregation: booleans count as 0/1 (as in pandas), decimals as floats."""
+    dtype = frame.dtype(name)
+    column = pl.col(name)
+    if dtype == pl.Boolean:
+        return column.cast(pl.Int64)
+    if isinstance(dtype, pl.Decimal):
+        return column.cast(pl.Float64)
+    if dtype.is_integer():
+        return column
+    if dtype.is_float():
+        return column if name in frame.nan_free else column.fill_nan(None)
+    shown = frame.arrow_type(name)
+    if pa.types.is_dictionary(shown):
+        shown = shown.value_type
+    raise VaultError(f"aggregate: {func} needs a numeric column; {quote(name)} is {shown}")
+
+
+def _work_frame(frame: SourceTable, exprs: list[pl.Expr]) -> pl.LazyFrame:
+    """The columns an aggregation reads, with the record ids (``r0``...) of each dataset occurrence."""
+    records = [pl.col(column).alias(f"r{i}") for i, (_, column) in enumerate(frame.records or ())]
+    if not exprs and not records:  # a count over no columns: something to count rows over
+        return frame.data.with_row_index("\x01rows").select("\x01rows")
+    return frame.data.select([*exprs, *records])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,264 +389,117 @@ def _aggregate(node: Aggregate, frame: SourceTable, policies: Mapping[str, Outpu
     used = {name: lineage_of(frame, name) for name in (*node.by, *inputs)}
     check_columns(used, policies, "aggregate")
 
-    subjects = [f"column {quote(c)} ({frame.table.column(c).type})" for c in dict.fromkeys((*node.by, *inputs))]
-    arrays: dict[str, Any] = {}
+    subjects = [f"column {quote(c)} ({frame.arrow_type(c)})" for c in dict.fromkeys((*node.by, *inputs))]
     key_names = [f"k{i}" for i in range(len(node.by))]
-    value_names: dict[tuple[str, bool], str] = {}  # (column, as number) -> work column
-    with arrow_errors("aggregate", subjects):
-        for work, name in zip(key_names, node.by, strict=True):
-            arrays[work] = _key_column(frame.table.column(name))
-        for agg in node.aggs:
-            if agg.column is None:
-                continue
-            numeric = agg.func in _NUMERIC_FUNCS
-            if (agg.column, numeric) not in value_names:
-                column = frame.table.column(agg.column)
-                work = f"v{len(value_names)}"
-                value_names[(agg.column, numeric)] = work
-                arrays[work] = _value_column(column, agg.func, agg.column) if numeric else _plain_column(column)
-            elif numeric:
-                _value_column(frame.table.column(agg.column), agg.func, agg.column)  # type check only
-        pairs = _record_aggregations(frame, arrays)
-        work_table = _drop_null_keys(pa.table(arrays) if arrays else _rows_only(frame.table.num_rows), key_names)
+    work: list[pl.Expr] = [_key_expr(frame, name).alias(k) for k, name in zip(key_names, node.by, strict=True)]
+    value_names: dict[tuple[str, str], str] = {}  # (column, work kind) -> work column
+    as_numbers = {agg.column for agg in node.aggs if agg.func in _NUMERIC_FUNCS}
 
-    aggregations = _count_aggregations(pairs)
-    requested: set[str] = set()
-    outputs: dict[str, str] = {}  # agg name -> grouped column
-    quantiles: dict[str, list[tuple[str, float]]] = {}  # work column -> [(agg name, q)]
+    def kind_of(agg: Agg) -> str:
+        """A count reads any form with NaN as null (the numeric one if there is one); min, max and nunique also
+        need -0.0 as 0.0; the numeric aggregations need numbers."""
+        if agg.func in _NUMERIC_FUNCS or (agg.func == "count" and agg.column in as_numbers):
+            return "number"
+        return "present" if agg.func == "count" else "plain"
+
     for agg in node.aggs:
+        if agg.column is None:
+            continue
+        kind = kind_of(agg)
+        if kind == "number":
+            expr = _value_expr(frame, agg.column, agg.func)
+        else:
+            expr = _present_expr(frame, agg.column) if kind == "present" else _key_expr(frame, agg.column)
+        if (agg.column, kind) not in value_names:
+            value_names[(agg.column, kind)] = f"v{len(value_names)}"
+            work.append(expr.alias(value_names[(agg.column, kind)]))
+    strictest_k = max(
+        (_policy(d, policies, "release.min_group_size").min_group_size for d in frame.datasets), default=1
+    )
+
+    aggregations = [pl.len().cast(pl.Int64).alias("count_all"), *_record_exprs(frame, "n")]
+    outputs: dict[str, str] = {}  # agg name -> grouped column
+    extremes: list[tuple[str, str]] = []  # (agg name, grouped column holding the ties' records prefix)
+    quantiles: list[tuple[str, str, float]] = []  # (agg name, valid-count column, q)
+    seen: set[str] = set()
+    for position, agg in enumerate(node.aggs):
         if agg.column is None:
             outputs[agg.name] = "count_all"
             continue
-        work = value_names[(agg.column, agg.func in _NUMERIC_FUNCS)]
-        if agg.func in ("median", "quantile"):
-            quantiles.setdefault(work, []).append((agg.name, 0.5 if agg.q is None else agg.q))
-            continue
-        function, options = _HASH_AGGREGATES[agg.func]
-        output = f"{work}_{function}"
-        if output not in requested:
-            requested.add(output)
-            aggregations.append((work, function, options) if options is not None else (work, function))
+        work_name = value_names[(agg.column, kind_of(agg))]
+        value = pl.col(work_name)
+        output = f"a{position}"
         outputs[agg.name] = output
+        if agg.func == "count":
+            aggregations.append(value.count().cast(pl.Int64).alias(output))
+        elif agg.func == "nunique":
+            aggregations.append(_distinct(value).alias(output))
+        elif agg.func == "sum":
+            dtype = frame.dtype(agg.column)
+            widen = (dtype.is_integer() and dtype != pl.UInt64) or dtype == pl.Boolean
+            widened = value.cast(pl.Int64) if widen else value
+            aggregations.append(widened.sum().alias(output))
+        elif agg.func == "mean":
+            aggregations.append(value.cast(pl.Float64).mean().alias(output))
+        elif agg.func in ("std", "var"):
+            as_float = value.cast(pl.Float64)
+            aggregations.append((as_float.std(ddof=1) if agg.func == "std" else as_float.var(ddof=1)).alias(output))
+        elif agg.func in ("median", "quantile"):
+            q = 0.5 if agg.q is None else agg.q
+            aggregations.append(value.cast(pl.Float64).quantile(q, interpolation="linear").alias(output))
+            valid = f"{work_name}_valid"
+            if valid not in seen:
+                seen.add(valid)
+                aggregations.append(value.count().cast(pl.Int64).alias(valid))
+            quantiles.append((agg.name, valid, q))
+        else:  # min, max: also the records that hold the extreme, so a lone one is withheld
+            extreme = value.min() if agg.func == "min" else value.max()
+            aggregations.append(extreme.alias(output))
+            ties = value == extreme
+            aggregations.append(ties.fill_null(False).sum().cast(pl.Int64).alias(f"{output}_ties"))
+            aggregations.extend(_record_exprs(frame, f"{output}_t", ties))
+            extremes.append((agg.name, output))
 
-    with arrow_errors("aggregate", subjects):
-        grouped = work_table.group_by(key_names, use_threads=True).aggregate(aggregations)
+    with engine_errors("aggregate", subjects):
+        lazy = _work_frame(frame, work)
         if key_names:
-            grouped = grouped.sort_by([(k, "ascending") for k in key_names])
-        quantile_columns: dict[str, Any] = {}
-        groups = _quantile_groups(work_table, grouped, key_names) if quantiles else None
-        strictest_k = max(
-            (_policy(d, policies, "release.min_group_size").min_group_size for d in frame.datasets), default=1
-        )
-        tails = np.zeros(grouped.num_rows, dtype=np.int64)
-        for work, wanted in quantiles.items():
-            assert groups is not None
-            values, hidden_tails = _grouped_quantiles(
-                work_table.column(work), groups, [q for _, q in wanted], strictest_k
-            )
-            tails += hidden_tails
-            quantile_columns.update({name: array for (name, _), array in zip(wanted, values, strict=True)})
+            # Rows with a null key form groups of their own, dropped afterwards: cheaper than filtering every row.
+            groups = lazy.group_by(key_names).agg(aggregations)
+            grouped = frame.collect(groups.drop_nulls(key_names).sort(key_names))
+        else:
+            grouped = frame.collect(lazy.select(aggregations))
 
-    result_arrays = [grouped.column(k) for k in key_names]
-    for agg in node.aggs:
-        result_arrays.append(quantile_columns[agg.name] if agg.name in quantile_columns else grouped[outputs[agg.name]])
-    result = pa.table(result_arrays, names=[*node.by, *(agg.name for agg in node.aggs)])
-    records = _group_records(frame, grouped, pairs)
-    with arrow_errors("aggregate", subjects):
-        result, hidden = _hide_lone_extremes(
-            result, grouped, work_table, key_names, node, value_names, pairs, frame, records, policies
-        )
-    kept_groups = _kept_groups(result.num_rows, records, policies)
-    hidden += int(tails[kept_groups].sum()) if quantiles else 0
-    kept, suppressed = _suppress(result, records, policies, bool(node.by), "the aggregate")
-    return kept, suppressed + hidden
-
-
-def _kept_groups(rows: int, records: Mapping[str, Any], policies: Mapping[str, OutputPolicy]) -> Any:
-    """Which grouped rows have at least k records of every dataset (what :func:`_suppress` keeps), as NumPy."""
-    kept = np.ones(rows, dtype=bool)
-    for dataset, counts in records.items():
-        k = _policy(dataset, policies, "release.min_group_size").min_group_size
-        kept &= pc.fill_null(pc.greater_equal(counts, k), False).to_numpy(zero_copy_only=False)
-    return kept
-
-
-def _hide_lone_extremes(
-    result: pa.Table,
-    grouped: pa.Table,
-    work_table: pa.Table,
-    key_names: Sequence[str],
-    node: Aggregate,
-    value_names: Mapping[tuple[str, bool], str],
-    pairs: list[tuple[str, str]],
-    frame: SourceTable,
-    records: Mapping[str, Any],
-    policies: Mapping[str, OutputPolicy],
-) -> tuple[pa.Table, int]:
-    """A minimum or maximum is one record's value: shown only when at least k records share it.
-
-    Everything else in a group of k records blends them; an extreme names one of them exactly (the one outlier
-    salary, the oldest patient). So each min/max cell whose value fewer than k records hold is withheld (null);
-    the count of withheld cells joins the reply's ``suppressed``.
-    """
+    rows = grouped.height
+    records = _group_records(frame, grouped, "n", "count_all")
+    kept = _kept_groups(rows, records, policies)
     hidden = 0
-    group_kept = pa.chunked_array([pa.array(_kept_groups(result.num_rows, records, policies))])
-    for position, agg in enumerate(node.aggs):
-        if agg.func not in ("min", "max") or agg.column is None or result.num_rows == 0:
-            continue
-        work = value_names[(agg.column, agg.func in _NUMERIC_FUNCS)]
-        index = len(key_names) + position
-        extremes = result.column(index)
-        if key_names:
-            keyed = pa.table([*(grouped.column(k) for k in key_names), extremes], names=[*key_names, "\x00extreme"])
-            joined = work_table.join(keyed, keys=list(key_names), join_type="inner")
-            ties = joined.filter(pc.equal(joined.column(work), joined.column("\x00extreme")))
-            counted = ties.group_by(list(key_names)).aggregate(_count_aggregations(pairs))
-            aligned = grouped.select(list(key_names)).join(counted, keys=list(key_names), join_type="left outer")
-            aligned = aligned.sort_by([(k, "ascending") for k in key_names])
-            shared = _group_records(frame, aligned, pairs)
-            shared = {d: pc.fill_null(counts, 0) for d, counts in shared.items()}
-        else:
-            mask = pc.fill_null(pc.equal(work_table.column(work), extremes[0]), False)
-            shared = {d: pa.chunked_array([pa.array([n])]) for d, n in _records_total(frame, mask).items()}
-        lone = pa.chunked_array([pa.array(np.zeros(result.num_rows, dtype=bool))])
-        for dataset, counts in shared.items():
-            k = _policy(dataset, policies, "release.min_group_size").min_group_size
-            lone = pc.or_(lone, pc.less(counts, k))
-        lone = pc.and_(lone, pc.is_valid(extremes))
-        if pc.any(lone).as_py():
-            hidden += int(pc.sum(pc.and_(lone, group_kept)).as_py() or 0)  # cells of groups that stay
-            masked = pc.if_else(lone, pa.scalar(None, extremes.type), extremes)
-            result = result.set_column(index, result.schema.field(index), masked)
-    return result, hidden
-
-
-_HASH_AGGREGATES: dict[str, tuple[str, Any]] = {
-    "count": ("count", pc.CountOptions(mode="only_valid")),
-    "nunique": ("count_distinct", pc.CountOptions(mode="only_valid")),
-    "sum": ("sum", pc.ScalarAggregateOptions(skip_nulls=True, min_count=0)),  # pandas: an empty sum is 0
-    "mean": ("mean", None),
-    "min": ("min", None),
-    "max": ("max", None),
-    "std": ("stddev", pc.VarianceOptions(ddof=1)),
-    "var": ("variance", pc.VarianceOptions(ddof=1)),
-}
-
-
-def _rows_only(rows: int) -> pa.Table:
-    """A table with ``rows`` rows and one placeholder column, for a count over a table without columns."""
-    return pa.table({"_": pa.nulls(rows)})
-
-
-def _decoded(column: Any) -> Any:
-    if pa.types.is_dictionary(column.type):
-        return column.cast(column.type.value_type)
-    return column
-
-
-def _key_column(column: Any) -> Any:
-    """A group key as pandas sees it: decoded, NaN as null, and -0.0 the same group as 0.0."""
-    column = nan_to_null(_decoded(column))
-    if pa.types.is_floating(column.type):
-        column = pc.add(column, pa.scalar(0.0, column.type))
-    return column
-
-
-def _plain_column(column: Any) -> Any:
-    """An input of count, nunique, min or max: -0.0 and 0.0 are one value, as pandas counts them."""
-    return _key_column(column)
-
-
-def _value_column(column: Any, func: str, name: str) -> Any:
-    """An input of a numeric aggregation: booleans count as 0/1 (as in pandas), decimals as floats."""
-    column = _decoded(column)
-    kind = column.type
-    if pa.types.is_boolean(kind) or pa.types.is_decimal(kind):
-        return column.cast(pa.int64() if pa.types.is_boolean(kind) else pa.float64())
-    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
-        raise VaultError(f"aggregate: {func} needs a numeric column; {quote(name)} is {kind}")
-    return nan_to_null(column)
-
-
-def _drop_null_keys(table: pa.Table, keys: Sequence[str]) -> pa.Table:
-    """pandas' groupby default (dropna=True): a row with a null key belongs to no group."""
-    if not any(table.column(k).null_count for k in keys):
-        return table
-    valid = None
-    for k in keys:
-        present = pc.is_valid(table.column(k))
-        valid = present if valid is None else pc.and_(valid, present)
-    return table.filter(valid)
-
-
-def _group_codes(key_columns: Sequence[Any]) -> Any:
-    """A dense integer code per row such that rows share a code exactly when all their keys are equal."""
-    codes = None
-    for column in key_columns:
-        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        if pa.types.is_boolean(array.type):
-            array = array.cast(pa.int8())
-        encoded = pc.dictionary_encode(array)
-        if encoded.indices.null_count:  # null keys were dropped before grouping; anything else is a bug
-            raise VaultError("aggregate: a null group key reached the quantile computation")
-        indices = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        if codes is None:
-            codes = indices
-        else:
-            combined = codes * len(encoded.dictionary) + indices
-            codes = np.unique(combined, return_inverse=True)[1].astype(np.int64)
-    return codes
-
-
-def _quantile_groups(table: pa.Table, grouped: pa.Table, keys: Sequence[str]) -> tuple[Any, Any, int]:
-    """Group codes of the work rows and of the grouped rows (computed together, so they agree), and their count."""
-    rows, groups = table.num_rows, grouped.num_rows
-    if not keys:
-        return np.zeros(rows, dtype=np.int64), np.zeros(groups, dtype=np.int64), 1
-    key_columns = [pa.chunked_array(table.column(k).chunks + grouped.column(k).chunks) for k in keys]
-    all_codes = _group_codes(key_columns)
-    size = int(all_codes.max()) + 1 if len(all_codes) else 0
-    return all_codes[:rows], all_codes[rows:], size
-
-
-def _grouped_quantiles(
-    values_column: Any, groups: tuple[Any, Any, int], qs: Sequence[float], k: int = 1
-) -> tuple[list[Any], Any]:
-    """Exact per-group quantiles with linear interpolation (pandas' default), aligned with the grouped rows.
-
-    Sorting by value and then, stably, by group code puts each group's values in a contiguous sorted run with NaN
-    (null) last; the quantile positions of all groups are then NumPy arithmetic, with no per-group Python loop.
-    """
-    codes, grouped_codes, size = groups
-    rows = len(codes)
-    values = values_column.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
-    by_value = np.argsort(values)  # NaN sorts last
-    small_codes = codes[by_value].astype(np.min_scalar_type(max(size - 1, 0)))  # small ints sort by radix
-    ordered = values[by_value[np.argsort(small_codes, kind="stable")]]
-    counts = np.bincount(codes, minlength=size)
-    starts = (np.cumsum(counts) - counts)[grouped_codes]
-    n_valid = np.bincount(codes, weights=~np.isnan(values), minlength=size).astype(np.int64)[grouped_codes]
-    empty = n_valid == 0
-    results = []
-    hidden = np.zeros(len(grouped_codes), dtype=np.int64)
-    for q in qs:
-        position = q * np.maximum(n_valid - 1, 0)
-        low = np.floor(position).astype(np.int64)
-        high = np.ceil(position).astype(np.int64)
-        fraction = position - low
+    masks: dict[str, Any] = {}
+    for _, output in extremes:
+        shared = _group_records(frame, grouped, f"{output}_t", f"{output}_ties")
+        lone = _lone(shared, policies, rows) & grouped.get_column(output).is_not_null().to_numpy()
+        hidden += int((lone & kept).sum())
+        masks[output] = lone
+    for name, valid, q in quantiles:
         # Near the ends a quantile is one record's value (q = 1 is the maximum): fewer than k records at or below
         # it, or at or above it, and it is withheld.
-        tail = ~empty & ((low + 1 < k) | (n_valid - high < k))
-        hidden += tail
-        if rows:
-            low_values = ordered[np.minimum(starts + low, rows - 1)]
-            high_values = ordered[np.minimum(starts + high, rows - 1)]
-        else:
-            low_values = high_values = np.full(len(grouped_codes), np.nan)
-        with np.errstate(invalid="ignore"):
-            interpolated = low_values + (high_values - low_values) * fraction
-        results.append(pa.chunked_array([pa.array(interpolated, pa.float64(), mask=empty | tail)]))
-    return results, hidden
+        n_valid = grouped.get_column(valid).to_numpy()
+        position = q * np.maximum(n_valid - 1, 0)
+        low, high = np.floor(position), np.ceil(position)
+        tail = (n_valid > 0) & ((low + 1 < strictest_k) | (n_valid - high < strictest_k))
+        hidden += int((tail & kept).sum())
+        output = outputs[name]
+        masks[output] = masks[output] | tail if output in masks else tail
+    if masks:
+        grouped = grouped.with_columns(
+            pl.when(pl.Series(mask, dtype=pl.Boolean)).then(None).otherwise(pl.col(output)).alias(output)
+            for output, mask in masks.items()
+        )
+    result = grouped.select(
+        *(pl.col(k).alias(name) for k, name in zip(key_names, node.by, strict=True)),
+        *(pl.col(outputs[agg.name]).alias(agg.name) for agg in node.aggs),
+    )
+    survivors, suppressed = _suppress(result, records, policies, bool(node.by), "the aggregate")
+    return to_arrow(survivors, {}), suppressed + hidden
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -584,18 +511,16 @@ def _value_counts(node: ValueCounts, frame: SourceTable, policies: Mapping[str, 
     if node.column == "count":
         raise VaultError("value_counts: a column named 'count' would clash with the counts; rename it with assign")
     check_columns({node.column: lineage_of(frame, node.column)}, policies, "value_counts")
-    with arrow_errors("value_counts", [f"column {quote(node.column)} ({frame.table.column(node.column).type})"]):
-        arrays: dict[str, Any] = {"k0": _key_column(frame.table.column(node.column))}
-        pairs = _record_aggregations(frame, arrays)
-        work_table = pa.table(arrays)
+    with engine_errors("value_counts", [f"column {quote(node.column)} ({frame.arrow_type(node.column)})"]):
+        lazy = _work_frame(frame, [_key_expr(frame, node.column).alias("k0")])
+        grouped_lazy = lazy.group_by("k0").agg(pl.len().cast(pl.Int64).alias("count_all"), *_record_exprs(frame, "n"))
         if node.dropna:
-            work_table = _drop_null_keys(work_table, ["k0"])
-        aggregations = _count_aggregations(pairs)
-        grouped = work_table.group_by(["k0"], use_threads=True).aggregate(aggregations)
-        grouped = grouped.sort_by([("count_all", "descending"), ("k0", "ascending")])
-    result = pa.table([grouped.column("k0"), grouped.column("count_all")], names=[node.column, "count"])
-    records = _group_records(frame, grouped, pairs)
-    return _suppress(result, records, policies, True, "the value counts")
+            grouped_lazy = grouped_lazy.drop_nulls("k0")
+        grouped = frame.collect(grouped_lazy.sort(["count_all", "k0"], descending=[True, False], nulls_last=True))
+    records = _group_records(frame, grouped, "n", "count_all")
+    result = grouped.select(pl.col("k0").alias(node.column), pl.col("count_all").alias("count"))
+    survivors, suppressed = _suppress(result, records, policies, True, "the value counts")
+    return to_arrow(survivors, {}), suppressed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -603,12 +528,11 @@ def _value_counts(node: ValueCounts, frame: SourceTable, policies: Mapping[str, 
 
 
 def _describe(node: Describe, frame: SourceTable, policies: Mapping[str, OutputPolicy]) -> tuple[pa.Table, int]:
-    table = frame.table
     if node.columns is None:
         columns = [
-            f.name
-            for f in table.schema
-            if _describable(f.type) and not _never_released(lineage_of(frame, f.name), policies)
+            name
+            for name in frame.columns
+            if _describable(frame.dtype(name)) and not _never_released(lineage_of(frame, name), policies)
         ]
         if not columns:
             raise VaultError("describe: the table has no numeric columns that may be released")
@@ -616,44 +540,67 @@ def _describe(node: Describe, frame: SourceTable, policies: Mapping[str, OutputP
         columns = list(node.columns)
         require_columns(frame, columns, "describe")
         for name in columns:
-            kind = table.schema.field(name).type
-            if not _describable(kind):
-                raise VaultError(f"describe: column {quote(name)} is {kind}; describe covers numeric columns")
+            if not _describable(frame.dtype(name)):
+                raise VaultError(
+                    f"describe: column {quote(name)} is {frame.arrow_type(name)}; describe covers numeric columns"
+                )
         check_columns({name: lineage_of(frame, name) for name in columns}, policies, "describe")
     if "statistic" in columns:
         raise VaultError("describe: a column named 'statistic' would clash with the row labels; rename it")
 
+    exprs: list[pl.Expr] = []
+    work = [
+        (
+            pl.col(name).cast(pl.Float64) if name in frame.nan_free else pl.col(name).cast(pl.Float64).fill_nan(None)
+        ).alias(f"c{i}")
+        for i, name in enumerate(columns)
+    ]
+    for i in range(len(columns)):
+        c = pl.col(f"c{i}")
+        present = c.is_not_null()
+        exprs += [
+            c.count().cast(pl.Int64).alias(f"c{i}_n"),
+            *_record_exprs(frame, f"c{i}_r", present),
+            c.count().cast(pl.Float64).alias(f"c{i}_count"),
+            c.mean().alias(f"c{i}_mean"),
+            c.std(ddof=1).alias(f"c{i}_std"),
+            c.min().alias(f"c{i}_min"),
+            *(c.quantile(q, interpolation="linear").alias(f"c{i}_{label}") for q, label in _QUARTILES),
+            c.max().alias(f"c{i}_max"),
+        ]
+        for label, extreme in (("min", c.min()), ("max", c.max())):
+            ties = c == extreme
+            exprs.append(ties.fill_null(False).sum().cast(pl.Int64).alias(f"c{i}_{label}_ties"))
+            exprs.extend(_record_exprs(frame, f"c{i}_{label}_t", ties))
+    with engine_errors("describe", [f"column {quote(name)} ({frame.arrow_type(name)})" for name in columns]):
+        stats = frame.collect(_work_frame(frame, work).select(exprs))
+
+    k = max(_policy(d, policies, "release.min_group_size").min_group_size for d in frame.datasets)
     kept: dict[str, Any] = {}
     suppressed = 0
     failing: set[str] = set()
-    for name in columns:
-        with arrow_errors("describe", [f"column {quote(name)} ({table.schema.field(name).type})"]):
-            column = nan_to_null(_decoded(table.column(name)))
-            if pa.types.is_decimal(column.type):
-                column = column.cast(pa.float64())
-            present = pc.is_valid(column)
-            records = _records_total(frame, present)
-            short = [d for d, n in records.items() if n < _policy(d, policies, "release.min_group_size").min_group_size]
-            if short:
-                failing.update(short)
+    for i, name in enumerate(columns):
+        records = {d: int(v[0]) for d, v in _group_records(frame, stats, f"c{i}_r", f"c{i}_n").items()}
+        short = [d for d, n in records.items() if n < _policy(d, policies, "release.min_group_size").min_group_size]
+        if short:
+            failing.update(short)
+            suppressed += 1
+            continue
+        statistics: list[float | None] = [stats.get_column(f"c{i}_{s}").item() for s in _STAT_COLUMNS]
+        count = int(statistics[0] or 0)
+        for row, q in ((4, 0.25), (5, 0.5), (6, 0.75)):
+            position = q * max(count - 1, 0)
+            if statistics[row] is not None and (int(position) + 1 < k or count - math.ceil(position) < k):
+                statistics[row] = None  # a quartile near an end is one record's value: see _aggregate
                 suppressed += 1
+        for row, label in ((DESCRIBE_STATISTICS.index("min"), "min"), (DESCRIBE_STATISTICS.index("max"), "max")):
+            if statistics[row] is None:
                 continue
-            statistics = _describe_column(column)
-            k = max(_policy(d, policies, "release.min_group_size").min_group_size for d in frame.datasets)
-            count = int(statistics[0] or 0)
-            for row, q in ((4, 0.25), (5, 0.5), (6, 0.75)):
-                position = q * max(count - 1, 0)
-                if statistics[row] is not None and (int(position) + 1 < k or count - math.ceil(position) < k):
-                    statistics[row] = None  # a quartile near an end is one record's value: see _grouped_quantiles
-                    suppressed += 1
-            for row in (DESCRIBE_STATISTICS.index("min"), DESCRIBE_STATISTICS.index("max")):
-                if statistics[row] is None:
-                    continue
-                ties = _records_total(frame, pc.fill_null(pc.equal(column.cast(pa.float64()), statistics[row]), False))
-                if any(n < _policy(d, policies, "release.min_group_size").min_group_size for d, n in ties.items()):
-                    statistics[row] = None  # one record's exact value: see _hide_lone_extremes
-                    suppressed += 1
-            kept[name] = statistics
+            holders = _group_records(frame, stats, f"c{i}_{label}_t", f"c{i}_{label}_ties")
+            if any(int(n[0]) < policies[d].min_group_size for d, n in holders.items()):
+                statistics[row] = None  # one record's exact value: see _aggregate
+                suppressed += 1
+        kept[name] = statistics
     if not kept:
         k = max(policies[d].min_group_size for d in failing)
         raise PolicyViolation(
@@ -665,24 +612,13 @@ def _describe(node: Describe, frame: SourceTable, policies: Mapping[str, OutputP
     return pa.table(arrays, names=["statistic", *kept]), suppressed
 
 
-def _describable(kind: Any) -> bool:
-    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind))
+_QUARTILES = ((0.25, "q25"), (0.5, "q50"), (0.75, "q75"))
+_STAT_COLUMNS = ("count", "mean", "std", "min", "q25", "q50", "q75", "max")
+
+
+def _describable(dtype: Any) -> bool:
+    return bool(dtype.is_integer() or dtype.is_float() or isinstance(dtype, pl.Decimal))
 
 
 def _never_released(lineage: Lineage, policies: Mapping[str, OutputPolicy]) -> bool:
     return any(d not in policies or c in policies[d].never_release for d, c in lineage)
-
-
-def _describe_column(column: Any) -> list[float | None]:
-    """count, mean, std (ddof=1), min, 25%, 50%, 75%, max, as pandas' describe computes them."""
-    count = column.length() - column.null_count
-    as_float = column.cast(pa.float64())
-    quartiles = pc.quantile(as_float, q=[0.25, 0.5, 0.75], interpolation="linear").to_pylist()
-    return [
-        float(count),
-        pc.mean(as_float).as_py(),
-        pc.stddev(as_float, ddof=1).as_py(),
-        pc.min(as_float).as_py(),
-        *quartiles,
-        pc.max(as_float).as_py(),
-    ]

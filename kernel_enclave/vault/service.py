@@ -39,7 +39,7 @@ _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # Requests read ahead of the one running (the executor pipelines its handle drops before a request). Beyond this the
 # reader waits, so a client cannot make the vault hold an unbounded number of frames.
 MAX_QUEUED = 16
-_Request = tuple[dict[str, Any], list[bytes], int | None, threading.Event]
+_Request = tuple[dict[str, Any], list[bytes], int | None, stoppable.CancelToken]
 
 
 class Connection(Protocol):
@@ -118,7 +118,7 @@ class VaultServer:
         """The connection's reader: frames in, cancels applied at once, requests queued for :meth:`_answer`."""
         handler = self._connections()
         sending = threading.Lock()
-        open_requests: dict[int, threading.Event] = {}  # id -> token, for requests queued or running
+        open_requests: dict[int, stoppable.CancelToken] = {}  # id -> token, for requests queued or running
         guard = threading.Lock()
         work: queue.Queue[_Request | None] = queue.Queue(MAX_QUEUED)
         answering = threading.Thread(
@@ -145,7 +145,7 @@ class VaultServer:
                     if token is not None:
                         token.set()
                     continue  # a cancel has no reply of its own: the cancelled request's reply answers it
-                token = threading.Event()
+                token = stoppable.CancelToken()
                 if rid is not None:
                     with guard:
                         if rid in open_requests:
@@ -168,7 +168,7 @@ class VaultServer:
         connection: socket.socket,
         handler: Connection,
         work: queue.Queue[_Request | None],
-        open_requests: dict[int, threading.Event],
+        open_requests: dict[int, stoppable.CancelToken],
         guard: threading.Lock,
         sending: threading.Lock,
     ) -> None:

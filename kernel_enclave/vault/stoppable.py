@@ -1,10 +1,18 @@
-"""Work an interrupt can stop: long computations run in a fork of the vault, which the vault kills on a cancel.
+"""Work an interrupt can stop: queries through Polars' own cancellation, model work in a fork the vault kills.
 
-A thread cannot be stopped inside scikit-learn's or Arrow's native code, and the vault answers one request at a
-time; an abandoned fit left in a thread kept the vault busy for minutes. So the service gives each request a
-cancellation token (:func:`cancellable`), and the long computations (a fit, a release's group-by or join) go
-through :func:`run`, which computes in a child process forked for the purpose and returns its result. A cancel
-kills the child at once (``SIGKILL``) and the request ends with :class:`Cancelled`.
+A thread cannot be stopped inside scikit-learn's native code, and the vault answers one request at a time; an
+abandoned fit left in a thread kept the vault busy for minutes. So the service gives each request a cancellation
+token (:class:`CancelToken`, :func:`cancellable`), and:
+
+- every Polars query of a request goes through :func:`collect`, which runs it on Polars' thread pool and cancels it
+  there when the token is set. Polars looks at its cancellation between operators, so an operator already running
+  (one big group-by, say) finishes first; a release made of several queries stops before its next one, and a
+  query over a dataset scanned from disk (Polars' streaming engine, which has no cancellation) runs to its end.
+  Polars cannot run in a fork: the child would have Polars' thread pool without its threads, and a query there
+  would wait for ever;
+- model work (a fit, metrics, predictions) goes through :func:`run`, which computes in a child process forked for
+  the purpose, on data the vault has already evaluated, and returns its result. A cancel kills the child at once
+  (``SIGKILL``) and the request ends with :class:`Cancelled`.
 
 A fork, not a fresh process: the child reads the vault's tables where they are (copy-on-write, no copy of the
 data), and it is never dumpable (the flag survives ``fork`` but not ``execve``), so no other process of the same
@@ -42,11 +50,14 @@ import threading
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from kernel_enclave.vault.protocol import Cancelled, VaultError
 
-__all__ = ["cancellable", "check", "run"]
+if TYPE_CHECKING:
+    import polars as pl
+
+__all__ = ["CancelToken", "cancellable", "check", "collect", "run"]
 
 T = TypeVar("T")
 _PR_SET_PDEATHSIG = 1
@@ -62,6 +73,51 @@ def _read_only(mapping: dict[Any, Any]) -> MappingProxyType[Any, Any]:
 
 # Results hold read-only mappings (a trained model's record counts); they cross the pipe as the dicts they wrap.
 copyreg.pickle(MappingProxyType, lambda proxy: (_read_only, (dict(proxy),)))
+
+
+class CancelToken(threading.Event):
+    """One request's cancellation: set by the connection's reader; what runs the request may ask to be told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks_lock = threading.Lock()
+        self._callbacks: list[Callable[[], object]] = []
+
+    def set(self) -> None:
+        super().set()
+        with self._callbacks_lock:
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    @contextlib.contextmanager
+    def on_cancel(self, callback: Callable[[], object]) -> Iterator[None]:
+        """Call ``callback`` (from the cancelling thread) if the token is set while the block runs."""
+        with self._callbacks_lock:
+            self._callbacks.append(callback)
+        try:
+            if self.is_set():  # set before the callback was registered: it may not have been called
+                callback()
+            yield
+        finally:
+            with self._callbacks_lock, contextlib.suppress(ValueError):
+                self._callbacks.remove(callback)
+
+
+def collect(query: pl.LazyFrame, *, streaming: bool = False) -> pl.DataFrame:
+    """``query`` collected, cancelled inside Polars if the current request is cancelled meanwhile."""
+    check()
+    token = _current.get()
+    if streaming or _in_worker or not isinstance(token, CancelToken):
+        return query.collect(engine="streaming" if streaming else "auto")
+    running = query.collect(background=True)
+    with token.on_cancel(running.cancel):
+        try:
+            return running.fetch_blocking()
+        except Exception:
+            if token.is_set():  # Polars ends a cancelled query with an error of its own
+                raise Cancelled() from None
+            raise
 
 
 @contextlib.contextmanager

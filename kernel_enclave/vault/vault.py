@@ -42,20 +42,18 @@ if TYPE_CHECKING:
     import pyarrow as pa  # type: ignore[import-untyped]
 
     from confnb.datasets.reader import read_verified
-    from kernel_enclave.vault import export, models, plan, release
+    from kernel_enclave.vault import export, models, plan, release, scan
 else:
     pa = Deferred("pyarrow")
     export = Deferred("kernel_enclave.vault.export")
     models = Deferred("kernel_enclave.vault.models")
     plan = Deferred("kernel_enclave.vault.plan")
     release = Deferred("kernel_enclave.vault.release")
+    scan = Deferred("kernel_enclave.vault.scan")
     read_verified = deferred_function("confnb.datasets.reader", "read_verified")
 
 REMEMBERED_RESULTS = 256  # released values kept for export; older ones must be released again
 MAX_PUBLIC_ROWS = 10_000_000
-# Releases over fewer source rows, without a join, take well under a second: computed in the vault's thread,
-# cheaper than forking a worker. A join, whose result can be far larger than its inputs, always gets one.
-WORKER_MIN_ROWS = 2_000_000
 
 Reply = tuple[dict[str, Any], list[bytes]]
 # Told (dataset id, where its policy came from: "broker", "upload" or "sealed", the policy) before a dataset's data
@@ -98,10 +96,6 @@ def read_ipc(data: bytes, what: str, *, public: bool = False) -> pa.Table:
     from kernel_enclave.vault import untrusted
 
     return untrusted.read_ipc(data, what, untrusted.PUBLIC_LIMITS if public else untrusted.SEALED_LIMITS)
-
-
-def _columns(table: pa.Table) -> list[dict[str, str]]:
-    return [{"name": field.name, "type": str(field.type)} for field in table.schema]
 
 
 class Vault:
@@ -203,7 +197,7 @@ class Vault:
         with self._lock:
             if dataset_id in self._opened:
                 raise VaultError(f"the dataset name {dataset_id!r} is already taken in this kernel")
-            handle = self._register(dataset_id, table, policy, source)
+            handle = self._register(dataset_id, plan.SourceTable.from_dataset(dataset_id, table), policy, source)
             if record is not None:
                 try:
                     self.audit.append("upload", dataset=dataset_id, handle=handle, **record)
@@ -218,12 +212,12 @@ class Vault:
         """Whether the name is taken (advisory: :meth:`add_table` checks again under the lock)."""
         return dataset_id in self._opened
 
-    def _register(self, dataset_id: str, table: pa.Table, policy: OutputPolicy, source: str) -> str:
+    def _register(self, dataset_id: str, frame: plan.SourceTable, policy: OutputPolicy, source: str) -> str:
         if self._on_policy is not None:
             self._on_policy(dataset_id, source, policy)  # the relay's gate tightens before any handle exists
         self._policies[dataset_id] = policy
         handle = self._new_id("d")
-        self._sources[handle] = plan.SourceTable.from_dataset(dataset_id, table)
+        self._sources[handle] = frame
         self._opened[dataset_id] = handle
         return handle
 
@@ -281,11 +275,17 @@ class Vault:
             raise VaultError(f"{dataset_id!r}: the owner's output policy is unusable: {exc}") from None
         if policy.digest() != manifest.output_policy_digest:
             raise VaultError(f"{dataset_id!r}: the released output policy is not the one the signed manifest names")
-        try:
-            table = read_verified(verified, released.key)
-        except (IntegrityError, DatasetFormatError) as exc:
-            raise VaultError(f"{dataset_id!r}: {exc}") from None
-        handle = self._register(dataset_id, table, policy, "broker")
+        if scan.should_scan(verified):  # larger than the vault's memory budget: read segment by segment per query
+            lazy = scan.scan_dataset(verified, released.key)
+            frame = plan.SourceTable.from_scan(dataset_id, lazy, manifest.schema.to_arrow())
+        else:
+            try:
+                table = read_verified(verified, released.key)
+            except (IntegrityError, DatasetFormatError) as exc:
+                raise VaultError(f"{dataset_id!r}: {exc}") from None
+            frame = plan.SourceTable.from_dataset(dataset_id, table)
+            del table
+        handle = self._register(dataset_id, frame, policy, "broker")
         self.audit.append(
             "open",
             dataset=dataset_id,
@@ -300,7 +300,7 @@ class Vault:
 
     def _opened_reply(self, handle: str, dataset_id: str) -> dict[str, Any]:
         policy = self._policies[dataset_id]
-        columns = _columns(self._sources[handle].table) if policy.allows("schema") else None
+        columns = plan.schema_of(self._sources[handle]) if policy.allows("schema") else None
         return {
             "ok": True,
             "handle": handle,
@@ -346,13 +346,13 @@ class Vault:
 
     def _preview(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         tree = _plan(header)
-        preview = self._stoppable(release.preview, tree)
+        preview = release.preview(tree, self._sources, self._policies)
         self.audit.append("preview", operation=digest_of(tree), shown=sorted(k for k in preview if k != "withheld"))
         return {"ok": True, "preview": preview}, []
 
     def _release(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         tree = _plan(header)
-        released = self._stoppable(release.release, tree)
+        released = release.release(tree, self._sources, self._policies)
         operation = digest_of(tree)
         reply: dict[str, Any] = {
             "ok": True,
@@ -389,12 +389,6 @@ class Vault:
         )
         return reply, out
 
-    def _stoppable(self, compute: Callable[..., Any], tree: dict[str, Any]) -> Any:
-        """``compute(tree, sources, policies)``, in a worker an interrupt can stop when it may take long."""
-        if _long(tree, self._sources):
-            return stoppable.run(compute, tree, self._sources, self._policies)
-        return compute(tree, self._sources, self._policies)
-
     def _remember(self, result: _Result) -> str:
         result_id = self._new_id("r")
         self._results[result_id] = result
@@ -421,10 +415,8 @@ class Vault:
         if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, int)):
             raise ProtocolError("fit: random_state must be an integer or null")
         fit_args = (header.get("estimator"), target, features, test_size, random_state, self._policies)
-        if _long(tree, self._sources):  # a join (or a large table) first: evaluated in the worker too, stoppable
-            model = stoppable.run(_evaluate_and_fit, tree, self._sources, *fit_args, openmp=True)
-        else:
-            model = models.fit(plan.evaluate(tree, self._sources), *fit_args)
+        # The plan's queries run here (cancellable in Polars); the training itself in a worker (models.fit).
+        model = models.fit(plan.evaluate(tree, self._sources), *fit_args)
         model_id = self._new_id("m")
         self._models[model_id] = model
         self.audit.append(
@@ -528,8 +520,8 @@ class Vault:
         table = source.table
         # After a join, which source record each row came from decides min_group_size; it is sealed along.
         record_columns = []
-        for position, (dataset, ids) in enumerate(source.record_ids or ()):
-            name = f"\x00record{position}"
+        hidden = plan.fresh_names(len(source.record_ids or ()), set(table.column_names))
+        for name, (dataset, ids) in zip(hidden, source.record_ids or (), strict=True):
             table = table.append_column(name, ids)
             record_columns.append([name, dataset])
         metadata = {
@@ -573,10 +565,11 @@ class Vault:
             for column, origins in sealed.metadata["lineage"].items()
         }
         record_columns = [(str(name), str(dataset)) for name, dataset in sealed.metadata.get("record_columns", [])]
-        records = tuple((dataset, table.column(name)) for name, dataset in record_columns) or None
-        table = table.drop_columns([name for name, _ in record_columns])
+        if any(name not in table.column_names for name, _ in record_columns):
+            raise VaultError("the sealed table lacks the record-id columns its metadata names")
+        frame = plan.SourceTable.from_arrow(table, lineage, frozenset(sealed.metadata["datasets"]), record_columns)
         handle = self._new_id("d")
-        self._sources[handle] = plan.SourceTable(table, lineage, frozenset(sealed.metadata["datasets"]), records)
+        self._sources[handle] = frame
         self.audit.append("unseal", handle=handle, datasets=sorted(policies), digest=_bytes_digest(buffers[0]))
         datasets = sorted(policies)
         shown = all(self._policies[name].allows("schema") for name in datasets)
@@ -585,7 +578,7 @@ class Vault:
             "handle": handle,
             "dataset": "+".join(datasets),
             "datasets": datasets,
-            "columns": _columns(table) if shown else None,
+            "columns": plan.schema_of(frame) if shown else None,
             "policy": strictest(self._policies[name] for name in datasets).to_dict(),
         }, []
 
@@ -682,29 +675,6 @@ def _text(header: Mapping[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value or len(value) > 4096:
         raise ProtocolError(f"{header.get('op', 'request')}: {key} must be a non-empty string")
     return value
-
-
-def _evaluate_and_fit(tree: dict[str, Any], sources: Mapping[str, plan.SourceTable], *fit_args: Any) -> Any:
-    return models.fit(plan.evaluate(tree, sources), *fit_args)
-
-
-def _long(tree: dict[str, Any], sources: Mapping[str, plan.SourceTable]) -> bool:
-    """Whether a plan joins, or reads at least :data:`WORKER_MIN_ROWS` source rows (before it is parsed: a walk
-    without recursion, so that no plan the executor sends can exhaust the stack here)."""
-    rows = 0
-    pending: list[object] = [tree]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, dict):
-            if node.get("node") == "join":
-                return True
-            handle = node.get("handle")
-            if node.get("node") == "source" and isinstance(handle, str) and handle in sources:
-                rows += sources[handle].table.num_rows
-            pending.extend(node.values())
-        elif isinstance(node, list):
-            pending.extend(node)
-    return rows >= WORKER_MIN_ROWS
 
 
 def _plan(header: Mapping[str, Any]) -> dict[str, Any]:

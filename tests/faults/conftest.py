@@ -10,6 +10,7 @@ the processes it saw is left.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -124,6 +125,31 @@ class FaultKernel:
         """The vault's worker process, once the long computation has started in it."""
         wait_until(lambda: bool(self.workers()), timeout, "the vault's worker process")
         return self.workers()[0]
+
+    def vault_cpu_seconds(self) -> float:
+        """CPU time the vault process has used (all its threads, Polars' pool among them)."""
+        fields = Path(f"/proc/{self.vault}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def vault_busy(self, window: float = 0.2) -> bool:
+        """Whether the vault is computing: it used at least a third of a core over ``window`` seconds."""
+        before = self.vault_cpu_seconds()
+        time.sleep(window)
+        return self.vault_cpu_seconds() - before >= window / 3
+
+    def wait_idle(self, timeout: float) -> None:
+        wait_until(lambda: not self.vault_busy(), timeout, "the vault to stop computing")
+
+    def interrupt_while_busy(self, code: str, settle: float = 0.5) -> Cell:
+        """Run ``code``, interrupt it while the vault computes it in its own threads (Polars); the cell, timed from
+        the interrupt."""
+        msg_id = self.start(code)
+        wait_until(self.vault_busy, WAIT_S, "the vault to start computing")
+        time.sleep(settle)  # well inside the computation
+        assert self.vault_busy(), "the computation ended before the interrupt: make it longer"
+        interrupted = time.monotonic()
+        self.kernel.manager.interrupt_kernel()
+        return self.finish(msg_id, interrupted)
 
     def wait_gone(self, pid: int, timeout: float = 10.0) -> None:
         wait_until(lambda: not alive(pid), timeout, f"process {pid} to end")

@@ -422,3 +422,14 @@ def test_where_selects_like_numpy(cond: tuple[Expr, Callable[[pd.DataFrame], Any
 def test_any_json_scalar_round_trips_as_a_literal(value: object) -> None:
     node = (cn.col("a") == value).to_json()
     assert json.loads(json.dumps(node, allow_nan=False)) == fn("eq", A, lit(value))
+
+
+def test_window_functions_build_over_nodes_that_name_their_group_columns() -> None:
+    ranked = Column("a").rank().over("g", ["h"])
+    assert ranked.to_json() == fn("over", A, func="rank", by=["g", "h"])
+    assert ranked.columns() == {"a", "g", "h"}
+    assert Column("a").transform("sum").over("g").to_json() == fn("over", A, func="sum", by=["g"])
+    with pytest.raises(ValueError, match="transform takes one of sum, mean, count"):
+        Column("a").transform("min")
+    with pytest.raises(TypeError, match="over takes the names of the group columns"):
+        Column("a").rank().over()

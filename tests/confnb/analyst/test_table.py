@@ -108,6 +108,16 @@ def test_filter_group_by_agg_equals_pandas(claims: SealedTable, df: pd.DataFrame
     assert released.attrs["confnb_suppressed"] == 4
 
 
+def test_window_over_groups_equals_pandas_groupby_rank_and_transform(claims: SealedTable, df: pd.DataFrame) -> None:
+    ranked = claims.assign(r=claims["cost"].rank().over("region"), share=claims["cost"].transform("mean").over("sex"))
+    released = ranked[ranked["r"] > 20].group_by("sex").agg(mean_r=("r", "mean"), mean_share=("share", "mean"))
+    frame = df.assign(r=df.groupby("region")["cost"].rank(), share=df.groupby("sex")["cost"].transform("mean"))
+    expected = frame[frame["r"] > 20].groupby("sex").agg(mean_r=("r", "mean"), mean_share=("share", "mean"))
+    pd.testing.assert_frame_equal(released.release(), expected, check_dtype=False)
+    with pytest.raises(ValueError, match="transform takes one of sum, mean, count"):
+        claims["cost"].transform("max")
+
+
 def test_quantile_three_tuple_matches_pandas_quantile(claims: SealedTable, df: pd.DataFrame) -> None:
     released = claims.group_by("sex").agg(p90=("cost", "quantile", 0.9), p10=("age", "quantile", 0.1)).release()
     grouped = df.groupby("sex")

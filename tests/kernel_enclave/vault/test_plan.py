@@ -701,3 +701,68 @@ def test_any_well_formed_expression_evaluates_or_raises_a_vault_error(
         assert result.table.num_rows <= 5
     for value in ("Ann", "bob", "Cid", "-2.25", "10.0", "2024-02-29"):
         assert value not in message
+
+
+# -- window functions over groups -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def staff() -> dict[str, SourceTable]:
+    table = pa.table(
+        {
+            "dept": pa.array(["a", "b", "a", "a", None, "b", "b"]),
+            "pay": pa.array([30.0, 10.0, 30.0, 20.0, 5.0, float("nan"), 40.0]),
+            "n": pa.array([1, 2, 3, 4, 5, 6, 7], pa.int64()),
+        }
+    )
+    return {"t": SourceTable.from_dataset("staff", table)}
+
+
+@pytest.mark.parametrize("func", ["rank", "sum", "mean", "count"])
+def test_over_matches_pandas_groupby_rank_and_transform(staff: dict[str, SourceTable], func: str) -> None:
+    frame = staff["t"].table.to_pandas()
+    grouped = frame.groupby("dept")["pay"]
+    expected = grouped.rank() if func == "rank" else grouped.transform(func)
+    got = out(assign(fn("over", col("pay"), func=func, by=["dept"])), staff)
+    for g, e in zip(got, expected, strict=True):
+        assert (g is None and pd.isna(e)) or g == pytest.approx(e), (func, got, list(expected))
+
+
+def test_over_lineage_includes_the_group_keys_and_refuses_extremes(staff: dict[str, SourceTable]) -> None:
+    result = evaluate(assign(fn("over", col("n"), func="sum", by=["dept"])), staff)
+    assert result.lineage["out"] == frozenset({("staff", "n"), ("staff", "dept")})
+    with pytest.raises(VaultError, match="func must be one of rank, sum, mean, count"):
+        parse_plan(assign(fn("over", col("n"), func="max", by=["dept"])))
+    with pytest.raises(VaultError, match="over: no column 'nope'"):
+        evaluate(assign(fn("over", col("n"), func="rank", by=["nope"])), staff)
+    with pytest.raises(VaultError, match=r"over \(sum\) needs numbers"):
+        evaluate(assign(fn("over", col("dept"), func="sum", by=["n"])), staff)
+
+
+def test_a_join_on_keys_unique_on_one_side_marks_the_other_sides_records_unique(two: dict[str, SourceTable]) -> None:
+    """Counting rows with an id is counting records only where no record can repeat: the flag must be exact."""
+    many_to_one = evaluate({"node": "join", "left": src("l"), "right": src("r"), "on": ["k"]}, two)
+    assert many_to_one.records is not None
+    left_id, _ = (name for _, name in many_to_one.records)
+    # R's keys are unique, so each L row meets at most one R row; L's key 2 repeats, so R's record 0 repeats.
+    assert many_to_one.unique == frozenset({left_id})
+    ids = dict(zip(["L", "R"], (ids.to_pylist() for _, ids in many_to_one.record_ids or ()), strict=True))
+    assert len(ids["L"]) == len(set(ids["L"]))
+    assert len(ids["R"]) > len(set(ids["R"]))
+    self_join = evaluate({"node": "join", "left": src("l"), "right": src("l"), "on": ["k"]}, two)
+    assert self_join.unique == frozenset()
+
+
+def test_float_columns_without_nan_are_known_through_selects_assignments_and_joins() -> None:
+    """Reading a column without the NaN-to-null pass is right only where no NaN can be: the flag must be exact."""
+    left = pa.table({"k": [1, 2], "clean": [1.5, 2.5], "dirty": [float("nan"), 1.0], "v": [0.5, 0.25]})
+    right = pa.table({"k": [1, 2], "v": [float("nan"), 3.0]})
+    sources = {"l": SourceTable.from_dataset("L", left), "r": SourceTable.from_dataset("R", right)}
+    assert sources["l"].nan_free == frozenset({"clean", "v"})
+    assigned = evaluate(
+        {"node": "assign", "input": src("l"), "columns": [["copy", col("clean")], ["clean", fn("log", col("v"))]]},
+        sources,
+    )
+    assert assigned.nan_free == frozenset({"copy", "v"})
+    joined = evaluate({"node": "join", "left": src("l"), "right": src("r"), "on": ["k"]}, sources)
+    assert joined.nan_free == frozenset({"clean", "v_x"})

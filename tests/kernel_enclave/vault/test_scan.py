@@ -1,0 +1,294 @@
+"""Datasets larger than the vault's memory: scanned segment by segment into Polars' streaming engine, exactly.
+
+The large test runs a real vault process under a data-segment limit (``RLIMIT_DATA``, which bounds the heap and
+every private anonymous mapping, where decrypted data would live) over an encrypted dataset more than three times
+that limit, checks the group-by and the filtered aggregate against the plaintext's exact values, and then looks
+through every file written meanwhile, wherever the vault could write, for the plaintext's marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from confnb.policy.output import OutputPolicy
+
+POLICY = """
+[policy]
+id = "scan-test-v1"
+[release]
+allow = ["schema", "aggregate", "row_count"]
+min_group_size = 5
+"""
+GROUPS = 50
+MARKER = b"PLAINTEXT-MARKER-7c1e"
+TAG_BYTES = 48  # the marker, padded: most of each row, so the dataset is large in few rows
+DATA_LIMIT = 320 * 2**20
+BATCH_ROWS = 1 << 16  # as the owner tooling writes them
+
+
+def tags(rows: int) -> pa.Array:
+    """``rows`` strings, each the marker and a row-dependent tail, built from buffers (no Python strings)."""
+    tail = np.frombuffer(b"0123456789abcdef" * ((rows * 4) // 16 + 1), dtype=np.uint8)[: rows * 4].reshape(rows, 4)
+    body = np.empty((rows, TAG_BYTES), dtype=np.uint8)
+    body[:, : len(MARKER)] = np.frombuffer(MARKER, dtype=np.uint8)
+    body[:, len(MARKER) : TAG_BYTES - 4] = ord("-")
+    body[:, TAG_BYTES - 4 :] = tail
+    offsets = np.arange(rows + 1, dtype=np.int32) * TAG_BYTES
+    return pa.StringArray.from_buffers(rows, pa.py_buffer(offsets), pa.py_buffer(body.tobytes()))
+
+
+@pytest.fixture
+def make_dataset(tmp_path: Path, simulated_tee_dir: Path) -> Iterator[Callable[[int], tuple[str, dict[str, Any]]]]:
+    """Encrypts a dataset of ``rows`` rows (g, x, tag) with the owner's tooling; yields the broker URL and truths."""
+    from confnb.broker.local import serve_locally
+    from confnb.broker.store import OwnerStore
+    from confnb.datasets.owner import encrypt_dataset
+    from kernel_enclave.measurement import simulated_measurement
+
+    store = OwnerStore.create(tmp_path / "store")
+    attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
+    with contextlib.ExitStack() as stack:
+
+        def make(rows: int) -> tuple[str, dict[str, Any]]:
+            rng = np.random.default_rng(rows)
+            sums = np.zeros(GROUPS, dtype=np.int64)
+            counts = np.zeros(GROUPS, dtype=np.int64)
+            filtered = [0, 0]
+
+            def batches() -> Iterator[pa.RecordBatch]:
+                for start in range(0, rows, BATCH_ROWS):
+                    n = min(BATCH_ROWS, rows - start)
+                    g = rng.integers(0, GROUPS, n)
+                    x = rng.integers(-1000, 1000, n)
+                    sums[:] += np.bincount(g, weights=x, minlength=GROUPS).astype(np.int64)
+                    counts[:] += np.bincount(g, minlength=GROUPS)
+                    chosen = (g < 10) & (x > 500)
+                    filtered[0] += int(x[chosen].sum())
+                    filtered[1] += int(chosen.sum())
+                    yield pa.record_batch({"g": g, "x": x, "tag": tags(n)})
+
+            schema = pa.schema([("g", pa.int64()), ("x", pa.int64()), ("tag", pa.string())])
+            reader = pa.RecordBatchReader.from_batches(schema, batches())
+            policy = OutputPolicy.from_toml(POLICY)
+            encrypt_dataset(reader, tmp_path / "datasets" / "big", store, "big", policy, attestation)
+            url = stack.enter_context(serve_locally(store))
+            truths = {"sums": sums, "counts": counts, "filtered_sum": filtered[0], "filtered_rows": filtered[1]}
+            return url, truths
+
+        yield make
+
+
+class LimitedVault:
+    """``python -m kernel_enclave.vault`` as the launcher starts it, under ``RLIMIT_DATA``."""
+
+    def __init__(self, socket: Path, broker_url: str, datasets: Path, limit: int, env: dict[str, str]) -> None:
+        from kernel_enclave.vault.keys import VaultKeys
+
+        def limited() -> None:
+            resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kernel_enclave.vault"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=limited,  # noqa: PLW1509  # setrlimit in the child only, before it imports anything
+        )
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self._stdin: IO[bytes] = self.process.stdin
+        config = {
+            "keys": VaultKeys.generate().to_dict(),
+            "tee": "simulated",
+            "broker_url": broker_url,
+            "dataset_path": str(datasets),
+            "socket": str(socket),
+            "executor_uid": os.getuid(),
+        }
+        self._stdin.write(json.dumps(config).encode() + b"\n")
+        self._stdin.flush()
+        ready = json.loads(self.process.stdout.readline() or b'{"error": "the vault exited"}')
+        assert ready.get("ready") is True, ready
+        self._listener = threading.Thread(target=self._acknowledge, args=(self.process.stdout,), daemon=True)
+        self._listener.start()
+
+    def _acknowledge(self, stdout: IO[bytes]) -> None:
+        for line in stdout:
+            with contextlib.suppress(ValueError, KeyError, OSError):
+                self._stdin.write(json.dumps({"ack": int(json.loads(line)["seq"])}).encode() + b"\n")
+                self._stdin.flush()
+
+    def status(self, field: str) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(f"{field} not in the vault's status")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._listener.join(timeout=10)  # it ends with the vault's stdout
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+def files_written_since(roots: list[Path], since: float) -> list[Path]:
+    found = []
+    for root in roots:
+        for directory, _, names in os.walk(root):
+            for name in names:
+                path = Path(directory) / name
+                with contextlib.suppress(OSError):
+                    if path.is_file() and path.stat().st_mtime >= since:
+                        found.append(path)
+    return found
+
+
+def holds_marker(path: Path) -> bool:
+    with path.open("rb") as handle:
+        tail = b""
+        while chunk := handle.read(1 << 22):
+            if MARKER in tail + chunk:
+                return True
+            tail = chunk[-len(MARKER) :]
+    return False
+
+
+@pytest.mark.slow
+def test_group_by_and_filtered_aggregate_over_a_dataset_three_times_the_vaults_memory_limit(
+    make_dataset: Callable[[int], tuple[str, dict[str, Any]]],
+    tmp_path: Path,
+    simulated_tee_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from confnb.analyst.session import current_session
+
+    rows = (3 * DATA_LIMIT) // TAG_BYTES + 64 * BATCH_ROWS
+    url, truths = make_dataset(rows)
+    files = sorted((tmp_path / "datasets" / "big").glob("*"))
+    manifest = json.loads((tmp_path / "datasets" / "big" / "manifest.json").read_text())
+    plaintext = sum(entry["size"] for entry in manifest["files"])
+    assert plaintext >= 3 * DATA_LIMIT, (plaintext, files)
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    socket_dir = Path(tempfile.mkdtemp(prefix="cnb-"))  # a Unix socket's path is limited to about 100 bytes
+    env = {
+        **os.environ,
+        "CONFNB_SIMULATED_TEE_DIR": str(simulated_tee_dir),
+        "TMPDIR": str(scratch),  # the only temporary directory the vault is told of
+        # The C allocators' per-thread arenas are address space, not data: keep them few under the limit.
+        "MALLOC_ARENA_MAX": "2",
+        "ARROW_DEFAULT_MEMORY_POOL": "system",
+    }
+    env.pop("CONFNB_VAULT_MEMORY_BUDGET", None)  # the vault derives its budget from the limit
+    spill_dirs_before = set(Path("/dev/shm").glob("confnb-vault-*"))
+    started = time.time()
+    vault = LimitedVault(socket_dir / "vault.sock", url, tmp_path / "datasets", DATA_LIMIT, env)
+    monkeypatch.setenv("CONFNB_VAULT_SOCKET", str(socket_dir / "vault.sock"))
+    try:
+        import confnb as cn
+
+        big = cn.open("big")
+        grouped = big.group_by("g").agg(total=("x", "sum"), n=("x", "count")).release()
+        assert grouped["total"].to_numpy().tolist() == truths["sums"].tolist()
+        assert grouped["n"].to_numpy().tolist() == truths["counts"].tolist()
+        chosen = big[(big["g"] < 10) & (big["x"] > 500)]
+        filtered = chosen.agg(total=("x", "sum"), n=("x", "count")).release()
+        assert int(filtered["total"]) == truths["filtered_sum"]
+        assert int(filtered["n"]) == truths["filtered_rows"]
+        # The dataset never was in the vault's memory: its peak resident set stayed below the plaintext's size.
+        peak = vault.status("VmHWM")
+        assert peak < plaintext / 2, (peak, plaintext)
+        spilling = set(Path("/dev/shm").glob("confnb-vault-*")) - spill_dirs_before
+        assert len(spilling) == 1  # where Polars would spill: the vault's own directory in memory
+        assert (next(iter(spilling)).stat().st_mode & 0o777) == 0o700
+    finally:
+        current_session().close()
+        vault.close()
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+    # Polars' spill directory was memory (tmpfs) of the vault's own, removed when the vault exited.
+    assert spill_dirs_before == set(Path("/dev/shm").glob("confnb-vault-*"))
+    # Nothing written meanwhile, anywhere the vault could write, holds the plaintext marker (the encrypted files,
+    # written before, are checked too: they hold ciphertext only).
+    written = files_written_since([tmp_path, Path(tempfile.gettempdir()), Path.cwd()], started)
+    assert not [path for path in written if holds_marker(path)]
+    assert not [path for path in files if holds_marker(path)]
+    assert not any(holds_marker(path) for path in scratch.rglob("*") if path.is_file())
+
+
+def test_a_scanned_dataset_answers_as_the_decrypted_one(
+    make_dataset: Callable[[int], tuple[str, dict[str, Any]]],
+    tmp_path: Path,
+    simulated_backend: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same plans over the same dataset, scanned (budget 0) and decrypted whole: identical releases."""
+    from kernel_enclave.vault import release
+    from kernel_enclave.vault.keys import VaultKeys
+    from kernel_enclave.vault.vault import Vault
+
+    url, truths = make_dataset(30_000)
+    results = []
+    for budget in ("0", str(2**40)):
+        monkeypatch.setenv("CONFNB_VAULT_MEMORY_BUDGET", budget)
+        vault = Vault(
+            backend=simulated_backend,
+            keys=VaultKeys.generate(),
+            broker_url=url,
+            dataset_path=str(tmp_path / "datasets"),
+        )
+        reply, _ = vault.handle({"op": "open", "source": "big"}, [])
+        assert reply["ok"], reply
+        source = vault._sources[reply["handle"]]
+        assert source.streaming is (budget == "0")
+        plans = [
+            {
+                "node": "aggregate",
+                "input": {"node": "source", "handle": reply["handle"]},
+                "by": ["g"],
+                "aggs": [
+                    {"name": "t", "column": "x", "func": "sum"},
+                    {"name": "m", "column": "x", "func": "median"},
+                    {"name": "lo", "column": "x", "func": "min"},
+                ],
+            },
+            {"node": "describe", "input": {"node": "source", "handle": reply["handle"]}, "columns": ["x"]},
+            {"node": "value_counts", "input": {"node": "source", "handle": reply["handle"]}, "column": "g"},
+            {
+                "node": "count",
+                "input": {
+                    "node": "join",
+                    "left": {"node": "source", "handle": reply["handle"]},
+                    "right": {"node": "source", "handle": reply["handle"]},
+                    "on": ["x"],
+                },
+            },
+        ]
+        released = [release.release(plan, vault._sources, vault._policies) for plan in plans]
+        results.append([(r.table.to_pylist() if r.table is not None else r.value, r.suppressed) for r in released])
+    assert results[0] == results[1]
+    assert [row["t"] for row in results[0][0][0]] == truths["sums"].tolist()
