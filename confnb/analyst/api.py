@@ -136,7 +136,7 @@ def kernel_info() -> dict[str, Any]:
 
 
 def wait_until_loaded(session: VaultSession) -> None:
-    """Wait for the vault to finish loading scikit-learn and pandas, saying so on stderr if that takes a while.
+    """Wait for the vault to finish loading its query engine, saying so on stderr if that takes a while.
 
     The vault loads them in the background once the kernel has started, so that the kernel is ready at once; only
     a ``cn.open`` in the first seconds of a kernel's life can find them still loading.
@@ -147,7 +147,7 @@ def wait_until_loaded(session: VaultSession) -> None:
     started = time.monotonic()
     if status.get("state") not in ("ready", "failed"):
         print(
-            "confnb: the vault is still loading scikit-learn and pandas (once per kernel); waiting...",
+            "confnb: the vault is still loading its query engine (once per kernel); waiting...",
             file=sys.stderr,
             flush=True,
         )

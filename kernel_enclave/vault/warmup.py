@@ -1,13 +1,15 @@
-"""The vault's heavy imports (scikit-learn, pandas, skops, Parquet, the estimator allowlist), kept off the start path.
+"""The vault's heavy imports (Polars, Arrow, Parquet; scikit-learn, pandas, skops and the estimator allowlist), kept
+off the start path.
 
 They take seconds to import, and a kernel is ready as soon as the analyst can run a cell: most cells never reach
-the vault. So the vault binds its sockets and answers ``hello`` first, and loads these modules in a background
+the vault. So the vault binds its sockets and answers ``hello`` first, and loads what queries need in a background
 thread; a request that needs them waits for that thread (:meth:`Warmup.wait`), never imports them itself, so two
 threads never race through the same half-imported package. The ``warmup`` request reports how far the loading is,
-which is how ``cn.open`` knows to say why it is waiting.
+which is how ``cn.open`` knows to say why it is waiting. scikit-learn is loaded by the kernel's first model
+operation (:meth:`Warmup.wait_for_models`), under a lock: queries never wait for it.
 
 ``CONFNB_VAULT_WARMUP=on-demand`` leaves the loading to the first request that needs it instead: a kernel that
-never touches a dataset never pays for scikit-learn, and a test can watch a kernel answer while nothing is loaded.
+never touches a dataset never pays for it, and a test can watch a kernel answer while nothing is loaded.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ HEAVY_MODULES: Final = (
     "kernel_enclave.vault.release",  # NumPy
     "kernel_enclave.vault.export",
     "kernel_enclave.vault.upload",
-    "pandas",
     "confnb.datasets.reader",  # Parquet and pyarrow.dataset, for cn.open
-    "kernel_enclave.vault.models",  # scikit-learn, skops and the estimator allowlist
 )
+# Loaded by a kernel's first model operation, not in the background: queries never wait for scikit-learn, nor fail
+# with it (a vault under a tight memory limit, scanning a dataset larger than its memory, may be unable to load it).
+MODEL_MODULES: Final = ("kernel_enclave.vault.models",)  # scikit-learn, skops and the estimator allowlist
 # What ``warmup`` reports as loaded (top-level packages imported in this process), for whoever wonders why it waits.
-WATCHED_PACKAGES: Final = ("pandas", "sklearn", "skops")
+WATCHED_PACKAGES: Final = ("polars", "pandas", "sklearn", "skops")
 # Requests that need none of the heavy modules: answered at once, also while the others are still loading.
 IMMEDIATE_OPS: Final = frozenset({"hello", "warmup", "audit", "drop"})
 MAX_WAIT_S: Final = 30.0  # one ``warmup`` request waits at most this long; the client asks again
@@ -64,10 +67,14 @@ def valid_wait(wait: object) -> TypeGuard[float]:
 class Warmup:
     """Imports ``modules`` once, in a thread of its own, and lets requests wait for them."""
 
-    def __init__(self, modules: Sequence[str] = HEAVY_MODULES) -> None:
+    def __init__(self, modules: Sequence[str] = HEAVY_MODULES, later: Sequence[str] = MODEL_MODULES) -> None:
         self._modules = tuple(modules)
+        self._later = tuple(later)
         self._lock = threading.Lock()
         self._done = threading.Event()
+        self._later_lock = threading.Lock()
+        self._later_done = threading.Event()
+        self._later_error = ""
         self._state = PENDING
         self._started_at = 0.0
         self._seconds = 0.0
@@ -87,9 +94,30 @@ class Warmup:
         self.start()
         return self._done.wait(timeout)
 
+    def wait_for_models(self) -> None:
+        """Load the model modules (once, whichever thread asks first); :class:`VaultError` naming the module if they
+        could not be."""
+        self.wait()
+        with self._later_lock:
+            if not self._later_done.is_set():
+                self._later_error = self._error
+                for name in self._later if not self._error else ():
+                    try:
+                        importlib.import_module(name)
+                    except Exception as exc:  # model operations are refused, naming it; queries go on
+                        self._later_error = f"{type(exc).__name__} while importing {name}"
+                        break
+                self._later_done.set()
+        if self._later_error:
+            raise VaultError(f"the vault could not load what this request needs ({self._later_error})")
+
     @property
     def state(self) -> str:
         return self._state
+
+    @property
+    def later_modules(self) -> tuple[str, ...]:
+        return self._later
 
     @property
     def error(self) -> str:
@@ -132,6 +160,8 @@ class Deferred:
         self._name = name
 
     def __getattr__(self, attribute: str) -> Any:
+        if self._name in VAULT_WARMUP.later_modules:
+            VAULT_WARMUP.wait_for_models()
         if VAULT_WARMUP.state == FAILED:  # fail closed, and say why, rather than import half a package again
             raise VaultError(f"the vault could not load what this request needs ({VAULT_WARMUP.error})")
         return getattr(importlib.import_module(self._name), attribute)
