@@ -36,7 +36,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -68,6 +67,7 @@ id = "bench-engine-v1"
 allow = ["schema", "aggregate", "row_count"]
 min_group_size = 10
 """
+BASELINES = ("vs_polars", "vs_pandas")  # the per-operation ratios, each with its target
 OPERATIONS = ("filter_group_by", "join_group_by", "value_counts", "group_by_quantile", "describe", "window")
 
 
@@ -258,16 +258,6 @@ def owner_broker(tables: dict[str, pa.Table], workdir: Path, log: Callable[[str]
         yield url
 
 
-def commit_id() -> str:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
-        )
-        return done.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run(rows: int, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
     import confnb as cn
 
@@ -324,13 +314,6 @@ def run(rows: int, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
     met.update({f"{name}_vs_pandas": op["vs_pandas"] <= TARGET_PANDAS for name, op in operations.items()})
     met["memory"] = memory_ratio <= TARGET_MEMORY
     return {
-        "commit": commit_id(),
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-        },
         "versions": {"polars": pl.__version__, "pyarrow": pa.__version__, "pandas": pd.__version__},
         "rows": rows,
         "rounds": rounds,
@@ -348,13 +331,15 @@ def run(rows: int, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 def main() -> int:
+    from _provenance import TIMES, Provenance, add_output_argument, ratio
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows per table (default 1,000,000)")
     parser.add_argument("--large", action="store_true", help="10,000,000 rows per table")
     parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds per operation (default 11)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--out", type=Path, help="also write the JSON figures to this file")
     parser.add_argument("--child", type=Path, nargs=2, help=argparse.SUPPRESS)
+    add_output_argument(parser, "vault_engine")
     args = parser.parse_args()
     if args.child is not None:
         child(*args.child)
@@ -366,10 +351,21 @@ def main() -> int:
     load = os.getloadavg()[0]
     if load > 0.5:
         log(f"warning: load average {load:.2f}; other processes compete for the CPUs")
+    provenance = Provenance("vault_engine")
     figures = run(10_000_000 if args.large else args.rows, args.rounds, log)
     figures["load_average_at_start"] = load
-    if args.out is not None:
-        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    operations, targets = figures["operations"], figures["targets"]
+    slowest = {baseline: max(operations, key=lambda name: operations[name][baseline]) for baseline in BASELINES}
+    summary = {
+        "figure": "vault vs plaintext, slowest of six queries: vs Polars / vs pandas; peak memory vs Polars",
+        "result": " / ".join(
+            [f"{ratio(operations[name][baseline])} ({name})" for baseline, name in slowest.items()]
+            + [ratio(figures["memory_ratio"])]
+        ),
+        "target": " / ".join(f"≤ {targets[name]:g}{TIMES}" for name in (*BASELINES, "memory")),
+        "met": all(figures["met"].values()),
+    }
+    figures = provenance.record(figures, summary, args.out)
     if args.json:
         print(json.dumps(figures, indent=2))
     else:

@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from vault_engine import build_tables, commit_id, owner_broker
+from vault_engine import build_tables, owner_broker
 from vault_ops import vault_process
 
 TARGET = 0.5
@@ -86,8 +85,6 @@ def run(rows: int, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
     medians = {mode: statistics.median(values) for mode, values in times.items()}
     ratio = medians["in_memory"] / medians["scanned"]
     return {
-        "commit": commit_id(),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "versions": {"polars": pl.__version__, "numpy": np.__version__},
         "rows": rows,
         "bytes": people.nbytes,
@@ -102,19 +99,27 @@ def run(rows: int, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 def main() -> int:
+    from _provenance import TIMES, Provenance, add_output_argument, ratio
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=5_000_000, help="rows (default 5,000,000)")
     parser.add_argument("--rounds", type=int, default=7, help="timed group-bys per mode (default 7)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--out", type=Path, help="also write the JSON figures to this file")
+    add_output_argument(parser, "vault_scan")
     args = parser.parse_args()
 
     def log(message: str) -> None:
         print(f"  {message}", file=sys.stderr, flush=True)
 
+    provenance = Provenance("vault_scan")
     figures = run(args.rows, args.rounds, log)
-    if args.out is not None:
-        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    summary = {
+        "figure": "out-of-core (scanned) vs in-memory group-by throughput",
+        "result": ratio(figures["throughput_ratio"]),
+        "target": f"≥ {TARGET:g}{TIMES}",
+        "met": figures["met"],
+    }
+    figures = provenance.record(figures, summary, args.out)
     if args.json:
         print(json.dumps(figures, indent=2))
     else:

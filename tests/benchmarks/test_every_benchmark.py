@@ -32,7 +32,18 @@ EXERCISED = {
     "dataset_parquet_load",  # test_dataset_loads.py
     "kernel_roundtrip",
     "lab_verify",
+    "soak",
+    "vault_engine",
     "vault_ops",
+    "vault_scan",
+}
+VAULT_ENGINE_OPERATIONS = {
+    "filter_group_by",
+    "join_group_by",
+    "value_counts",
+    "group_by_quantile",
+    "describe",
+    "window",
 }
 
 
@@ -139,6 +150,34 @@ def test_vault_ops_runs(run_benchmark: RunBenchmark) -> None:
     assert set(result["ratios"]) == {"aggregate", "fit", "memory"}
 
 
+def test_vault_engine_runs(run_benchmark: RunBenchmark) -> None:
+    """Every operation's vault result equals Polars' (the script exits without output otherwise), then is timed."""
+    result = run_benchmark("vault_engine.py", "--rows", "20000", "--rounds", "1")
+    assert set(result["operations"]) == VAULT_ENGINE_OPERATIONS
+    for figures in result["operations"].values():
+        assert set(figures["median_s"]) == {"vault", "polars", "pandas"}
+        assert all(seconds > 0 for seconds in figures["median_s"].values())
+        assert figures["vs_polars"] > 0 and figures["vs_pandas"] > 0
+    memory = result["memory_bytes"]
+    assert memory["vault_peak"] > 0 and memory["plaintext_polars_peak"] > 0
+    assert result["memory_ratio"] == memory["vault_peak"] / memory["plaintext_polars_peak"]
+    assert set(result["met"]) == {
+        f"{name}_{baseline}" for name in VAULT_ENGINE_OPERATIONS for baseline in ("vs_polars", "vs_pandas")
+    } | {"memory"}
+    assert result["met"]["memory"] == (result["memory_ratio"] <= result["targets"]["memory"])
+    assert result["summary"]["met"] == all(result["met"].values())
+    assert result["summary"]["result"].count(TIMES) == 3  # slowest vs Polars, slowest vs pandas, memory
+
+
+def test_vault_scan_runs(run_benchmark: RunBenchmark) -> None:
+    result = run_benchmark("vault_scan.py", "--rows", "20000", "--rounds", "1")
+    assert set(result["median_s"]) == {"in_memory", "scanned"}
+    assert result["throughput_ratio"] == result["median_s"]["in_memory"] / result["median_s"]["scanned"]
+    assert result["met"] == (result["throughput_ratio"] >= result["target"])
+    assert result["summary"]["met"] == result["met"]
+    assert result["summary"]["result"] == f"{result['throughput_ratio']:.2f}{TIMES}"
+
+
 def test_lab_verify_runs(run_benchmark: RunBenchmark) -> None:
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"lab_verify drives Debian's Chromium, which is not at {CHROMIUM}")
@@ -147,3 +186,16 @@ def test_lab_verify_runs(run_benchmark: RunBenchmark) -> None:
         pytest.skip("lab_verify needs the built JupyterLab extension (jlpm build)")
     result = run_benchmark("lab_verify.py", "--rounds", "1", "--again", "1")
     assert result["verified_after_ready_ms"] > 0
+
+
+def test_soak_runs_and_every_answer_is_right(run_benchmark: RunBenchmark) -> None:
+    result = run_benchmark("soak.py", "--releases", "20", "--rows", "5000")
+    assert result["wrong_answers"] == 0, result["wrong"]
+    assert result["unreported_failures"] == 0
+    failed = result["failed_correctly_reported"]
+    assert result["answered"] + failed["interrupted"] + failed["errors"] == 20
+    assert sum(row["answered"] for row in result["by_kind"].values()) == result["answered"]
+    assert set(result["met"]) == {"wrong_answers", "unreported_failures", "memory"}
+    memory = result["vault_rss_bytes"]
+    assert memory["start"] > 0 and memory["end"] > 0
+    assert result["latency_ms"]["p50"] is not None and result["latency_ms"]["p99"] >= result["latency_ms"]["p50"]
