@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import ModuleType
@@ -135,6 +136,9 @@ def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
+    except urllib.error.HTTPError as answer:  # an answer, but not yet the one awaited: its connection is closed here
+        answer.close()
+        return False
     except OSError:
         return False
 

@@ -258,7 +258,8 @@ def _post(url: str, body: object) -> tuple[int, dict]:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        with error:  # it holds the connection's socket
+            return error.code, json.loads(error.read())
 
 
 def test_the_broker_denies_a_release_under_an_attestation_file_with_an_unknown_table(tmp_path, simulated_backend):

@@ -64,7 +64,8 @@ class ReplayingRelay:
                         with urllib.request.urlopen(request, timeout=30) as response:
                             status, answer = response.status, response.read()
                     except urllib.error.HTTPError as error:
-                        status, answer = error.code, error.read()
+                        with error:  # it holds the connection's socket
+                            status, answer = error.code, error.read()
                     if dataset is not None and status == 200:
                         relay.grants[dataset] = answer
                 self.send_response(status)
