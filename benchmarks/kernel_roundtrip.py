@@ -8,8 +8,8 @@ Two figures, each a ratio of medians measured alternately on the same machine in
 2. **per-cell round trip**: ``execute_request`` of a small cell (``x = 1``) until its ``execute_reply`` *and* the
    ``idle`` status have arrived — what a notebook waits for per cell. Each kernel runs the same number of cells,
    in blocks that alternate between the two kernels, so drift of the machine's speed hits both. Target: at most
-   1.3x stock. The cells are timed once the vault has loaded scikit-learn and pandas, which it does in the
-   background after the start.
+   1.3x stock. The cells are timed once the vault has loaded its query engine (Polars and Arrow), which it
+   does in the background after the start.
 3. **start-to-warm** (reported, no target): from ``start_kernel()`` until the vault has loaded those libraries,
    i.e. until a ``cn.open`` would no longer wait for them.
 
