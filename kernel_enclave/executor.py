@@ -92,7 +92,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # quiet: nothing the analyst prints is echoed to this process's stdout/stderr, which the launcher points at
     # /dev/null anyway (on a real host those would end up in host-visible logs).
-    IPKernelApp.launch_instance(argv=[*(sys.argv[1:] if argv is None else argv), "--IPKernelApp.quiet=True"])
+    # The kernel class: stock, except that an interrupt stops only the analyst's code (never ipykernel's own
+    # handling around a cell, which would lose the cell's reply).
+    IPKernelApp.launch_instance(
+        argv=[
+            *(sys.argv[1:] if argv is None else argv),
+            "--IPKernelApp.quiet=True",
+            "--IPKernelApp.kernel_class=kernel_enclave.executor_kernel.ConfidentialKernel",
+        ]
+    )
 
 
 if __name__ == "__main__":
