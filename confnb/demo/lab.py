@@ -69,6 +69,9 @@ def _answers(port: int, token: str) -> bool:
     try:
         with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310 - loopback URL built here
             return int(response.status) == 200
+    except urllib.error.HTTPError as error:  # an answer, not yet the awaited one
+        error.close()
+        return False
     except (urllib.error.URLError, OSError):
         return False
 

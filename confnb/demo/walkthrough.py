@@ -287,7 +287,8 @@ def _post(url: str, path: str, body: object) -> tuple[int, dict[str, Any]]:
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback URL built here
             return int(response.status), dict(json.loads(response.read()))
     except urllib.error.HTTPError as error:
-        return int(error.code), dict(json.loads(error.read()))
+        with error:  # it holds the connection's socket
+            return int(error.code), dict(json.loads(error.read()))
 
 
 def _attack(title: str, result: VerificationResult, expected_check: str) -> Outcome:

@@ -207,10 +207,11 @@ class BrokerClient:
             with urllib.request.urlopen(request, timeout=self.retry.timeout_s) as response:  # noqa: S310
                 document = json.loads(response.read())
         except urllib.error.HTTPError as error:
-            try:
-                reason = json.loads(error.read()).get("reason", error.reason)
-            except (ValueError, AttributeError, OSError, http.client.HTTPException):
-                reason = error.reason
+            with error:  # it holds the connection's socket
+                try:
+                    reason = json.loads(error.read()).get("reason", error.reason)
+                except (ValueError, AttributeError, OSError, http.client.HTTPException):
+                    reason = error.reason
             problem = f"broker {self.url} refused ({error.code}): {reason}"
             raise (_TransientError if error.code in RETRYABLE_STATUS else KeyReleaseError)(problem) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
