@@ -360,3 +360,41 @@ def test_the_upload_socket_refuses_the_analysts_code(kernel: Any) -> None:
         cwd="/",
     )
     assert outside.stdout.startswith("refused"), outside.stdout + outside.stderr
+
+
+def test_an_interrupted_fit_leaves_an_upload_in_progress_whole(kernel: Any, browser: Browser) -> None:
+    """An upload streams while the analyst's cell keeps the vault busy with a fit and is interrupted: the cell ends
+    with ``KeyboardInterrupt``, the upload completes, and the next cell's answer is the upload's true counts."""
+    name = "interrupted"
+    sealed_key, ciphertext = browser.seal(descriptor(name), sales_csv())
+    comm_id, ready = browser.open(descriptor(name), sealed_key, len(ciphertext))
+    assert ready == {"action": "ready"}
+    chunks = [ciphertext[start : start + CHUNK] for start in range(0, len(ciphertext), CHUNK)]
+    assert len(chunks) >= 3
+    assert browser.message(comm_id, {"action": "chunk", "seq": 0}, [chunks[0]])["action"] == "progress"
+
+    msg_id = kernel.client.execute(
+        "import confnb as cn\n"
+        "from sklearn.ensemble import RandomForestClassifier\n"
+        "p = cn.open('patients')\n"
+        "m = cn.fit(RandomForestClassifier(n_estimators=20000, random_state=0), p, target='readmitted',"
+        " features=['age', 'cost'])\n"
+    )
+    time.sleep(2.0)  # the fit is running in the vault's worker
+    assert browser.message(comm_id, {"action": "chunk", "seq": 1}, [chunks[1]])["action"] == "progress"
+    kernel.manager.interrupt_kernel()
+    reply = kernel.client.get_shell_msg(timeout=30)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = kernel.client.get_shell_msg(timeout=30)
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+
+    for seq, chunk in enumerate(chunks[2:], start=2):
+        assert browser.message(comm_id, {"action": "chunk", "seq": seq}, [chunk])["action"] == "progress"
+    done = browser.message(comm_id, {"action": "end"})
+    browser.send("comm_close", {"comm_id": comm_id, "data": {}})
+    assert done["action"] == "done", done
+    shown = kernel.stdout(
+        f"u = cn.open({name!r})\nr = u.group_by('region').agg(n=('amount', 'count')).release()\nprint(list(r['n']))\n"
+    )
+    assert shown.strip().splitlines()[-1] == str([COMMON_ROWS // 10] * 10)
