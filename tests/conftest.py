@@ -216,6 +216,12 @@ def pytest_configure(config: pytest.Config) -> None:
         spec.loader.exec_module(module)
     if not config.pluginmanager.has_plugin(name):
         config.pluginmanager.register(sys.modules[name], name)
+    # The plan language's JSON, written by hand in the vault's tests (a module of helpers, no fixtures).
+    if "plan_json" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("plan_json", Path(__file__).with_name("plan_json.py"))
+        assert spec is not None and spec.loader is not None
+        sys.modules["plan_json"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["plan_json"])
 
 
 # -- a real Jupyter server on loopback --------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def _project(root: Path) -> Path:
     """A project folder holding the suite's conftest and one test that reads the vectors."""
     project = root / "project"
     (project / "tests").mkdir(parents=True)
-    for name in ("conftest.py", "confidential_fixtures.py"):
+    for name in ("conftest.py", "confidential_fixtures.py", "plan_json.py"):
         shutil.copy(TESTS / name, project / "tests" / name)
     shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
     (project / "tests" / "test_one.py").write_text(ONE_VECTOR_TEST)

@@ -73,12 +73,19 @@ class SealedModel:
 
     @short_traceback
     def metrics(self) -> dict[str, Any]:
-        """Evaluation metrics on the held-out test split (a dict; release kind ``model_metrics``)."""
+        """Evaluation metrics on the held-out test split (a dict; release kind ``model_metrics``).
+
+        Withheld (``PolicyViolation``) when the held-out rows, or the records in them whose target differs from its
+        most common value, are fewer than the policy's ``min_group_size``, or when a feature singles out fewer.
+        """
         return self._release("model_metrics")  # type: ignore[no-any-return]
 
     @short_traceback
-    def score(self, *args: object, **kwargs: object) -> float:
-        """The estimator's own ``score`` on the held-out test split, computed in the vault (``model_metrics``)."""
+    def score(self, *args: object, **kwargs: object) -> float | None:
+        """The estimator's own ``score`` on the held-out test split, computed in the vault (``model_metrics``).
+
+        ``None`` when the score is not a finite number on this split: the vault releases it as null rather than
+        failing, so whether the call fails never depends on the data."""
         if args or kwargs:
             raise TypeError(
                 "m.score() scores on the held-out split inside the vault; to score on public data, call "
@@ -88,7 +95,11 @@ class SealedModel:
 
     @short_traceback
     def params(self) -> dict[str, Any]:
-        """Learnt parameters (e.g. ``coef_``, ``intercept_``) as JSON-able values (``model_parameters``)."""
+        """Learnt parameters (e.g. ``coef_``, ``intercept_``) as JSON-able values (``model_parameters``).
+
+        A coefficient of a column that differs from its most common value in fewer than ``min_group_size`` records
+        (an indicator of a few records) is ``None``, and ``params()["confnb_suppressed"]`` names those columns.
+        """
         return self._release("model_params")  # type: ignore[no-any-return]
 
     @short_traceback
@@ -196,6 +207,8 @@ def fit(
 
     ``target`` names the label column (None for unsupervised estimators); ``features`` the input columns (default:
     all others). The vault holds out ``test_size`` of the rows (its default when None) for :meth:`SealedModel.metrics`.
+    Rows whose target is missing (null or NaN) are left out; rows with a missing feature are given to the
+    estimator (use an imputer) but are not counted towards ``min_group_size``.
     Your ``estimator`` object itself is not fitted; the returned :class:`SealedModel` is.
     """
     from confnb.analyst.estimators import encode_estimator

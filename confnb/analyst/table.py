@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import html
+import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -153,7 +154,9 @@ class SealedResult:
         """Ask the vault to release this result under the output policy; the pandas object or Python scalar.
 
         Raises :class:`~confnb.PolicyViolation` (naming the rule and the datasets) when the policy withholds it.
-        For tables, ``attrs["confnb_suppressed"]`` says how many groups the minimum group size removed.
+        A scalar the policy withholds raises too; inside a released table a withheld number is null, and
+        ``attrs["confnb_suppressed"]`` says which: ``{"groups": <groups (or described columns) removed>, "cells":
+        {<column>: [<index labels of the nulled cells>]}}``.
         """
         reply, buffers = self._session.request({"op": "release", "plan": self._plan})
         result_id = reply.get("result")
@@ -182,7 +185,6 @@ class SealedResult:
 
 
 def _decode(reply: Mapping[str, Any], buffers: Sequence[bytes], shape: _Shape) -> Any:
-    suppressed = reply.get("suppressed", 0)
     if reply.get("shape") == "scalar" or not buffers:
         if shape.form != "scalar":
             raise VaultError("the vault released a scalar where a table was expected")
@@ -194,6 +196,7 @@ def _decode(reply: Mapping[str, Any], buffers: Sequence[bytes], shape: _Shape) -
     except (pa.ArrowException, ValueError, OSError):
         raise VaultError("the vault's released table is not an Arrow IPC stream") from None
     frame = table.to_pandas()
+    groups, cells = _withheld(table, reply)
     result: Any
     if shape.form == "scalar":
         if frame.shape[0] != 1:
@@ -208,27 +211,71 @@ def _decode(reply: Mapping[str, Any], buffers: Sequence[bytes], shape: _Shape) -
         labels = list(shape.labels) if shape.labels is not None else list(frame.columns)
         values = [_python_scalar(frame[column].iloc[0]) for column in frame.columns]
         result = pd.Series(values, index=labels, name=shape.name)
+        named = dict(zip(frame.columns, labels, strict=True))
+        nulled = [named[column] for column in cells if column in named]
+        shown = {_column_key(shape.name): [_label(label) for label in nulled]} if nulled else {}
+        result.attrs["confnb_suppressed"] = {"groups": groups, "cells": shown}
+        return result
     elif shape.form == "describe":
         frame = frame.set_index("statistic") if "statistic" in frame.columns else frame
         frame.index.name = None
+        positions = list(frame.index)
         result = frame[shape.value] if shape.value is not None else frame
         if shape.value is not None:
             result = result.rename(shape.name)
+            cells = {shape.name: cells[shape.value]} if shape.value in cells else {}
     else:
+        positions = list(range(len(frame)))
         if shape.index:
             frame = frame.set_index(list(shape.index))
+            positions = list(frame.index)
             if shape.ascending is None:
                 frame = _sorted_index(frame)
             if shape.index_name is not ...:
                 frame.index.name = shape.index_name
         if shape.form == "series":
             result = frame[shape.value].rename(shape.name)
+            cells = {shape.name: cells[shape.value]} if shape.value in cells else {}
             if shape.ascending is not None:
                 result = result.sort_values(ascending=shape.ascending, kind="stable")
         else:
             result = frame
-    result.attrs["confnb_suppressed"] = int(suppressed) if isinstance(suppressed, int) else 0
+    shown = {
+        _column_key(column): [_label(positions[row]) for row in rows if 0 <= row < len(positions)]
+        for column, rows in cells.items()
+    }
+    result.attrs["confnb_suppressed"] = {"groups": groups, "cells": shown}
     return result
+
+
+def _withheld(table: Any, reply: Mapping[str, Any]) -> tuple[int, dict[Any, list[int]]]:
+    """Groups removed, and the row positions of nulled cells per column, as the vault attached them to the table."""
+    metadata = table.schema.metadata or {}
+    found = metadata.get(b"confnb_withheld")
+    if found is None:  # a vault that reports only a count
+        suppressed = reply.get("suppressed", 0)
+        return (suppressed if isinstance(suppressed, int) else 0), {}
+    try:
+        withheld = json.loads(found)
+        groups = int(withheld.get("groups", 0))
+        cells = {str(c): [int(r) for r in rows] for c, rows in dict(withheld.get("cells", {})).items()}
+    except (ValueError, TypeError, AttributeError):
+        raise VaultError("the vault's report of withheld values is malformed") from None
+    return groups, cells
+
+
+def _column_key(column: Any) -> str:
+    return "" if column is None else str(column)
+
+
+def _label(label: Any) -> Any:
+    """An index label in JSON's terms (a MultiIndex label is a list), so the report can be stored or sent."""
+    if isinstance(label, tuple):
+        return [_label(part) for part in label]
+    label = _python_scalar(label)
+    if label is None or isinstance(label, str | int | float | bool):
+        return label
+    return label.isoformat() if hasattr(label, "isoformat") else str(label)
 
 
 def _sorted_index(frame: pd.DataFrame) -> pd.DataFrame:
@@ -748,7 +795,7 @@ def _policy_line(dataset: str, policy: Mapping[str, Any]) -> str:
     release = policy.get("release") if isinstance(policy.get("release"), dict) else {}
     assert isinstance(release, dict)
     allow = ", ".join(map(str, release.get("allow", []))) or "nothing (default deny)"
-    parts = [f"{ident} ({dataset}): releases {allow}", f"min_group_size {release.get('min_group_size', 1)}"]
+    parts = [f"{ident} ({dataset}): releases {allow}", f"min_group_size {release.get('min_group_size', 10)}"]
     if release.get("never_release"):
         parts.append("never releases " + ", ".join(map(str, release["never_release"])))
     if release.get("max_rows") is not None:

@@ -11,7 +11,15 @@ predictions on public data, or a sealed/exported ``.skops`` file, each behind th
 - metrics need an evaluation set of at least ``min_group_size`` records; parameters and predictions need a training
   set that large, and every group whose value they reveal (a class label, a cluster centre, a one-hot category
   named in a coefficient) must be that large too;
-- predictions are a released table, so ``max_rows`` caps them.
+- records are counted where they contribute: a row counts only when its target and every feature are present
+  (NaN as null), rows without a target are left out of training, and a column counts only the records whose value
+  differs from its most common value (and, for the target, holds a dataset value rather than a constant the plan
+  put there). A target below k releases nothing of the model; a feature below k nulls the parameters tied to it and
+  withholds metrics, predictions and the file; a linear fit whose coefficients pass through one record (leverage
+  near 1, as with ``age`` and ``age + indicator``) is withheld whole;
+- predictions are a released table, so ``max_rows`` caps them;
+- an exported ``.skops`` file carries only :data:`FITTED_ATTRIBUTES`, checked on the vault's copy before it is
+  written, and never the fitted state of a class that keeps single records' values (trees, extremes, medians).
 
 Spec values beyond JSON scalars, lists and nested specs use three tagged objects, because JSON has no NaN, no
 types and no non-string mapping keys: ``{"float": "nan"|"inf"|"-inf"}``, ``{"dtype": "float64"}`` and
@@ -47,7 +55,7 @@ from sklearn.compose import ColumnTransformer  # type: ignore[import-untyped]
 from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
 from sklearn.pipeline import Pipeline  # type: ignore[import-untyped]
 from sklearn.preprocessing import OneHotEncoder  # type: ignore[import-untyped]
-from sklearn.utils import _safe_indexing  # type: ignore[import-untyped]
+from sklearn.utils import _safe_indexing, get_tags  # type: ignore[import-untyped]
 from sklearn.utils._param_validation import InvalidParameterError  # type: ignore[import-untyped]
 
 from confnb.policy.output import OutputPolicy
@@ -71,25 +79,23 @@ __all__ = [
     "to_skops",
 ]
 
+_ENSEMBLES = (
+    "RandomForestClassifier",
+    "RandomForestRegressor",
+    "ExtraTreesClassifier",
+    "ExtraTreesRegressor",
+    "GradientBoostingClassifier",
+    "GradientBoostingRegressor",
+    "HistGradientBoostingClassifier",
+    "HistGradientBoostingRegressor",
+)
 _CLASSES: Final = (
     (
         "sklearn.linear_model",
         ("LogisticRegression", "LinearRegression", "Ridge", "Lasso", "ElasticNet", "SGDClassifier", "SGDRegressor"),
     ),
     ("sklearn.tree", ("DecisionTreeClassifier", "DecisionTreeRegressor")),
-    (
-        "sklearn.ensemble",
-        (
-            "RandomForestClassifier",
-            "RandomForestRegressor",
-            "ExtraTreesClassifier",
-            "ExtraTreesRegressor",
-            "GradientBoostingClassifier",
-            "GradientBoostingRegressor",
-            "HistGradientBoostingClassifier",
-            "HistGradientBoostingRegressor",
-        ),
-    ),
+    ("sklearn.ensemble", _ENSEMBLES),
     ("sklearn.naive_bayes", ("GaussianNB", "MultinomialNB", "BernoulliNB")),
     ("sklearn.cluster", ("KMeans",)),
     ("sklearn.preprocessing", ("StandardScaler", "MinMaxScaler", "RobustScaler", "OneHotEncoder")),
@@ -333,20 +339,155 @@ def _walk(estimator: Any) -> Iterator[Any]:
 
 
 # Fitted state that is single records' values whatever the policy's counts say: trees keep split points (midpoints
-# of two records) and leaves as small as one record; MinMaxScaler keeps each feature's minimum and maximum.
+# of two records) and leaves as small as one record; MinMaxScaler keeps each feature's minimum and maximum;
+# RobustScaler its median and quartiles (order statistics: one or two records' exact values).
 _UNEXPORTABLE_MODULES = ("sklearn.tree", "sklearn.ensemble")
-_UNEXPORTABLE_CLASSES = ("MinMaxScaler",)
+_UNEXPORTABLE_CLASSES = ("MinMaxScaler", "RobustScaler")
+
+_LINEAR_ATTRIBUTES: Final = frozenset({"coef_", "intercept_", "n_iter_"})
+_SHAPE: Final = frozenset({"n_features_in_", "feature_names_in_"})  # the analyst's own column names and count
+_TREE_ATTRIBUTES: Final = frozenset({"classes_", "feature_importances_", "n_iter_"})
+
+FITTED_ATTRIBUTES: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
+    {
+        "LogisticRegression": _SHAPE | _LINEAR_ATTRIBUTES | {"classes_"},
+        "LinearRegression": _SHAPE | {"coef_", "intercept_"},
+        "Ridge": _SHAPE | _LINEAR_ATTRIBUTES | {"solver_"},
+        "Lasso": _SHAPE | _LINEAR_ATTRIBUTES | {"l1_ratio"},
+        "ElasticNet": _SHAPE | _LINEAR_ATTRIBUTES,
+        "SGDClassifier": _SHAPE | _LINEAR_ATTRIBUTES | {"classes_"},
+        "SGDRegressor": _SHAPE | _LINEAR_ATTRIBUTES,
+        "GaussianNB": _SHAPE | {"classes_", "theta_", "var_", "class_prior_"},
+        "MultinomialNB": _SHAPE | {"classes_", "feature_log_prob_", "class_log_prior_"},
+        "BernoulliNB": _SHAPE | {"classes_", "feature_log_prob_", "class_log_prior_"},
+        "KMeans": _SHAPE | {"cluster_centers_", "n_iter_", "_n_features_out", "_n_threads", "_algorithm", "_n_init"},
+        "StandardScaler": _SHAPE | {"mean_", "var_", "scale_", "n_samples_seen_"},
+        "OneHotEncoder": _SHAPE
+        | {"categories_", "drop_idx_", "_infrequent_enabled", "_n_features_outs", "_drop_idx_after_grouping"},
+        "SimpleImputer": _SHAPE | {"statistics_", "_fit_dtype", "_fill_dtype", "indicator_"},
+        "ColumnTransformer": _SHAPE
+        | {
+            "transformers_",
+            "_columns",
+            "_remainder",
+            "_transformer_to_input_indices",
+            "output_indices_",
+            "sparse_output_",
+            "_name_to_fitted_passthrough",
+        },
+        "Pipeline": frozenset(),
+        **{
+            name: _SHAPE | _TREE_ATTRIBUTES for name in ("DecisionTreeClassifier", "DecisionTreeRegressor", *_ENSEMBLES)
+        },
+        "MinMaxScaler": _SHAPE,
+        "RobustScaler": _SHAPE,
+    }
+)
+"""Per allowlisted class, the fitted attributes that may leave the vault: :func:`params` releases the final
+estimator's coefficients, intercepts, classes, importances, centres and iteration counts from this set, and an
+exported ``.skops`` file carries nothing else (its preprocessing statistics — a scaler's means and scales, an
+imputer's means, an encoder's categories — under the same record rules as a parameter of their columns). Each
+attribute is a statistic of at least min_group_size records once the model's checks pass, or carries no data.
+Classes whose fitted state holds single records' values (:data:`_UNEXPORTABLE_CLASSES`, trees) are here only for
+what :func:`params` may show of them."""
+
+# Fitted attributes an exported file leaves out: prediction does not need them and params() does not release them
+# (per training row: cluster labels, out-of-bag predictions; or statistics nobody checked: singular values of the
+# design matrix, a duality gap, an inertia, class counts, SGD's update count).
+_STRIPPED: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
+    {
+        "LinearRegression": frozenset({"rank_", "singular_"}),
+        "Lasso": frozenset({"dual_gap_"}),
+        "ElasticNet": frozenset({"dual_gap_"}),
+        "SGDClassifier": frozenset(
+            {
+                "t_",
+                "_expanded_class_weight",
+                "_loss_function_",
+                "_average_coef",
+                "_average_intercept",
+                "_standard_coef",
+                "_standard_intercept",
+            }
+        ),
+        "SGDRegressor": frozenset(
+            {"t_", "_average_coef", "_average_intercept", "_standard_coef", "_standard_intercept"}
+        ),
+        "GaussianNB": frozenset({"class_count_", "epsilon_"}),
+        "MultinomialNB": frozenset({"class_count_", "feature_count_"}),
+        "BernoulliNB": frozenset({"class_count_", "feature_count_"}),
+        "KMeans": frozenset({"labels_", "inertia_", "_tol"}),
+    }
+)
 
 
-def export_refusal(model: TrainedModel) -> str | None:
-    """Why this model's full fitted state may not leave the vault as a file, or None when it may."""
-    for part in _walk(model.estimator):
+def _allowlist(estimator: Any) -> frozenset[str]:
+    return FITTED_ATTRIBUTES.get(type(estimator).__name__, frozenset())
+
+
+def _fitted_state(part: Any) -> list[str]:
+    """The attributes fitting added to an estimator: everything in its ``__dict__`` but its constructor's parameters
+    (the analyst's own values)."""
+    given = set(part.get_params(deep=False))
+    return [name for name in vars(part) if name not in given]
+
+
+def _structural_refusal(estimator: Any) -> str | None:
+    """Why an estimator's fitted state may not leave the vault as a file (whatever the counts), or None."""
+    for part in _walk(estimator):
         kind = type(part)
         if kind.__module__.startswith(_UNEXPORTABLE_MODULES) or kind.__name__ in _UNEXPORTABLE_CLASSES:
             return (
-                f"a fitted {kind.__name__} keeps single records' values (split points, leaves or extremes); "
-                "release what the policy allows with m.params() and m.metrics() instead"
+                f"a fitted {kind.__name__} keeps single records' values (split points, leaves, extremes or "
+                "medians); release what the policy allows with m.params() and m.metrics() instead"
             )
+        if isinstance(part, OneHotEncoder) and (
+            getattr(part, "drop_idx_", None) is not None or getattr(part, "_infrequent_enabled", False)
+        ):
+            return (
+                "a fitted OneHotEncoder with drop or infrequent categories keeps category values whose records "
+                "are not counted; export an encoder without them"
+            )
+        if type(part).__name__ == "SimpleImputer" and (
+            part.strategy in ("median", "most_frequent") or getattr(part, "indicator_", None) is not None
+        ):
+            return (
+                "a fitted SimpleImputer with a median or most frequent value (one record's value) or a missing "
+                "indicator cannot be exported; use strategy='mean' or 'constant'"
+            )
+        allowed = _allowlist(part) | _STRIPPED.get(kind.__name__, frozenset())
+        unknown = sorted(name for name in _fitted_state(part) if name not in allowed)
+        if unknown:
+            return f"a fitted {kind.__name__} carries {', '.join(unknown[:5])}, which is not on the export allowlist"
+    return None
+
+
+def _fit_policies(model: TrainedModel) -> dict[str, OutputPolicy]:
+    """The min_group_size the model was trained under, for checks made without the policies at hand."""
+    return {dataset: OutputPolicy(id="fit", min_group_size=k) for dataset, k in model.min_group_size.items()}
+
+
+def export_refusal(model: TrainedModel, policies: Mapping[str, OutputPolicy] | None = None) -> str | None:
+    """Why this model's fitted state may not leave the vault as a file, or None when it may.
+
+    Structural reasons (a class whose state holds single records' values, an attribute not on
+    :data:`FITTED_ATTRIBUTES`) are returned as text; a count below min_group_size raises
+    :class:`PolicyViolation` naming the dataset and the column: every check :func:`params` makes, and the column
+    rule for every feature and input (a scaler's mean of a column that is 0 but in one record is that record's
+    value over n). Without ``policies`` the thresholds the model was trained under apply.
+    """
+    refusal = _structural_refusal(model.estimator)
+    if refusal is not None:
+        return refusal
+    effective = policies if policies is not None else _fit_policies(model)
+    if not set(model.datasets) <= set(effective):
+        raise VaultError(f"{model.estimator_name}: the thresholds the model was trained under are unknown")
+    _check_groups(model, effective)
+    if any(isinstance(part, OneHotEncoder) for part in _walk(model.estimator)):
+        _check_records(model.category_records, model, effective, "the smallest one-hot category")
+    if getattr(_final(model.estimator), "cluster_centers_", None) is not None:
+        _check_records(model.cluster_records, model, effective, "the smallest cluster")
+    _check_columns(model, effective)
     return None
 
 
@@ -384,6 +525,16 @@ class TrainedModel:
     fitting, because releasing parameters or predictions later reveals those groups and :func:`params` and
     :func:`predict` must check them without the data: the training set, its smallest class, its smallest cluster
     and its smallest one-hot category, each per dataset (``None`` where the model has no such groups).
+
+    Only *complete* rows count (target and every feature present, NaN taken as null), and a column counts only the
+    records whose value differs from the column's most common value: a column that is one value everywhere but in
+    a few rows is a statistic of those few, whatever the row count (:data:`_COLUMN_RULE`). ``target_records`` and
+    ``eval_target_records`` apply that to the target on the training and evaluation rows (the target's records
+    also must *contribute*, i.e. hold a dataset value rather than a constant of the plan); ``feature_records`` to
+    each feature as given; ``input_records`` to each column the final estimator sees (after a pipeline's
+    transforms), in the order of its coefficients. ``min_group_size`` keeps each dataset's k at fit time, for
+    checks made without the policies at hand (an export's file). ``leverage`` is a linear model's largest
+    training-row leverage (:func:`_max_leverage`).
     """
 
     estimator: Any
@@ -404,6 +555,12 @@ class TrainedModel:
     cluster_records: Records | None = None
     category_records: Records | None = None
     warnings: tuple[str, ...] = field(default=())  # warning categories raised while fitting, never their text
+    target_records: Records | None = None
+    eval_target_records: Records | None = None
+    feature_records: Mapping[str, Records] | None = None
+    input_records: tuple[Records, ...] | None = None
+    min_group_size: Mapping[str, int] = field(default_factory=dict)
+    leverage: float | None = None  # a linear model's largest training-row leverage, over its non-weak inputs
 
     def __repr__(self) -> str:
         return (
@@ -463,9 +620,47 @@ def _matrix(table: pa.Table, columns: Sequence[str]) -> np.ndarray[Any, Any]:
 
 
 def _inputs(table: pa.Table, features: Sequence[str], frame: bool) -> Any:
+    """The features as the estimator reads them, infinities as NaN: scikit-learn rejects an infinity where it
+    accepts NaN, so an infinity is missing, as it is when :func:`fit` picks the complete rows."""
     if frame:
-        return table.select(list(features)).to_pandas()
-    return _matrix(table, features)
+        data = table.select(list(features)).to_pandas()
+        floats = [name for name in data.columns if pd.api.types.is_float_dtype(data[name].dtype)]
+        if floats:
+            data[floats] = data[floats].replace([np.inf, -np.inf], np.nan)
+        return data
+    matrix = _matrix(table, features)
+    matrix[np.isinf(matrix)] = np.nan
+    return matrix
+
+
+_IMPUTERS: Final = frozenset({"SimpleImputer"})
+
+
+def _nan_flow(estimator: Any) -> str:
+    """What an estimator does with a missing value: ``"rejects"`` it, ``"passes"`` it on, or ``"removes"`` it.
+
+    Decided from the estimator's classes and scikit-learn's ``allow_nan`` tags, never from the data, so whether
+    rows with missing features are dropped before training is a property of the request.
+    """
+    if estimator is None or isinstance(estimator, str):  # "passthrough" passes values on, "drop" keeps none
+        return "removes" if estimator == "drop" else "passes"
+    if type(estimator).__name__ in _IMPUTERS:
+        return "removes"
+    if isinstance(estimator, Pipeline):
+        for _, step in estimator.steps:
+            flow = _nan_flow(step)
+            if flow != "passes":
+                return flow  # after an imputer every later step sees complete rows
+        return "passes"
+    if isinstance(estimator, ColumnTransformer):
+        parts = [_nan_flow(part) for _, part, _ in estimator.transformers] + [_nan_flow(estimator.remainder)]
+        if "rejects" in parts:
+            return "rejects"
+        return "removes" if all(flow == "removes" for flow in parts) else "passes"
+    try:
+        return "passes" if get_tags(estimator).input_tags.allow_nan else "rejects"
+    except Exception:  # an estimator without tags: assume the strict answer
+        return "rejects"
 
 
 def _rows(data: Any, rows: np.ndarray[Any, Any]) -> Any:
@@ -473,13 +668,11 @@ def _rows(data: Any, rows: np.ndarray[Any, Any]) -> Any:
 
 
 def _target(table: pa.Table, target: str, task: str) -> np.ndarray[Any, Any]:
+    """The target as NumPy, from a table whose target is present in every row (:func:`fit` drops the others)."""
     column = table.column(target)
-    if column.null_count:
-        raise VaultError(f"fit: the target column {target!r} has missing values; filter them out first")
     if task == "regression":
-        if not _is_numeric(column.type):
-            raise VaultError(f"fit: the target column {target!r} ({column.type}) is not numeric")
-        return np.asarray(pc.cast(column, pa.float64()).to_numpy())
+        # Unsafe: an integer beyond 2**53 is rounded to the nearest float, as NumPy does, where a safe cast fails.
+        return np.asarray(pc.cast(column, pa.float64(), safe=False).to_numpy())
     if pa.types.is_dictionary(column.type):
         column = pc.cast(column, column.type.value_type)
     return np.asarray(column.to_numpy())
@@ -547,49 +740,112 @@ def fit(
     frame = any(isinstance(part, ColumnTransformer) for part in _walk(estimator)) or not all(
         _is_numeric(table.schema.field(column).type) for column in chosen
     )
-    try:
-        x = _inputs(table, chosen, frame)
-    except (pa.ArrowException, ValueError, TypeError) as exc:
-        raise _failure("fit", name, exc) from None
-    y = _target(table, target, task) if target is not None else None
-    n_rows = table.num_rows
+    if target is not None and task == "regression" and not _is_numeric(table.schema.field(target).type):
+        raise VaultError(f"fit: the target column {target!r} ({table.schema.field(target).type}) is not numeric")
+    # Rows without a target teach a supervised model nothing: they are left out (as whether any exist is a fact
+    # about the data, an error here would answer a question about it). Rows with a missing feature (null, NaN or
+    # an infinity) are kept for an estimator that handles them (an imputer, or one that accepts NaN), but only
+    # complete rows count; for any other estimator they are left out too, so that training never fails because
+    # some value is missing. Which of the two is decided by the estimator's classes, never by the data.
+    present = _present(table, target) if target is not None else np.ones(table.num_rows, dtype=bool)
+    if _nan_flow(estimator) == "rejects":
+        for column in chosen:
+            present &= _present(table, column)
+    kept = np.flatnonzero(present)
+    work = table if kept.size == table.num_rows else table.take(pa.array(kept, pa.int64()))
+    complete = np.ones(kept.size, dtype=bool)
+    for column in chosen:
+        complete &= _present(work, column)
+    counter_all = _RecordCounter(source, kept)
     # A model of fewer than k records could release nothing, and even its training errors (one class only, say)
     # would describe those few records: refuse as a withheld row count would, before touching the values.
-    all_records = _RecordCounter(source, None).total()
+    all_records = counter_all.within(complete)
     _require_records(all_records, policies, "the training data")
-    train_rows: np.ndarray[Any, Any] | None = None
+    try:
+        x = _inputs(work, chosen, frame)
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        raise _failure("fit", name, exc) from None
+    y = _target(work, target, task) if target is not None else None
+    contributing = _contributing(source, target, kept) if target is not None else None
+    train_rows: np.ndarray[Any, Any]
     test_rows: np.ndarray[Any, Any] | None = None
     if test_size is not None:
         # Splitting row numbers (then taking them) is what train_test_split does to each array anyway; the row
         # numbers are also what the record counts below need.
         try:
-            train_rows, test_rows = train_test_split(np.arange(n_rows), test_size=test_size, random_state=random_state)
+            train_rows, test_rows = train_test_split(
+                np.arange(kept.size), test_size=test_size, random_state=random_state
+            )
         except ValueError:
             raise VaultError("fit: too few records to hold out a test split of that size") from None
         x_train, y_train = _rows(x, train_rows), (y[train_rows] if y is not None else None)
         x_test, y_test = _rows(x, test_rows), (y[test_rows] if y is not None else None)
     else:
+        train_rows = np.arange(kept.size)
         x_train, y_train, x_test, y_test = x, y, None, None
     n_train = len(x_train)
-    counter = _RecordCounter(source, train_rows)
-    train_records = counter.total() if train_rows is not None else all_records
+    train_complete = complete[train_rows]
+    counter = _RecordCounter(source, kept[train_rows[train_complete]])  # the complete training rows
+    train_records = counter.total() if test_rows is not None else all_records
     _require_records(train_records, policies, "the training split")
+    if task == "classification" and y_train is not None:
+        # A classifier needs two classes; one class, or a second class of fewer than k records, is refused alike,
+        # in the words of the smallest-class rule, so the refusal does not tell an empty class from a small one.
+        _require_records(counter.second_group(y_train[train_complete]), policies, _SMALLEST_CLASS)
 
     # Training runs in a worker process the vault kills when the analyst interrupts the cell (see stoppable).
     estimator, fit_warnings = stoppable.run(_train, estimator, x_train, y_train, openmp=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            class_records = counter.smallest_group(y_train) if task == "classification" else None
+            class_records = (
+                counter.smallest_group(y_train[train_complete])
+                if task == "classification" and y_train is not None
+                else None
+            )
             labels = getattr(_final(estimator), "labels_", None)
-            cluster_records = counter.smallest_group(labels) if task == "clustering" and labels is not None else None
+            cluster_records = (
+                counter.smallest_group(np.asarray(labels)[train_complete])
+                if task == "clustering" and labels is not None
+                else None
+            )
             category_records = None
             if any(isinstance(part, OneHotEncoder) for part in _walk(estimator)):
-                category_records = counter.smallest_indicator(_indicators(estimator, x_train))
+                indicators = [matrix[np.flatnonzero(train_complete)] for matrix in _indicators(estimator, x_train)]
+                category_records = counter.smallest_indicator(indicators)
+            feature_records = {
+                column: counter.within(_off_mode(_values(work.column(column), train_rows[train_complete])))
+                for column in chosen
+            }
+            input_records = (
+                [feature_records[column] for column in chosen]
+                if not isinstance(estimator, Pipeline) and not frame  # the final estimator sees the features
+                else _input_records(estimator, x_train, train_complete, counter)
+            )
+            thresholds = _thresholds(source.datasets, policies)
+            weak = {
+                position
+                for position, records in enumerate(input_records or ())
+                if any(records.get(dataset, 0) < k for dataset, k in thresholds.items())
+            }
+            leverage = _max_leverage(estimator, x_train, train_complete, weak)
         except Exception as exc:
             raise _failure("fit", name, exc) from None
     categories = tuple(dict.fromkeys([*fit_warnings, *(w.category.__name__ for w in caught)]))
-    eval_records = _RecordCounter(source, test_rows).total() if test_rows is not None else train_records
+    target_records = eval_target_records = None
+    if y_train is not None and contributing is not None:
+        target_records = counter.within(_off_mode(y_train[train_complete]) & contributing[train_rows[train_complete]])
+        eval_target_records = target_records
+    if test_rows is not None:
+        test_complete = complete[test_rows]
+        eval_counter = _RecordCounter(source, kept[test_rows[test_complete]])
+        eval_records = eval_counter.total()
+        if y_test is not None and contributing is not None:
+            eval_target_records = eval_counter.within(
+                _off_mode(y_test[test_complete]) & contributing[test_rows[test_complete]]
+            )
+    else:
+        eval_records = train_records
     return TrainedModel(
         estimator=estimator,
         estimator_name=name,
@@ -609,6 +865,12 @@ def fit(
         cluster_records=_frozen(cluster_records),
         category_records=_frozen(category_records),
         warnings=categories,
+        target_records=_frozen(target_records),
+        eval_target_records=_frozen(eval_target_records),
+        feature_records=MappingProxyType({column: MappingProxyType(r) for column, r in feature_records.items()}),
+        input_records=None if input_records is None else tuple(MappingProxyType(r) for r in input_records),
+        min_group_size=MappingProxyType(thresholds),
+        leverage=leverage,
     )
 
 
@@ -631,6 +893,184 @@ def _frozen(records: dict[str, int] | None) -> Records | None:
     return None if records is None else MappingProxyType(records)
 
 
+# -- what a column is computed from ----------------------------------------------------------------------------------
+
+_COLUMN_RULE: Final = "its records whose value differs from the column's most common value"
+"""How a model's column is counted for min_group_size. A target that is 0 everywhere but one row (a masked value
+filled with a constant) makes a mean absolute error of a constant model that row's value times 1/n; a feature that
+is 1 in one row (an indicator of one record) makes its coefficient plus the intercept that row's target. In both
+the column is a statistic of the rows that differ from the rest, so only those rows count."""
+
+
+def _present(table: pa.Table, name: str) -> np.ndarray[Any, Any]:
+    """Per row, whether the column holds a value a model can learn from: not null, not NaN (which the release
+    engine treats as null) and not an infinity (which scikit-learn rejects)."""
+    column = table.column(name)
+    valid = pc.is_valid(column)
+    if pa.types.is_floating(column.type):
+        valid = pc.and_(valid, pc.fill_null(pc.is_finite(column), False))
+    return np.asarray(valid.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _values(column: pa.ChunkedArray, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    picked = column.take(pa.array(rows, pa.int64()))
+    if pa.types.is_dictionary(picked.type):
+        picked = pc.cast(picked, picked.type.value_type)
+    return np.asarray(picked.to_numpy(zero_copy_only=False))
+
+
+def _off_mode(values: Any) -> np.ndarray[Any, Any]:
+    """Per row, whether its value differs from the most common value of ``values`` (a missing value never does)."""
+    array = np.asarray(values).ravel()
+    if array.dtype.kind in "fiub":  # numbers: runs of a sorted copy, several times faster than hashing
+        if array.size == 0:
+            return np.zeros(0, dtype=bool)
+        ordered = np.sort(array)
+        starts = np.concatenate([[0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1])
+        lengths = np.diff(np.append(starts, ordered.size))
+        heads = ordered[starts]
+        floating = array.dtype.kind == "f"
+        known_runs = ~np.isnan(heads) if floating else np.ones(heads.size, dtype=bool)  # NaN runs hold no value
+        if not known_runs.any():
+            return np.zeros(array.size, dtype=bool)
+        mode = heads[known_runs][int(np.argmax(lengths[known_runs]))]
+        differs = array != mode
+        return np.asarray(differs & ~np.isnan(array) if floating else differs, dtype=bool)
+    codes, _ = pd.factorize(array, use_na_sentinel=True)
+    known = codes >= 0
+    if not known.any():
+        return np.zeros(codes.size, dtype=bool)
+    mode = int(np.argmax(np.bincount(codes[known])))
+    return np.asarray(known & (codes != mode), dtype=bool)
+
+
+def _contributing(source: SourceTable, target: str, kept: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Per kept row, whether its target is a record's value rather than a constant the plan put there.
+
+    ``where(who, y, 0)`` gives one record's ``y`` and a constant elsewhere; the constant rows are no record's
+    target, so they do not count towards the records a model of that target is computed from.
+    """
+    found = source.collect(source.data.select(source.contributes(target).alias("contributes")))
+    mask = np.asarray(found.get_column("contributes").to_numpy(), dtype=bool)
+    return np.asarray(mask[kept], dtype=bool)
+
+
+def _final_inputs(estimator: Any, x: Any) -> Any:
+    """What the final estimator of a (nested) pipeline is given: the inputs after every transforming step."""
+    if isinstance(estimator, Pipeline):
+        if len(estimator) > 1:
+            x = estimator[:-1].transform(x)
+        last = estimator.steps[-1][1]
+        return _final_inputs(last, x) if isinstance(last, Pipeline) else x
+    return x
+
+
+def _off_mode_columns(matrix: Any) -> Iterator[np.ndarray[Any, Any]]:
+    """Per column of a (dense, sparse or DataFrame) matrix, :func:`_off_mode` of its rows."""
+    if isinstance(matrix, pd.DataFrame):
+        for position in range(matrix.shape[1]):
+            yield _off_mode(matrix.iloc[:, position].to_numpy())
+    elif hasattr(matrix, "tocsc"):
+        # One-hot output can be thousands of sparse columns: read each column's stored entries, not n zeros.
+        csc = matrix.tocsc()
+        csc.eliminate_zeros()
+        n = csc.shape[0]
+        for j in range(csc.shape[1]):
+            rows = csc.indices[csc.indptr[j] : csc.indptr[j + 1]]
+            codes, _ = pd.factorize(csc.data[csc.indptr[j] : csc.indptr[j + 1]], use_na_sentinel=True)
+            known = codes >= 0
+            counts = np.bincount(codes[known]) if known.any() else np.zeros(0, dtype=np.int64)
+            mask = np.zeros(n, dtype=bool)
+            if counts.size and int(counts.max()) > n - rows.size:  # a stored value is more common than zero
+                mask[:] = True
+                mask[rows[known & (codes == int(np.argmax(counts)))]] = False
+                mask[rows[~known]] = False
+            else:
+                mask[rows[known]] = True
+            yield mask
+    else:
+        dense = np.asarray(matrix)
+        dense = dense.reshape(dense.shape[0], -1)
+        for j in range(dense.shape[1]):
+            yield _off_mode(dense[:, j])
+
+
+def _input_records(
+    estimator: Any, x_train: Any, complete: np.ndarray[Any, Any], counter: _RecordCounter
+) -> list[dict[str, int]] | None:
+    """Per column the final estimator sees (its coefficients' order), the records that differ from the column's
+    most common value, among the complete training rows; None for a pipeline that ends in "passthrough"."""
+    if _final(estimator) is None:
+        return None
+    inputs = _final_inputs(estimator, x_train)
+    return [counter.within(mask[complete]) for mask in _off_mode_columns(inputs)]
+
+
+# Regressors only: their fitted value is a combination of the targets, which passes through a row of leverage 1. A
+# classifier's loss saturates on a far-out row instead of interpolating it, and a row isolated in its design (an
+# extreme outlier, common in real data) would refuse every classifier on it; what a classifier can still say about
+# one record through a combination of columns is at most that record's class (docs: Known limits).
+_LINEAR_FINALS: Final = frozenset({"LinearRegression", "Ridge", "Lasso", "ElasticNet", "SGDRegressor"})
+MAX_LEVERAGE_WORK: Final = 2 * 10**10  # n x p^2: beyond this the check would cost more than most fits
+_LEVERAGE_CHUNK: Final = 65_536
+
+
+def _max_leverage(estimator: Any, x_train: Any, complete: np.ndarray[Any, Any], weak: set[int]) -> float | None:
+    """The largest leverage of a complete training row in a linear model's design, or None for other models.
+
+    A row's leverage h is the weight its own target has in its fitted value, and the largest share one record can
+    have in any combination of the coefficients. At h = 1 the fit passes through that row whatever the others
+    are: the coefficients and the row's features give its target exactly. An indicator column does that, and so
+    does any set of columns whose span holds one (``age`` and ``age + indicator``), which no per-column count sees.
+    Columns already withheld as weak (their coefficients are null) are left out, and the intercept counts as a
+    column. Computed as ``Z (ZᵀZ)⁺ Zᵀ``'s diagonal over columns scaled to unit norm, in row chunks.
+    """
+    final = _final(estimator)
+    if type(final).__name__ not in _LINEAR_FINALS:
+        return None
+    inputs = _final_inputs(estimator, x_train)
+    rows = np.flatnonzero(complete)
+    if hasattr(inputs, "tocsc"):
+        matrix: Any = inputs.tocsr()[rows]
+    else:
+        matrix = np.asarray(inputs.to_numpy() if isinstance(inputs, pd.DataFrame) else inputs, dtype=np.float64)
+        matrix = matrix.reshape(matrix.shape[0], -1)[rows]
+    kept = [j for j in range(matrix.shape[1]) if j not in weak]
+    matrix = matrix[:, kept]
+    n, p = matrix.shape[0], matrix.shape[1] + (1 if getattr(final, "fit_intercept", False) else 0)
+    if n == 0 or p == 0 or n * p * p > MAX_LEVERAGE_WORK:
+        return None
+
+    size = max(_LEVERAGE_CHUNK, 8_000_000 // p)  # about 64 MB of float64 per block
+
+    def block(start: int) -> np.ndarray[Any, Any]:
+        part = matrix[start : start + size]
+        dense = np.asarray(part.toarray() if hasattr(part, "toarray") else part, dtype=np.float64)
+        if p > dense.shape[1]:
+            dense = np.column_stack([dense, np.ones(dense.shape[0])])
+        return dense
+
+    starts = range(0, n, size)
+    gram = np.zeros((p, p))
+    for start in starts:
+        rows_block = block(start)
+        gram += rows_block.T @ rows_block
+    norms = np.sqrt(np.diag(gram))
+    norms[norms == 0] = 1.0
+    values, vectors = np.linalg.eigh(gram / np.outer(norms, norms))
+    keep = values > values.max() * p * 1e-12
+    projection = vectors[:, keep] / np.sqrt(values[keep])
+    largest = 0.0
+    for start in starts:
+        scaled = block(start) / norms
+        largest = max(largest, float(np.max(np.sum((scaled @ projection) ** 2, axis=1))))
+    return min(largest, 1.0)
+
+
+def _thresholds(datasets: frozenset[str], policies: Mapping[str, OutputPolicy]) -> dict[str, int]:
+    return {dataset: policies[dataset].min_group_size for dataset in sorted(datasets) if dataset in policies}
+
+
 class _RecordCounter:
     """Counts the source records behind some rows of a table, per dataset, as the release engine does.
 
@@ -645,10 +1085,19 @@ class _RecordCounter:
         self.n_rows = source.table.num_rows if rows is None else len(rows)
         self.datasets = sorted(source.datasets)
         self.occurrences: list[tuple[str, Any]] = []
+        # Per occurrence, where each row's id is a record seen in no other row (a dataset's own ids): there the
+        # distinct records among some rows are the rows with an id, counted without hashing.
+        self.unique_ids: list[np.ndarray[Any, Any] | None] = []
         if source.record_ids is not None:
             picked = None if rows is None else pa.array(rows, pa.int64())
-            for dataset, ids in source.record_ids:
-                self.occurrences.append((dataset, ids if picked is None else ids.take(picked)))
+            hidden = [name for _, name in source.records or ()]
+            for position, (dataset, ids) in enumerate(source.record_ids):
+                taken = ids if picked is None else ids.take(picked)
+                self.occurrences.append((dataset, taken))
+                unique = position < len(hidden) and hidden[position] in source.unique
+                self.unique_ids.append(
+                    np.asarray(pc.is_valid(taken).to_numpy(zero_copy_only=False), dtype=bool) if unique else None
+                )
 
     def _counts(self, per_occurrence: Any, default: int) -> dict[str, int]:
         counts = dict.fromkeys(self.datasets, default)
@@ -661,6 +1110,21 @@ class _RecordCounter:
 
     def total(self) -> dict[str, int]:
         return self._counts(lambda ids: pc.count_distinct(ids, mode="only_valid").as_py(), self.n_rows)
+
+    def within(self, mask: np.ndarray[Any, Any]) -> dict[str, int]:
+        """Per dataset, the distinct records behind the counted rows where ``mask`` is true."""
+        picked = np.flatnonzero(mask)
+        taken = pa.array(picked, pa.int64())
+        counts = dict.fromkeys(self.datasets, int(picked.size))
+        seen: set[str] = set()
+        for (dataset, ids), valid in zip(self.occurrences, self.unique_ids, strict=True):
+            if valid is not None:
+                count = int(np.count_nonzero(valid[picked]))
+            else:
+                count = int(pc.count_distinct(ids.take(taken), mode="only_valid").as_py())
+            counts[dataset] = count if dataset not in seen else min(counts[dataset], count)
+            seen.add(dataset)
+        return counts
 
     def smallest_group(self, labels: Any) -> dict[str, int]:
         """Per dataset, the records of the smallest group of rows sharing a label (a class, a cluster)."""
@@ -677,6 +1141,23 @@ class _RecordCounter:
             return int(pc.min(grouped.column("id_count_distinct")).as_py() or 0)
 
         return self._counts(smallest, smallest_rows)
+
+    def second_group(self, labels: Any) -> dict[str, int]:
+        """Per dataset, the records of the second largest group of rows sharing a label (0 with one group)."""
+        values = np.asarray(labels)
+        _, counts = np.unique(values, return_counts=True)
+        second_rows = int(np.sort(counts)[-2]) if counts.size > 1 else 0
+
+        def second(ids: Any) -> int:
+            grouped = (
+                pa.table({"g": pa.array(values), "id": ids})
+                .group_by("g")
+                .aggregate([("id", "count_distinct", pc.CountOptions(mode="only_valid"))])
+            )
+            records = sorted(grouped.column("id_count_distinct").to_pylist(), reverse=True)
+            return int(records[1]) if len(records) > 1 else 0
+
+        return self._counts(second, second_rows)
 
     def smallest_indicator(self, indicators: list[Any]) -> dict[str, int] | None:
         """Per dataset, the records of the smallest one-hot column (the rows where a category is present)."""
@@ -771,12 +1252,12 @@ def metrics(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> dict[s
     """Standard metrics of the task on the evaluation set, released as ``model_metrics``.
 
     The evaluation set must hold at least ``min_group_size`` records: a metric over fewer is a statistic of a few
-    people. Metrics that are undefined on this evaluation set (one class only, say) are left out.
+    people. Metrics that are undefined on this evaluation set (one class only, say) are left out. Every fitted
+    value enters the metrics, so each column the model uses must meet the column rule too (:func:`_check_metrics`).
     """
     require_kind("model_metrics", model.datasets, policies)
     _require_eval(model)
-    _check_records(model.train_records, model, policies, "the model's training set")
-    _check_records(model.eval_records, model, policies, "the model's evaluation set")
+    _check_metrics(model, policies)
     if model.task == "transform":
         raise VaultError(f"{model.estimator_name} is a transformer: it has no metrics")
     estimator, x, y = model.estimator, model.X_eval, model.y_eval
@@ -861,12 +1342,15 @@ def _has(estimator: Any, method: str) -> bool:
         return False
 
 
-def score(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> float:
-    """``estimator.score`` on the evaluation set (accuracy, R², negative inertia), released as ``model_metrics``."""
+def score(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> float | None:
+    """``estimator.score`` on the evaluation set (accuracy, R², negative inertia), released as ``model_metrics``.
+
+    A score that is not a finite number is released as null, as :func:`metrics` leaves such a metric out: an error
+    there would be one the values alone decide.
+    """
     require_kind("model_metrics", model.datasets, policies)
     _require_eval(model)
-    _check_records(model.train_records, model, policies, "the model's training set")
-    _check_records(model.eval_records, model, policies, "the model's evaluation set")
+    _check_metrics(model, policies)
     if not _has(model.estimator, "score"):
         raise VaultError(f"{model.estimator_name} has no score")
     with warnings.catch_warnings():
@@ -875,17 +1359,99 @@ def score(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> float:
             value = model.estimator.score(model.X_eval, model.y_eval)
         except Exception as exc:
             raise _failure("score", model.estimator_name, exc) from None
-    result = _finite(value)
-    if result is None:
-        raise VaultError(f"{model.estimator_name}: the score is not a finite number")
-    return result
+    return _finite(value)
+
+
+_SMALLEST_CLASS: Final = "the smallest class of the training target"
 
 
 def _check_groups(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> None:
-    """The training set and every group whose value a parameter or prediction names must meet min_group_size."""
+    """The training set, its target and every group whose value a parameter or prediction names must meet
+    min_group_size."""
     _check_records(model.train_records, model, policies, "the model's training set")
+    _check_target(model, policies)
+    _check_leverage(model, policies)
     if model.task == "classification":
-        _check_records(model.class_records, model, policies, "the smallest class of the training target")
+        _check_records(model.class_records, model, policies, _SMALLEST_CLASS)
+
+
+def _check_leverage(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> None:
+    """A linear fit may not rest on one record: its own target may weigh at most 1 - 1/k in its fitted value.
+
+    At leverage 1 the coefficients give a training record's target exactly (see :func:`_max_leverage`); the bound
+    leaves the record's fitted value at least a k-th part made of the others'.
+    """
+    if model.leverage is None:
+        return
+    failing = [
+        dataset
+        for dataset in sorted(model.datasets)
+        if (policy := policies.get(dataset)) is None or model.leverage > 1.0 - 1.0 / max(policy.min_group_size, 1)
+    ]
+    if failing:
+        k = max(policies[d].min_group_size if d in policies else 0 for d in failing)
+        raise PolicyViolation(
+            "release.min_group_size",
+            failing,
+            f"{model.estimator_name}: one training record decides its own fitted value (leverage above 1 - 1/{k}), "
+            "so a combination of the model's coefficients and that record's features is its target",
+        )
+
+
+def _check_target(model: TrainedModel, policies: Mapping[str, OutputPolicy], *, evaluation: bool = False) -> None:
+    """A target that differs from its most common value in fewer than k records releases nothing of the model."""
+    if model.target is None:
+        return
+    what = f"the target column {model.target!r} ({_COLUMN_RULE})"
+    _check_records(model.target_records, model, policies, what)
+    if evaluation:
+        _check_records(model.eval_target_records, model, policies, f"{what} on the evaluation set")
+
+
+def _check_metrics(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> None:
+    """Metrics sum over every evaluation row's error, so the training and evaluation sets, the target on both and
+    every column the model uses must meet min_group_size: with a feature that singles out one record, the error
+    sums (an R² against the total variance, say) give that record's target."""
+    _check_records(model.train_records, model, policies, "the model's training set")
+    _check_records(model.eval_records, model, policies, "the model's evaluation set")
+    _check_target(model, policies, evaluation=True)
+    _check_leverage(model, policies)
+    _check_columns(model, policies)
+
+
+def _check_columns(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> None:
+    """Every feature as given and every column the final estimator sees must meet the column rule."""
+    if model.feature_records is None:
+        raise VaultError(f"{model.estimator_name}: the record counts of its features are unknown, so it is withheld")
+    for column in model.features:
+        _check_records(model.feature_records.get(column), model, policies, f"the feature {column!r} ({_COLUMN_RULE})")
+    weak = _weak_inputs(model, policies)
+    if weak:
+        # Transformed columns are named by position: a one-hot column's name quotes a category of the data.
+        _check_records(
+            _inputs_of(model)[weak[0]],
+            model,
+            policies,
+            f"the model's input column {weak[0]} after its transforms ({_COLUMN_RULE})",
+        )
+
+
+def _inputs_of(model: TrainedModel) -> tuple[Records, ...]:
+    if model.input_records is None and _final(model.estimator) is not None:
+        raise VaultError(f"{model.estimator_name}: the record counts of its inputs are unknown, so it is withheld")
+    return model.input_records or ()
+
+
+def _weak_inputs(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> list[int]:
+    """Positions of the final estimator's input columns that fewer than k records (of some dataset) differ in."""
+    weak = []
+    for position, records in enumerate(_inputs_of(model)):
+        for dataset in model.datasets:
+            policy = policies.get(dataset)
+            if policy is None or records.get(dataset, 0) < policy.min_group_size:
+                weak.append(position)
+                break
+    return weak
 
 
 def params(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> dict[str, Any]:
@@ -895,6 +1461,11 @@ def params(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> dict[st
     quote training values directly (tree thresholds, scaler means, per-class feature means) are not released.
     Cluster centres are the means of their clusters, and one-hot categories and class labels are values of the
     data, so each such group must meet min_group_size like an aggregate row.
+
+    A parameter tied to an input column that differs from its most common value in fewer than k records (an
+    indicator of one record, say) is determined by those records: its coefficient and cluster-centre entries are
+    null, feature importances (which sum to one) are all null, and ``confnb_suppressed`` names those columns.
+    The names come from :data:`FITTED_ATTRIBUTES`, the allowlist an exported file is held to as well.
     """
     require_kind("model_parameters", model.datasets, policies)
     _check_groups(model, policies)
@@ -906,14 +1477,19 @@ def params(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> dict[st
     released: dict[str, Any] = {"estimator": model.estimator_name, "features": names, "n_train": model.n_train}
     if final is None:
         return released
-    classes = getattr(final, "classes_", None)
+    weak = _weak_inputs(model, policies)
+    if len(_inputs_of(model)) != len(names):
+        weak = list(range(len(names)))  # coefficients that cannot be matched to their columns' counts
+    hidden = {names[position] for position in weak}
+    allowed = _allowlist(final)
+    classes = getattr(final, "classes_", None) if "classes_" in allowed else None
     labels = [_scalar(label) for label in classes] if classes is not None else None
     if labels is not None:
         released["classes_"] = labels
-    coef = getattr(final, "coef_", None)
+    coef = getattr(final, "coef_", None) if "coef_" in allowed else None
     if coef is not None:
-        released["coef_"] = _by_row(np.asarray(coef, dtype=np.float64), names, labels)
-    intercept = getattr(final, "intercept_", None)
+        released["coef_"] = _by_row(np.asarray(coef, dtype=np.float64), names, labels, hidden)
+    intercept = getattr(final, "intercept_", None) if "intercept_" in allowed else None
     if intercept is not None:
         values = np.atleast_1d(np.asarray(intercept, dtype=np.float64))
         if values.size == 1:
@@ -923,17 +1499,21 @@ def params(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> dict[st
             released["intercept_"] = (
                 dict(zip(keys, map(_finite, values), strict=True)) if keys else [_finite(v) for v in values]
             )
-    importances = _attribute(final, "feature_importances_")
+    importances = _attribute(final, "feature_importances_") if "feature_importances_" in allowed else None
     if importances is not None:
-        released["feature_importances_"] = _named(np.asarray(importances, dtype=np.float64), names)
-    centers = getattr(final, "cluster_centers_", None)
+        # Importances are normalised to sum to one, so one withheld entry is the others' complement: none is shown.
+        every = set(names) if hidden else set()
+        released["feature_importances_"] = _named(np.asarray(importances, dtype=np.float64), names, every)
+    centers = getattr(final, "cluster_centers_", None) if "cluster_centers_" in allowed else None
     if centers is not None:
         _check_records(model.cluster_records, model, policies, "the smallest cluster")
-        released["cluster_centers_"] = [_named(row, names) for row in np.asarray(centers, dtype=np.float64)]
-    n_iter = getattr(final, "n_iter_", None)
+        released["cluster_centers_"] = [_named(row, names, hidden) for row in np.asarray(centers, dtype=np.float64)]
+    n_iter = getattr(final, "n_iter_", None) if "n_iter_" in allowed else None
     if n_iter is not None:
         array = np.asarray(n_iter)
         released["n_iter_"] = int(array) if array.ndim == 0 else [int(v) for v in array.ravel()]
+    if hidden:
+        released["confnb_suppressed"] = [name for name in names if name in hidden]
     return released
 
 
@@ -948,18 +1528,20 @@ def _scalar(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _named(row: np.ndarray[Any, Any], names: Sequence[str]) -> dict[str, float | None]:
-    return {name: _finite(value) for name, value in zip(names, row, strict=True)}
+def _named(
+    row: np.ndarray[Any, Any], names: Sequence[str], hidden: set[str] | frozenset[str] = frozenset()
+) -> dict[str, float | None]:
+    return {name: None if name in hidden else _finite(value) for name, value in zip(names, row, strict=True)}
 
 
-def _by_row(coef: np.ndarray[Any, Any], names: Sequence[str], labels: list[Any] | None) -> Any:
+def _by_row(coef: np.ndarray[Any, Any], names: Sequence[str], labels: list[Any] | None, hidden: set[str]) -> Any:
     if coef.ndim == 1:
-        return _named(coef, names)
+        return _named(coef, names, hidden)
     if coef.shape[0] == 1:
-        return _named(coef[0], names)
+        return _named(coef[0], names, hidden)
     if labels is not None and len(labels) == coef.shape[0]:
-        return {str(label): _named(row, names) for label, row in zip(labels, coef, strict=True)}
-    return [_named(row, names) for row in coef]
+        return {str(label): _named(row, names, hidden) for label, row in zip(labels, coef, strict=True)}
+    return [_named(row, names, hidden) for row in coef]
 
 
 def _input_names(model: TrainedModel) -> list[str]:
@@ -990,6 +1572,7 @@ def predict(model: TrainedModel, public: pa.Table, policies: Mapping[str, Output
     """
     require_kind("predict_public", model.datasets, policies)
     _check_groups(model, policies)
+    _check_columns(model, policies)  # a prediction at an indicator's 1 and at its 0 differ by its coefficient
     _check_rows(public.num_rows, model.datasets, policies)
     if not _has(model.estimator, "predict"):
         raise VaultError(f"{model.estimator_name} has no predict (a transformer)")
@@ -1126,25 +1709,43 @@ def to_skops(model: TrainedModel, *, facts: bool = False) -> bytes:
     are not released values, so only the sealed (encrypted) payload carries them.
     """
     if not facts:
-        return bytes(sio.dumps(_without_rows(model.estimator)))
+        return bytes(sio.dumps(_exported_copy(model)))
     buffer = io.BytesIO(sio.dumps(model.estimator))
     with zipfile.ZipFile(buffer, "a", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr(_FACTS_ENTRY, json.dumps(_facts(model), sort_keys=True, allow_nan=False))
     return buffer.getvalue()
 
 
-def _without_rows(estimator: Any) -> Any:
-    if not any(hasattr(part, name) for part in _walk(estimator) for name in _PER_ROW_ATTRIBUTES):
-        return estimator
-    stripped = copy.deepcopy(estimator)
+def _exported_copy(model: TrainedModel) -> Any:
+    """A copy of the vault's estimator holding only :data:`FITTED_ATTRIBUTES`, checked before any byte is written.
+
+    Attributes on :data:`_STRIPPED` (and per-row values) are removed; any other fitted attribute refuses the whole
+    file, so a new scikit-learn attribute never leaves unreviewed and no partial file is written.
+    """
+    refusal = _structural_refusal(model.estimator)
+    if refusal is not None:
+        raise PolicyViolation("release.min_group_size", sorted(model.datasets), f"export: {refusal}")
+    stripped = copy.deepcopy(model.estimator)
     for part in _walk(stripped):
-        for name in _PER_ROW_ATTRIBUTES:
-            if name in vars(part):
+        removed = _STRIPPED.get(type(part).__name__, frozenset()) | set(_PER_ROW_ATTRIBUTES)
+        for name in _fitted_state(part):
+            if name in removed:
                 delattr(part, name)
+    for part in _walk(stripped):  # the copy itself is what is written: check it, not the original
+        left = [name for name in _fitted_state(part) if name not in _allowlist(part)]
+        if left:
+            raise VaultError(f"export: a fitted {type(part).__name__} still carries {', '.join(sorted(left)[:5])}")
     return stripped
 
 
-_RECORD_FACTS: Final = ("train_records", "eval_records", "class_records", "cluster_records", "category_records")
+_RECORD_FACTS: Final = (
+    "train_records",
+    "eval_records",
+    "class_records",
+    "cluster_records",
+    "category_records",
+    "target_records",
+)
 
 
 def _facts(model: TrainedModel) -> dict[str, Any]:
@@ -1152,6 +1753,11 @@ def _facts(model: TrainedModel) -> dict[str, Any]:
     for key in _RECORD_FACTS:
         records = getattr(model, key)
         facts[key] = None if records is None else dict(records)
+    features = model.feature_records or {}
+    facts["feature_records"] = [[column, dict(features[column])] for column in model.features if column in features]
+    facts["input_records"] = None if model.input_records is None else [dict(r) for r in model.input_records]
+    facts["min_group_size"] = dict(model.min_group_size)
+    facts["leverage"] = model.leverage
     return facts
 
 
@@ -1272,8 +1878,30 @@ def from_skops(data: bytes, description: Mapping[str, Any]) -> TrainedModel:
         }
         if set(lineage) != {*features, *([target] if target is not None else [])}:
             raise TypeError
+        if not all(key in facts for key in ("target_records", "feature_records", "input_records")):
+            raise VaultError(
+                "the sealed model carries no per-column record counts (it was sealed by an earlier vault); fit it again"
+            )
         records = {key: _records_fact(facts[key], set(datasets)) for key in _RECORD_FACTS}
-        if records["train_records"] is None:
+        if records["train_records"] is None or (target is not None and records["target_records"] is None):
+            raise TypeError
+        feature_doc = facts["feature_records"]
+        if not isinstance(feature_doc, list) or [pair[0] for pair in feature_doc] != list(features):
+            raise TypeError
+        feature_records = {
+            str(pair[0]): _records_fact(pair[1], set(datasets)) or MappingProxyType({}) for pair in feature_doc
+        }
+        input_doc = facts["input_records"]
+        if input_doc is not None and not isinstance(input_doc, list):
+            raise TypeError
+        input_records = (
+            None
+            if input_doc is None
+            else tuple(_records_fact(item, set(datasets)) or MappingProxyType({}) for item in input_doc)
+        )
+        thresholds = _records_fact(facts.get("min_group_size"), set(datasets)) or MappingProxyType({})
+        leverage = facts.get("leverage")
+        if leverage is not None and (isinstance(leverage, bool) or not isinstance(leverage, int | float)):
             raise TypeError
         n_train, n_test = _count(facts["n_train"]), _count(facts["n_test"])
         categories = facts.get("warnings", [])
@@ -1298,6 +1926,11 @@ def from_skops(data: bytes, description: Mapping[str, Any]) -> TrainedModel:
         cluster_records=records["cluster_records"],
         category_records=records["category_records"],
         warnings=tuple(categories),
+        target_records=records["target_records"],
+        feature_records=MappingProxyType(feature_records),
+        input_records=input_records,
+        min_group_size=thresholds,
+        leverage=None if leverage is None else float(leverage),
     )
 
 

@@ -11,10 +11,18 @@ derived from. The output policy (:mod:`kernel_enclave.vault.release`) uses it to
 everything derived from them out of released results; a filter predicate or join key does not enter the lineage of
 the columns it selects rows of, as the spec allows.
 
-A table also knows which source *records* each row came from once a join has run: hidden record-id columns, one
-per occurrence of a dataset in the join tree, travel through every later filter, assignment and join inside the
+A table also knows which source *records* each row came from: a dataset carries a hidden record-id column (the
+record's position in the dataset, so the same record has the same id in every release), and after a join there is
+one per occurrence of a dataset in the join tree; they travel through every filter, assignment and join inside the
 Polars frame. A join can repeat one record many times, and ``min_group_size`` is about records, not rows, so the
-release engine counts distinct records per dataset rather than trusting row counts after a join.
+release engine counts distinct records per dataset rather than trusting row counts.
+
+A value *contributes* to a released number only where it came from a non-null (non-NaN) value of a dataset record:
+a constant, or a constant picked by a data predicate (``where(who, 1, 0)``), tells about the predicate but is no
+record's value, and a group of rows whose values are all masked out is computed from none of them. Each compiled
+expression therefore carries its contribution mask (:attr:`Value.contributes`); a column whose mask is not simply
+"the value is present" keeps it as a hidden boolean column, and :meth:`SourceTable.contributes` gives it to the
+release engine, which counts only contributing records.
 
 Error messages name operations, columns and types, never a data value: Polars' own messages can quote values
 ("conversion failed for values [...]"), so they are never passed through.
@@ -23,7 +31,8 @@ Error messages name operations, columns and types, never a data value: Polars' o
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -86,6 +95,67 @@ _FUNCTIONS: dict[str, tuple[int, frozenset[str], frozenset[str]]] = {
 # Tables with lineage
 
 _RECORD_PREFIX = "\x01record"
+_MASK_PREFIX = "\x01contributes"
+
+
+class DatasetFacts:
+    """What the vault knows of one dataset as it was loaded: its row count, and which columns hold no value twice.
+
+    A join's size limit is decided from these alone, never from the rows a request reaches, so a refusal is the
+    same for every request and says nothing about any record. Each fact is found on first need and kept: the
+    dataset never changes once loaded, so finding it later gives what finding it at load would have given.
+    """
+
+    def __init__(self, data: pl.LazyFrame, streaming: bool, rows: int | None = None) -> None:
+        self._data = data
+        self._streaming = streaming
+        self._rows = rows
+        self._unique: dict[str, bool] = {}
+        self._lock = threading.Lock()
+
+    def rows(self) -> int:
+        with self._lock:
+            if self._rows is None:
+                self._rows = int(stoppable.collect(self._data.select(pl.len()), streaming=self._streaming).item())
+            return self._rows
+
+    def unique(self, column: str) -> bool:
+        """Whether no two records share a (non-null) value of ``column``: null keys match nothing in a join."""
+        with self._lock:
+            if column not in self._unique:
+                values = pl.col(column).drop_nulls()
+                counted = self._data.select(values.n_unique() == values.len())
+                self._unique[column] = bool(stoppable.collect(counted, streaming=self._streaming).item())
+            return self._unique[column]
+
+
+@dataclass(frozen=True)
+class RowBound:
+    """An upper bound on a table's rows, from its datasets' load-time facts and the plan, never from a request's rows.
+
+    ``rows`` gives the bound (the datasets' full row counts, as a filter may keep every row), ``unique`` says, per
+    visible column, whether it still holds no value twice by a load-time fact (a dataset column found unique, kept
+    through filters and selections, and through joins that meet each of its rows at most once).
+    """
+
+    rows: Callable[[], int]
+    unique: Mapping[str, Callable[[], bool]] = field(default_factory=dict)
+
+    def only(self, columns: Sequence[str]) -> RowBound:
+        return RowBound(self.rows, {name: known for name, known in self.unique.items() if name in columns})
+
+    def assigned(self, name: str, source: str | None) -> RowBound:
+        """After column ``name`` is assigned: a copy of a unique column (``source``) is unique, anything else not."""
+        unique = {column: known for column, known in self.unique.items() if column != name}
+        if source is not None and source in self.unique:
+            unique[name] = self.unique[source]
+        return RowBound(self.rows, unique)
+
+
+def _rows_of(data: pl.LazyFrame, streaming: bool) -> RowBound:
+    """The bound of a table built without load-time facts: its own row count, counted once."""
+    facts = DatasetFacts(data, streaming)
+    return RowBound(facts.rows)
 
 
 @dataclass(frozen=True)
@@ -95,13 +165,19 @@ class SourceTable:
     A plan compiles to one lazy query over the decrypted datasets, so Polars' optimiser sees all of it (only the
     columns a result needs are read, filters move below joins); it runs when a release, a schema or a model needs it.
 
-    ``records`` is ``None`` while each row is a distinct record of every dataset in ``datasets`` (true of a dataset
-    and of anything selected, filtered or derived from it). After a join it lists, per occurrence of a dataset in
-    the join tree, the hidden column of ``data`` holding the id of the source record behind each row (null where an
-    outer join had no match), so that the release engine can count records instead of rows. Hidden columns are
-    never visible to a plan: :attr:`columns` leaves them out. ``unique`` names the hidden columns known to hold
-    each record at most once (a join on keys unique on the other side repeats no record), where counting distinct
-    records is counting rows with an id.
+    ``records`` lists, per occurrence of a dataset (one for a dataset, one per side after a join), the hidden column
+    of ``data`` holding the id of the source record behind each row (null where an outer join had no match), so
+    that the release engine can count records instead of rows. A dataset's ids are its records' positions, given
+    before any filter, so one record has one id in every release. ``records`` is ``None`` only for a table built
+    from Arrow without ids (each row then stands for a distinct record of every dataset in ``datasets``). Hidden
+    columns are never visible to a plan: :attr:`columns` leaves them out. ``unique`` names the hidden columns known
+    to hold each record at most once (a dataset's own ids; after a join on keys unique on the other side by a
+    load-time fact), where counting distinct records is counting rows with an id. ``bound`` (a :class:`RowBound`)
+    decides the join size limit without reading a request's rows.
+
+    ``masks`` maps a visible column to the hidden boolean column saying where its value contributes (see
+    :meth:`contributes`); a column without one contributes exactly where it is present, the common case, which
+    costs nothing.
 
     ``arrow_types`` remembers the Arrow type of each column that is still a dataset column as the vault decrypted
     it, so that schemas and materialised tables show the owner's types (Polars reads a dictionary column as
@@ -117,6 +193,8 @@ class SourceTable:
     streaming: bool = field(default=False, compare=False, repr=False)  # reads a scanned dataset: streaming engine
     # Float columns known to hold no NaN (checked once when a dataset is loaded): read without a NaN-to-null pass.
     nan_free: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    masks: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    bound: RowBound | None = field(default=None, compare=False, repr=False)  # None: count this table's rows
 
     def __post_init__(self) -> None:
         if isinstance(self.data, pa.Table):  # an Arrow table, with record ids as Arrow arrays (tests, models)
@@ -131,15 +209,40 @@ class SourceTable:
             object.__setattr__(self, "records", converted.records)
             object.__setattr__(self, "arrow_types", converted.arrow_types)
             object.__setattr__(self, "nan_free", converted.nan_free)
+            object.__setattr__(self, "bound", converted.bound)
 
     @classmethod
     def from_dataset(cls, dataset_id: str, table: pa.Table) -> SourceTable:
-        """A dataset as the vault decrypted it: each column's lineage is itself."""
+        """A dataset as the vault decrypted it: each column's lineage is itself, each record's id its position."""
         names = list(table.column_names)
         if len(set(names)) != len(names):
             raise VaultError(f"dataset {quote(dataset_id)} has duplicate column names")
         lineage = {name: frozenset({(dataset_id, name)}) for name in names}
-        return cls.from_arrow(table, lineage, frozenset({dataset_id}), ())
+        loaded = cls.from_arrow(table, lineage, frozenset({dataset_id}), ())
+        return loaded._with_record_ids(dataset_id, DatasetFacts(loaded.data, False, table.num_rows))
+
+    def _with_record_ids(self, dataset_id: str, facts: DatasetFacts) -> SourceTable:
+        """This table with a hidden id per row, its position, as the records of ``dataset_id`` (unique).
+
+        In memory the ids are one column made once (8 bytes a record), which each query reads without copying; a
+        scanned dataset numbers its rows as they stream by, before any filter.
+        """
+        name = fresh_names(1, set(self.schema.names()))[0]
+        if self.streaming:
+            data = self.data.with_row_index(name).with_columns(pl.col(name).cast(pl.Int64))
+        else:
+            data = self.data.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(name)).collect().lazy()
+        return SourceTable(
+            data,
+            self.lineage,
+            self.datasets,
+            ((dataset_id, name),),
+            self.arrow_types,
+            frozenset({name}),
+            self.streaming,
+            self.nan_free,
+            bound=RowBound(facts.rows, {column: _fact(facts, column) for column in self.lineage}),
+        )
 
     @classmethod
     def from_arrow(
@@ -148,8 +251,13 @@ class SourceTable:
         lineage: Mapping[str, Lineage],
         datasets: frozenset[str],
         record_columns: Sequence[tuple[str, str]],
+        mask_columns: Sequence[tuple[str, str]] = (),
     ) -> SourceTable:
-        """An Arrow table (a dataset, or an unsealed table with its hidden record-id columns) as a vault frame."""
+        """An Arrow table (a dataset, or an unsealed table with its hidden record-id and mask columns) as a frame.
+
+        ``record_columns`` are ``(hidden column, dataset)`` pairs, ``mask_columns`` ``(hidden column, column)``
+        pairs, as :meth:`sealed_form` gives them for sealing.
+        """
         try:
             data = pl.from_arrow(table, rechunk=True)  # one chunk per column: sorts and quantiles need no copy
         except (Exception, pl.exceptions.PanicException):
@@ -158,15 +266,22 @@ class SourceTable:
         if any("\x00" in name for name in data.columns):
             raise VaultError("a table has a column name with a NUL character")
         hidden = {name for name, _ in record_columns}
-        if hidden & set(lineage):
+        masks = {column: name for name, column in mask_columns}
+        if (hidden | set(masks.values())) & set(lineage) or hidden & set(masks.values()):
             raise VaultError("a table's record-id columns clash with its columns")
+        if not set(masks) <= set(lineage) or len(masks) != len(mask_columns):
+            raise VaultError("a table's contribution masks do not match its columns")
         data = data.with_columns(pl.col(name).cast(pl.Int64) for name in hidden)
-        arrow_types = {f.name: f.type for f in table.schema if f.name not in hidden}
+        data = data.with_columns(pl.col(name).cast(pl.Boolean).fill_null(False) for name in masks.values())
+        arrow_types = {f.name: f.type for f in table.schema if f.name not in hidden and f.name not in masks.values()}
         records = tuple((dataset, name) for name, dataset in record_columns) or None
         floats = [name for name, dtype in data.schema.items() if dtype.is_float()]
         has_nan = data.select(pl.col(name).is_nan().any() for name in floats).row(0) if floats else ()
         nan_free = frozenset(name for name, found in zip(floats, has_nan, strict=True) if not found)
-        return cls(data.lazy(), dict(lineage), datasets, records, arrow_types, frozenset(), False, nan_free)
+        bound = RowBound(DatasetFacts(data.lazy(), False, data.height).rows)
+        return cls(
+            data.lazy(), dict(lineage), datasets, records, arrow_types, frozenset(), False, nan_free, masks, bound
+        )
 
     @classmethod
     def from_scan(cls, dataset_id: str, scan: pl.LazyFrame, arrow_schema: pa.Schema) -> SourceTable:
@@ -176,7 +291,8 @@ class SourceTable:
             raise VaultError(f"dataset {quote(dataset_id)} has duplicate column names or names with NUL characters")
         lineage = {name: frozenset({(dataset_id, name)}) for name in names}
         arrow_types = {f.name: f.type for f in arrow_schema}
-        return cls(scan, lineage, frozenset({dataset_id}), None, arrow_types, frozenset(), True)
+        scanned = cls(scan, lineage, frozenset({dataset_id}), None, arrow_types, frozenset(), True)
+        return scanned._with_record_ids(dataset_id, DatasetFacts(scan, True))
 
     def collect(self, query: pl.LazyFrame) -> pl.DataFrame:
         """Run a query over this table: on Polars' streaming engine when a scanned dataset is behind it."""
@@ -193,10 +309,44 @@ class SourceTable:
         return pl.DataFrame(schema=self.schema)
 
     @cached_property
+    def hidden(self) -> list[str]:
+        """The hidden columns of ``data``: record ids, then contribution masks."""
+        return [name for _, name in self.records or ()] + list(self.masks.values())
+
+    @cached_property
     def columns(self) -> list[str]:
-        """The columns a plan sees, in order (hidden record-id columns left out)."""
-        hidden = {name for _, name in self.records or ()}
+        """The columns a plan sees, in order (hidden record-id and mask columns left out)."""
+        hidden = set(self.hidden)
         return [name for name in self.schema.names() if name not in hidden]
+
+    def contributes(self, name: str) -> pl.Expr:
+        """Where the value of visible column ``name`` came from a present (non-null, non-NaN) value of a record.
+
+        A boolean expression over :attr:`data`, never null. False where the value is null or NaN, where it is a
+        constant of the plan (a literal, or a literal chosen by a ``where`` on the data), and on the side of an
+        outer join that had no match; the release engine counts a record towards a number only where its input
+        contributes.
+        """
+        require_columns(self, [name], "contributes")
+        present = _present(pl.col(name), self.dtype(name), name in self.nan_free)
+        mask = self.masks.get(name)
+        return present if mask is None else pl.col(mask).fill_null(False) & present
+
+    def sealed_form(self) -> tuple[pa.Table, list[tuple[str, str]], list[tuple[str, str]]]:
+        """The visible table with its record ids and contribution masks appended, read in one query so their rows
+        line up, and the ``(hidden column, dataset)`` and ``(hidden column, column)`` pairs that name them: what a
+        sealed table keeps so that, unsealed (:meth:`from_arrow`), its records and masks still count."""
+        with engine_errors("evaluation", []):
+            found = self.collect(self.data.select([*self.columns, *self.hidden]))
+        table = to_arrow(found.select(self.columns), self.arrow_types)
+        record_names = fresh_names(len(self.records or ()), set(self.columns))
+        names = record_names + fresh_names(len(self.masks), set(self.columns) | set(record_names), _MASK_PREFIX)
+        renamed = dict(zip(self.hidden, names, strict=True))
+        for old, new in renamed.items():
+            table = table.append_column(new, found.get_column(old).to_arrow())
+        records = [(renamed[name], dataset) for dataset, name in self.records or ()]
+        masks = [(renamed[mask], column) for column, mask in self.masks.items()]
+        return table, records, masks
 
     @cached_property
     def num_rows(self) -> int:
@@ -222,15 +372,17 @@ class SourceTable:
 
     @cached_property
     def record_ids(self) -> tuple[tuple[str, pa.ChunkedArray], ...] | None:
-        """Record ids per dataset occurrence as Arrow arrays (for the models), or None before any join."""
+        """Record ids per dataset occurrence as Arrow arrays (for the models), or None for a table without ids."""
         if self.records is None:
             return None
         ids = self.collect(self.data.select([name for _, name in self.records]))
         return tuple((dataset, ids.get_column(name).to_arrow()) for dataset, name in self.records)
 
     def record_columns(self) -> tuple[pl.LazyFrame, tuple[tuple[str, str], ...], frozenset[str]]:
-        """The query with a record-id column for every dataset occurrence ("row i is record i" made explicit), and
-        the ones known unique."""
+        """The query with a record-id column for every dataset occurrence, and the ones known unique.
+
+        A table from Arrow without ids gets "row i is record i" made explicit here, numbered as its rows are now;
+        every dataset already carries ids fixed before any filter."""
         if self.records is not None:
             return self.data, self.records, self.unique
         occurrences = []
@@ -264,7 +416,16 @@ class SourceTable:
             self.unique,
             self.streaming,
             self.nan_free,
+            self.masks,
+            self.bound,
         )
+
+    def row_bound(self) -> RowBound:
+        return self.bound if self.bound is not None else _rows_of(self.data, self.streaming)
+
+
+def _fact(facts: DatasetFacts, column: str) -> Callable[[], bool]:
+    return lambda: facts.unique(column)
 
 
 def fresh_names(count: int, taken: set[str], prefix: str = _RECORD_PREFIX) -> list[str]:
@@ -668,8 +829,9 @@ def evaluate_node(node: Node, sources: Mapping[str, SourceTable]) -> SourceTable
     """Run a row-level node with Polars, one node at a time.
 
     Each node is type-checked on the input's schema (which a zero-row frame gives without reading data) before its
-    query runs; the few checks that depend on values (a cast that does not convert, an integer division by zero)
-    run as Polars queries of their own first, so a failure names the operation and never reaches Polars' messages.
+    query runs, and every operation is total: where a value has no result (a cast that does not convert, an integer
+    division by zero) the result is null. Whether a request fails, and what its error says, is then decided by the
+    plan and the types alone, never by a row's value.
     """
     if isinstance(node, Source):
         return _source(node, sources)
@@ -717,7 +879,11 @@ def _column_list(names: Sequence[str]) -> str:
 
 @contextmanager
 def engine_errors(operation: str, subjects: Sequence[str]) -> Iterator[None]:
-    """Turn a Polars/Arrow failure into a VaultError that names the operation, never a value the engine quotes."""
+    """Turn a Polars/Arrow failure into a VaultError that names the operation, never a value the engine quotes.
+
+    Operations are total, so a failure here is a type error found on zero rows, or the engine's own failure; the
+    text says nothing about values (no "a value does not convert"), which would describe the data.
+    """
     try:
         yield
     except VaultError as exc:
@@ -726,9 +892,7 @@ def engine_errors(operation: str, subjects: Sequence[str]) -> Iterator[None]:
     except (pl.exceptions.InvalidOperationError, pl.exceptions.SchemaError, pl.exceptions.SchemaFieldNotFoundError):
         raise VaultError(f"{operation} is not supported for {_subjects(subjects)}") from None
     except (pl.exceptions.ComputeError, pa.ArrowInvalid, ValueError, OverflowError, ArithmeticError):
-        raise VaultError(
-            f"{operation} failed on {_subjects(subjects)}: a value does not convert, overflows or divides by zero"
-        ) from None
+        raise VaultError(f"{operation} failed on {_subjects(subjects)}") from None
     except (pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError):
         raise VaultError(f"{operation}: the types of {_subjects(subjects)} do not fit together") from None
     except (pl.exceptions.PolarsError, pl.exceptions.PanicException, pa.ArrowException, IndexError, KeyError):
@@ -746,9 +910,10 @@ def _subjects(subjects: Sequence[str]) -> str:
 
 def _select(frame: SourceTable, columns: tuple[str, ...]) -> SourceTable:
     require_columns(frame, columns, "select")
-    hidden = [name for _, name in frame.records or ()]
+    masks = {name: mask for name, mask in frame.masks.items() if name in columns}
+    records = [name for _, name in frame.records or ()]
     return SourceTable(
-        frame.data.select([*columns, *hidden]),
+        frame.data.select([*columns, *records, *masks.values()]),
         {name: lineage_of(frame, name) for name in columns},
         frame.datasets,
         frame.records,
@@ -756,6 +921,8 @@ def _select(frame: SourceTable, columns: tuple[str, ...]) -> SourceTable:
         frame.unique,
         frame.streaming,
         frame.nan_free & set(columns),
+        masks,
+        frame.row_bound().only(columns),
     )
 
 
@@ -771,29 +938,20 @@ def _filter(frame: SourceTable, predicate: Expr) -> SourceTable:
 def _assign(frame: SourceTable, columns: tuple[tuple[str, Expr], ...]) -> SourceTable:
     current = frame
     for name, expr in columns:
-        data = current.data
-        records = current.records
-        unique = current.unique
-        if any(name == column for _, column in records or ()):  # a plan's name equal to a hidden column's
-            new = fresh_names(1, set(current.schema.names()) | {name})[0]
-            data = data.rename({name: new})
-            records = tuple((d, new if c == name else c) for d, c in records or ())
-            unique = frozenset(new if c == name else c for c in unique)
-            current = SourceTable(
-                data,
-                current.lineage,
-                current.datasets,
-                records,
-                current.arrow_types,
-                unique,
-                current.streaming,
-                current.nan_free,
-            )
+        if name in current.hidden:  # a plan's name equal to a hidden column's: the hidden one moves aside
+            current = _move_hidden(current, name)
         value = _eval_expr(expr, current)
-        data = current.data.with_columns(value.expr.alias(name))
-        if name not in current.lineage and records:  # keep hidden columns last
-            hidden = [c for _, c in records]
-            data = data.select([*current.columns, name, *hidden])
+        masks = {column: mask for column, mask in current.masks.items() if column != name}
+        assigned = [value.expr.alias(name)]
+        if value.contributes is not None:  # computed from the same input rows as the value itself
+            mask = fresh_names(1, set(current.schema.names()) | {name}, _MASK_PREFIX)[0]
+            assigned.append(value.contributes.alias(mask))
+            masks[name] = mask
+        data = current.data.with_columns(assigned)
+        if name in current.masks:  # the overwritten value's mask goes with it
+            data = data.drop(current.masks[name])
+        if name not in current.lineage and current.hidden:  # keep hidden columns last
+            data = data.select([*current.columns, name, *(c for _, c in current.records or ()), *masks.values()])
         lineage = {**current.lineage, name: value.lineage}
         arrow_types = {k: v for k, v in current.arrow_types.items() if k != name}
         if isinstance(expr, Col) and expr.name in current.arrow_types:
@@ -802,9 +960,37 @@ def _assign(frame: SourceTable, columns: tuple[tuple[str, Expr], ...]) -> Source
         if isinstance(expr, Col) and expr.name in current.nan_free:
             nan_free |= {name}
         current = SourceTable(
-            data, lineage, current.datasets, records, arrow_types, unique, current.streaming, nan_free
+            data,
+            lineage,
+            current.datasets,
+            current.records,
+            arrow_types,
+            current.unique,
+            current.streaming,
+            nan_free,
+            masks,
+            current.row_bound().assigned(name, expr.name if isinstance(expr, Col) else None),
         )
     return current
+
+
+def _move_hidden(frame: SourceTable, name: str) -> SourceTable:
+    """The table with hidden column ``name`` renamed to a name nothing uses, so a plan may take ``name``."""
+    new = fresh_names(
+        1, set(frame.schema.names()) | {name}, _MASK_PREFIX if name in frame.masks.values() else _RECORD_PREFIX
+    )[0]
+    return SourceTable(
+        frame.data.rename({name: new}),
+        frame.lineage,
+        frame.datasets,
+        tuple((d, new if c == name else c) for d, c in frame.records) if frame.records is not None else None,
+        frame.arrow_types,
+        frozenset(new if c == name else c for c in frame.unique),
+        frame.streaming,
+        frame.nan_free,
+        {column: new if mask == name else mask for column, mask in frame.masks.items()},
+        frame.bound,
+    )
 
 
 MAX_JOIN_ROWS = 200_000_000
@@ -837,28 +1023,52 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
     taken = set(out_names) | set(left.columns) | set(right.columns)
     hidden = fresh_names(len(left_records) + len(right_records), taken)
     left_hidden, right_hidden = hidden[: len(left_records)], hidden[len(left_records) :]
+    # Contribution masks ride along too: a column's own (null, so false, on a row its side did not match), and a
+    # masked key's from both sides (the coalesced key holds either side's value).
+    masked_keys = [k for k in node.on if k in left.masks or k in right.masks]
+    left_masked = [n for n in left_rest if n in left.masks]
+    right_masked = [n for n in right_rest if n in right.masks]
+    mask_names = fresh_names(
+        len(left_masked) + len(right_masked) + 2 * len(masked_keys), taken | set(hidden), _MASK_PREFIX
+    )
+    masked = [renamed(n, left_suffix) for n in left_masked] + [renamed(n, right_suffix) for n in right_masked]
+    column_masks = dict(zip(masked, mask_names[: len(masked)], strict=True))
+    key_sides = mask_names[len(masked) :]
+    left_keys, right_keys = key_sides[: len(masked_keys)], key_sides[len(masked_keys) :]
     # Rename both sides up front so the output never depends on Polars' suffix rules.
     left_frame = left_data.select(
         *(_key_expr(k, cast) for k, cast in zip(node.on, key_casts, strict=True)),
         *(pl.col(n).alias(renamed(n, left_suffix)) for n in left_rest),
         *(pl.col(old).alias(new) for (_, old), new in zip(left_records, left_hidden, strict=True)),
+        *(pl.col(left.masks[n]).alias(column_masks[renamed(n, left_suffix)]) for n in left_masked),
+        *(left.contributes(k).alias(name) for k, name in zip(masked_keys, left_keys, strict=True)),
     )
     right_frame = right_data.select(
         *(_key_expr(k, cast) for k, cast in zip(node.on, key_casts, strict=True)),
         *(pl.col(n).alias(renamed(n, right_suffix)) for n in right_rest),
         *(pl.col(old).alias(new) for (_, old), new in zip(right_records, right_hidden, strict=True)),
+        *(pl.col(right.masks[n]).alias(column_masks[renamed(n, right_suffix)]) for n in right_masked),
+        *(right.contributes(k).alias(name) for k, name in zip(masked_keys, right_keys, strict=True)),
     )
+    masks = {**column_masks, **dict(zip(masked_keys, left_keys, strict=True))}
 
     def joined_of(left_side: pl.LazyFrame, right_side: pl.LazyFrame) -> pl.LazyFrame:
         how = JOIN_TYPES[node.how]
         joined = left_side.join(right_side, on=list(node.on), how=how, coalesce=True, nulls_equal=False)
-        return joined.select([*out_names, *hidden])
+        either = (
+            (pl.col(mine).fill_null(False) | pl.col(theirs).fill_null(False)).alias(mine)
+            for mine, theirs in zip(left_keys, right_keys, strict=True)
+        )
+        own = (pl.col(mask).fill_null(False) for mask in column_masks.values())
+        return joined.select([*out_names, *hidden, *own, *either])
 
     with engine_errors("join", [f"keys {key_types}"]):
         empty_left = pl.LazyFrame(schema=left_frame.collect_schema())
         joined_of(empty_left, pl.LazyFrame(schema=right_frame.collect_schema())).collect()  # type check, no rows
-        streaming = left.streaming or right.streaming
-        left_keys_unique, right_keys_unique = _check_join_size(left_frame, right_frame, list(node.on), streaming)
+    streaming = left.streaming or right.streaming
+    left_keys_unique = _keys_unique(left, node.on, key_casts)
+    right_keys_unique = _keys_unique(right, node.on, key_casts)
+    bound = _join_bound(node, (left, right), key_casts, renamed, (left_keys_unique, right_keys_unique))
     joined = joined_of(left_frame, right_frame)
     records = tuple((dataset, name) for name, (dataset, _) in zip(hidden, left_records + right_records, strict=True))
     # A record stays once per row when the other side's keys are unique (each row meets at most one partner).
@@ -879,7 +1089,7 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
     nan_free |= {renamed(n, right_suffix) for n in right_rest if n in right.nan_free}
     nan_free |= {k for k in node.on if k in left.nan_free and k in right.nan_free}
     return SourceTable(
-        joined, lineage, datasets, records, arrow_types, frozenset(unique), streaming, frozenset(nan_free)
+        joined, lineage, datasets, records, arrow_types, frozenset(unique), streaming, frozenset(nan_free), masks, bound
     )
 
 
@@ -898,43 +1108,68 @@ def _join_key_type(left: Any, right: Any, shown: str) -> Any:
 
 
 def _key_expr(name: str, cast: Any) -> pl.Expr:
-    return pl.col(name) if cast is None else pl.col(name).cast(cast)
+    """A key read as the common type; a value it cannot hold (a uint64 beyond int64) becomes null, matching nothing."""
+    return pl.col(name) if cast is None else pl.col(name).cast(cast, strict=False)
 
 
-def _check_join_size(left: pl.LazyFrame, right: pl.LazyFrame, keys: list[str], streaming: bool) -> tuple[bool, bool]:
-    """Refuse a join whose result could not fit, before Polars tries: a many-to-many join is quadratic.
+def _keys_unique(side: SourceTable, keys: tuple[str, ...], casts: list[Any]) -> bool:
+    """Whether a load-time fact says no two rows of ``side`` share their keys: one key is a unique column.
 
-    Returns whether the keys are unique on the left and on the right (null keys match nothing, so do not count).
+    Only a key read as its own kind counts: an integer read as a float may share its value with another integer.
     """
-    present = pl.all_horizontal([pl.col(k).is_not_null() for k in keys])
-    key = pl.col(keys[0]) if len(keys) == 1 else pl.struct(keys)
+    return any(_key_unique(side, key, cast) for key, cast in zip(keys, casts, strict=True))
 
-    def sizes(side: pl.LazyFrame) -> pl.LazyFrame:
-        """Rows, rows with a key, and distinct keys: the keys are unique when the last two agree."""
-        keyed = key.filter(present)
-        return side.select(pl.len().alias("rows"), keyed.len().alias("keyed"), keyed.n_unique().alias("distinct"))
 
-    (left_rows, left_keyed, left_distinct), (right_rows, right_keyed, right_distinct) = (
-        tuple(int(n or 0) for n in frame.row(0))
-        for frame in pl.collect_all([sizes(left), sizes(right)], engine="streaming" if streaming else "auto")
-    )
-    left_unique, right_unique = left_keyed == left_distinct, right_keyed == right_distinct
-    if left_unique or right_unique:
-        pairs = max(left_keyed, right_keyed)
-    else:
+def _key_unique(side: SourceTable, key: str, cast: Any) -> bool:
+    unique = side.row_bound().unique
+    kind = _kind(side.dtype(key))
+    if key not in unique or kind not in ("integer", "string", "boolean", "date", "datetime"):
+        return False
+    return (cast is None or _kind(cast) == kind) and unique[key]()
 
-        def counts(side: pl.LazyFrame, name: str) -> pl.LazyFrame:
-            return side.select(keys).filter(present).group_by(keys).agg(pl.len().cast(pl.Int64).alias(name))
 
-        matched = counts(left, "\x01l").join(counts(right, "\x01r"), on=keys, how="inner")
-        total = matched.select((pl.col("\x01l") * pl.col("\x01r")).sum())
-        pairs = int(stoppable.collect(total, streaming=streaming).item() or 0)
+def _join_bound(
+    node: Join,
+    sides: tuple[SourceTable, SourceTable],
+    casts: list[Any],
+    renamed: Callable[[str, str], str],
+    keys_unique: tuple[bool, bool],
+) -> RowBound:
+    """Refuse a join whose result could exceed :data:`MAX_JOIN_ROWS`, by a bound fixed before any request.
+
+    A many-to-many join is quadratic, so a limit is needed before Polars tries; counting the pairs the keys
+    actually make would let a refusal tell whether some key values repeat, one bit per request. The bound is the
+    product of the sides' bounds, or one side's bound where the other side's keys are unique by a load-time fact.
+    """
+    (left, right), (left_unique, right_unique) = sides, keys_unique
+    left_bound, right_bound = left.row_bound(), right.row_bound()
+    left_rows, right_rows = left_bound.rows(), right_bound.rows()
+    pairs = left_rows * right_rows
+    if right_unique:
+        pairs = min(pairs, left_rows)
+    if left_unique:
+        pairs = min(pairs, right_rows)
     if pairs + left_rows + right_rows > MAX_JOIN_ROWS:
         raise VaultError(
-            f"join: the result would have more than {MAX_JOIN_ROWS:,} rows (a many-to-many join?); "
-            "aggregate one side first or join on more keys"
+            f"join: the result could have more than {MAX_JOIN_ROWS:,} rows, by the datasets' sizes and unique "
+            "columns; aggregate one side first or join on a column unique in its dataset"
         )
-    return left_unique, right_unique
+    rows = pairs + (left_rows if node.how in ("left", "outer") else 0)
+    rows += right_rows if node.how in ("right", "outer") else 0
+    left_suffix, right_suffix = node.suffixes
+    unique: dict[str, Callable[[], bool]] = {}
+    if right_unique:  # each left row meets at most one partner: the left's unique columns stay unique
+        unique.update({renamed(n, left_suffix): k for n, k in left_bound.unique.items() if n not in node.on})
+    if left_unique:
+        unique.update({renamed(n, right_suffix): k for n, k in right_bound.unique.items() if n not in node.on})
+    for key, cast in zip(node.on, casts, strict=True):  # the coalesced key: unique on both sides, unique after
+        if _key_unique(left, key, cast) and _key_unique(right, key, cast):
+            unique[key] = _always
+    return RowBound(lambda: rows, unique)
+
+
+def _always() -> bool:
+    return True
 
 
 # -- expressions --------------------------------------------------------------------------------------------
@@ -945,6 +1180,9 @@ class Value:
     """A compiled expression: a Polars expression with its type, lineage and a safe label.
 
     ``scalar`` holds a literal's Python value (a plan literal, never data), ``literal`` says whether there is one.
+    ``contributes`` is the boolean expression saying on which rows the value came from a present value of a record
+    (see :meth:`SourceTable.contributes`); ``None`` means exactly where the value is present (non-null, non-NaN),
+    which holds of a dataset's column and of most functions of one, and needs no hidden column.
     """
 
     expr: pl.Expr
@@ -953,6 +1191,7 @@ class Value:
     label: str  # "column 'age' (int64)", "a int64 literal", "the result of add (int64)": safe to show
     literal: bool = False
     scalar: Any = None
+    contributes: pl.Expr | None = None
 
 
 def _kind(dtype: Any) -> str:
@@ -988,11 +1227,13 @@ def _eval_expr(expr: Expr, frame: SourceTable) -> Value:
         if isinstance(dtype, pl.Categorical | pl.Enum):  # read as its values, as pandas compares a category
             column, dtype = column.cast(pl.String), pl.String
         label = f"column {quote(expr.name)} ({frame.arrow_type(expr.name)})"
-        return Value(column, dtype, lineage_of(frame, expr.name), label)
+        mask = frame.masks.get(expr.name)
+        contributes = None if mask is None else pl.col(mask).fill_null(False)
+        return Value(column, dtype, lineage_of(frame, expr.name), label, contributes=contributes)
     if isinstance(expr, Lit):
         dtype = _LITERAL_TYPES.get(type(expr.value), pl.Null)
         label = f"a {'null' if dtype == pl.Null else _type_name(dtype)} literal"
-        return Value(pl.lit(expr.value, dtype=dtype), dtype, _NO_LINEAGE, label, True, expr.value)
+        return Value(pl.lit(expr.value, dtype=dtype), dtype, _NO_LINEAGE, label, True, expr.value, _NOWHERE)
     args = [_eval_expr(arg, frame) for arg in expr.args]
     lineage = frozenset().union(*(arg.lineage for arg in args))
     labels = [arg.label for arg in args]
@@ -1001,12 +1242,94 @@ def _eval_expr(expr: Expr, frame: SourceTable) -> Value:
         if expr.fn == "over":
             lineage |= frozenset().union(*(lineage_of(frame, name) for name in expr.options["by"]))
         dtype = frame.empty().lazy().select(compiled.alias("\x01")).collect().schema["\x01"]
-    return Value(compiled, dtype, lineage, f"the result of {expr.fn} ({_type_name(dtype)})")
+        contributes = _contribution(expr, args, compiled, dtype)
+        if contributes is not None:  # type-checked too, so a release never fails on it
+            frame.empty().lazy().select(contributes.alias("\x01")).collect()
+    return Value(compiled, dtype, lineage, f"the result of {expr.fn} ({_type_name(dtype)})", contributes=contributes)
 
 
-def _check(frame: SourceTable, bad: pl.Expr) -> bool:
-    """Whether any row makes ``bad`` true: a value-dependent check run as its own query before the real one."""
-    return bool(frame.collect(frame.data.select(bad.fill_null(False).any())).item())
+_NOWHERE = pl.lit(False)
+# Functions whose result is null or NaN wherever an argument is (NaN propagates, IEEE), whatever the types; with
+# float arguments a comparison is false or true on NaN, a power can be 1, a cast can read NaN as "NaN".
+_STRICT = frozenset({"add", "sub", "mul", "truediv", "floordiv", "mod", "not", "xor", "round", "startswith"}) | {
+    *_UNARY_MATH,
+    *_TEMPORAL,
+    *_STRING,
+}
+_STRICT_WITHOUT_FLOATS = frozenset({*_COMPARISONS, "pow", "cast"})
+
+
+def _present(expr: pl.Expr, dtype: Any, nan_free: bool = False) -> pl.Expr:
+    """Where a value is there: not null, and not NaN (pandas' missing)."""
+    return expr.fill_nan(None).is_not_null() if dtype.is_float() and not nan_free else expr.is_not_null()
+
+
+def _contributes(value: Value) -> pl.Expr:
+    return _present(value.expr, value.dtype) if value.contributes is None else value.contributes
+
+
+def _plain(value: Value) -> bool:
+    """Whether the value contributes exactly where it is present (a null literal is present nowhere)."""
+    return value.contributes is None or (value.literal and value.scalar is None)
+
+
+def _contribution(expr: Call, args: list[Value], compiled: pl.Expr, dtype: Any) -> pl.Expr | None:
+    """Where the result of a function contributes, or None where that is exactly where it is present.
+
+    A branch chosen by ``where`` contributes what the branch does (the condition, a predicate, never does);
+    ``fill_null`` what the value does where it is present, else what the filler does; a group statistic (``over``)
+    what the row's own input does; every other function where its result is present and some argument
+    contributes. The ``None`` shortcut is taken only where it provably agrees, so the common case keeps no mask.
+    """
+    fn = expr.fn
+    if fn == "where":
+        cond, then, otherwise = args
+        if _plain(then) and _plain(otherwise):
+            return None  # the result is the chosen branch: present exactly where that branch is
+        condition = cond.expr.cast(pl.Boolean)
+        return (
+            pl.when(condition.is_null())
+            .then(False)
+            .when(condition)
+            .then(_contributes(then))
+            .otherwise(_contributes(otherwise))
+        )
+    if fn == "fill_null":
+        data, fill = args
+        if _plain(data) and _plain(fill):
+            return None
+        return pl.when(_present(data.expr, data.dtype)).then(_contributes(data)).otherwise(_contributes(fill))
+    present = _present(compiled, dtype)
+    if fn == "over":
+        return present & _contributes(args[0])
+    floats = _has_float([arg for arg in args if not arg.literal])  # a plan's literals are finite numbers
+    strict = fn in _STRICT or (fn in _STRICT_WITHOUT_FLOATS and not floats)
+    if fn == "between":  # a Kleene "and" of two comparisons: null wherever the value compared is
+        strict = not floats and not args[0].literal
+    if fn in ("and", "or"):  # Kleene: a false (true) argument decides alone, so both must be data
+        strict = not any(arg.literal for arg in args)
+    if strict and all(_plain(arg) or arg.literal for arg in args) and not all(arg.literal for arg in args):
+        return None  # a present result implies a present argument that is data, so that one contributes
+    return present & pl.any_horizontal([_contributes(arg) for arg in args])
+
+
+_NUMBER_KINDS = ("integer", "float")
+
+
+def _require_fillable(data: Value, fill: Value) -> None:
+    """Refuse, from the types, a fill the engine would reject only on reaching a row with a null.
+
+    Numbers mix with numbers and a null with anything; otherwise both sides must be of one kind (a datetime of one
+    type), and never of a kind outside the plain ones (durations, lists, structs), whose supertypes Polars resolves
+    per row.
+    """
+    kinds = (_kind(data.dtype), _kind(fill.dtype))
+    if "null" in kinds or set(kinds) <= set(_NUMBER_KINDS):
+        return
+    same = kinds[0] == kinds[1] and kinds[0] != "other"
+    if same and (kinds[0] != "datetime" or data.dtype == fill.dtype):
+        return
+    raise VaultError(f"fill_null: the types of {data.label}, {fill.label} do not fit together")
 
 
 def _call(expr: Call, args: list[Value], frame: SourceTable) -> pl.Expr:
@@ -1054,12 +1377,11 @@ def _call(expr: Call, args: list[Value], frame: SourceTable) -> pl.Expr:
     if fn == "fill_null":
         data, fill = args
         fill_expr = fill.expr
-        if fill.literal and fill.scalar is not None and fill.dtype != data.dtype:
-            if _kind(data.dtype) in ("integer", "float") and _kind(fill.dtype) in ("integer", "float"):
-                if _kind(data.dtype) == "float" or float(fill.scalar).is_integer():
-                    fill_expr = pl.lit(fill.scalar).cast(data.dtype)
-            elif _kind(fill.dtype) != _kind(data.dtype):
-                raise VaultError(f"fill_null: the types of {data.label}, {fill.label} do not fit together")
+        _require_fillable(data, fill)
+        numbers = _kind(data.dtype) in _NUMBER_KINDS and _kind(fill.dtype) in _NUMBER_KINDS
+        exact = numbers and (_kind(data.dtype) == "float" or float(fill.scalar or 0).is_integer())
+        if fill.literal and fill.scalar is not None and fill.dtype != data.dtype and exact:
+            fill_expr = pl.lit(fill.scalar).cast(data.dtype)  # a number the column's type holds keeps that type
         filled: pl.Expr = _nan_to_null(data).fill_null(fill_expr)
         return filled
     if fn == "round":
@@ -1130,6 +1452,13 @@ def _as_number(value: Value) -> pl.Expr:
 
 
 def _arithmetic(fn: str, args: list[Value], frame: SourceTable) -> pl.Expr:
+    """Add, subtract, multiply and power, total on every value; the result's type follows from the plan alone.
+
+    Integer overflow wraps, as in NumPy. A power is float if either side is a float or the exponent is a negative
+    integer literal (Python's ``2 ** -1``); integers to an integer power stay int64, and an exponent outside
+    0..2**32-1 (a negative one, which pandas refuses) gives null instead of an error, so that no value decides
+    whether a request fails.
+    """
     left, right = (_as_number(arg) for arg in args)
     if fn == "add":
         return left + right
@@ -1137,25 +1466,29 @@ def _arithmetic(fn: str, args: list[Value], frame: SourceTable) -> pl.Expr:
         return left - right
     if fn == "mul":
         return left * right
+    exponent = args[1]
+    negative_literal = exponent.literal and isinstance(exponent.scalar, int) and exponent.scalar < 0
     integers = all(_kind(arg.dtype) in ("integer", "boolean") for arg in args)
-    if integers and _check(frame, right < 0):
-        subjects = _subjects([a.label for a in args])
-        raise VaultError(f"pow failed on {subjects}: a value does not convert, overflows or divides by zero")
-    if integers:
-        return left.cast(pl.Int64).pow(right.cast(pl.Int64))
-    return left.cast(pl.Float64).pow(right.cast(pl.Float64))
+    if not integers or negative_literal:
+        return left.cast(pl.Float64).pow(right.cast(pl.Float64))
+    power = right.cast(pl.Int64, strict=False)
+    in_range = power.is_between(0, 2**32 - 1)
+    return left.cast(pl.Int64, strict=False).pow(pl.when(in_range).then(power).otherwise(None).cast(pl.UInt32))
 
 
 def _floordiv_mod(fn: str, args: list[Value], frame: SourceTable) -> pl.Expr:
     """Python/pandas semantics: floor division and a remainder with the divisor's sign.
 
-    Integers stay integers unless a divisor is zero, where pandas switches to floats (inf/NaN); so does this.
+    Integers stay int64 whatever the values: a zero divisor gives null where pandas would switch the whole column
+    to floats (inf/NaN), because a result type that depends on the data would tell the analyst whether some
+    divisor is zero. Unsigned values beyond int64 become null, as a cast to int64 would make them.
     """
     left, right = (_as_number(arg) for arg in args)
     both_int = all(_kind(arg.dtype) in ("integer", "boolean") for arg in args)
-    if both_int and not _check(frame, right == 0):
-        left, right = left.cast(pl.Int64), right.cast(pl.Int64)
-        return left % right if fn == "mod" else left // right
+    if both_int:
+        left, right = left.cast(pl.Int64, strict=False), right.cast(pl.Int64, strict=False)
+        result = left % right if fn == "mod" else left // right
+        return pl.when(right == 0).then(None).otherwise(result)
     left, right = left.cast(pl.Float64), right.cast(pl.Float64)
     if fn == "mod":
         return left % right
@@ -1263,19 +1596,28 @@ def _isin(value: Value, values: tuple[Any, ...]) -> pl.Expr:
     return pl.when(data.is_null()).then(pl.lit(has_null)).otherwise(data.is_in(members))
 
 
+_CASTS_FROM: dict[str, tuple[Any, ...]] = {
+    "integer": (pl.Int64, pl.Float64, pl.String, pl.Boolean),
+    "float": (pl.Int64, pl.Float64, pl.String, pl.Boolean),
+    "boolean": (pl.Int64, pl.Float64, pl.String, pl.Boolean),
+    "null": (pl.Int64, pl.Float64, pl.String, pl.Boolean),
+    "string": (pl.Int64, pl.Float64, pl.String),
+    "datetime": (pl.Int64, pl.Float64, pl.String),
+    "date": (pl.Int64, pl.Float64, pl.String),
+}
+
+
 def _cast(value: Value, target: Any, frame: SourceTable) -> pl.Expr:
-    data = value.expr
-    subjects = _subjects([value.label])
-    if _kind(value.dtype) == "float" and target == pl.Int64:
-        as_float = data.cast(pl.Float64)
-        if _check(frame, as_float.is_nan() | as_float.is_infinite()):
-            raise VaultError(f"cast to int64: {value.label} holds NaN or infinite values")
-    if target == pl.Boolean and _kind(value.dtype) == "string":
-        raise VaultError(f"cast is not supported for {subjects}")
-    converted = data.cast(target, strict=False)
-    if _check(frame, data.is_not_null() & converted.is_null()):
-        raise VaultError(f"cast failed on {subjects}: a value does not convert, overflows or divides by zero")
-    return converted
+    """``TRY_CAST``: a value that does not convert (NaN, an infinity, out of range, an unparsable string) is null.
+
+    Whether a cast is allowed is decided by the types alone, from a fixed table: Polars type-checks some casts only
+    when a row reaches them (a date to a boolean), and a plan checked on zero rows must not fail on one.
+    """
+    kind = _kind(value.dtype)
+    if target not in _CASTS_FROM.get(kind, ()):
+        target_name = next(name for name, dtype in CAST_TYPES.items() if dtype == target)
+        raise VaultError(f"cast to {target_name} is not supported for {value.label}")
+    return value.expr.cast(target, strict=False)
 
 
 def _window(value: Value, func: str, by: tuple[str, ...], frame: SourceTable) -> pl.Expr:
@@ -1317,6 +1659,8 @@ def empty_sources(sources: Mapping[str, SourceTable]) -> dict[str, SourceTable]:
             source.unique,
             False,
             source.nan_free,
+            source.masks,
+            source.row_bound(),  # a schema request is refused where a release would be
         )
         for handle, source in sources.items()
     }

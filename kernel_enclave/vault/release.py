@@ -7,11 +7,37 @@ computed, never on the text of the result:
 - ``allow``: the result kind must be allowed by *every* dataset the plan touches;
 - ``never_release``: no released column may be, or derive from, a never_release column (lineage from
   :mod:`kernel_enclave.vault.plan`); filter predicates and join keys do not put a column into the result;
-- ``min_group_size``: every released row (a group, a value count, a described column, a row count) is computed from
-  at least k records of each dataset, counted by the vault. Groups below k are dropped and counted in
-  ``suppressed``; an ungrouped result below k is withheld. After a join the vault counts *distinct source records*
-  per dataset, not rows, because a join can repeat one record many times;
+- ``min_group_size``: every released *number* is computed from at least k *contributing records* of each dataset
+  (see below); a group below k is dropped, a number below k inside a released table becomes null, and an
+  ungrouped scalar (or a whole result) below k raises :class:`PolicyViolation`;
 - ``max_rows``: a released table has at most that many rows.
+
+Contributing records. A group's rows are not what a number is computed from: ``where(who, x, None)`` leaves one
+non-null value in a group of thousands. So each number counts the distinct source records that contribute to it:
+for ``count``, ``min``, ``max`` the records whose value of the column comes from a dataset value (not null, not
+NaN, not a literal put there by ``where`` or ``fill_null``); for a group's size, a value count and a row count, the
+rows counted. ``sum``, ``mean``, ``std``, ``var``, ``nunique`` and the order statistics also leave out the records
+holding the group's most common value: a fill derived from the data but constant (``where(who, x, t.age * 0)``)
+contributes nothing an analyst does not already know, so a mean over one real value and many such fills is that
+one value. After a join the vault counts distinct source records per dataset, not rows (a join can repeat one
+record many times), from the hidden record-id columns the join leaves.
+
+Order statistics (``median``, ``quantile``, describe's quartiles) never release one record's value. The group's
+contributing values are sorted and their ranks split into disjoint blocks of k (k = the strictest
+``min_group_size`` of the datasets involved; a last partial block merges into the one before it); quantile q is
+released as the mean of the block holding rank ``round(q * (n - 1))`` (halves to even). So each is the mean of at
+least k records, and the blocks depend only on how many values there are, never on q: nearby quantiles give the
+same number. A release may ask for at most :data:`MAX_ORDER_STATISTICS` order statistics of one column
+(rule ``release.order_statistics``). ``min`` and ``max`` are released only when at least k records hold the
+extreme.
+
+Withheld values are reported one way: a released table carries, in its schema metadata under ``confnb_withheld``,
+``{"groups": <groups (or described columns) dropped>, "cells": {<column>: [<row positions of nulled cells>]}}``;
+``suppressed`` is the total of both, for the audit log.
+
+For the vault's difference checks, a release can also hand out the record set behind each released number
+(``record_sets=True``): per dataset, the sorted ids of the contributing records; a number whose set is its group's
+rows is listed once, under its group.
 
 Several datasets: each rule is checked against each dataset's own policy, so a violation names exactly the datasets
 whose rule failed; the released result reports the id of the combined (strictest) policy.
@@ -19,16 +45,24 @@ whose rule failed; the released result reports the id of the combined (strictest
 Null group keys are dropped, as pandas' ``groupby(dropna=True)`` default does; NaN counts as null throughout, as it
 does in pandas.
 
-Every aggregation runs as one Polars query over the evaluated frame: the group sizes, the distinct source records
-of each dataset per group (from the hidden record-id columns a join leaves) and the ties of each extreme are
-computed in the same group-by as the requested statistics, so the policy checks cost no second pass over the rows.
+Cost. Where each row is a distinct record (no join has repeated records) and the table is in memory, the common
+case, the work columns are read once and every statistic and count is a plain column aggregation (Polars' fastest
+group-by); a contribution mask costs only where a column has one, or nulls. The most-common-value rule is screened
+by a bound: counting the contributing records on each side of a split of the values (a number against the column's
+mean) bounds from below those differing from the most common value; only groups the bound leaves open (a flag, a
+category) get an exact count. Order statistics are selections on each group's gathered values, bracketed from a
+sorted sample for large groups. Whether k records share a value (record sets) is ruled out by counting (group,
+value) pairs into hash bins; only a column where that fails gets the exact count. After a join, or on a scanned
+dataset, every aggregation runs as one Polars query that counts distinct records, with the rule screened from the
+first ``2k - 1`` contributing values of each group and decided exactly where that is inconclusive. Both routes
+release the same numbers and record sets.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,7 +72,6 @@ import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type in
 from confnb.policy.output import OutputPolicy, strictest
 from kernel_enclave.vault.plan import (
     RELEASE_NODES,
-    Agg,
     Aggregate,
     Count,
     Describe,
@@ -60,7 +93,15 @@ from kernel_enclave.vault.protocol import PolicyViolation, VaultError
 
 RAW_ROWS = "raw rows are never released; aggregate them (group_by/agg, value_counts, describe, count)"
 DESCRIBE_STATISTICS = ("count", "mean", "std", "min", "25%", "50%", "75%", "max")
+MAX_ORDER_STATISTICS = 10
+WITHHELD_METADATA = b"confnb_withheld"
 _NUMERIC_FUNCS = frozenset({"sum", "mean", "std", "var", "median", "quantile"})
+_ORDER_FUNCS = frozenset({"median", "quantile"})
+# Numbers a constant fill derived from the data could carry one record's value in: the records holding the group's
+# most common value do not count towards them.
+_MODE_RULE = frozenset({"sum", "mean", "std", "var", "nunique", "median", "quantile"})
+
+RecordSet = tuple[str, str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -72,9 +113,13 @@ class Released:
     value: int | float | None
     index: tuple[str, ...]  # columns the client sets as the index
     series: bool  # the client squeezes the table to a Series
-    suppressed: int  # groups (or described columns) withheld by min_group_size
+    suppressed: int  # groups (or described columns) dropped plus cells nulled by min_group_size
     datasets: tuple[str, ...]
     policy_id: str
+    # {"groups": int, "cells": {column: [row positions]}}: what min_group_size withheld from ``table``
+    withheld: Mapping[str, Any] = field(default_factory=lambda: {"groups": 0, "cells": {}})
+    # (dataset, label of the released number, sorted unique record ids), with release(..., record_sets=True)
+    record_sets: tuple[RecordSet, ...] = field(default=(), compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,9 +203,16 @@ def _check_rows(rows: int, datasets: Sequence[str], policies: Mapping[str, Outpu
 
 
 def release(
-    plan: Mapping[str, Any], sources: Mapping[str, SourceTable], policies: Mapping[str, OutputPolicy]
+    plan: Mapping[str, Any],
+    sources: Mapping[str, SourceTable],
+    policies: Mapping[str, OutputPolicy],
+    *,
+    record_sets: bool = False,
 ) -> Released:
-    """Evaluate a release plan and apply the output policy; raises PolicyViolation when the result is withheld."""
+    """Evaluate a release plan and apply the output policy; raises PolicyViolation when the result is withheld.
+
+    With ``record_sets`` the result also lists the records behind each released number, for difference checks.
+    """
     node = parse_plan(plan)
     datasets = tuple(sorted(node_datasets(node, sources)))
     if not isinstance(node, RELEASE_NODES):
@@ -170,18 +222,26 @@ def release(
     frame = evaluate_node(node.input, sources)
     if isinstance(node, Count):
         _check_records(_records_total(frame, None), policies, "the row count")
-        return Released("row_count", None, frame.num_rows, (), False, 0, datasets, policy_id)
+        sets = _all_records(frame, "all rows") if record_sets else ()
+        return Released("row_count", None, frame.num_rows, (), False, 0, datasets, policy_id, record_sets=sets)
     if isinstance(node, Aggregate):
-        table, suppressed = _aggregate(node, frame, policies)
+        out = _aggregate(node, frame, policies, record_sets)
         index, series = node.by, len(node.aggs) == 1
     elif isinstance(node, ValueCounts):
-        table, suppressed = _value_counts(node, frame, policies)
+        out = _value_counts(node, frame, policies, record_sets)
         index, series = (node.column,), True
     else:
-        table, suppressed = _describe(node, frame, policies)
+        out = _describe(node, frame, policies, record_sets)
         index, series = ("statistic",), False
-    _check_rows(table.num_rows, datasets, policies, "the result")
-    return Released("aggregate", table, None, index, series, suppressed, datasets, policy_id)
+    _check_rows(out.table.num_rows, datasets, policies, "the result")
+    withheld = {"groups": out.groups, "cells": out.cells}
+    table = out.table.replace_schema_metadata(
+        {**(out.table.schema.metadata or {}), WITHHELD_METADATA: json.dumps(withheld, sort_keys=True).encode()}
+    )
+    suppressed = out.groups + sum(len(rows) for rows in out.cells.values())
+    return Released(
+        "aggregate", table, None, index, series, suppressed, datasets, policy_id, withheld, tuple(out.record_sets)
+    )
 
 
 def schema(
@@ -285,50 +345,77 @@ def _records_of(frame: SourceTable, hidden: str, ids: pl.Expr) -> pl.Expr:
     return ids.count().cast(pl.Int64) if hidden in frame.unique else _distinct(ids)
 
 
-def _record_exprs(frame: SourceTable, prefix: str, mask: pl.Expr | None = None) -> list[pl.Expr]:
-    """Per dataset occurrence, the distinct records in a group (where ``mask`` holds); none before a join."""
+def _all_records(frame: SourceTable, label: str) -> tuple[RecordSet, ...]:
+    """The records behind every row of a table, per dataset (none for a table without stable record ids)."""
+    if frame.records is None:
+        return ()
+    with engine_errors("count", []):
+        ids = frame.collect(frame.data.select(pl.col(name) for _, name in frame.records))
+    found: dict[str, list[np.ndarray]] = {}
+    for dataset, name in frame.records:
+        found.setdefault(dataset, []).append(ids.get_column(name).drop_nulls().to_numpy())
+    return tuple((dataset, label, _union(parts)) for dataset, parts in sorted(found.items()))
+
+
+def _union(parts: Sequence[np.ndarray]) -> np.ndarray:
+    joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return np.unique(joined.astype(np.int64, copy=False))
+
+
+def _rows_are_records(frame: SourceTable) -> bool:
+    """Whether every row is a distinct record of each dataset (no join has repeated or left out records)."""
+    if frame.records is None:
+        return True
+    return len(frame.records) == 1 and frame.records[0][1] in frame.unique
+
+
+def _count_exprs(frame: SourceTable, prefix: str, mask: pl.Expr | None) -> list[pl.Expr]:
+    """Per dataset occurrence, the distinct records among a group's rows where ``mask`` (null-free) holds."""
+    if frame.records is None:
+        rows = pl.len() if mask is None else mask.sum()
+        return [rows.cast(pl.Int64).alias(f"{prefix}0")]
     exprs = []
-    for i, (_, hidden) in enumerate(frame.records or ()):
-        ids = pl.col(f"r{i}") if mask is None else pl.col(f"r{i}").filter(mask.fill_null(False))
-        exprs.append(_records_of(frame, hidden, ids).alias(f"{prefix}{i}"))
+    for i, (_, hidden) in enumerate(frame.records):
+        ids = pl.col(f"r{i}")
+        if hidden in frame.unique:
+            present = ids.is_not_null()
+            counted = (present if mask is None else present & mask).sum()
+        else:
+            counted = _distinct(ids if mask is None else ids.filter(mask))
+        exprs.append(counted.cast(pl.Int64).alias(f"{prefix}{i}"))
     return exprs
 
 
-def _group_records(frame: SourceTable, grouped: pl.DataFrame, prefix: str, rows: str) -> dict[str, Any]:
-    """Per group, the records of each dataset as NumPy: the rows, or the fewest distinct ids over its occurrences."""
+def _counts(frame: SourceTable, grouped: pl.DataFrame, prefix: str) -> dict[str, np.ndarray]:
+    """Per group, the records of each dataset (the fewest over a dataset's occurrences in a self-join)."""
     if frame.records is None:
-        counts = grouped.get_column(rows).fill_null(0).to_numpy()
-        return dict.fromkeys(frame.datasets, counts)
-    records: dict[str, Any] = {}
+        rows = grouped.get_column(f"{prefix}0").fill_null(0).to_numpy()
+        return dict.fromkeys(frame.datasets, rows)
+    records: dict[str, np.ndarray] = {}
     for i, (dataset, _) in enumerate(frame.records):
         counts = grouped.get_column(f"{prefix}{i}").fill_null(0).to_numpy()
         records[dataset] = counts if dataset not in records else np.minimum(records[dataset], counts)
     return records
 
 
-def _kept_groups(rows: int, records: Mapping[str, Any], policies: Mapping[str, OutputPolicy]) -> Any:
-    """Which grouped rows have at least k records of every dataset, as NumPy."""
-    kept = np.ones(rows, dtype=bool)
-    for dataset, counts in records.items():
-        kept &= counts >= _policy(dataset, policies, "release.min_group_size").min_group_size
-    return kept
+def _min_sizes(frame: SourceTable, policies: Mapping[str, OutputPolicy]) -> dict[str, int]:
+    return {d: _policy(d, policies, "release.min_group_size").min_group_size for d in sorted(frame.datasets)}
 
 
-def _lone(records: Mapping[str, Any], policies: Mapping[str, OutputPolicy], rows: int) -> Any:
-    """Which grouped rows have fewer than k records of some dataset, as NumPy."""
-    return ~_kept_groups(rows, records, policies)
-
-
-def _suppress(
-    grouped: pl.DataFrame, records: Mapping[str, Any], policies: Mapping[str, OutputPolicy], grouped_by: bool, what: str
-) -> tuple[pl.DataFrame, int]:
-    """Drop groups computed from fewer than k records of any dataset; without a group-by, withhold instead."""
-    if not grouped_by:
-        _check_records({d: int(counts[0]) for d, counts in records.items()}, policies, what)
-        return grouped, 0
-    keep = _kept_groups(grouped.height, records, policies)
-    kept = grouped.filter(pl.Series(keep, dtype=pl.Boolean))
-    return kept, grouped.height - kept.height
+def _check_order_statistics(asked: Iterable[tuple[str | None, str]], datasets: Iterable[str], what: str) -> None:
+    """At most MAX_ORDER_STATISTICS order statistics of one column per release, checked before any row is read."""
+    per_column: dict[str, int] = {}
+    for column, func in asked:
+        if column is not None and func in _ORDER_FUNCS:
+            per_column[column] = per_column.get(column, 0) + 1
+    for column, count in per_column.items():
+        if count > MAX_ORDER_STATISTICS:
+            raise PolicyViolation(
+                "release.order_statistics",
+                sorted(datasets),
+                f"{what}: more than {MAX_ORDER_STATISTICS} medians or quantiles of column {quote(column)} in one "
+                "release",
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -371,6 +458,61 @@ def _value_expr(frame: SourceTable, name: str, func: str) -> pl.Expr:
     raise VaultError(f"aggregate: {func} needs a numeric column; {quote(name)} is {shown}")
 
 
+def _work_expr(frame: SourceTable, name: str, kind: str, func: str) -> pl.Expr:
+    if kind == "number":
+        return _value_expr(frame, name, func)
+    if kind == "present":
+        return _present_expr(frame, name)
+    if kind == "float":
+        as_float = pl.col(name).cast(pl.Float64)
+        return as_float if name in frame.nan_free else as_float.fill_nan(None)
+    return _key_expr(frame, name)
+
+
+def _floating(frame: SourceTable, name: str, kind: str) -> bool:
+    dtype = frame.dtype(name)
+    return kind == "float" or (kind == "number" and (dtype.is_float() or isinstance(dtype, pl.Decimal)))
+
+
+def _normal(value: pl.Expr, floating: bool) -> pl.Expr:
+    """Values as the most-common-value rule compares them: -0.0 is 0.0, so a fill of both is still one value."""
+    return value + 0.0 if floating else value  # IEEE: -0.0 + 0.0 is 0.0
+
+
+_BINS = 8
+_BIN_SEED = 0x636E62  # fixed: a group's bins depend on its values only
+
+
+def _streamed_off_mode(
+    frame: SourceTable,
+    work: list[pl.Expr],
+    key_names: list[str],
+    grouped: pl.DataFrame,
+    undecided: np.ndarray[Any, Any],
+    mask: pl.Expr,
+    v: str,
+    floating: bool,
+) -> np.ndarray[Any, Any]:
+    """Per group of ``grouped``, the contributing records off the group's most common value, in two streaming
+    group-bys (count each value, then keep all but the largest count), for a scanned dataset whose rows are records."""
+    value = _normal(pl.col(v), floating).alias("\x01value")
+    rows = _work_frame(frame, work).filter(mask)
+    if key_names:  # only the groups the bins left undecided: few distinct values each, so few pairs to count
+        keys = grouped.filter(pl.Series(undecided, dtype=pl.Boolean)).select(key_names).lazy()
+        rows = rows.join(keys, on=key_names, how="semi", nulls_equal=True)
+    tallies = rows.group_by([*key_names, value]).agg(pl.len().cast(pl.Int64).alias("\x01n"))
+    off = (pl.col("\x01n").sum() - pl.col("\x01n").max()).alias("\x01off")
+    with engine_errors("aggregate", []):
+        if not key_names:
+            found = frame.collect(tallies.select(off))
+            return np.array([int(found.item() or 0)] * grouped.height, dtype=np.int64)
+        per_group = frame.collect(tallies.group_by(key_names).agg(off))
+    aligned = grouped.select(key_names).join(
+        per_group, on=key_names, how="left", nulls_equal=True, maintain_order="left"
+    )
+    return aligned.get_column("\x01off").fill_null(0).to_numpy().astype(np.int64)
+
+
 def _work_frame(frame: SourceTable, exprs: list[pl.Expr]) -> pl.LazyFrame:
     """The columns an aggregation reads, with the record ids (``r0``...) of each dataset occurrence."""
     records = [pl.col(column).alias(f"r{i}") for i, (_, column) in enumerate(frame.records or ())]
@@ -379,155 +521,967 @@ def _work_frame(frame: SourceTable, exprs: list[pl.Expr]) -> pl.LazyFrame:
     return frame.data.select([*exprs, *records])
 
 
+def _listed(expr: pl.Expr, grouped: bool) -> pl.Expr:
+    """A group's values as one list (a group-by gathers a column into a list by itself)."""
+    return expr if grouped else expr.implode()
+
+
+def _block(values: pl.Expr, k: int, q: float) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
+    """The block of quantile ``q`` among a group's values: its mean, and the first rank and the length of the block
+    (to pick its records with a stable sort by value, ties in row order as an ordinal rank has them).
+
+    Ranks 0..n-1 are split into blocks of k; the last block also takes the remainder (all of them when n < k). One
+    sort of the group's values serves every quantile of the column (Polars computes the common sort once).
+    """
+    n = values.len().cast(pl.Int64)
+    blocks = pl.max_horizontal(n // k, pl.lit(1, pl.Int64))
+    nearest = ((n - 1).cast(pl.Float64) * q).round(0, mode="half_to_even").cast(pl.Int64)
+    block = pl.min_horizontal(nearest // k, blocks - 1)
+    start = block * k
+    length = pl.when(block == blocks - 1).then(n - start).otherwise(pl.lit(k, pl.Int64))
+    return values.sort().slice(start, length).mean(), start, length
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numbers per group
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One requested number per group."""
+
+    name: str  # its column in the grouped frame
+    shown: str  # how a record set's label and a refusal name it
+    column: str | None  # None: the group's rows
+    func: str  # an aggregation; "rows" for the group's size
+    kind: str  # the column's work form: "number", "present", "plain" or "float"
+    q: float | None = None
+
+
+@dataclass
+class _Numbers:
+    grouped: pl.DataFrame  # k0... (the keys), then one column per cell
+    group_records: dict[str, np.ndarray]  # per dataset, the records of each group
+    kept: np.ndarray  # groups with at least k records of every dataset
+    failing: dict[str, dict[str, np.ndarray]]  # cell -> dataset -> groups where it has fewer than k records
+    record_sets: list[RecordSet]
+
+    def withheld(self, cell: str) -> np.ndarray:
+        bad = np.zeros(self.grouped.height, dtype=bool)
+        for groups in self.failing[cell].values():
+            bad |= groups
+        return bad
+
+
+@dataclass
+class _Out:
+    table: pa.Table
+    groups: int  # groups (or described columns) dropped
+    cells: dict[str, list[int]]  # column -> row positions of nulled cells
+    record_sets: list[RecordSet]
+
+
+def _numbers(
+    frame: SourceTable,
+    by: Sequence[str],
+    cells: Sequence[_Cell],
+    policies: Mapping[str, OutputPolicy],
+    want_sets: bool,
+    what: str,
+    subjects: Sequence[str],
+) -> _Numbers:
+    """Every cell per group in one Polars group-by, with the records that contribute to each."""
+    if _direct_route(frame):
+        return _numbers_direct(frame, by, cells, policies, want_sets, what, subjects)
+    ks = _min_sizes(frame, policies)
+    k = max(ks.values(), default=1)
+    grouped_by = bool(by)
+    key_names = [f"k{i}" for i in range(len(by))]
+    work = [_key_expr(frame, name).alias(key) for key, name in zip(key_names, by, strict=True)]
+    masks: dict[str, str] = {}  # column -> its contributing-rows work column
+    values: dict[tuple[str, str], str] = {}  # (column, kind) -> work column
+    for cell in cells:
+        if cell.column is None:
+            continue
+        if cell.column not in masks:
+            masks[cell.column] = f"m{len(masks)}"
+            work.append(frame.contributes(cell.column).alias(masks[cell.column]))
+        if (cell.column, cell.kind) not in values:
+            values[(cell.column, cell.kind)] = f"v{len(values)}"
+            work.append(_work_expr(frame, cell.column, cell.kind, cell.func).alias(values[(cell.column, cell.kind)]))
+
+    def mask_of(column: str, v: str) -> pl.Expr:
+        return pl.col(masks[column]) & pl.col(v).is_not_null()
+
+    sets = want_sets and frame.records is not None
+    simple = _rows_are_records(frame)
+    screen = simple and not sets  # the most-common-value rule screened from a few values per group
+    occurrences = list(enumerate(frame.records or ()))
+    moded = {values[(c.column, c.kind)] for c in cells if c.column is not None and c.func in _MODE_RULE}
+
+    def mode_exprs(column: str, kind: str, v: str) -> list[pl.Expr]:
+        mask = mask_of(column, v)
+        value = _normal(pl.col(v), _floating(frame, column, kind))
+        common = value.filter(mask).mode().min()
+        holders = mask & (value == common).fill_null(False)
+        exprs = [
+            *_count_exprs(frame, f"{v}_nm", mask & ~holders),
+            value.filter(mask).unique_counts().max().cast(pl.Int64).alias(f"{v}_fmax"),
+        ]
+        if sets:
+            exprs += [
+                _listed(pl.col(f"r{i}").filter(holders), grouped_by).alias(f"{v}_hold{i}") for i, _ in occurrences
+            ]
+        return exprs
+
+    exprs: list[pl.Expr] = [pl.len().cast(pl.Int64).alias("rows"), *_count_exprs(frame, "g", None)]
+    if sets:
+        exprs += [_listed(pl.col(f"r{i}"), grouped_by).alias(f"g_ids{i}") for i, _ in occurrences]
+    for (column, kind), v in values.items():
+        mask = mask_of(column, v)
+        exprs += _count_exprs(frame, f"{v}_c", mask)
+        if sets:
+            for i, (_, hidden) in occurrences:
+                # Records known unique: the few rows left out are cheaper to gather than the many counted.
+                left_out = hidden in frame.unique
+                ids = pl.col(f"r{i}").filter(~mask if left_out else mask)
+                exprs.append(_listed(ids, grouped_by).alias(f"{v}_{'out' if left_out else 'in'}{i}"))
+        if v not in moded:
+            continue
+        if screen and frame.streaming:
+            # A group's first values would take the streaming engine off its streaming path (the whole dataset in
+            # memory); its distinct values stream: u distinct values put at least u - 1 records off any one value.
+            # Sums of elementwise inputs only (a distinct count or a filter inside an aggregation would make the
+            # streaming engine hold the dataset in memory): the group's values hashed into a few bins. The most
+            # common value's records all fall into one bin, so the records outside the largest bin are off it.
+            hashed = _normal(pl.col(v), _floating(frame, column, kind)).hash(_BIN_SEED) % _BINS
+            exprs += [mask.sum().cast(pl.Int64).alias(f"{v}_len")]
+            exprs += [(mask & (hashed == b)).sum().cast(pl.Int64).alias(f"{v}_bin{b}") for b in range(_BINS)]
+        elif screen:
+            contributing = pl.col(v).filter(mask)
+            head = _normal(contributing.head(2 * k - 1), _floating(frame, column, kind))
+            exprs += [
+                contributing.len().cast(pl.Int64).alias(f"{v}_len"),
+                head.unique_counts().max().cast(pl.Int64).alias(f"{v}_head"),
+            ]
+        else:
+            exprs += mode_exprs(column, kind, v)
+    for cell in cells:
+        if cell.column is None:
+            exprs.append(pl.len().cast(pl.Int64).alias(cell.name))
+            continue
+        v = values[(cell.column, cell.kind)]
+        value, mask = pl.col(v), mask_of(cell.column, v)
+        func = cell.func
+        if func == "count":
+            exprs.append(value.count().cast(pl.Int64).alias(cell.name))
+        elif func == "nunique":
+            exprs.append(_distinct(value).alias(cell.name))
+        elif func == "sum":
+            dtype = frame.dtype(cell.column)
+            widen = (dtype.is_integer() and dtype != pl.UInt64) or dtype == pl.Boolean
+            exprs.append((value.cast(pl.Int64) if widen else value).sum().alias(cell.name))
+        elif func == "mean":
+            exprs.append(value.cast(pl.Float64).mean().alias(cell.name))
+        elif func in ("std", "var"):
+            as_float = value.cast(pl.Float64)
+            exprs.append((as_float.std(ddof=1) if func == "std" else as_float.var(ddof=1)).alias(cell.name))
+        elif func in _ORDER_FUNCS:
+            contributing = value.cast(pl.Float64).filter(mask)
+            mean, start, length = _block(contributing, k, 0.5 if cell.q is None else cell.q)
+            exprs.append(mean.alias(cell.name))
+            for i, (_, _hidden) in occurrences:
+                ids = pl.col(f"r{i}").filter(mask).sort_by(contributing, maintain_order=True).slice(start, length)
+                if not simple:  # a join can repeat a record within a block: count the block's records
+                    exprs.append(_distinct(ids).alias(f"{cell.name}_b{i}"))
+                if sets:
+                    exprs.append(_listed(ids.sort(), grouped_by).alias(f"{cell.name}_ids{i}"))
+        else:  # min, max: also the records that hold the extreme, so a lone one is withheld
+            extreme = value.min() if func == "min" else value.max()
+            exprs.append(extreme.alias(cell.name))
+            exprs += _count_exprs(frame, f"{cell.name}_t", mask & (value == extreme).fill_null(False))
+
+    def run(aggregations: list[pl.Expr]) -> pl.DataFrame:
+        with engine_errors(what, subjects):
+            lazy = _work_frame(frame, work)
+            if key_names:
+                # Rows with a null key form groups of their own, dropped afterwards: cheaper than filtering rows.
+                return frame.collect(lazy.group_by(key_names).agg(aggregations).drop_nulls(key_names).sort(key_names))
+            try:
+                return frame.collect(lazy.select(aggregations))
+            except pl.exceptions.ShapeError:
+                if not frame.streaming:
+                    raise
+            # Polars' streaming engine cannot always run a select of whole-column aggregations of different lengths
+            # (a filtered input next to a plain one); the same aggregations over one group can. The key is a
+            # column's hash times zero, not a literal, which Polars would group by in memory. No rows make no
+            # group, so the one row a select gives is then computed over the (empty) first zero rows.
+            whole = "\x01whole"
+            key = (pl.first().hash(0) * 0).alias(whole)
+            found = frame.collect(lazy.with_columns(key).group_by(whole).agg(aggregations).drop(whole))
+            return found if found.height else frame.collect(lazy.head(0).select(aggregations))
+
+    grouped = run(exprs)
+    group_records = _counts(frame, grouped, "g")
+    kept = np.ones(grouped.height, dtype=bool)
+    for dataset, counts in group_records.items():
+        kept &= counts >= ks[dataset]
+
+    nonmode: dict[str, dict[str, np.ndarray]] = {}
+    if screen:
+        inconclusive: list[tuple[str, str, str]] = []
+        for (column, kind), v in values.items():
+            if v not in moded:
+                continue
+            n = grouped.get_column(f"{v}_len").fill_null(0).to_numpy()
+            if frame.streaming:
+                bins = [grouped.get_column(f"{v}_bin{b}").fill_null(0).to_numpy() for b in range(_BINS)]
+                screened = np.where(n - np.max(bins, axis=0) >= k, n, -1)
+            else:
+                most = grouped.get_column(f"{v}_head").fill_null(0).to_numpy()
+                small = n < 2 * k - 1  # the head is the whole group: exact
+                screened = np.where(small, n - most, np.where(most < k, n, -1))
+            nonmode[v] = {d: screened for d in group_records}
+            if ((screened < 0) & kept).any():
+                inconclusive.append((column, kind, v))
+        if inconclusive and frame.streaming:
+            for column, kind, v in inconclusive:
+                floating = _floating(frame, column, kind)
+                undecided = next(iter(nonmode[v].values())) < 0
+                off_mode = _streamed_off_mode(
+                    frame, work, key_names, grouped, undecided, mask_of(column, v), v, floating
+                )
+                nonmode[v] = {d: np.where(was < 0, off_mode, was) for d, was in nonmode[v].items()}
+        elif inconclusive:
+            exact = run([e for column, kind, v in inconclusive for e in mode_exprs(column, kind, v)])
+            for _, _, v in inconclusive:
+                counted = _counts(frame, exact, f"{v}_nm")
+                nonmode[v] = {d: np.where(was < 0, counted[d], was) for d, was in nonmode[v].items()}
+    else:
+        for v in moded:
+            nonmode[v] = _counts(frame, grouped, f"{v}_nm")
+
+    failing: dict[str, dict[str, np.ndarray]] = {}
+    for cell in cells:
+        if cell.column is None:
+            failing[cell.name] = {}
+            continue
+        v = values[(cell.column, cell.kind)]
+        short = {d: counts < ks[d] for d, counts in _counts(frame, grouped, f"{v}_c").items()}
+        extra: list[dict[str, np.ndarray]] = []
+        if cell.func in _MODE_RULE:
+            # None differing from the most common value: every contributing record holds the released value.
+            extra.append({d: np.where(counts == 0, np.iinfo(np.int64).max, counts) for d, counts in nonmode[v].items()})
+        if cell.func in ("min", "max"):
+            extra.append(_counts(frame, grouped, f"{cell.name}_t"))
+        if cell.func in _ORDER_FUNCS and not simple:
+            extra.append(_counts(frame, grouped, f"{cell.name}_b"))
+        for counts_of in extra:
+            for d, counts in counts_of.items():
+                short[d] = short[d] | (counts < ks[d])
+        failing[cell.name] = short
+
+    numbers = _Numbers(grouped, group_records, kept, failing, [])
+    if sets:
+        numbers.record_sets = _number_sets(frame, numbers, by, cells, values, moded, k)
+    return numbers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numbers per group where every row is a distinct record (the common case)
+#
+# The same numbers and rules as above, computed the cheap way: the work columns are read once into memory; the
+# statistics and counts are plain column aggregations (Polars' fastest group-by route); the order statistics are
+# two selections per block and the gathered values of the group; the most-common-value rule is screened by a bound
+# and decided exactly only for the groups the bound leaves open.
+
+_SCREEN_SEED = 17  # only how fast the most-common-value rule is decided depends on the hash; never its outcome
+_SORT_BELOW = 512  # groups this small are sorted outright; larger ones use selections:
+_NUMPY_BELOW = 8192  # numpy's (all blocks of a group at once) up to this size, a sample's brackets above
+
+
+@dataclass
+class _Input:
+    """One input column of the cells, in its work form."""
+
+    v: str  # the work column
+    floating: bool
+    masked: bool  # the column has a contribution mask of its own (else it contributes wherever it is present)
+    indicator: str | None = None  # bool work column: the record contributes (None: every row contributes)
+    present: str | None = None  # bool work column: the value is present (None: every row)
+    moded: bool = False  # a cell on it follows the most-common-value rule
+    ordered: bool = False  # a cell on it is an order statistic
+    funcs: set[str] = field(default_factory=set)
+
+    def normal(self) -> pl.Expr:
+        """The contributing values as the most-common-value rule compares them (null where none contributes)."""
+        value = pl.col(self.v) if self.indicator is None else pl.when(pl.col(self.indicator)).then(pl.col(self.v))
+        return _normal(value, self.floating)
+
+
+def _screen_bit(value: pl.Expr, dtype: Any) -> pl.Expr:
+    """A bit of each value, the same for equal values, that splits the values of a column into two sides.
+
+    Counting the contributing records with the bit set (h of n) bounds the records differing from the most common
+    value from below by min(h, n - h): the most common value is on one side. A number is compared with the column's
+    mean, which lies strictly between two different values (a flag's two values always fall on both sides).
+    """
+    if dtype == pl.Boolean:
+        return value
+    if dtype.is_integer() or dtype.is_float():
+        return value > value.mean()
+    return (value.hash(_SCREEN_SEED) % 2) == 1
+
+
+def _direct_route(frame: SourceTable) -> bool:
+    """Whether every row is a distinct record and the table is in memory (not a scanned dataset)."""
+    return not frame.streaming and _rows_are_records(frame)
+
+
+def _numbers_direct(
+    frame: SourceTable,
+    by: Sequence[str],
+    cells: Sequence[_Cell],
+    policies: Mapping[str, OutputPolicy],
+    want_sets: bool,
+    what: str,
+    subjects: Sequence[str],
+) -> _Numbers:
+    """:func:`_numbers` for a table whose rows are distinct records: the same numbers, rules and record sets."""
+    ks = _min_sizes(frame, policies)
+    k = max(ks.values(), default=1)
+    key_names = [f"k{i}" for i in range(len(by))]
+    work = [_key_expr(frame, name).alias(key) for key, name in zip(key_names, by, strict=True)]
+    inputs: dict[tuple[str, str], _Input] = {}
+    for cell in cells:
+        if cell.column is None:
+            continue
+        spec = inputs.get((cell.column, cell.kind))
+        if spec is None:
+            spec = _Input(f"v{len(inputs)}", _floating(frame, cell.column, cell.kind), cell.column in frame.masks)
+            inputs[(cell.column, cell.kind)] = spec
+            work.append(_work_expr(frame, cell.column, cell.kind, cell.func).alias(spec.v))
+            if spec.masked:
+                work.append(frame.contributes(cell.column).alias(f"{spec.v}_m"))
+        spec.moded |= cell.func in _MODE_RULE
+        spec.ordered |= cell.func in _ORDER_FUNCS
+        spec.funcs.add(cell.func)
+    sets = want_sets and frame.records is not None
+    datasets = [frame.records[0][0]] if frame.records else sorted(frame.datasets)
+    # Grouped order statistics alone: their counts come from the gathered values, with no pass of their own.
+    tallied = not key_names or not inputs or any(not spec.ordered for spec in inputs.values())
+    tallied = tallied or any(c.column is not None and c.func not in _ORDER_FUNCS for c in cells)
+
+    with engine_errors(what, subjects):
+        table = frame.collect(_work_frame(frame, work))
+        if key_names and any(table.get_column(key).null_count() for key in key_names):
+            table = table.drop_nulls(key_names)  # a null key forms no group (pandas' dropna)
+        flags: list[pl.Expr] = []  # the indicator columns, then what is computed from them
+        derived: list[pl.Expr] = []
+        for spec in inputs.values():
+            value = pl.col(spec.v)
+            nulls = table.get_column(spec.v).null_count() > 0
+            if spec.masked:
+                spec.indicator = f"{spec.v}_i"
+                flags.append((pl.col(f"{spec.v}_m") & value.is_not_null()).alias(spec.indicator))
+                if nulls:
+                    spec.present = f"{spec.v}_p"
+                    flags.append(value.is_not_null().alias(spec.present))
+            elif nulls:
+                spec.indicator = spec.present = f"{spec.v}_i"
+                flags.append(value.is_not_null().alias(spec.indicator))
+            contributing = value if spec.indicator is None else pl.when(pl.col(spec.indicator)).then(value)
+            if spec.moded and tallied:
+                bit = _screen_bit(value, table.schema[spec.v]).fill_null(False)
+                on = bit if spec.indicator is None else bit & pl.col(spec.indicator)
+                derived.append(on.alias(f"{spec.v}_h"))
+            if spec.ordered:
+                derived.append(contributing.cast(pl.Float64).alias(f"{spec.v}_o"))
+            if spec.funcs & {"min", "max"} and spec.indicator is not None:
+                derived.append(contributing.alias(f"{spec.v}_x"))
+            # The aggregations read their inputs as they are (a cast inside one takes Polars off its fastest route).
+            dtype = table.schema[spec.v]
+            if "sum" in spec.funcs and dtype.is_integer() and dtype not in (pl.Int64, pl.UInt64):
+                derived.append(value.cast(pl.Int64).alias(f"{spec.v}_w"))
+            if spec.funcs & {"mean", "std", "var"} and not (dtype.is_integer() or dtype == pl.Float64):
+                derived.append(value.cast(pl.Float64).alias(f"{spec.v}_f"))
+        for stage in (flags, derived):
+            table = table.with_columns(stage) if stage else table
+
+        def counted(column: str | None) -> pl.Expr:
+            return pl.len() if column is None else pl.col(column).sum()
+
+        def read(spec: _Input, form: str) -> pl.Expr:
+            return pl.col(f"{spec.v}_{form}" if f"{spec.v}_{form}" in table.columns else spec.v)
+
+        fast: list[pl.Expr] = [pl.len().alias("rows")]
+        slow: list[pl.Expr] = []
+        listed: list[pl.Expr] = []  # a group's values, for the order statistics and the record sets
+        for spec in inputs.values():
+            fast.append(counted(spec.indicator).alias(f"{spec.v}_c"))
+            if spec.moded and tallied:
+                fast.append(counted(f"{spec.v}_h").alias(f"{spec.v}_hs"))
+            if spec.ordered:
+                listed.append(pl.col(f"{spec.v}_o"))
+            if sets and spec.indicator is not None:
+                listed.append(pl.col(spec.indicator))
+        if sets:
+            listed.append(pl.col("r0"))
+        for cell in cells:
+            if cell.column is None:
+                fast.append(pl.len().alias(cell.name))
+                continue
+            spec = inputs[(cell.column, cell.kind)]
+            value = pl.col(spec.v)
+            func = cell.func
+            if func == "count":
+                fast.append(counted(spec.present).alias(cell.name))
+            elif func == "nunique":
+                slow.append(_distinct(value).alias(cell.name))
+            elif func == "sum":
+                fast.append(read(spec, "w").sum().alias(cell.name))
+            elif func == "mean":
+                fast.append(read(spec, "f").mean().alias(cell.name))
+            elif func in ("std", "var"):
+                as_float = read(spec, "f")
+                fast.append((as_float.std(ddof=1) if func == "std" else as_float.var(ddof=1)).alias(cell.name))
+            elif func in ("min", "max"):
+                extreme = value.min() if func == "min" else value.max()
+                fast.append(extreme.alias(cell.name))
+                # The contributing records holding the extreme. Per group, counted up to k (all the rule needs): the
+                # k least (or greatest) contributing values that equal it; ungrouped, all of them (as cheap).
+                held = value if spec.indicator is None else pl.col(f"{spec.v}_x")
+                nearest = held if not key_names else held.bottom_k(k) if func == "min" else held.top_k(k)
+                slow.append((nearest == extreme).sum().alias(f"{cell.name}_t"))
+
+        flattened: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+        def segments(name: str) -> tuple[np.ndarray, np.ndarray]:
+            """A listed column's values, flat, and where each group starts (a group has at least one row)."""
+            if name not in flattened:
+                if not key_names:
+                    flattened[name] = table.get_column(name).to_numpy(), np.array([0, table.height])
+                else:
+                    lists = grouped.get_column(name)
+                    bounds = np.zeros(grouped.height + 1, dtype=np.int64)
+                    np.cumsum(lists.list.len().to_numpy(), out=bounds[1:])
+                    flattened[name] = lists.explode().to_numpy(), bounds
+            return flattened[name]
+
+        if key_names:
+
+            def by_keys(aggregations: list[pl.Expr]) -> pl.LazyFrame:
+                return table.lazy().group_by(key_names).agg(aggregations).sort(key_names)
+
+            parts = [by_keys(fast if tallied else listed)]
+            parts += [by_keys(p).drop(key_names) for p in (slow, listed if tallied else []) if p]
+            grouped = frame.collect(pl.concat(parts, how="horizontal") if len(parts) > 1 else parts[0])
+            if not tallied:
+                grouped = grouped.with_columns(_tallies_of_values(inputs, cells, segments))
+        else:
+            grouped = frame.collect(table.lazy().select(fast + slow))
+        tallies = ["rows", *(f"{spec.v}_c" for spec in inputs.values())]
+        tallies += [cell.name for cell in cells if cell.column is None or cell.func == "count"]
+        grouped = grouped.with_columns(pl.col(tallies).cast(pl.Int64))
+
+    rows = grouped.get_column("rows").to_numpy()
+    group_records = dict.fromkeys(datasets, rows)
+    kept = np.ones(grouped.height, dtype=bool)
+    for dataset in datasets:
+        kept &= rows >= ks[dataset]
+    count = {spec.v: grouped.get_column(f"{spec.v}_c").to_numpy() for spec in inputs.values()}
+
+    # The most-common-value rule: records differing from the group's most common value, per group (a bound of at
+    # least k where the screen settles it); with record sets, also whether k or more records hold that value.
+    nonmode: dict[str, np.ndarray] = {}
+    modes: dict[str, dict[int, Any]] = {}  # v -> group row -> the most common value, where k or more hold it
+    for spec in inputs.values():
+        if not spec.moded:
+            continue
+        n = count[spec.v]
+        high = grouped.get_column(f"{spec.v}_hs").to_numpy()
+        screened = np.where(np.minimum(high, n - high) >= k, n, -1)
+        open_ = kept & (screened < 0) & (n >= k)
+        if sets and not _none_held_k_times(table, key_names, spec, k, what, subjects):
+            open_ = kept & (n > 0)  # the record sets leave out a value k records share: find it exactly
+        if open_.any():
+            most, common = _most_common(frame, table, grouped, key_names, spec, open_, what, subjects)
+            screened = np.where(open_, n - most, screened)
+            if sets:
+                modes[spec.v] = {int(r): common[int(r)] for r in np.nonzero(open_ & (most >= k))[0]}
+        nonmode[spec.v] = screened
+
+    # Order statistics: the mean of the block of ranks holding round(q * (n - 1)).
+    blocks: dict[str, dict[int, np.ndarray]] = {}  # cell -> group row -> positions (within the group) in its block
+    order_cells = [cell for cell in cells if cell.func in _ORDER_FUNCS]
+    columns: dict[str, list[float | None]] = {cell.name: [None] * grouped.height for cell in order_cells}
+    for spec in inputs.values():
+        if not spec.ordered:
+            continue
+        mine = [cell for cell in order_cells if inputs[(cell.column or "", cell.kind)] is spec]
+        flat, bounds = segments(f"{spec.v}_o")
+        large: list[tuple[str, int, np.ndarray, np.ndarray | None, int, int]] = []
+        for row in (int(r) for r in np.nonzero(kept & (count[spec.v] >= k))[0]):
+            segment = flat[bounds[row] : bounds[row + 1]]
+            where = np.nonzero(~np.isnan(segment))[0] if spec.indicator is not None else None
+            values = segment if where is None else segment[where]
+            ranks = [_block_ranks(len(values), k, 0.5 if cell.q is None else cell.q) for cell in mine]
+            if _SORT_BELOW < len(values) <= _NUMPY_BELOW:
+                parted = np.partition(values, sorted({r for start, end in ranks for r in (start, end - 1)}))
+            sample = _Sample(values) if len(values) > _NUMPY_BELOW else None
+            for cell, (start, end) in zip(mine, ranks, strict=True):
+                if sample is not None:
+                    found = sample.block(start, end, sets)
+                    if found is None:  # the sample's bracket missed: selected below, all at once
+                        large.append((cell.name, row, values, where, start, end))
+                        continue
+                    mean, inside = found
+                elif len(values) > _SORT_BELOW:
+                    # The block's values are exactly parted[start:end]; its records, with ties in row order:
+                    mean, inside = float(parted[start:end].mean()), None
+                    if sets:
+                        _, inside = _block_mean(values, start, end, parted[start], parted[end - 1], True)
+                else:
+                    inside = np.sort(np.argsort(values, kind="stable")[start:end])  # ordinal rank: ties in row order
+                    mean = float(values[inside].mean())
+                columns[cell.name][row] = mean
+                if sets and inside is not None:
+                    blocks.setdefault(cell.name, {})[row] = inside if where is None else where[inside]
+        with engine_errors(what, subjects):
+            bounding = _select_ranks(
+                [(values, rank) for _, _, values, _, start, end in large for rank in (start, end - 1)]
+            )
+        for i, (name, row, values, where, start, end) in enumerate(large):
+            mean, inside = _block_mean(values, start, end, bounding[2 * i], bounding[2 * i + 1], sets)
+            columns[name][row] = mean
+            if inside is not None:
+                blocks.setdefault(name, {})[row] = inside if where is None else where[inside]
+    if columns:
+        grouped = grouped.with_columns(pl.Series(name, found, dtype=pl.Float64) for name, found in columns.items())
+
+    failing: dict[str, dict[str, np.ndarray]] = {}
+    for cell in cells:
+        if cell.column is None:
+            failing[cell.name] = {}
+            continue
+        spec = inputs[(cell.column, cell.kind)]
+        short = {d: count[spec.v] < ks[d] for d in datasets}
+        extra: list[np.ndarray] = []
+        if cell.func in _MODE_RULE:  # none differing: every contributing record holds the released value
+            extra.append(np.where(nonmode[spec.v] == 0, np.iinfo(np.int64).max, nonmode[spec.v]))
+        if cell.func in ("min", "max"):
+            extra.append(grouped.get_column(f"{cell.name}_t").to_numpy())
+        for counts in extra:
+            short = {d: bad | (counts < ks[d]) for d, bad in short.items()}
+        failing[cell.name] = short
+
+    numbers = _Numbers(grouped.select(*key_names, *(cell.name for cell in cells)), group_records, kept, failing, [])
+    if sets:
+        numbers.record_sets = _direct_sets(
+            numbers, datasets[0], by, cells, inputs, segments, modes, blocks, table, key_names
+        )
+    return numbers
+
+
+def _tallies_of_values(
+    inputs: Mapping[tuple[str, str], _Input],
+    cells: Sequence[_Cell],
+    segments: Callable[[str], tuple[np.ndarray, np.ndarray]],
+) -> list[pl.Series]:
+    """The group sizes, contributing counts and screen counts the plain aggregations would give, from each group's
+    gathered values (NaN where a record does not contribute)."""
+    found: list[pl.Series] = []
+    for spec in inputs.values():
+        flat, bounds = segments(f"{spec.v}_o")
+        rows = np.diff(bounds)
+        if not found:
+            found += [pl.Series("rows", rows, dtype=pl.Int64)]
+            found += [pl.Series(c.name, rows, dtype=pl.Int64) for c in cells if c.column is None]
+        starts = bounds[:-1]
+        contributing = None if spec.indicator is None else ~np.isnan(flat)
+        counts = rows if contributing is None else np.add.reduceat(contributing, starts)
+        found.append(pl.Series(f"{spec.v}_c", counts, dtype=pl.Int64))
+        if spec.moded:
+            present = flat if contributing is None else flat[contributing]
+            threshold = float(present.mean()) if len(present) else 0.0
+            with np.errstate(invalid="ignore"):
+                high = (flat > threshold).view(np.int8)  # as _screen_bit: one side of a threshold (NaN on neither)
+            found.append(pl.Series(f"{spec.v}_hs", np.add.reduceat(high, starts, dtype=np.int64), dtype=pl.Int64))
+    return found
+
+
+class _Sample:
+    """Brackets for the blocks of a large array, from a sorted sample of it (every ``step``-th value).
+
+    A block's ranks lie, with high probability, between two sample values a few sample ranks either side of where
+    the block falls; one pass then counts the values below the bracket and picks those inside it, and the block is
+    found among those few. Whether the bracket holds is checked, never assumed: :meth:`block` gives None otherwise.
+    """
+
+    def __init__(self, values: np.ndarray, size: int | None = None) -> None:
+        self.values = values
+        if size is None:  # the sample's sort against the bracket's size (about 4n / sqrt(size) values)
+            size = min(max(int(8 * np.sqrt(len(values))), 256), 8192)
+        self.sorted = np.sort(values[:: max(len(values) // size, 1)])
+
+    def block(self, start: int, end: int, want_ids: bool) -> tuple[float, np.ndarray | None] | None:
+        n, m = len(self.values), len(self.sorted)
+        margin = int(4 * np.sqrt(m) / 2) + 2  # four standard deviations of a sample rank, at worst
+        low_at, high_at = int(start * m / n) - margin, int(end * m / n) + margin
+        values = self.values
+        if low_at > 0:
+            inside = values >= self.sorted[low_at]
+            below = n - int(np.count_nonzero(inside))
+        else:
+            below, inside = 0, np.ones(n, dtype=bool)
+        if high_at < m - 1:
+            inside &= values <= self.sorted[high_at]
+        found = values[inside]
+        if not (below <= start and end <= below + len(found)):
+            return None
+        first, last = start - below, end - below
+        parted = np.partition(found, [first, last - 1])
+        mean = float(parted[first:last].mean())
+        if not want_ids:
+            return mean, None
+        _, chosen = _block_mean(found, first, last, float(parted[first]), float(parted[last - 1]), True)
+        return mean, None if chosen is None else np.nonzero(inside)[0][chosen]
+
+
+def _block_ranks(n: int, k: int, q: float) -> tuple[int, int]:
+    """The ranks ``[start, end)`` of the block holding rank round(q * (n - 1)) among n values, blocks of k ranks (a
+    last partial block merged into the one before)."""
+    blocks = max(n // k, 1)
+    block = min(round(float(n - 1) * q) // k, blocks - 1)
+    start = block * k
+    return start, (n if block == blocks - 1 else start + k)
+
+
+def _select_ranks(wanted: Sequence[tuple[np.ndarray, int]]) -> list[float]:
+    """The value at each rank (0-based) of each array: order-statistic selections, run in batches on Polars' pool."""
+    found: list[float] = []
+    for first in range(0, len(wanted), 64):
+        batch = wanted[first : first + 64]
+        exprs = [
+            pl.lit(pl.Series(values)).quantile(min((rank + 0.5) / max(len(values) - 1, 1), 1.0), "lower").alias(f"s{i}")
+            for i, (values, rank) in enumerate(batch)
+        ]
+        found += [float(x) for x in pl.select(exprs).row(0)] if exprs else []
+    return found
+
+
+def _block_mean(
+    values: np.ndarray, start: int, end: int, low: float, high: float, want_ids: bool
+) -> tuple[float, np.ndarray | None]:
+    """The mean of the values ranked ``start`` to ``end - 1`` (in row order; ``low`` and ``high`` are the values at
+    those ranks) and, with ``want_ids``, their positions (ties ranked in row order, as an ordinal rank does)."""
+    at_low = np.nonzero(values == low)[0]
+    below_low = int(np.count_nonzero(values < low))
+    if low == high:  # the whole block holds one value
+        return low, (at_low[start - below_low : end - below_low] if want_ids else None)
+    at_high = np.nonzero(values == high)[0]
+    below_high = int(np.count_nonzero(values < high))
+    lows = below_low + len(at_low) - start  # the block's copies of its lowest value: the last ties in row order
+    highs = end - below_high  # and of its highest: the first ties
+    between = (values > low) & (values < high)
+    mean = (low * lows + float(values[between].sum()) + high * highs) / (end - start)
+    if not want_ids:
+        return mean, None
+    return mean, np.sort(np.concatenate([at_low[len(at_low) - lows :], np.nonzero(between)[0], at_high[:highs]]))
+
+
+def _none_held_k_times(
+    table: pl.DataFrame, key_names: Sequence[str], spec: _Input, k: int, what: str, subjects: Sequence[str]
+) -> bool:
+    """Whether no value of work column ``v`` is held by k or more contributing records of one group, shown by
+    counting (group, value) pairs into hash bins: equal pairs share a bin, so no bin of fewer than k rules it out."""
+    value = spec.normal()
+    hashed = value.hash(_SCREEN_SEED)
+    for i, name in enumerate(key_names):
+        hashed = hashed ^ pl.col(name).hash(_SCREEN_SEED + 1 + i)
+    with engine_errors(what, subjects):
+        found = table.select(hashed.filter(value.is_not_null())).to_series().to_numpy()
+    bits = min(max(int(2 * len(found)).bit_length(), 8), 21)  # 2 to 4 bins a pair: k share one only by rare chance
+    bins = np.bincount((found >> np.uint64(64 - bits)).astype(np.intp), minlength=1 << bits)
+    return int(bins.max(initial=0)) < k
+
+
+def _most_common(
+    frame: SourceTable,
+    table: pl.DataFrame,
+    grouped: pl.DataFrame,
+    key_names: Sequence[str],
+    spec: _Input,
+    open_: np.ndarray,
+    what: str,
+    subjects: Sequence[str],
+) -> tuple[np.ndarray, list[Any]]:
+    """Per group (where ``open_``), how many contributing records hold the most common value, and that value (the
+    least of the most common ones)."""
+    value = f"{spec.v}_n"
+    with engine_errors(what, subjects):
+        lazy = table.lazy().with_columns(spec.normal().alias(value))
+        tallies = lazy.drop_nulls(value).group_by(*key_names, value).agg(pl.len().alias("\x01n"))
+        top = pl.col("\x01n").max()
+        common = pl.col(value).filter(pl.col("\x01n") == top).min()
+        if key_names:
+            best = tallies.group_by(key_names).agg(top, common)
+            rows = grouped.lazy().select(key_names).with_row_index("\x01group")
+            found = frame.collect(rows.join(best, on=list(key_names)).select("\x01group", "\x01n", value))
+        else:
+            found = frame.collect(tallies.select(pl.lit(0).alias("\x01group"), top, common))
+    most = np.zeros(grouped.height, dtype=np.int64)
+    modes: list[Any] = [None] * grouped.height
+    for group, n, mode in found.iter_rows():
+        if n is not None and open_[int(group)]:
+            most[int(group)] = int(n)
+            modes[int(group)] = mode
+    return most, modes
+
+
+def _direct_sets(
+    numbers: _Numbers,
+    dataset: str,
+    by: Sequence[str],
+    cells: Sequence[_Cell],
+    inputs: Mapping[tuple[str, str], _Input],
+    segments: Callable[[str], tuple[np.ndarray, np.ndarray]],
+    modes: Mapping[str, Mapping[int, Any]],
+    blocks: Mapping[str, Mapping[int, np.ndarray]],
+    table: pl.DataFrame,
+    key_names: Sequence[str],
+) -> list[RecordSet]:
+    """The records behind each released number (as :func:`_number_sets`); one behind all of its group's rows is
+    listed once, as the group."""
+    ids, bounds = segments("r0")
+    ids = ids.astype(np.int64, copy=False)
+    flags = {spec.v: segments(spec.indicator)[0] for spec in inputs.values() if spec.indicator is not None}
+    # The values of each column whose most common value some group leaves out, in the same order as the ids.
+    shared = {spec.v: spec.normal().alias(spec.v) for spec in inputs.values() if modes.get(spec.v)}
+    if shared and key_names:
+        gathered = table.lazy().group_by(key_names).agg(shared.values()).sort(key_names).collect()
+        values_of = {v: gathered.get_column(v).explode() for v in shared}
+    else:
+        values_of = {v: table.select(expr).to_series() for v, expr in shared.items()}
+    held: dict[tuple[str, int], np.ndarray] = {}  # (column, group row) -> its rows holding the most common value
+
+    def holders(v: str, row: int, start: int, end: int) -> np.ndarray:
+        if (v, row) not in held:
+            segment = values_of[v].slice(start, end - start)
+            held[(v, row)] = (segment == modes[v][row]).fill_null(False).to_numpy()
+        return held[(v, row)]
+
+    released = {cell.name: ~numbers.withheld(cell.name) for cell in cells}
+    found: list[RecordSet] = []
+    for row in (int(r) for r in np.nonzero(numbers.kept)[0]):
+        start, end = int(bounds[row]), int(bounds[row + 1])
+        mine = ids[start:end]  # in row order: ascending unless the plan reordered rows
+        order = None if bool(np.all(mine[1:] > mine[:-1])) else np.argsort(mine, kind="stable")
+        whole = mine if order is None else mine[order]
+        keys = tuple(numbers.grouped.get_column(f"k{i}")[row] for i in range(len(by)))
+        group = f"group {keys!r}" if by else "all rows"
+        emitted: set[bytes | None] = set()  # None: the group's own records
+        for cell in cells:
+            if not released[cell.name][row]:
+                continue
+            chosen = whole
+            if cell.func in _ORDER_FUNCS:
+                chosen = np.sort(mine[blocks[cell.name][row]])
+            elif cell.column is not None:
+                spec = inputs[(cell.column, cell.kind)]
+                inside = None if spec.indicator is None else flags[spec.v][start:end]
+                if row in modes.get(spec.v, {}):  # a value k records share is left out, as counted
+                    inside = ~holders(spec.v, row, start, end) & (True if inside is None else inside)
+                if inside is not None and not inside.all():
+                    chosen = mine[inside] if order is None else whole[inside[order]]
+            whole_group = chosen.size == whole.size  # a subset of the group's records, so all of them
+            label = group if whole_group else (f"{group} {cell.shown}" if by else cell.shown)
+            key = None if whole_group else chosen.tobytes()
+            if key not in emitted:
+                emitted.add(key)
+                found.append((dataset, label, whole if whole_group else chosen))
+    return found
+
+
+def _number_sets(
+    frame: SourceTable,
+    numbers: _Numbers,
+    by: Sequence[str],
+    cells: Sequence[_Cell],
+    values: Mapping[tuple[str, str], str],
+    moded: set[str],
+    k: int,
+) -> list[RecordSet]:
+    """The records behind each released number; one behind all of its group's rows is listed once, as the group."""
+    grouped = numbers.grouped
+    occurrences = list(enumerate(frame.records or ()))
+    unique = {i for i, (_, hidden) in occurrences if hidden in frame.unique}
+    released = {cell.name: ~numbers.withheld(cell.name) for cell in cells}
+    found: list[RecordSet] = []
+
+    def ids_at(column: str, row: int) -> np.ndarray:
+        listed = grouped.get_column(column)[row]
+        return np.asarray(listed.drop_nulls().to_numpy(), dtype=np.int64)
+
+    for row in np.nonzero(numbers.kept)[0]:
+        keys = tuple(grouped.get_column(f"k{i}")[int(row)] for i in range(len(by)))
+        group = f"group {keys!r}" if by else "all rows"
+        group_ids = {i: np.unique(ids_at(f"g_ids{i}", int(row))) for i, _ in occurrences}
+        whole = {
+            d: _union([group_ids[i] for i, (dd, _) in occurrences if dd == d]) for d in {d for _, (d, _) in occurrences}
+        }
+        emitted: set[tuple[str, bytes]] = set()
+
+        for cell in cells:
+            if not released[cell.name][row]:
+                continue
+            per: dict[str, list[np.ndarray]] = {}
+            for i, (dataset, _) in occurrences:
+                if cell.column is None:
+                    ids = group_ids[i]
+                elif cell.func in _ORDER_FUNCS:
+                    ids = np.unique(ids_at(f"{cell.name}_ids{i}", int(row)))
+                else:
+                    v = values[(cell.column, cell.kind)]
+                    if i in unique:
+                        ids = np.setdiff1d(group_ids[i], ids_at(f"{v}_out{i}", int(row)), assume_unique=True)
+                    else:
+                        ids = np.unique(ids_at(f"{v}_in{i}", int(row)))
+                    common = grouped.get_column(f"{v}_fmax")[int(row)] if v in moded else None
+                    if common is not None and common >= k:  # a value k records share is left out, as counted
+                        ids = np.setdiff1d(ids, ids_at(f"{v}_hold{i}", int(row)))
+                per.setdefault(dataset, []).append(ids)
+            for dataset, parts in per.items():
+                ids = _union(parts)
+                if ids.size == whole[dataset].size:
+                    label, ids = group, whole[dataset]
+                else:
+                    label = f"{group} {cell.shown}" if by else cell.shown
+                if (dataset, ids.tobytes()) not in emitted:
+                    emitted.add((dataset, ids.tobytes()))
+                    found.append((dataset, label, ids))
+    return found
+
+
+def _null_withheld(
+    numbers: _Numbers, cells: Sequence[_Cell], keep: np.ndarray
+) -> tuple[pl.DataFrame, dict[str, list[int]]]:
+    """The kept groups with each withheld number set to null, and the row positions nulled per cell."""
+    grouped = numbers.grouped.filter(pl.Series(keep, dtype=pl.Boolean))
+    positions: dict[str, list[int]] = {}
+    nulled = []
+    for cell in cells:
+        bad = numbers.withheld(cell.name)[keep]
+        if bad.any():
+            positions[cell.name] = [int(p) for p in np.nonzero(bad)[0]]
+            nulled.append(
+                pl.when(pl.Series(bad, dtype=pl.Boolean)).then(None).otherwise(pl.col(cell.name)).alias(cell.name)
+            )
+    return (grouped.with_columns(nulled) if nulled else grouped), positions
+
+
+def _refuse(failing: Iterable[str], policies: Mapping[str, OutputPolicy], what: str) -> PolicyViolation:
+    datasets = sorted(set(failing))
+    k = max(policies[d].min_group_size for d in datasets)
+    return PolicyViolation(
+        "release.min_group_size",
+        datasets,
+        f"{what} is computed from fewer than {k} contributing records of the dataset",
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # aggregate
 
 
-def _aggregate(node: Aggregate, frame: SourceTable, policies: Mapping[str, OutputPolicy]) -> tuple[pa.Table, int]:
+def _aggregate(node: Aggregate, frame: SourceTable, policies: Mapping[str, OutputPolicy], want_sets: bool) -> _Out:
     inputs = [agg.column for agg in node.aggs if agg.column is not None]
     require_columns(frame, list(node.by) + inputs, "aggregate")
     used = {name: lineage_of(frame, name) for name in (*node.by, *inputs)}
     check_columns(used, policies, "aggregate")
+    _check_order_statistics(((agg.column, agg.func) for agg in node.aggs), frame.datasets, "aggregate")
 
     subjects = [f"column {quote(c)} ({frame.arrow_type(c)})" for c in dict.fromkeys((*node.by, *inputs))]
-    key_names = [f"k{i}" for i in range(len(node.by))]
-    work: list[pl.Expr] = [_key_expr(frame, name).alias(k) for k, name in zip(key_names, node.by, strict=True)]
-    value_names: dict[tuple[str, str], str] = {}  # (column, work kind) -> work column
     as_numbers = {agg.column for agg in node.aggs if agg.func in _NUMERIC_FUNCS}
-
-    def kind_of(agg: Agg) -> str:
-        """A count reads any form with NaN as null (the numeric one if there is one); min, max and nunique also
-        need -0.0 as 0.0; the numeric aggregations need numbers."""
-        if agg.func in _NUMERIC_FUNCS or (agg.func == "count" and agg.column in as_numbers):
-            return "number"
-        return "present" if agg.func == "count" else "plain"
-
-    for agg in node.aggs:
-        if agg.column is None:
-            continue
-        kind = kind_of(agg)
-        if kind == "number":
-            expr = _value_expr(frame, agg.column, agg.func)
-        else:
-            expr = _present_expr(frame, agg.column) if kind == "present" else _key_expr(frame, agg.column)
-        if (agg.column, kind) not in value_names:
-            value_names[(agg.column, kind)] = f"v{len(value_names)}"
-            work.append(expr.alias(value_names[(agg.column, kind)]))
-    strictest_k = max(
-        (_policy(d, policies, "release.min_group_size").min_group_size for d in frame.datasets), default=1
-    )
-
-    aggregations = [pl.len().cast(pl.Int64).alias("count_all"), *_record_exprs(frame, "n")]
-    outputs: dict[str, str] = {}  # agg name -> grouped column
-    extremes: list[tuple[str, str]] = []  # (agg name, grouped column holding the ties' records prefix)
-    quantiles: list[tuple[str, str, float]] = []  # (agg name, valid-count column, q)
-    seen: set[str] = set()
+    cells = []
     for position, agg in enumerate(node.aggs):
-        if agg.column is None:
-            outputs[agg.name] = "count_all"
-            continue
-        work_name = value_names[(agg.column, kind_of(agg))]
-        value = pl.col(work_name)
-        output = f"a{position}"
-        outputs[agg.name] = output
-        if agg.func == "count":
-            aggregations.append(value.count().cast(pl.Int64).alias(output))
-        elif agg.func == "nunique":
-            aggregations.append(_distinct(value).alias(output))
-        elif agg.func == "sum":
-            dtype = frame.dtype(agg.column)
-            widen = (dtype.is_integer() and dtype != pl.UInt64) or dtype == pl.Boolean
-            widened = value.cast(pl.Int64) if widen else value
-            aggregations.append(widened.sum().alias(output))
-        elif agg.func == "mean":
-            aggregations.append(value.cast(pl.Float64).mean().alias(output))
-        elif agg.func in ("std", "var"):
-            as_float = value.cast(pl.Float64)
-            aggregations.append((as_float.std(ddof=1) if agg.func == "std" else as_float.var(ddof=1)).alias(output))
-        elif agg.func in ("median", "quantile"):
-            q = 0.5 if agg.q is None else agg.q
-            aggregations.append(value.cast(pl.Float64).quantile(q, interpolation="linear").alias(output))
-            valid = f"{work_name}_valid"
-            if valid not in seen:
-                seen.add(valid)
-                aggregations.append(value.count().cast(pl.Int64).alias(valid))
-            quantiles.append((agg.name, valid, q))
-        else:  # min, max: also the records that hold the extreme, so a lone one is withheld
-            extreme = value.min() if agg.func == "min" else value.max()
-            aggregations.append(extreme.alias(output))
-            ties = value == extreme
-            aggregations.append(ties.fill_null(False).sum().cast(pl.Int64).alias(f"{output}_ties"))
-            aggregations.extend(_record_exprs(frame, f"{output}_t", ties))
-            extremes.append((agg.name, output))
-
-    with engine_errors("aggregate", subjects):
-        lazy = _work_frame(frame, work)
-        if key_names:
-            # Rows with a null key form groups of their own, dropped afterwards: cheaper than filtering every row.
-            groups = lazy.group_by(key_names).agg(aggregations)
-            grouped = frame.collect(groups.drop_nulls(key_names).sort(key_names))
+        # A count reads any form with NaN as null (the numeric one if there is one); min, max and nunique also need
+        # -0.0 as 0.0; the numeric aggregations need numbers.
+        if agg.func in _NUMERIC_FUNCS or (agg.func == "count" and agg.column in as_numbers):
+            kind = "number"
         else:
-            grouped = frame.collect(lazy.select(aggregations))
+            kind = "present" if agg.func == "count" else "plain"
+        func = "rows" if agg.column is None else agg.func
+        q = 0.5 if agg.func == "median" else agg.q
+        cells.append(_Cell(f"a{position}", f"column {quote(agg.name)}", agg.column, func, kind, q))
+    numbers = _numbers(frame, node.by, cells, policies, want_sets, "aggregate", subjects)
 
-    rows = grouped.height
-    records = _group_records(frame, grouped, "n", "count_all")
-    kept = _kept_groups(rows, records, policies)
-    hidden = 0
-    masks: dict[str, Any] = {}
-    for _, output in extremes:
-        shared = _group_records(frame, grouped, f"{output}_t", f"{output}_ties")
-        lone = _lone(shared, policies, rows) & grouped.get_column(output).is_not_null().to_numpy()
-        hidden += int((lone & kept).sum())
-        masks[output] = lone
-    for name, valid, q in quantiles:
-        # Near the ends a quantile is one record's value (q = 1 is the maximum): fewer than k records at or below
-        # it, or at or above it, and it is withheld.
-        n_valid = grouped.get_column(valid).to_numpy()
-        position = q * np.maximum(n_valid - 1, 0)
-        low, high = np.floor(position), np.ceil(position)
-        tail = (n_valid > 0) & ((low + 1 < strictest_k) | (n_valid - high < strictest_k))
-        hidden += int((tail & kept).sum())
-        output = outputs[name]
-        masks[output] = masks[output] | tail if output in masks else tail
-    if masks:
-        grouped = grouped.with_columns(
-            pl.when(pl.Series(mask, dtype=pl.Boolean)).then(None).otherwise(pl.col(output)).alias(output)
-            for output, mask in masks.items()
-        )
-    result = grouped.select(
-        *(pl.col(k).alias(name) for k, name in zip(key_names, node.by, strict=True)),
-        *(pl.col(outputs[agg.name]).alias(agg.name) for agg in node.aggs),
+    if not node.by:
+        if not numbers.kept[0]:
+            _check_records({d: int(c[0]) for d, c in numbers.group_records.items()}, policies, "the aggregate")
+        short = [(agg, cell) for agg, cell in zip(node.aggs, cells, strict=True) if numbers.withheld(cell.name)[0]]
+        if short and (len(cells) == 1 or len(short) == len(cells)):  # a scalar, or nothing left: withhold it
+            failing = [d for _, cell in short for d, groups in numbers.failing[cell.name].items() if groups[0]]
+            raise _refuse(failing, policies, f"aggregate: {quote(short[0][0].name)}")
+    survivors, positions = _null_withheld(numbers, cells, numbers.kept)
+    result = survivors.select(
+        *(pl.col(f"k{i}").alias(name) for i, name in enumerate(node.by)),
+        *(pl.col(cell.name).alias(agg.name) for agg, cell in zip(node.aggs, cells, strict=True)),
     )
-    survivors, suppressed = _suppress(result, records, policies, bool(node.by), "the aggregate")
-    return to_arrow(survivors, {}), suppressed + hidden
+    named = {cell.name: agg.name for agg, cell in zip(node.aggs, cells, strict=True)}
+    return _Out(
+        to_arrow(result, {}),
+        int((~numbers.kept).sum()),
+        {named[name]: rows for name, rows in positions.items()},
+        numbers.record_sets,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # value_counts
 
 
-def _value_counts(node: ValueCounts, frame: SourceTable, policies: Mapping[str, OutputPolicy]) -> tuple[pa.Table, int]:
+def _value_counts(node: ValueCounts, frame: SourceTable, policies: Mapping[str, OutputPolicy], want_sets: bool) -> _Out:
     require_columns(frame, [node.column], "value_counts")
     if node.column == "count":
         raise VaultError("value_counts: a column named 'count' would clash with the counts; rename it with assign")
     check_columns({node.column: lineage_of(frame, node.column)}, policies, "value_counts")
+    sets = want_sets and frame.records is not None
+    listed = [pl.col(f"r{i}").alias(f"g_ids{i}") for i in range(len(frame.records or ()))] if sets else []
     with engine_errors("value_counts", [f"column {quote(node.column)} ({frame.arrow_type(node.column)})"]):
         lazy = _work_frame(frame, [_key_expr(frame, node.column).alias("k0")])
-        grouped_lazy = lazy.group_by("k0").agg(pl.len().cast(pl.Int64).alias("count_all"), *_record_exprs(frame, "n"))
+        grouped_lazy = lazy.group_by("k0").agg(
+            pl.len().cast(pl.Int64).alias("count_all"), *_count_exprs(frame, "g", None), *listed
+        )
         if node.dropna:
             grouped_lazy = grouped_lazy.drop_nulls("k0")
         grouped = frame.collect(grouped_lazy.sort(["count_all", "k0"], descending=[True, False], nulls_last=True))
-    records = _group_records(frame, grouped, "n", "count_all")
-    result = grouped.select(pl.col("k0").alias(node.column), pl.col("count_all").alias("count"))
-    survivors, suppressed = _suppress(result, records, policies, True, "the value counts")
-    return to_arrow(survivors, {}), suppressed
+    ks = _min_sizes(frame, policies)
+    keep = np.ones(grouped.height, dtype=bool)
+    for dataset, counts in _counts(frame, grouped, "g").items():
+        keep &= counts >= ks[dataset]
+    survivors = grouped.filter(pl.Series(keep, dtype=pl.Boolean))
+    found: list[RecordSet] = []
+    if sets:
+        for row in range(survivors.height):
+            per: dict[str, list[np.ndarray]] = {}
+            for i, (dataset, _) in enumerate(frame.records or ()):
+                listed_ids = survivors.get_column(f"g_ids{i}")[row].drop_nulls().to_numpy()
+                per.setdefault(dataset, []).append(np.asarray(listed_ids, dtype=np.int64))
+            label = f"value {survivors.get_column('k0')[row]!r}"
+            found += [(dataset, label, _union(parts)) for dataset, parts in sorted(per.items())]
+    result = survivors.select(pl.col("k0").alias(node.column), pl.col("count_all").alias("count"))
+    return _Out(to_arrow(result, {}), int((~keep).sum()), {}, found)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # describe
 
 
-def _describe(node: Describe, frame: SourceTable, policies: Mapping[str, OutputPolicy]) -> tuple[pa.Table, int]:
+_QUARTILES = (("25%", 0.25), ("50%", 0.5), ("75%", 0.75))
+
+
+def _describe(node: Describe, frame: SourceTable, policies: Mapping[str, OutputPolicy], want_sets: bool) -> _Out:
     if node.columns is None:
         columns = [
             name
@@ -548,72 +1502,45 @@ def _describe(node: Describe, frame: SourceTable, policies: Mapping[str, OutputP
     if "statistic" in columns:
         raise VaultError("describe: a column named 'statistic' would clash with the row labels; rename it")
 
-    exprs: list[pl.Expr] = []
-    work = [
-        (
-            pl.col(name).cast(pl.Float64) if name in frame.nan_free else pl.col(name).cast(pl.Float64).fill_nan(None)
-        ).alias(f"c{i}")
-        for i, name in enumerate(columns)
-    ]
-    for i in range(len(columns)):
-        c = pl.col(f"c{i}")
-        present = c.is_not_null()
-        exprs += [
-            c.count().cast(pl.Int64).alias(f"c{i}_n"),
-            *_record_exprs(frame, f"c{i}_r", present),
-            c.count().cast(pl.Float64).alias(f"c{i}_count"),
-            c.mean().alias(f"c{i}_mean"),
-            c.std(ddof=1).alias(f"c{i}_std"),
-            c.min().alias(f"c{i}_min"),
-            *(c.quantile(q, interpolation="linear").alias(f"c{i}_{label}") for q, label in _QUARTILES),
-            c.max().alias(f"c{i}_max"),
-        ]
-        for label, extreme in (("min", c.min()), ("max", c.max())):
-            ties = c == extreme
-            exprs.append(ties.fill_null(False).sum().cast(pl.Int64).alias(f"c{i}_{label}_ties"))
-            exprs.extend(_record_exprs(frame, f"c{i}_{label}_t", ties))
-    with engine_errors("describe", [f"column {quote(name)} ({frame.arrow_type(name)})" for name in columns]):
-        stats = frame.collect(_work_frame(frame, work).select(exprs))
-
-    k = max(_policy(d, policies, "release.min_group_size").min_group_size for d in frame.datasets)
-    kept: dict[str, Any] = {}
-    suppressed = 0
-    failing: set[str] = set()
+    cells: list[_Cell] = []
     for i, name in enumerate(columns):
-        records = {d: int(v[0]) for d, v in _group_records(frame, stats, f"c{i}_r", f"c{i}_n").items()}
-        short = [d for d, n in records.items() if n < _policy(d, policies, "release.min_group_size").min_group_size]
-        if short:
-            failing.update(short)
-            suppressed += 1
+        for statistic in DESCRIBE_STATISTICS:
+            q = dict(_QUARTILES).get(statistic)
+            func = "quantile" if q is not None else statistic
+            shown = f"column {quote(name)} statistic {quote(statistic)}"
+            cells.append(_Cell(f"c{i}_{DESCRIBE_STATISTICS.index(statistic)}", shown, name, func, "float", q))
+    subjects = [f"column {quote(name)} ({frame.arrow_type(name)})" for name in columns]
+    numbers = _numbers(frame, (), cells, policies, want_sets, "describe", subjects)
+    if not numbers.kept[0]:
+        _check_records({d: int(c[0]) for d, c in numbers.group_records.items()}, policies, "describe")
+
+    kept: dict[str, list[float | None]] = {}
+    positions: dict[str, list[int]] = {}
+    failing: set[str] = set()
+    dropped = 0
+    for i, name in enumerate(columns):
+        mine = [cell for cell in cells if cell.name.startswith(f"c{i}_")]
+        count = numbers.failing[mine[0].name]  # too few contributing records: the column is not described
+        if any(groups[0] for groups in count.values()):
+            failing.update(d for d, groups in count.items() if groups[0])
+            dropped += 1
             continue
-        statistics: list[float | None] = [stats.get_column(f"c{i}_{s}").item() for s in _STAT_COLUMNS]
-        count = int(statistics[0] or 0)
-        for row, q in ((4, 0.25), (5, 0.5), (6, 0.75)):
-            position = q * max(count - 1, 0)
-            if statistics[row] is not None and (int(position) + 1 < k or count - math.ceil(position) < k):
-                statistics[row] = None  # a quartile near an end is one record's value: see _aggregate
-                suppressed += 1
-        for row, label in ((DESCRIBE_STATISTICS.index("min"), "min"), (DESCRIBE_STATISTICS.index("max"), "max")):
-            if statistics[row] is None:
-                continue
-            holders = _group_records(frame, stats, f"c{i}_{label}_t", f"c{i}_{label}_ties")
-            if any(int(n[0]) < policies[d].min_group_size for d, n in holders.items()):
-                statistics[row] = None  # one record's exact value: see _aggregate
-                suppressed += 1
+        statistics: list[float | None] = []
+        for row, cell in enumerate(mine):
+            value = numbers.grouped.get_column(cell.name)[0]
+            if numbers.withheld(cell.name)[0]:
+                positions.setdefault(name, []).append(row)
+                value = None
+            statistics.append(None if value is None else float(value))
         kept[name] = statistics
     if not kept:
-        k = max(policies[d].min_group_size for d in failing)
-        raise PolicyViolation(
-            "release.min_group_size",
-            sorted(failing),
-            f"describe: every column is computed from fewer than {k} records of the dataset",
-        )
+        raise _refuse(failing, policies, "describe: every column")
+    described = {name for name in kept}
+    sets = [
+        s for s in numbers.record_sets if any(f"column {quote(n)} " in s[1] or s[1] == "all rows" for n in described)
+    ]
     arrays = [pa.array(DESCRIBE_STATISTICS, pa.string())] + [pa.array(v, pa.float64()) for v in kept.values()]
-    return pa.table(arrays, names=["statistic", *kept]), suppressed
-
-
-_QUARTILES = ((0.25, "q25"), (0.5, "q50"), (0.75, "q75"))
-_STAT_COLUMNS = ("count", "mean", "std", "min", "q25", "q50", "q75", "max")
+    return _Out(pa.table(arrays, names=["statistic", *kept]), dropped, positions, sets)
 
 
 def _describable(dtype: Any) -> bool:

@@ -294,12 +294,16 @@ def test_numpy_array_of_a_column_holds_only_the_handle(hostile: Hostile) -> None
 
 # -- tracebacks: vault errors on values that do not convert name columns and types only -----------------------------
 
-BAD_CASTS = {
+BAD_CASTS = {  # type errors, found on the schema before any row is read
+    "diagnosis as bool": "t.assign(x=t['diagnosis'].astype('bool')).agg(m=('x', 'mean')).release()",
+    "arithmetic on a string": "t.assign(x=t['diagnosis'] * 2 + 1).agg(m=('x', 'max')).release()",
+}
+# Casts are total: a value that does not convert becomes null (as SQL's TRY_CAST), so these fail on no value; what
+# is left has no contributing records, and the policy withholds it.
+TOTAL_CASTS = {
     "zip as int64": "t.assign(x=t['zip'].astype('int64')).agg(m=('x', 'mean')).release()",
     "diagnosis as float64": "t.assign(x=t['diagnosis'].astype('float64')).agg(m=('x', 'sum')).release()",
-    "diagnosis as bool": "t.assign(x=t['diagnosis'].astype('bool')).agg(m=('x', 'mean')).release()",
     "cast in a filter": "t.filter(t['zip'].astype('int64') > 0).count().release()",
-    "arithmetic on a string": "t.assign(x=t['diagnosis'] * 2 + 1).agg(m=('x', 'max')).release()",
 }
 
 
@@ -313,6 +317,21 @@ def test_vault_errors_on_canary_strings_carry_no_value(hostile: Hostile, code: s
     assert content["ename"] == "VaultError", content
     assert re.search(r"column '(zip|diagnosis)' \(large_string\)", content["evalue"]), content["evalue"]
     assert content["traceback"], "the owner's policy shows full tracebacks; the gate must not have hidden this one"
+
+
+@pytest.mark.parametrize("code", TOTAL_CASTS.values(), ids=TOTAL_CASTS.keys())
+@pytest.mark.parametrize("mode", ["Context", "Verbose"])
+def test_casts_of_canary_strings_fail_on_no_value(hostile: Hostile, code: str, mode: str) -> None:
+    restore = "get_ipython().run_line_magic('xmode', 'Context')"
+    content, _ = hostile.run(f"%xmode {mode}\ntry:\n    {code}\nfinally:\n    {restore}")
+    assert content["status"] == "error"
+    assert content["ename"] == "PolicyViolation", content
+    assert "rule release.min_group_size of 'patients'" in content["evalue"], content["evalue"]
+    assert content["traceback"], "the owner's policy shows full tracebacks; the gate must not have hidden this one"
+    # The legitimate twin: the same cast of a column whose values do convert is released, and equals pandas'.
+    twin = hostile.attempt("t['age'].astype('float64').sum().release()")
+    assert twin.raised is None, twin
+    assert float(twin.value) == pytest.approx(float(hostile.world.frames["patients"]["age"].sum()))
 
 
 # -- isolating one record, then aggregating it ----------------------------------------------------------------------
@@ -342,7 +361,9 @@ def test_value_counts_of_one_record_come_back_empty(hostile: Hostile) -> None:
         "    counts = t[t['zip'] == ZIP]['diagnosis'].value_counts().release()\n"
         "    return len(counts), counts.attrs['confnb_suppressed']\n"
     )
-    assert outcome.value == "(0, 1)"  # the one value's cell is suppressed, nothing else is there
+    assert (
+        outcome.value == "(0, {'groups': 1, 'cells': {}})"
+    )  # the one value's count is withheld, nothing else is there
 
 
 # -- never_release columns, directly or derived ------------------------------------------------------------------------
@@ -381,7 +402,7 @@ def test_value_counts_of_zip_suppress_small_cells(hostile: Hostile) -> None:
     names, smallest, suppressed = literal_eval(outcome.value)
     assert len(names) == 20 and all(name.startswith("Z-100") for name in names)
     assert smallest >= 10
-    assert suppressed == 6  # five rare zips of three patients, and the canary's zip
+    assert suppressed == {"groups": 6, "cells": {}}  # five rare zips of three patients, and the canary's zip
 
 
 @pytest.mark.parametrize("key", ["zip", "diagnosis"])
@@ -390,12 +411,16 @@ def test_extremes_of_small_groups_are_suppressed(hostile: Hostile, key: str) -> 
         "def attack():\n"
         f"    g = t.group_by('{key}').agg(mx=('cost', 'max'), mn=('cost', 'min'), md=('cost', 'median'),"
         " q=('cost', 'quantile', 0.99), n=('age', 'count')).release()\n"
-        "    return g.to_string(), int(g['n'].min()), g.attrs['confnb_suppressed']\n"
+        "    nulled = {c: sorted(g.index[g[c].isna()]) for c in g.columns if g[c].isna().any()}\n"
+        "    return g.to_string(), int(g['n'].min()), g.attrs['confnb_suppressed'], nulled\n"
     )
-    _, smallest, suppressed = literal_eval(outcome.value)
+    _, smallest, suppressed, nulled = literal_eval(outcome.value)
     assert smallest >= 10
-    # The canary's group, and the rare zips (or R99), are dropped; lone extremes may be hidden on top.
-    assert suppressed >= (6 if key == "zip" else 2)
+    # The canary's group, and the rare zips (or R99), are dropped; lone extremes may be withheld on top: exactly the
+    # null cells, named by column and group.
+    assert suppressed["groups"] >= (6 if key == "zip" else 2)
+    assert {column: sorted(labels) for column, labels in suppressed["cells"].items()} == nulled
+    assert set(nulled) <= {"mx", "mn"}  # the medians and quantiles are block means of k records: released
 
 
 # -- joins: several owners, the strictest rule wins and is named -------------------------------------------------------
@@ -421,7 +446,7 @@ def test_join_groups_below_the_second_owners_minimum_are_suppressed(hostile: Hos
         "    g = j.group_by('tier').agg(n=('amount', 'count'), m=('cost', 'mean')).release()\n"
         "    return sorted(g.index), g.attrs['confnb_suppressed']\n"
     )
-    assert outcome.value == "(['bronze', 'gold', 'silver'], 1)"  # platinum (15) withheld
+    assert outcome.value == "(['bronze', 'gold', 'silver'], {'groups': 1, 'cells': {}})"  # platinum (15) withheld
 
 
 @pytest.mark.parametrize(

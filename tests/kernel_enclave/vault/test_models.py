@@ -320,7 +320,11 @@ def test_a_rare_one_hot_category_withholds_coefficients_that_would_name_it() -> 
         params(model, POLICIES)
     assert caught.value.rule == "release.min_group_size"
     assert "island" not in str(caught.value)
-    metrics(model, POLICIES)  # metrics name no category
+    # Metrics name no category, but the category's coefficient fits its three records' targets, and the error sums
+    # then tell their mean: the column is counted like any other, by position (its name would quote the category).
+    with pytest.raises(PolicyViolation, match="input column") as caught:
+        metrics(model, POLICIES)
+    assert caught.value.rule == "release.min_group_size" and "island" not in str(caught.value)
 
 
 def test_a_rare_class_withholds_parameters_and_predictions_that_name_it(source: SourceTable) -> None:
@@ -415,11 +419,12 @@ def test_failures_are_reported_without_data_values(source: SourceTable) -> None:
     age = source.table.column("age").to_pylist()
     age[7] = None
     with_null = SourceTable.from_dataset("claims", source.table.set_column(1, "age", pa.array(age)))
-    with pytest.raises(VaultError, match="missing values"):
-        fit(with_null, LOGISTIC, "label", NUMERIC, None, None, POLICIES)
-    # HistGradientBoosting accepts missing values: the same table trains.
-    fit(with_null, spec("sklearn.ensemble.HistGradientBoostingClassifier", max_iter=5), "label", NUMERIC, None, 0,
-        POLICIES)  # fmt: skip
+    # An estimator that rejects NaN trains on the complete rows, one that accepts NaN on every row: never an error
+    # that a missing value alone would cause (the decision is the estimator's class, not the data).
+    assert fit(with_null, LOGISTIC, "label", NUMERIC, None, None, POLICIES).n_train == source.table.num_rows - 1
+    boosted = fit(with_null, spec("sklearn.ensemble.HistGradientBoostingClassifier", max_iter=5), "label", NUMERIC,
+                  None, 0, POLICIES)  # fmt: skip
+    assert boosted.n_train == source.table.num_rows
     encoder = spec("sklearn.pipeline.Pipeline", steps=[
         ["prep", spec("sklearn.compose.ColumnTransformer", transformers=[
             ["cat", spec("sklearn.preprocessing.OneHotEncoder"), ["region"]]])],
@@ -469,11 +474,14 @@ def test_skops_round_trip_keeps_parameters_predictions_and_record_counts(source:
     assert predict(restored, public_rows(), POLICIES).equals(expected)
     with pytest.raises(VaultError, match="without its evaluation set"):
         metrics(restored, POLICIES)
-    plain = to_skops(model)  # what an export gives the analyst
-    assert type(sio.loads(plain, trusted=sio.get_untrusted_types(data=plain))) is type(model.estimator)
-    assert type(load_estimator(plain)) is type(model.estimator)
+    with pytest.raises(PolicyViolation, match="single records' values"):
+        to_skops(model)  # a boosted model's trees never leave as a file, whatever the caller checked
+    linear = fit(source, LOGISTIC, "label", NUMERIC, 0.25, 0, POLICIES)
+    plain = to_skops(linear)  # what an export gives the analyst
+    assert type(sio.loads(plain, trusted=sio.get_untrusted_types(data=plain))) is type(linear.estimator)
+    assert type(load_estimator(plain)) is type(linear.estimator)
     with pytest.raises(VaultError, match="no record counts"):
-        from_skops(plain, header)
+        from_skops(plain, json.loads(json.dumps(describe(linear))))
     with pytest.raises(VaultError, match="malformed"):
         from_skops(data, {**header, "task": "regression"})
     with pytest.raises(VaultError, match="malformed"):
@@ -579,4 +587,100 @@ def test_an_exported_model_leaves_out_values_per_training_row(source: SourceTabl
     pipeline = spec("sklearn.pipeline.Pipeline", steps=[["scale", spec("sklearn.preprocessing.StandardScaler")],
                                                         ["model", forest]])  # fmt: skip
     fitted = fit(source, pipeline, "label", NUMERIC, None, None, POLICIES)
-    assert not hasattr(load_estimator(to_skops(fitted))[-1], "oob_decision_function_")
+    with pytest.raises(PolicyViolation, match="single records' values"):
+        to_skops(fitted)  # out-of-bag predictions per record, and trees: the forest does not leave at all
+
+
+# -- training fails or succeeds by the request, never by the values ----------------------------------------------
+
+
+def _fit_outcome(table: pa.Table, estimator: dict[str, Any], target: str | None, features: list[str]) -> str:
+    try:
+        fit(SourceTable.from_dataset("claims", table), estimator, target, features, None, 0, POLICIES)
+    except VaultError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "trained"
+
+
+def _with(table: pa.Table, name: str, rows: dict[int, Any]) -> pa.Table:
+    values = table.column(name).to_pylist()
+    for row, value in rows.items():
+        values[row] = value
+    return table.set_column(table.schema.get_field_index(name), name, pa.array(values, table.schema.field(name).type))
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        LOGISTIC,
+        spec("sklearn.ensemble.HistGradientBoostingClassifier", max_iter=5),
+        spec("sklearn.tree.DecisionTreeClassifier", max_depth=2),
+        spec(
+            "sklearn.pipeline.Pipeline",
+            steps=[["scale", spec("sklearn.preprocessing.StandardScaler")], ["model", LOGISTIC]],
+        ),
+        spec(
+            "sklearn.pipeline.Pipeline",
+            steps=[["impute", spec("sklearn.impute.SimpleImputer", strategy="mean")], ["model", LOGISTIC]],
+        ),
+    ],
+)
+def test_missing_and_infinite_features_never_make_training_fail(estimator: dict[str, Any]) -> None:
+    table = claims()
+    variants = [
+        table,
+        _with(table, "bmi", {3: float("nan")}),
+        _with(table, "bmi", {3: float("inf"), 5: float("-inf")}),
+        _with(table, "age", {0: None, 1: float("nan")}),
+    ]
+    assert {_fit_outcome(t, estimator, "label", NUMERIC) for t in variants} == {"trained"}
+
+
+def test_an_estimator_that_rejects_nan_trains_on_complete_rows_and_one_that_accepts_it_on_all() -> None:
+    table = _with(claims(), "bmi", {3: float("inf"), 5: float("nan")})
+    source = SourceTable.from_dataset("claims", table)
+    assert fit(source, LOGISTIC, "label", NUMERIC, None, None, POLICIES).n_train == table.num_rows - 2
+    imputed = spec("sklearn.pipeline.Pipeline", steps=[["impute", spec("sklearn.impute.SimpleImputer")],
+                                                       ["model", LOGISTIC]])  # fmt: skip
+    assert fit(source, imputed, "label", NUMERIC, None, None, POLICIES).n_train == table.num_rows
+    clusters = fit(source, spec("sklearn.cluster.KMeans", n_clusters=2, n_init=1), None, NUMERIC, None, 0, POLICIES)
+    assert clusters.n_train == table.num_rows - 2
+
+
+def test_one_class_and_a_second_class_of_few_records_are_refused_alike() -> None:
+    table = claims()
+    labels = table.column("label").to_pylist()
+    ones = [i for i, label in enumerate(labels) if label == 1]
+    single = _with(table, "label", dict.fromkeys(ones, 0))
+    few = _with(table, "label", dict.fromkeys(ones[K - 1 :], 0))  # K - 1 records of class 1 remain
+    one = _with(table, "label", dict.fromkeys(ones[1:], 0))
+    seen = {_fit_outcome(t, LOGISTIC, "label", NUMERIC) for t in (single, few, one)}
+    assert seen == {
+        "PolicyViolation: the smallest class of the training target is computed from fewer than 10 records of the "
+        "dataset [rule release.min_group_size of 'claims']"
+    }
+    # The legitimate twin: K records of the second class train, and the model's parameters are released.
+    enough = _with(table, "label", dict.fromkeys(ones[K:], 0))
+    model = fit(SourceTable.from_dataset("claims", enough), LOGISTIC, "label", NUMERIC, None, None, POLICIES)
+    assert params(model, POLICIES)["classes_"] == [0, 1]
+
+
+def test_a_regression_target_beyond_2_53_trains_as_floats() -> None:
+    table = claims()
+    small = table.append_column("big", pa.array(range(table.num_rows), pa.int64()))
+    huge = table.append_column("big", pa.array([2**62 + i for i in range(table.num_rows)], pa.int64()))
+    linear = spec("sklearn.linear_model.LinearRegression")
+    assert {_fit_outcome(t, linear, "big", NUMERIC) for t in (small, huge)} == {"trained"}
+    model = fit(SourceTable.from_dataset("claims", huge), linear, "big", NUMERIC, None, None, POLICIES)
+    assert model.y_eval is not None and float(model.y_eval[0]) == float(2**62)
+
+
+def test_a_score_that_is_not_finite_is_released_as_null() -> None:
+    table = claims()
+    linear = spec("sklearn.linear_model.LinearRegression")
+    ordinary = fit(SourceTable.from_dataset("claims", table), linear, "cost", NUMERIC, 0.3, 0, POLICIES)
+    value = score(ordinary, POLICIES)
+    assert value is not None and 0.5 < value <= 1.0
+    overflowing = table.set_column(6, "cost", pa.array([1e300 * (i % 7) for i in range(table.num_rows)]))
+    model = fit(SourceTable.from_dataset("claims", overflowing), linear, "cost", NUMERIC, 0.3, 0, POLICIES)
+    assert score(model, POLICIES) is None

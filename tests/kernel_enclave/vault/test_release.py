@@ -396,7 +396,10 @@ def test_describe_matches_pandas(patients: dict[str, SourceTable]) -> None:
     assert released.table is not None
     assert released.index == ("statistic",) and released.series is False and released.suppressed == 0
     got = released.table.to_pandas().set_index("statistic")
-    expected = patients["t"].table.to_pandas()[["age", "cost"]].describe()
+    plain = patients["t"].table.to_pandas()[["age", "cost"]]
+    expected = plain.describe()
+    for label, q in (("25%", 0.25), ("50%", 0.5), ("75%", 0.75)):  # k = 1: a quartile is the nearest rank's value
+        expected.loc[label] = [block_quantile(plain[c], q, 1) for c in plain]
     assert list(got.columns) == ["age", "cost"]  # patient_id is never released, so describe leaves it out
     assert list(got.index) == list(expected.index)
     pd.testing.assert_frame_equal(got, expected, check_names=False)
@@ -416,9 +419,11 @@ def test_describe_withholds_columns_below_k() -> None:
     names, values = released.table.column("statistic").to_pylist(), released.table.column("full").to_pylist()
     statistics = dict(zip(names, values, strict=True))
     assert statistics["min"] is None and statistics["max"] is None  # 0.0 and 9.0: one record each
-    assert statistics["50%"] == 4.5
-    assert statistics["25%"] is None and statistics["75%"] is None  # 3 records below / above: near an end
-    assert released.suppressed == 5  # the sparse column, the full column's lone extremes and outer quartiles
+    # Blocks of 5 ranks: {0..4} and {5..9}. The median's rank round(4.5) = 4 and the 25% rank 2 are in the first
+    # block (mean 2.0), the 75% rank 7 in the second (mean 7.0): each the mean of 5 records, none a record's value.
+    assert (statistics["25%"], statistics["50%"], statistics["75%"]) == (2.0, 2.0, 7.0)
+    assert released.suppressed == 3  # the sparse column and the full column's lone extremes
+    assert released.withheld == {"groups": 1, "cells": {"full": [3, 7]}}
     with pytest.raises(PolicyViolation) as caught:
         release({"node": "describe", "input": src(), "columns": ["sparse"]}, sources, {"d": policy("p", k=5)})
     assert (caught.value.rule, caught.value.datasets) == ("release.min_group_size", ("d",))
@@ -432,9 +437,12 @@ def test_extremes_are_shown_only_when_k_records_share_them() -> None:
     assert released.table is not None
     assert released.table.to_pylist() == [{"g": "a", "lo": 18, "hi": None}]
     assert released.suppressed == 1
-    scalar = release(agg([], ("hi", "age", "max")), sources, {"d": policy("p", k=5)})
-    assert scalar.table is not None and scalar.table.column("hi").to_pylist() == [None]
-    assert "97" not in repr(scalar)
+    with pytest.raises(PolicyViolation) as caught:  # a scalar withheld is refused, not released as null
+        release(agg([], ("hi", "age", "max")), sources, {"d": policy("p", k=5)})
+    assert caught.value.rule == "release.min_group_size" and "97" not in str(caught.value)
+    both = release(agg([], ("lo", "age", "min"), ("hi", "age", "max")), sources, {"d": policy("p", k=5)})
+    assert both.table is not None and both.table.to_pylist() == [{"lo": 18, "hi": None}]
+    assert both.withheld == {"groups": 0, "cells": {"hi": [0]}}
 
 
 def test_describe_refuses_non_numeric_and_empty_selections(patients: dict[str, SourceTable]) -> None:
@@ -479,7 +487,7 @@ def test_schema(patients: dict[str, SourceTable]) -> None:
 
 
 def test_schema_touches_no_rows(patients: dict[str, SourceTable]) -> None:
-    """A cast that fails on the data still has a schema: it is computed over zero rows."""
+    """A cast that does not convert still has a schema: it is computed over zero rows."""
     plan = {
         "node": "assign",
         "input": src(),
@@ -497,8 +505,7 @@ def test_schema_touches_no_rows(patients: dict[str, SourceTable]) -> None:
         ],
     }
     assert schema(plan, patients, {"hospital": policy("h")})[-1] == {"name": "n", "type": "int64"}
-    with pytest.raises(VaultError):
-        evaluate(plan, patients)
+    assert evaluate(plan, patients).table.column("n").null_count == 20  # a cast that fails is null, as TRY_CAST
 
 
 def test_the_schema_table_carries_types_and_nothing_of_the_data() -> None:
@@ -590,6 +597,53 @@ def to_arrow(data: dict[str, list[Any]]) -> pa.Table:
     )
 
 
+WITHHELD = object()
+MODE_RULE = ("sum", "mean", "std", "var", "nunique", "median", "quantile")
+
+
+def block_quantile(values: Any, q: float, k: int) -> float | None:
+    """The documented order-statistic rule: the mean of the block of k ranks holding rank round(q * (n - 1))."""
+    ordered = np.sort(np.asarray(values, dtype="float64"))
+    n = len(ordered)
+    if n == 0:
+        return None
+    blocks = max(n // k, 1)
+    block = min(round(q * (n - 1)) // k, blocks - 1)
+    end = n if block == blocks - 1 else (block + 1) * k
+    return float(ordered[block * k : end].mean())
+
+
+def expected_cell(values: pd.Series, func: str, k: int, q: float = 0.5) -> Any:
+    """What the vault releases for one group's number (pandas on the same values), or WITHHELD.
+
+    Contributing records are the non-null values; the most common value's holders do not count towards sums, means,
+    spreads, distinct counts and order statistics (unless every record holds it); an extreme needs k holders.
+    """
+    valid = values.dropna()
+    if valid.dtype == bool or func in _NUMBER_FUNCS:
+        valid = valid.astype("float64") if func in _NUMBER_FUNCS else valid
+    if len(valid) < k:
+        return WITHHELD
+    if func in MODE_RULE:
+        normal = valid + 0.0 if valid.dtype.kind == "f" else valid
+        others = len(valid) - int(normal.value_counts().max())
+        if 0 < others < k:
+            return WITHHELD
+    if func in ("min", "max"):
+        extreme = getattr(valid, func)()
+        if int((valid == extreme).sum()) < k:
+            return WITHHELD
+        return extreme
+    if func in ("median", "quantile"):
+        return block_quantile(valid, 0.5 if func == "median" else q, k)
+    if func == "count":
+        return len(valid)
+    return getattr(valid, func)()
+
+
+_NUMBER_FUNCS = ("sum", "mean", "std", "var", "median", "quantile")
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=frames,
@@ -601,51 +655,37 @@ def to_arrow(data: dict[str, list[Any]]) -> pa.Table:
 def test_aggregates_equal_pandas_named_aggregation(
     data: dict[str, list[Any]], by: list[str], column: str, q: float, k: int
 ) -> None:
+    """Every number pandas computes is released when k contributing records stand behind it, else its cell is null."""
     table = to_arrow(data)
     sources = {"t": SourceTable.from_dataset("d", table)}
     aggs = [(f"{f}_", column, f) for f in FUNCS] + [("size", None, "count"), ("q", column, "quantile")]
     if column == "b":
-        aggs = [a for a in aggs if a[2] not in ("min", "max")]  # pandas' bool min/max are objects; compared below
+        aggs = [a for a in aggs if a[2] not in ("min", "max")]  # pandas' bool min/max are objects
     released = release(agg(by, *aggs, q=q), sources, {"d": policy("p", k=k)})
     assert released.table is not None
 
     frame = table.to_pandas()
     frame["x"] = frame["x"].astype("float64")
-    named = {name: (col, func) for name, col, func in aggs if col is not None and func != "quantile"}
-    named["size"] = (column, "size")
-    grouped = frame.groupby(by, dropna=True, sort=True)
-    expected = grouped.agg(**named)
-    numbers = frame.assign(**{column: frame[column].astype("float64")}).groupby(by, dropna=True, sort=True)
-    expected["q"] = numbers[column].quantile(q)  # pandas refuses bool quantiles; the vault counts them as 0/1
-    # A min or max that fewer than k records share is one record's value: withheld, counted as suppressed.
-    hidden = 0
-    for func in ("min", "max"):
-        if f"{func}_" in expected:
-            ties = grouped[column].agg(lambda s, f=func: int((s == getattr(s, f)()).sum()))
-            lone = (ties < k) & expected[f"{func}_"].notna() & (expected["size"] >= k)
-            hidden += int(lone.sum())
-            expected[f"{func}_"] = expected[f"{func}_"].astype("float64").mask(lone)
-    # A quantile near an end of its group (fewer than k records at or below, or at or above it) is withheld too.
-    valid = numbers[column].count()
-    for name, quantile in (("q", q), ("median_", 0.5)):
-        if name not in expected:
-            continue
-        position = quantile * (valid - 1).clip(lower=0)
-        tail = (valid > 0) & ((np.floor(position) + 1 < k) | (valid - np.ceil(position) < k))
-        hidden += int((tail & (expected["size"] >= k)).sum())
-        expected[name] = expected[name].astype("float64").mask(tail)
-    expected = expected[expected["size"] >= k].reset_index()
-
+    keyed = frame.assign(gf=frame["gf"] + 0.0)  # pandas groups -0.0 with 0.0 too
+    groups = [(key, rows) for key, rows in keyed.groupby(by, dropna=True, sort=True)]
+    kept = [(key, rows) for key, rows in groups if len(rows) >= k]
     got = released.table.to_pandas()
-    assert len(got) + released.suppressed == len(grouped) + hidden
-    assert len(got) == len(expected)
-    values = data[column]
-    for name, _, func in aggs:
-        for g, e in zip(got[name], expected[name], strict=True):
-            assert close(g, e, func, values), (name, g, e)
-    for key in by:
-        for g, e in zip(got[key], expected[key], strict=True):
-            assert (pd.isna(g) and pd.isna(e)) or g == e
+    assert len(got) == len(kept)
+    nulled: dict[str, list[int]] = {}
+    for position, (key, rows) in enumerate(kept):
+        for name, col, func in aggs:
+            expected = len(rows) if col is None else expected_cell(rows[col], func, k, q)
+            value = got[name].iloc[position]
+            if expected is WITHHELD:
+                assert pd.isna(value), (name, value)
+                nulled.setdefault(name, []).append(position)
+            else:
+                assert close(value, expected, func, data[column]), (name, value, expected)
+        keys = key if isinstance(key, tuple) else (key,)
+        for name, part in zip(by, keys, strict=True):
+            assert got[name].iloc[position] == part
+    assert released.withheld == {"groups": len(groups) - len(kept), "cells": nulled}
+    assert released.suppressed == len(groups) - len(kept) + sum(map(len, nulled.values()))
 
 
 @settings(max_examples=100, deadline=None)
@@ -653,16 +693,18 @@ def test_aggregates_equal_pandas_named_aggregation(
 def test_ungrouped_aggregates_equal_pandas(data: dict[str, list[Any]], column: str) -> None:
     table = to_arrow(data)
     sources = {"t": SourceTable.from_dataset("d", table)}
-    if table.num_rows == 0:
-        with pytest.raises(PolicyViolation):
-            release(agg([], ("n", None, "count")), sources, {"d": policy("p")})
-        return
+    series = table.column(column).to_pandas().astype("float64")
     aggs = [(f, column, f) for f in FUNCS]
+    if series.count() == 0:  # no value behind any of the numbers: the whole result is withheld
+        with pytest.raises(PolicyViolation) as caught:
+            release(agg([], *aggs), sources, {"d": policy("p")})
+        assert caught.value.rule == "release.min_group_size"
+        return
     released = release(agg([], *aggs), sources, {"d": policy("p")})
     assert released.table is not None and released.table.num_rows == 1
-    series = table.column(column).to_pandas().astype("float64")
     for name, _, func in aggs:
-        assert close(released.table.column(name)[0].as_py(), getattr(series, func)(), func, data[column]), name
+        expected = expected_cell(series, func, 1)
+        assert close(released.table.column(name)[0].as_py(), expected, func, data[column]), name
 
 
 @settings(max_examples=100, deadline=None)
@@ -708,6 +750,9 @@ def test_describe_equals_pandas(data: dict[str, list[Any]]) -> None:
     assert released.table is not None
     got = released.table.to_pandas().set_index("statistic")
     expected = frame[[c for c in frame if counts[c] >= 1]].describe()
+    for c in expected:  # quartiles follow the order-statistic rule (with k = 1: the nearest rank)
+        for label, q in (("25%", 0.25), ("50%", 0.5), ("75%", 0.75)):
+            expected.loc[label, c] = block_quantile(frame[c].dropna(), q, 1)
     assert list(got.columns) == list(expected.columns)
     assert released.suppressed == int((counts < 1).sum())
     for c in expected:

@@ -1,0 +1,137 @@
+"""A hospital's admissions behind a real vault, for the exact-mode attacks of a determined analyst.
+
+The data owner encrypts the table with their own tooling and registers it with a real broker on loopback; each test
+gets a fresh vault (a fresh kernel: no release remembered, no release counted) that obtains the key by attesting the
+session's simulated TEE, and ``CONFNB_VAULT_SOCKET`` pointing at it, so ``import confnb as cn`` behaves as in a
+confidential kernel's executor. The plaintext stays with the test, so that what came back can be checked against
+the secret it must not reveal.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from confnb.policy.output import OutputPolicy
+
+ADMISSIONS_POLICY = """
+[policy]
+id = "admissions-red-team-v1"
+[release]
+allow = ["schema", "row_count", "aggregate", "model_metrics", "model_parameters", "predict_public"]
+min_group_size = 10
+never_release = ["patient_id"]
+max_rows = 1000
+difference_checks = true
+"""
+
+ROWS = 4000
+TARGET_ID = 101_234
+DIAGNOSES = ("asthma", "copd", "diabetes", "fracture", "pneumonia", "sepsis")
+
+
+def admissions_frame() -> pd.DataFrame:
+    """4,000 admissions; every patient has a distinct id, the values are continuous enough that each is unique."""
+    rng = np.random.default_rng(20261206)
+    age = rng.integers(18, 95, ROWS)
+    stay = np.round(rng.gamma(2.0, 2.5, ROWS) + 0.5, 3)
+    return pd.DataFrame(
+        {
+            "patient_id": np.arange(100_000, 100_000 + ROWS, dtype=np.int64),
+            "age": age.astype(np.int64),
+            "sex": rng.choice(["F", "M"], ROWS),
+            "diagnosis": rng.choice(list(DIAGNOSES), ROWS),
+            "length_of_stay": stay,
+            "cost": np.round(800.0 + stay * 910.0 + age * 12.0 + rng.normal(0, 300, ROWS), 2),
+            "readmitted": rng.random(ROWS) < 0.2,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class HospitalOwner:
+    datasets: Path
+    broker_url: str
+    frame: pd.DataFrame
+
+
+@pytest.fixture(scope="session")
+def hospital_owner(tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path) -> Iterator[HospitalOwner]:
+    from confnb.broker.local import serve_locally
+    from confnb.broker.store import OwnerStore
+    from confnb.datasets.owner import encrypt_dataset
+    from kernel_enclave.measurement import simulated_measurement
+
+    root = tmp_path_factory.mktemp("hospital")
+    store = OwnerStore.create(root / "store")
+    attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
+    frame = admissions_frame()
+    policy = OutputPolicy.from_toml(ADMISSIONS_POLICY)
+    encrypt_dataset(frame, root / "datasets" / "admissions", store, "admissions", policy, attestation)
+    with serve_locally(store) as url:
+        yield HospitalOwner(root / "datasets", url, frame)
+
+
+@dataclass(frozen=True)
+class Hospital:
+    """One fresh kernel's view: the analyst API against a new vault, and the secret the attacks must not reach."""
+
+    frame: pd.DataFrame
+    vault: Any
+    policy: str = ADMISSIONS_POLICY
+    target_id: int = TARGET_ID
+
+    @property
+    def target(self) -> pd.Series:
+        return self.frame.loc[self.frame.patient_id == self.target_id].iloc[0]
+
+    def open(self) -> Any:
+        import confnb as cn
+
+        return cn.open("admissions")
+
+
+@pytest.fixture
+def hospital(
+    hospital_owner: HospitalOwner, simulated_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Hospital]:
+    from confnb.analyst.session import current_session
+    from kernel_enclave.vault.service import VaultServer
+    from kernel_enclave.vault.vault import Vault, VaultKeys
+
+    directory = Path(tempfile.mkdtemp(prefix="cnb-"))  # Unix socket paths are limited to about 100 bytes
+    socket_path = directory / "vault.sock"
+    vault = Vault(
+        backend=simulated_backend,
+        keys=VaultKeys.generate(),
+        broker_url=hospital_owner.broker_url,
+        dataset_path=str(hospital_owner.datasets),
+    )
+    server = VaultServer(vault, socket_path)
+    server.start()
+    monkeypatch.delenv("CONFNB_BROKER_URL", raising=False)
+    monkeypatch.setenv("CONFNB_VAULT_SOCKET", str(socket_path))
+    try:
+        yield Hospital(hospital_owner.frame, vault)
+    finally:
+        current_session().close()
+        server.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def recovered() -> Callable[[float | None, float], bool]:
+    """Whether an attacker's estimate equals the secret (to the precision the data is stored with)."""
+
+    def same(estimate: float | None, secret: float) -> bool:
+        return estimate is not None and bool(np.isfinite(estimate)) and abs(float(estimate) - float(secret)) < 1e-6
+
+    return same

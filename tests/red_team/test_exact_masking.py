@@ -1,0 +1,82 @@
+"""Masking instead of filtering: a column non-null (or not constant) in one record's row only.
+
+``where(who, x, None)`` keeps every row, so a group-size check over rows would pass; the vault counts the records
+that contribute a value to each number. Each attack checks the numbers that came back against the target's secret
+value and membership; each has a legitimate twin whose value is checked against pandas on the plaintext.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import confnb as cn
+
+Recovered = Callable[[float | None, float], bool]
+
+
+def _numbers(value: Any) -> list[float]:
+    """Every number in a released value, to compare with the secret."""
+    if isinstance(value, pd.DataFrame | pd.Series):
+        return [float(v) for v in np.ravel(value.to_numpy(dtype="float64", na_value=np.nan)) if np.isfinite(v)]
+    return [float(value)]
+
+
+def test_a_masked_column_reveals_neither_the_value_nor_membership(hospital: Any, recovered: Recovered) -> None:
+    t = hospital.open()
+    secret = float(hospital.target["length_of_stay"])
+    who = t.cost == float(hospital.target["cost"])  # one attribute the analyst knows of the target picks it out
+    masked = t.assign(x=cn.where(who, t.length_of_stay, None))
+    with pytest.raises(cn.PolicyViolation) as caught:  # the issue's attack: count and mean of one record
+        masked.agg(n=("x", "count"), v=("x", "mean")).release()
+    assert "release.min_group_size" in str(caught.value)
+    assert str(secret) not in str(caught.value)
+    # Grouped, the group's other numbers stay; the masked ones are null in every group, the target's or not.
+    grouped = masked.group_by("sex").agg(rows=("age", "count"), n=("x", "count"), v=("x", "mean")).release()
+    assert grouped["n"].isna().all() and grouped["v"].isna().all()
+    assert grouped.attrs["confnb_suppressed"] == {"groups": 0, "cells": {"n": ["F", "M"], "v": ["F", "M"]}}
+    frame = hospital.frame
+    pd.testing.assert_series_equal(grouped["rows"], frame.groupby("sex")["age"].count(), check_names=False)
+    for number in _numbers(grouped[["n", "v"]]):
+        assert not recovered(number, secret)
+
+
+def test_a_constant_fill_derived_from_the_data_does_not_count(hospital: Any, recovered: Recovered) -> None:
+    """``where(who, x, t.age * 0)``: every row has a value, all but one of them the same constant."""
+    t = hospital.open()
+    secret = float(hospital.target["length_of_stay"])
+    rows = len(hospital.frame)
+    masked = t.assign(x=cn.where(t.cost == float(hospital.target["cost"]), t.length_of_stay, t.age * 0))
+    for func in ("mean", "sum", "std", "median"):
+        with pytest.raises(cn.PolicyViolation):
+            getattr(masked["x"], func)().release()
+    released = masked.agg(n=("x", "count"), total=("x", "sum"), v=("x", "mean")).release()
+    assert released["n"] == rows  # every row has a value: the count says nothing of the target
+    assert pd.isna(released["total"]) and pd.isna(released["v"])
+    for number in _numbers(released):
+        assert not recovered(number, secret) and not recovered(number / rows, secret / rows)
+
+
+def test_legitimate_masks_are_released_with_pandas_values(hospital: Any) -> None:
+    t = hospital.open()
+    frame = hospital.frame
+    older = t.assign(x=cn.where(t.age > 50, t.length_of_stay, None))
+    released = older.agg(n=("x", "count"), v=("x", "mean")).release()
+    expected = frame.length_of_stay.where(frame.age > 50)
+    assert released["n"] == expected.count()
+    assert released["v"] == pytest.approx(expected.mean())
+    grouped = older.group_by("diagnosis").agg(v=("x", "mean"), s=("x", "sum")).release()
+    by = expected.groupby(frame.diagnosis)
+    pd.testing.assert_series_equal(grouped["v"], by.mean(), check_names=False)
+    pd.testing.assert_series_equal(grouped["s"], by.sum(), check_names=False)
+    assert grouped.attrs["confnb_suppressed"] == {"groups": 0, "cells": {}}
+    readmitted = t.group_by("sex").agg(rate=("readmitted", "mean")).release()  # a flag: its most common value
+    pd.testing.assert_series_equal(
+        readmitted["rate"] if isinstance(readmitted, pd.DataFrame) else readmitted,
+        frame.groupby("sex")["readmitted"].mean(),
+        check_names=False,
+    )
