@@ -20,6 +20,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -46,6 +47,7 @@ from confnb.broker.limits import (
 )
 from confnb.broker.release import Denial, Grant, decide
 from confnb.broker.store import OwnerStore
+from confnb.policy.output import OutputPolicy
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
@@ -258,8 +260,13 @@ def _release(
     body: KeyReleaseRequest,
     actor: str,
 ) -> tuple[int, dict[str, Any]]:
-    """Decide and audit, in a release worker: the entry is durable before the response is built."""
+    """Decide and audit, in a release worker: the entry is durable before the response is built.
+
+    A grant is counted against the owner's ``max_kernels_per_day`` in the same transaction that audits it
+    (:meth:`OwnerStore.count_release`); past the cap the sealed key is discarded and the request denied.
+    """
     outcome: Grant | Denial
+    moment = datetime.now(UTC)
     try:
         record = store.dataset(dataset_id)
     except PolicyError as exc:  # fail closed: an unreadable policy releases nothing
@@ -268,21 +275,27 @@ def _release(
         outcome = Denial(dataset_id, "no such dataset", status=404)
     evidence = body.evidence.model_dump()
     if record is not None:
-        outcome = decide(evidence, record, challenges, verifier, store.master_key)
+        outcome = decide(evidence, record, challenges, verifier, store.master_key, moment)
     dataset_id = bounded(dataset_id, MAX_DATASET_ID_CHARS)
     if isinstance(outcome, Grant):
-        store.audit.append(
-            "release",
-            actor,
-            dataset_id,
-            {
-                "key_id": outcome.key_id,
-                "evidence": outcome.evidence_digest,
-                "simulated": outcome.simulated,
-                "nonce": evidence["claims"].get("nonce"),
-            },
-        )
-        return 200, outcome.to_dict()
+        detail = {
+            "key_id": outcome.key_id,
+            "evidence": outcome.evidence_digest,
+            "simulated": outcome.simulated,
+            "nonce": evidence["claims"].get("nonce"),
+        }
+        try:
+            cap = OutputPolicy.from_dict(outcome.output_policy, f"output policy of {dataset_id}").max_kernels_per_day
+        except PolicyError as exc:  # fail closed: a cap that cannot be read releases nothing
+            outcome = Denial(dataset_id, f"policy: the owner's output policy is unusable: {exc}")
+        else:
+            if store.count_release(dataset_id, cap, moment, detail, actor) is not None:
+                return 200, outcome.to_dict()
+            outcome = Denial(
+                dataset_id,
+                f"release.max_kernels_per_day: the key of this dataset was released to {cap} kernels today (UTC), "
+                "the most its owner's policy allows; try again after midnight UTC",
+            )
     reason = bounded(outcome.reason)
     store.audit.append("denial", actor, dataset_id, {"reason": reason, "status": outcome.status})
     return outcome.status, {**outcome.to_dict(), "dataset_id": dataset_id, "reason": reason}

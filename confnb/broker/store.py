@@ -53,6 +53,12 @@ CREATE TABLE IF NOT EXISTS datasets (
     output_policy_signature TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS key_releases (
+    dataset_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    released INTEGER NOT NULL,
+    PRIMARY KEY (dataset_id, day)
+);
 """
 
 
@@ -242,6 +248,43 @@ class OwnerStore:
             raise StoreError(f"no dataset {dataset_id!r} in this store")
         self.audit.append("admin", "owner", dataset_id, {"action": "owner-decrypt", "key_id": record.key_id})
         return self._master.unwrap(record.wrapped_key, dataset_id, record.key_id)
+
+    def count_release(
+        self, dataset_id: str, cap: int | None, moment: datetime, detail: dict[str, Any], actor: str
+    ) -> int | None:
+        """Count one key release of ``dataset_id`` on the UTC day of ``moment`` and audit it, as one transaction.
+
+        Returns how many releases the day now holds, or None when ``cap`` are already counted (then nothing is
+        counted or audited: the caller denies). The count commits only after the ``release`` entry is durable, and
+        ``BEGIN IMMEDIATE`` serialises concurrent releases, so two kernels can never both take the last place and
+        a release the log does not show is never counted (nor one it shows left uncounted, short of the final
+        commit itself failing).
+        """
+        day = moment.astimezone(UTC).date().isoformat()
+        with transaction(self.database) as db:
+            row = db.execute(
+                "SELECT released FROM key_releases WHERE dataset_id = ? AND day = ?", (dataset_id, day)
+            ).fetchone()
+            released = int(row[0]) if row else 0
+            if cap is not None and released >= cap:
+                return None
+            db.execute(
+                "INSERT INTO key_releases VALUES (?, ?, 1) "
+                "ON CONFLICT (dataset_id, day) DO UPDATE SET released = released + 1",
+                (dataset_id, day),
+            )
+            limit = {} if cap is None else {"max_kernels_per_day": cap}
+            self.audit.append("release", actor, dataset_id, {**detail, "released_today": released + 1, **limit})
+        return released + 1
+
+    def releases_on(self, dataset_id: str, moment: datetime) -> int:
+        """Key releases of ``dataset_id`` counted on the UTC day of ``moment``."""
+        day = moment.astimezone(UTC).date().isoformat()
+        with transaction(self.database, write=False) as db:
+            row = db.execute(
+                "SELECT released FROM key_releases WHERE dataset_id = ? AND day = ?", (dataset_id, day)
+            ).fetchone()
+        return int(row[0]) if row else 0
 
     def _attestation_policy(self, dataset_id: str, text: str | None) -> AttestationPolicy | None:
         if text is not None:

@@ -89,8 +89,19 @@ def register(subcommands: Any) -> None:
         description="The owner's hash-chained, signed log of every broker decision.",
     )
     audit_commands = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
-    show = audit_commands.add_parser("show", help="print the log", description="Print every entry of the log.")
-    show.add_argument("--broker-dir", metavar="OWNER_DIR", required=True, type=Path)
+    show = audit_commands.add_parser(
+        "show",
+        help="print the log",
+        description="Print every entry of the broker's log (--broker-dir), or of a kernel's exported audit log "
+        "(--kernel-log, verified with the kernel's --key): what each release asked, as a readable plan.",
+        epilog="Exit codes: 0 intact, 1 the log is not intact (problems named), 2 unreadable input.",
+    )
+    which = show.add_mutually_exclusive_group(required=True)
+    which.add_argument("--broker-dir", metavar="OWNER_DIR", type=Path, help="the owner store whose log to print")
+    which.add_argument("--kernel-log", metavar="FILE", type=Path, help="a kernel audit log (JSON lines)")
+    show.add_argument(
+        "--key", metavar="HEX", help="with --kernel-log: the kernel's Ed25519 public key from its verified evidence"
+    )
     show.add_argument("--json", action="store_true", help="one JSON document with every entry")
     show.set_defaults(handler=_audit_show)
     check = audit_commands.add_parser(
@@ -266,6 +277,10 @@ def _owner_key(directory: Path) -> Any:
 def _audit_show(args: argparse.Namespace) -> int:
     from confnb.broker.audit import verify_log
 
+    if args.kernel_log is not None:
+        return _kernel_log_show(args)
+    if args.key is not None:
+        raise UsageError("--key goes with --kernel-log (the broker's log is checked with the owner's key)")
     log = args.broker_dir / "audit.sqlite"
     if not log.exists():
         raise UsageError(f"{log}: no audit log")
@@ -283,6 +298,53 @@ def _audit_show(args: argparse.Namespace) -> int:
         if not verification.ok:
             print(paint("log NOT intact: " + "; ".join(verification.problems), "red"), file=sys.stderr)
     return EXIT_OK if verification.ok else EXIT_REJECTED
+
+
+# What a kernel entry shows after its time and event, in this order (the rest is in --json).
+_KERNEL_FIELDS = ("op", "kind", "rule", "datasets", "dataset", "result", "model", "suppressed")
+
+
+def _kernel_log_show(args: argparse.Namespace) -> int:
+    """A kernel's log, verified first: one line per entry, then its readable plan, indented, when it has one."""
+    from kernel_enclave.vault.audit import parse_jsonl, verify_kernel_log
+
+    key_text = (args.key or "").strip()
+    if len(key_text) != 64 or any(ch not in "0123456789abcdefABCDEF" for ch in key_text):
+        raise UsageError("--kernel-log needs --key: the kernel's Ed25519 public key as 64 hex digits")
+    data = read_bytes(str(args.kernel_log), "kernel audit log")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"kernel audit log {args.kernel_log}: not UTF-8 text (expected JSON lines)") from None
+    entries = parse_jsonl(data)
+    verification = verify_kernel_log(entries, bytes.fromhex(key_text))
+    if args.json:
+        print_json({"intact": verification.ok, "problems": verification.problems, "entries": entries})
+        return EXIT_OK if verification.ok else EXIT_REJECTED
+    for entry in entries:
+        if not isinstance(entry, dict):
+            print(f"{'?':>6}  {_printable(entry)}")
+            continue
+        found = entry.get("fields")
+        fields: dict[str, Any] = found if isinstance(found, dict) else {}
+        shown = [f"{name}={_printable(fields[name])}" for name in _KERNEL_FIELDS if fields.get(name) is not None]
+        print(
+            f"{_printable(entry.get('seq')):>6}  {_printable(entry.get('time'))}  "
+            f"{_printable(entry.get('event')):<11}  {'  '.join(shown)}".rstrip()
+        )
+        if fields.get("plan") is not None:
+            print(f"        plan: {_printable(fields['plan'])}")
+    if not verification.ok:
+        print(paint("log NOT intact: " + "; ".join(verification.problems), "red"), file=sys.stderr)
+    return EXIT_OK if verification.ok else EXIT_REJECTED
+
+
+def _printable(value: object) -> str:
+    """A logged value as one inert line: printable ASCII as is, anything else (a tampered log's escapes) quoted."""
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    if text.isascii() and text.isprintable():
+        return text
+    return json.dumps(text, ensure_ascii=True)
 
 
 def _audit_verify(args: argparse.Namespace) -> int:

@@ -35,6 +35,9 @@ allow = ["schema", "row_count", "aggregate"]   # also: model_metrics, model_para
 min_group_size = 10                     # every released aggregate row comes from at least this many records
 never_release = []                      # columns that appear in no released result
 max_rows = 1000
+max_releases = 1000                     # requests for results one kernel may make (released or withheld)
+max_kernels_per_day = 10                # kernels per UTC day the broker gives the key; delete a line for no limit
+difference_checks = true                # refuse a number a few records away from one released before
 
 [display]
 mime = ["text/plain", "text/markdown", "image/png"]

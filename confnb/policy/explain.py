@@ -44,6 +44,7 @@ def explain_output(policy: OutputPolicy) -> list[str]:
         )
     if policy.max_rows is not None:
         lines.append(f"No released table may have more than {policy.max_rows} rows.")
+    lines.extend(_explain_limits(policy))
     lines.append(
         f"Notebook output may use {', '.join(policy.mime) or 'no MIME type at all'}, at most "
         f"{policy.max_output_bytes} bytes per cell (all of its outputs together)."
@@ -53,6 +54,45 @@ def explain_output(policy: OutputPolicy) -> list[str]:
         if policy.tracebacks == "redacted"
         else "Tracebacks are shown in full (they can carry data values)."
     )
+    return lines
+
+
+def _explain_limits(policy: OutputPolicy) -> list[str]:
+    """The two counts that bound how many exact releases an analyst can draw, and what their absence means."""
+    if not policy.allow - {"schema"}:
+        return []
+    lines = []
+    if policy.max_releases is not None:
+        lines.append(
+            f"One kernel may make at most {policy.max_releases} releases from this dataset: each request for an "
+            "aggregate, a row count, a preview, a model's metrics or parameters, predictions or an export counts "
+            "one, whether it is released or withheld; later requests are refused (release.max_releases)."
+        )
+    else:
+        lines.append(
+            "A kernel may make any number of releases (no max_releases): many overlapping releases can together "
+            "reveal more than any one of them."
+        )
+    if policy.max_kernels_per_day is not None:
+        lines.append(
+            f"The broker releases the dataset's key to at most {policy.max_kernels_per_day} kernels per UTC day "
+            "(release.max_kernels_per_day)."
+        )
+        if policy.max_releases is not None:
+            total = policy.max_releases * policy.max_kernels_per_day
+            lines.append(f"So the kernels given the key on one day can draw at most {total} releases in all.")
+    else:
+        lines.append("Any number of kernels per day may be given the dataset's key (no max_kernels_per_day).")
+    if policy.difference_checks:
+        lines.append(
+            "Difference checks are on: a number whose records differ from those of a number released earlier by the "
+            f"same kernel by 1 to {policy.min_group_size - 1} records is refused (release.difference)."
+        )
+    else:
+        lines.append(
+            "Difference checks are off (no difference_checks = true): two releases whose records differ by one "
+            "person, such as a sum over everyone and over everyone but them, reveal that person's value."
+        )
     return lines
 
 

@@ -26,6 +26,11 @@ DEFAULT_MAX_OUTPUT_BYTES = 1_000_000
 # A policy that does not say how many records a released number needs gets a safe floor, never "a single record":
 # an owner who allows aggregates and forgets the rule must not release one patient's value. Writing 1 still works.
 DEFAULT_MIN_GROUP_SIZE = 10
+# Release limits have no default: how many releases an analysis needs depends on the analysis, and a number chosen
+# here would either stop real work or mean nothing. An absent limit is "none", said so by `policy explain`, and
+# `policy init` writes both out so that an owner decides. Absent limits stay out of the canonical form, so policies
+# signed before they existed keep their digests.
+MAX_LIMIT = 10**9
 _ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 
 
@@ -39,6 +44,10 @@ class OutputPolicy:
     min_group_size: int = DEFAULT_MIN_GROUP_SIZE
     never_release: frozenset[str] = frozenset()
     max_rows: int | None = None
+    max_releases: int | None = None  # releases one kernel may draw from the dataset; None: no limit
+    max_kernels_per_day: int | None = None  # key releases the broker makes per UTC day; None: no limit
+    # Refuse a number whose records differ from an earlier released number's by 1 to min_group_size - 1 records.
+    difference_checks: bool = False
     mime: tuple[str, ...] = DEFAULT_MIME
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     tracebacks: str = "redacted"
@@ -55,6 +64,9 @@ class OutputPolicy:
                 "min_group_size": self.min_group_size,
                 "never_release": sorted(self.never_release),
                 **({"max_rows": self.max_rows} if self.max_rows is not None else {}),
+                **({"max_releases": self.max_releases} if self.max_releases is not None else {}),
+                **({"max_kernels_per_day": self.max_kernels_per_day} if self.max_kernels_per_day is not None else {}),
+                **({"difference_checks": True} if self.difference_checks else {}),
             },
             "display": {
                 "mime": list(self.mime),
@@ -85,7 +97,13 @@ class OutputPolicy:
         document = parse_policy(text, source, tables=tables)
         if not has_output_policy(document):
             raise PolicyError(f"{source}: no output policy ([policy], [release], [display] tables)")
-        return _read(KeyLines(text), source, document)
+        policy = _read(KeyLines(text), source, document)
+        if "attestation" not in tables and policy.max_kernels_per_day is not None:
+            # No broker stands behind this file (an upload), so nothing would count key releases.
+            raise TableReader(KeyLines(text), source, "release").fail(
+                "max_kernels_per_day", "has no effect here: only a broker releasing the dataset's key enforces it"
+            )
+        return policy
 
     @classmethod
     def from_dict(cls, document: dict[str, Any], source: str = "<policy>") -> OutputPolicy:
@@ -119,6 +137,11 @@ def _read(lines: KeyLines, source: str, document: dict[str, Any]) -> OutputPolic
         values["never_release"] = frozenset(release.strings("never_release", table["never_release"]))
     if "max_rows" in table:
         values["max_rows"] = release.integer("max_rows", table["max_rows"], 0, 10**12)
+    for limit in ("max_releases", "max_kernels_per_day"):
+        if limit in table:
+            values[limit] = release.integer(limit, table[limit], 1, MAX_LIMIT)
+    if "difference_checks" in table:
+        values["difference_checks"] = release.boolean("difference_checks", table["difference_checks"])
 
     display = TableReader(lines, source, "display")
     table = display.table_of("", document.get("display", {}), '{ mime = ["text/plain"] }')
@@ -146,6 +169,8 @@ def strictest(policies: Iterable[OutputPolicy]) -> OutputPolicy:
     if len(chosen) == 1:
         return chosen[0]
     max_rows = [p.max_rows for p in chosen if p.max_rows is not None]
+    max_releases = [p.max_releases for p in chosen if p.max_releases is not None]
+    max_kernels = [p.max_kernels_per_day for p in chosen if p.max_kernels_per_day is not None]
     mime = [m for m in chosen[0].mime if all(m in p.mime for p in chosen[1:])]
     sources = tuple(dict.fromkeys(source for p in chosen for source in p.sources))
     return OutputPolicy(
@@ -154,6 +179,9 @@ def strictest(policies: Iterable[OutputPolicy]) -> OutputPolicy:
         min_group_size=max(p.min_group_size for p in chosen),
         never_release=frozenset.union(*(p.never_release for p in chosen)),
         max_rows=min(max_rows) if max_rows else None,
+        max_releases=min(max_releases) if max_releases else None,
+        max_kernels_per_day=min(max_kernels) if max_kernels else None,
+        difference_checks=any(p.difference_checks for p in chosen),
         mime=tuple(mime),
         max_output_bytes=min(p.max_output_bytes for p in chosen),
         tracebacks=max((p.tracebacks for p in chosen), key=_STRICTNESS.__getitem__),

@@ -90,7 +90,19 @@ ATTESTATION = Table(
 )
 OUTPUT = {
     "policy": Table(dict.fromkeys(("id",))),
-    "release": Table(dict.fromkeys(("allow", "min_group_size", "never_release", "max_rows"))),
+    "release": Table(
+        dict.fromkeys(
+            (
+                "allow",
+                "min_group_size",
+                "never_release",
+                "max_rows",
+                "max_releases",
+                "max_kernels_per_day",
+                "difference_checks",
+            )
+        )
+    ),
     "display": Table(dict.fromkeys(("mime", "max_output_bytes", "tracebacks"))),
 }
 OUTPUT_TABLES = tuple(OUTPUT)

@@ -50,6 +50,7 @@ __all__ = [
     "KernelAuditLog",
     "KernelLogVerification",
     "compute_entry_hash",
+    "describe_plan",
     "parse_jsonl",
     "verify_kernel_log",
 ]
@@ -217,6 +218,168 @@ class KernelAuditLog:
                 return 0, GENESIS_HASH
             last = self._records[-1]
             return last.seq, last.entry_hash
+
+
+# -- plans in readable form ---------------------------------------------------------------------------------
+
+MAX_PLAN_TEXT: Final = 4000
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_SHOWN_CHARS = 64  # of one name or string literal
+_SHOWN_VALUES = 5  # of an isin list
+_MAX_PLAN_DEPTH = 80
+_BINARY = {
+    "eq": "==",
+    "ne": "!=",
+    "lt": "<",
+    "le": "<=",
+    "gt": ">",
+    "ge": ">=",
+    "add": "+",
+    "sub": "-",
+    "mul": "*",
+    "truediv": "/",
+    "floordiv": "//",
+    "mod": "%",
+    "pow": "**",
+    "and": "and",
+    "or": "or",
+    "xor": "xor",
+}
+_INPUTS = ("input", "left", "right")
+
+
+def describe_plan(plan: object, sources: Mapping[str, str] | None = None) -> str:
+    """A plan as one line a data owner can read: ``admissions | filter(age > 60) | group_by(sex) | agg(...)``.
+
+    Digests prove which plan ran; this says what it asked. ``sources`` names a source handle by its dataset.
+    Total on any JSON (a refused request's plan may be malformed) and bounded to :data:`MAX_PLAN_TEXT`
+    characters. Every name and string the analyst chose is shown bare only when it is a plain ASCII identifier,
+    else JSON-quoted with every non-ASCII and control character escaped, so that no name can end the line, fake
+    another step or reorder the text on screen (bidirectional controls).
+    """
+    text = _PlanText(sources or {}).node(plan, 0)
+    if len(text) <= MAX_PLAN_TEXT:
+        return text
+    return f"{text[:MAX_PLAN_TEXT]}... ({len(text) - MAX_PLAN_TEXT} more characters)"
+
+
+class _PlanText:
+    def __init__(self, sources: Mapping[str, str]) -> None:
+        self.sources = sources
+
+    def node(self, obj: object, depth: int) -> str:
+        if depth > _MAX_PLAN_DEPTH:
+            return "..."
+        if not isinstance(obj, Mapping) or not isinstance(obj.get("node"), str):
+            return "?"
+        kind = obj["node"]
+        if kind == "source":
+            handle = obj.get("handle")
+            return _name(self.sources.get(handle, handle) if isinstance(handle, str) else handle)
+        step = self.step(kind, obj, depth)
+        if kind == "join":
+            return f"{self.node(obj.get('left'), depth + 1)} | {step}"
+        if "input" in obj:
+            return f"{self.node(obj['input'], depth + 1)} | {step}"
+        return step
+
+    def step(self, kind: str, obj: Mapping[str, Any], depth: int) -> str:
+        if kind == "select":
+            return f"select({_names(obj.get('columns'))})"
+        if kind == "filter":
+            return f"filter({self.expr(obj.get('predicate'), depth + 1)})"
+        if kind == "assign":
+            pairs = obj.get("columns")
+            shown = [
+                f"{_name(pair[0])} = {self.expr(pair[1], depth + 1)}"
+                if isinstance(pair, list) and len(pair) == 2
+                else "?"
+                for pair in (pairs if isinstance(pairs, list) else [])
+            ]
+            return f"assign({', '.join(shown)})"
+        if kind == "join":
+            options = f"on=({_names(obj.get('on'))}), how={_name(obj.get('how', 'inner'))}"
+            return f"join({self.node(obj.get('right'), depth + 1)}, {options})"
+        if kind == "aggregate":
+            aggs = obj.get("aggs")
+            listed = ", ".join(self.agg(agg) for agg in (aggs if isinstance(aggs, list) else []))
+            by = obj.get("by")
+            return f"group_by({_names(by)}) | agg({listed})" if by else f"agg({listed})"
+        if kind == "value_counts":
+            dropna = "" if obj.get("dropna", True) is True else ", dropna=false"
+            return f"value_counts({_name(obj.get('column'))}{dropna})"
+        if kind == "describe":
+            columns = obj.get("columns")
+            return f"describe({'' if columns is None else _names(columns)})"
+        if kind == "count":
+            return "count()"
+        rest = [f"{_name(key)}={_value(value)}" for key, value in obj.items() if key not in ("node", *_INPUTS)]
+        return f"{_name(kind)}({', '.join(rest)})"
+
+    def agg(self, obj: object) -> str:
+        if not isinstance(obj, Mapping):
+            return "?"
+        column = obj.get("column")
+        args = [] if column is None else [_name(column)]
+        if "q" in obj:
+            args.append(_value(obj["q"]))
+        return f"{_name(obj.get('name'))} = {_name(obj.get('func'))}({', '.join(args)})"
+
+    def expr(self, obj: object, depth: int) -> str:
+        if depth > _MAX_PLAN_DEPTH:
+            return "..."
+        if not isinstance(obj, Mapping):
+            return "?"
+        if "col" in obj:
+            return _name(obj["col"])
+        if "lit" in obj:
+            return _value(obj["lit"])
+        fn = obj.get("fn")
+        raw = obj.get("args")
+        args = raw if isinstance(raw, list) else []
+        if isinstance(fn, str) and fn in _BINARY and len(args) == 2:
+            left, right = (self.operand(arg, depth + 1) for arg in args)
+            return f"{left} {_BINARY[fn]} {right}"
+        shown = [self.expr(arg, depth + 1) for arg in args]
+        shown += [f"{_name(key)}={_value(value)}" for key, value in obj.items() if key not in ("fn", "args")]
+        return f"{_name(fn)}({', '.join(shown)})"
+
+    def operand(self, obj: object, depth: int) -> str:
+        text = self.expr(obj, depth)
+        binary = isinstance(obj, Mapping) and obj.get("fn") in _BINARY
+        return f"({text})" if binary else text
+
+
+def _name(value: object) -> str:
+    if isinstance(value, str):
+        if _PLAIN_NAME.fullmatch(value):
+            return value
+        return _quoted(value)
+    return "?"
+
+
+def _names(value: object) -> str:
+    return ", ".join(_name(item) for item in value) if isinstance(value, list) else "?"
+
+
+def _quoted(text: str) -> str:
+    cut = text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
+    return json.dumps(cut, ensure_ascii=True)
+
+
+def _value(value: object) -> str:
+    if isinstance(value, str):
+        return _quoted(value)
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        shown = [_value(item) if not isinstance(item, list | Mapping) else "..." for item in value[:_SHOWN_VALUES]]
+        if len(value) > _SHOWN_VALUES:
+            shown.append(f"... {len(value) - _SHOWN_VALUES} more")
+        return f"[{', '.join(shown)}]"
+    return "..."
 
 
 # -- verification -------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ from confnb.policy.output import OutputPolicy, strictest
 from kernel_enclave.attestation import issue_evidence
 from kernel_enclave.tee.base import TeeBackend, TeeError
 from kernel_enclave.vault import sealing, stoppable, warmup
-from kernel_enclave.vault.audit import KernelAuditLog
+from kernel_enclave.vault.audit import KernelAuditLog, describe_plan
 from kernel_enclave.vault.broker_client import BrokerClient, KeyReleaseError
 from kernel_enclave.vault.keys import DATASET_PATH_VARIABLE, VaultKeys
 from kernel_enclave.vault.protocol import PROTOCOL, Cancelled, PolicyViolation, ProtocolError, VaultError, error_reply
@@ -42,9 +42,10 @@ if TYPE_CHECKING:
     import pyarrow as pa  # type: ignore[import-untyped]
 
     from confnb.datasets.reader import read_verified
-    from kernel_enclave.vault import export, models, plan, release, scan
+    from kernel_enclave.vault import differences, export, models, plan, release, scan
 else:
     pa = Deferred("pyarrow")
+    differences = Deferred("kernel_enclave.vault.differences")
     export = Deferred("kernel_enclave.vault.export")
     models = Deferred("kernel_enclave.vault.models")
     plan = Deferred("kernel_enclave.vault.plan")
@@ -123,6 +124,10 @@ class Vault:
         self._models: dict[str, models.TrainedModel] = {}
         self._results: OrderedDict[str, _Result] = OrderedDict()
         self._counter = 0
+        self._releases: dict[str, int] = {}  # dataset id -> requests counted against its max_releases
+        # The record sets behind every released number, for the difference checks; made by the first release
+        # (it needs NumPy), kept for the kernel's lifetime.
+        self._difference_memory: differences.ReleaseMemory | None = None
         self.audit = KernelAuditLog(keys.signing_key, audit_path)
         self._handlers: dict[str, Callable[[dict[str, Any], list[bytes]], Reply]] = {
             "hello": self._hello,
@@ -159,7 +164,7 @@ class Vault:
                     self.audit.append("request", op=op, operation=digest_of(_operation(header)))
                 return handler(header, buffers)
             except Cancelled as cancelled:  # the analyst interrupted: stopped, recorded, answered (and discarded)
-                self.audit.append("cancelled", op=op, operation=digest_of(_operation(header)))
+                self.audit.append("cancelled", op=op, operation=digest_of(_operation(header)), **self._asked(header))
                 return error_reply(cancelled), []
             except PolicyViolation as violation:
                 self.audit.append(
@@ -168,13 +173,14 @@ class Vault:
                     rule=violation.rule,
                     datasets=list(violation.datasets),
                     operation=digest_of(_operation(header)),
+                    **self._asked(header),
                 )
                 return error_reply(violation), []
             except VaultError as exc:
-                self.audit.append("error", op=op, operation=digest_of(_operation(header)))
+                self.audit.append("error", op=op, operation=digest_of(_operation(header)), **self._asked(header))
                 return error_reply(exc), []
             except Exception as exc:
-                self.audit.append("error", op=op, operation=digest_of(_operation(header)))
+                self.audit.append("error", op=op, operation=digest_of(_operation(header)), **self._asked(header))
                 return error_reply(VaultError(f"{op} failed inside the vault ({type(exc).__name__})")), []
 
     # -- datasets ---------------------------------------------------------------------------------------------
@@ -341,18 +347,39 @@ class Vault:
         tree = _plan(header)
         columns = release.schema(tree, self._sources, self._policies)
         out = [ipc_bytes(release.schema_table(tree, self._sources, self._policies))] if header.get("arrow") else []
-        self.audit.append("release", kind="schema", operation=digest_of(tree))
+        self.audit.append("release", kind="schema", operation=digest_of(tree), plan=self._plan_text(tree))
         return {"ok": True, "columns": columns}, out
 
     def _preview(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         tree = _plan(header)
+        datasets = plan.plan_datasets(tree, self._sources)
+        if all(name in self._policies and self._policies[name].allows("row_count") for name in datasets):
+            self._count_release(datasets, "preview")  # it may release a row count
         preview = release.preview(tree, self._sources, self._policies)
-        self.audit.append("preview", operation=digest_of(tree), shown=sorted(k for k in preview if k != "withheld"))
+        self.audit.append(
+            "preview",
+            operation=digest_of(tree),
+            shown=sorted(k for k in preview if k != "withheld"),
+            plan=self._plan_text(tree),
+        )
         return {"ok": True, "preview": preview}, []
 
     def _release(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         tree = _plan(header)
-        released = release.release(tree, self._sources, self._policies)
+        self._count_release(plan.plan_datasets(tree, self._sources), "release")
+        checking = {name for name, policy in self._policies.items() if policy.difference_checks}
+        released = release.release(
+            tree, self._sources, self._policies, record_sets=bool(checking & plan.plan_datasets(tree, self._sources))
+        )
+        if self._difference_memory is None:
+            self._difference_memory = differences.ReleaseMemory()
+        k = {name: policy.min_group_size for name, policy in self._policies.items()}
+        grouped = tree.get("node") == "value_counts" or (tree.get("node") == "aggregate" and bool(tree.get("by")))
+        # Refuses a number (or a group-by's groups added up) a few records away from one released before, for the
+        # datasets whose owners turned the checks on.
+        checked = self._difference_memory.check(
+            (found for found in released.record_sets if found[0] in checking), k, grouped=grouped
+        )
         operation = digest_of(tree)
         reply: dict[str, Any] = {
             "ok": True,
@@ -376,6 +403,7 @@ class Vault:
         result = _Result(
             released.kind, released.table, released.value, released.policy_id, released.datasets, operation
         )
+        self._difference_memory.remember(checked)  # released from here on: later releases are compared with it
         reply["result"] = self._remember(result)
         self.audit.append(
             "release",
@@ -386,6 +414,7 @@ class Vault:
             policy=released.policy_id,
             operation=operation,
             suppressed=released.suppressed,
+            plan=self._plan_text(tree),
         )
         return reply, out
 
@@ -427,6 +456,7 @@ class Vault:
             target=model.target,
             datasets=sorted(model.datasets),
             operation=digest_of({"plan": tree, "estimator": header.get("estimator"), "target": target}),
+            plan=self._plan_text(tree),
             n_train=model.n_train,
             n_test=model.n_test,
         )
@@ -455,6 +485,7 @@ class Vault:
         model_id, model = self._model(header)
         op = header["op"]
         kind = "model_parameters" if op == "model_params" else "model_metrics"
+        self._count_release(model.datasets, op)
         value: Any
         if op == "model_metrics":  # predictions over the evaluation set: as stoppable as the fit
             value = stoppable.run(models.metrics, model, self._policies, openmp=True)
@@ -474,6 +505,7 @@ class Vault:
             datasets=list(datasets),
             policy=policy_id,
             operation=operation,
+            plan=f"{model_id} | {op}()",
         )
         return {"ok": True, "result": result_id, "kind": kind, "value": value, "policy": policy_id}, []
 
@@ -484,6 +516,7 @@ class Vault:
         public = read_ipc(buffers[0], "predict: the public data", public=True)
         if public.num_rows > MAX_PUBLIC_ROWS:
             raise VaultError(f"predict: at most {MAX_PUBLIC_ROWS} rows of public data per request")
+        self._count_release(model.datasets, "predict")
         predictions = stoppable.run(models.predict, model, public, self._policies, openmp=True)
         datasets = tuple(sorted(model.datasets))
         policy_id = release.require_kind("predict_public", datasets, self._policies)
@@ -498,6 +531,7 @@ class Vault:
             datasets=list(datasets),
             policy=policy_id,
             operation=operation,
+            plan=f"{model_id} | predict({public.num_rows} public rows)",
         )
         return {"ok": True, "result": result_id, "kind": "predict_public", "policy": policy_id}, [payload]
 
@@ -517,21 +551,22 @@ class Vault:
         tree = _plan(header)
         source = plan.evaluate(tree, self._sources)
         datasets = sorted(source.datasets)
-        table = source.table
-        # After a join, which source record each row came from decides min_group_size; it is sealed along.
-        record_columns = []
-        hidden = plan.fresh_names(len(source.record_ids or ()), set(table.column_names))
-        for name, (dataset, ids) in zip(hidden, source.record_ids or (), strict=True):
-            table = table.append_column(name, ids)
-            record_columns.append([name, dataset])
+        # Which source record each row came from, and where each column's value came from a record (not from a
+        # literal), decide what min_group_size counts; both are sealed along.
+        table, records, masks = source.sealed_form()
+        record_columns = [[name, dataset] for name, dataset in records]
+        mask_columns = [[name, column] for name, column in masks]
         metadata = {
             "policies": {name: self._policies[name].to_dict() for name in datasets},
             "lineage": {column: sorted(map(list, origins)) for column, origins in source.lineage.items()},
             "datasets": datasets,
             "record_columns": record_columns,
+            "mask_columns": mask_columns,
         }
         blob = sealing.seal(self._backend, "table", ipc_bytes(table), metadata)
-        self.audit.append("seal", operation=digest_of(tree), datasets=datasets, digest=_bytes_digest(blob))
+        self.audit.append(
+            "seal", operation=digest_of(tree), datasets=datasets, digest=_bytes_digest(blob), plan=self._plan_text(tree)
+        )
         return {"ok": True}, [blob]
 
     def _unseal(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
@@ -565,9 +600,12 @@ class Vault:
             for column, origins in sealed.metadata["lineage"].items()
         }
         record_columns = [(str(name), str(dataset)) for name, dataset in sealed.metadata.get("record_columns", [])]
-        if any(name not in table.column_names for name, _ in record_columns):
-            raise VaultError("the sealed table lacks the record-id columns its metadata names")
-        frame = plan.SourceTable.from_arrow(table, lineage, frozenset(sealed.metadata["datasets"]), record_columns)
+        mask_columns = [(str(name), str(column)) for name, column in sealed.metadata.get("mask_columns", [])]
+        if any(name not in table.column_names for name, _ in (*record_columns, *mask_columns)):
+            raise VaultError("the sealed table lacks the record-id or mask columns its metadata names")
+        frame = plan.SourceTable.from_arrow(
+            table, lineage, frozenset(sealed.metadata["datasets"]), record_columns, mask_columns
+        )
         handle = self._new_id("d")
         self._sources[handle] = frame
         self.audit.append("unseal", handle=handle, datasets=sorted(policies), digest=_bytes_digest(buffers[0]))
@@ -598,9 +636,10 @@ class Vault:
             if export_format != "skops":
                 raise VaultError("export: a model is exported as .skops")
             datasets = tuple(sorted(model.datasets))
+            self._count_release(datasets, "export")
             policy_id = release.require_kind("model_parameters", datasets, self._policies)
             models.params(model, self._policies)  # the same checks as releasing its parameters
-            refusal = models.export_refusal(model)
+            refusal = models.export_refusal(model, self._policies)
             if refusal is not None:
                 raise PolicyViolation("release.min_group_size", datasets, f"export: {refusal}")
             payload, media_type = models.to_skops(model), "application/x-skops"
@@ -611,6 +650,7 @@ class Vault:
             result = self._results.get(result_id)
             if result is None:
                 raise VaultError(f"export: no released result {result_id!r} (release it again, then export)")
+            self._count_release(result.datasets, "export")
             payload, media_type = _serialize(result, export_format)
             policy_id, datasets, operation = result.policy_id, result.datasets, result.operation_digest
             name = f"{result_id}.{export_format}"
@@ -646,6 +686,7 @@ class Vault:
             policy=policy_id,
             operation=operation,
             sealed_to=_bytes_digest(recipient_key) if recipient_key else None,
+            plan=f"{name} | export({export_format})",
         )
         return {"ok": True, "media_type": media_type}, [bundle]
 
@@ -664,6 +705,40 @@ class Vault:
             if handle not in self._opened.values():  # an opened dataset stays: other handles' plans name it
                 self._sources.pop(handle, None)
         return {"ok": True}, []
+
+    # -- release limits and readable plans --------------------------------------------------------------------
+
+    def _count_release(self, datasets: Iterable[str], what: str) -> None:
+        """Count one release against each dataset's ``max_releases``, or refuse the request beyond a limit.
+
+        Called by every request that lets a number leave (a released value, a row count, model results,
+        predictions, an export), before it reads a row, and counted whatever its outcome: a withheld result says
+        something too (a group was small), and a count that depends only on how many requests were made cannot
+        itself carry anything about the data. A refusal here is a PolicyViolation, audited by :meth:`handle`.
+        """
+        names = sorted(set(datasets))
+        limits: dict[str, int] = {}
+        for name in names:
+            policy = self._policies.get(name)
+            if policy is not None and policy.max_releases is not None:
+                limits[name] = policy.max_releases
+        spent = [name for name, limit in limits.items() if self._releases.get(name, 0) >= limit]
+        if spent:
+            shown = min(limits[name] for name in spent)
+            raise PolicyViolation(
+                "release.max_releases", spent, f"{what}: this kernel has made the {shown} releases the policy allows"
+            )
+        for name in names:
+            self._releases[name] = self._releases.get(name, 0) + 1
+
+    def _plan_text(self, tree: object) -> str:
+        """The plan as the owner reads it in the audit log, its sources named by dataset where they are one."""
+        return describe_plan(tree, {handle: dataset for dataset, handle in self._opened.items()})
+
+    def _asked(self, header: Mapping[str, Any]) -> dict[str, Any]:
+        """The readable plan of a refused or failed request, when it carried one (``plan``)."""
+        tree = header.get("plan")
+        return {"plan": self._plan_text(tree)} if tree is not None else {}
 
     def _new_id(self, prefix: str) -> str:
         self._counter += 1

@@ -30,6 +30,7 @@ EXERCISED = {
     "broker_release",
     "dataset_ipc_load",  # test_dataset_loads.py
     "dataset_parquet_load",  # test_dataset_loads.py
+    "difference_checks",
     "kernel_roundtrip",
     "lab_verify",
     "soak",
@@ -148,6 +149,16 @@ def test_kernel_roundtrip_runs(run_benchmark: RunBenchmark) -> None:
 def test_vault_ops_runs(run_benchmark: RunBenchmark) -> None:
     result = run_benchmark("vault_ops.py", "--rows", "5000", "--aggregate-rounds", "1", "--fit-rounds", "1")
     assert set(result["ratios"]) == {"aggregate", "fit", "memory"}
+
+
+def test_difference_checks_runs(run_benchmark: RunBenchmark) -> None:
+    result = run_benchmark("difference_checks.py", "--rows", "20000", "--remembered", "20", "--rounds", "1")
+    assert set(result["median_s"]) == {"without", "with", "record_sets_only"}
+    assert result["ratio"] == result["median_s"]["with"] / result["median_s"]["without"]
+    assert result["met"] == (result["ratio"] <= result["target"]) == result["summary"]["met"]
+    assert result["earlier_releases"] == 20
+    assert result["remembered_sets"] > 20  # the earlier releases, and the timed releases' own sets
+    assert result["memory_bytes"]["remembered_sets"] > 0
 
 
 def test_vault_engine_runs(run_benchmark: RunBenchmark) -> None:

@@ -307,7 +307,8 @@ def test_the_broker_denies_a_release_under_an_attestation_file_with_an_unknown_t
 
 def test_the_schema_names_exactly_the_output_keys_the_vault_receives():
     # The attestation half's counterpart is in tests/confnb/attest/test_policy.py.
-    written = OutputPolicy(id="p", max_rows=1).to_dict()  # every output key, as the vault receives them
+    # every output key, as the vault receives them
+    written = OutputPolicy(id="p", max_rows=1, max_releases=1, max_kernels_per_day=1, difference_checks=True).to_dict()
     assert {table: set(keys) for table, keys in written.items()} == {
         table: set(schema.children) for table, schema in OUTPUT.items()
     }

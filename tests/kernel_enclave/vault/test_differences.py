@@ -1,0 +1,263 @@
+"""The release memory: a number whose record set differs from an earlier one's by 1 to k - 1 records is refused.
+
+Checked against a brute-force model (Python sets, every pair compared, a release's numbers also taken together) as
+well as on the cases that matter: a difference of 0, 1, k - 1 and k records, sizes far apart, the groups of one
+release added up, a refused release remembering nothing, several datasets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pyroaring import BitMap
+
+from kernel_enclave.vault.differences import RULE, ReleaseMemory, _bitmap32
+from kernel_enclave.vault.protocol import PolicyViolation
+
+K = 10
+
+
+def ids(values: Iterable[int] | np.ndarray) -> np.ndarray:
+    return np.unique(np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.int64))
+
+
+def admit(memory: ReleaseMemory, *sets: tuple[str, np.ndarray], k: int = K, grouped: bool = False) -> None:
+    memory.admit(
+        [(dataset, f"number {i}", values) for i, (dataset, values) in enumerate(sets)],
+        {"a": k, "b": k, "c": 1},
+        grouped=grouped,
+    )
+
+
+def refused(memory: ReleaseMemory, *sets: tuple[str, np.ndarray], k: int = K, grouped: bool = False) -> PolicyViolation:
+    with pytest.raises(PolicyViolation) as caught:
+        admit(memory, *sets, k=k, grouped=grouped)
+    return caught.value
+
+
+EVERYONE = ids(range(1000, 5000))
+
+
+@pytest.mark.parametrize(
+    ("removed", "allowed"),
+    [(0, True), (1, False), (K - 1, False), (K, True), (K + 1, True)],
+)
+def test_a_difference_of_1_to_k_minus_1_records_is_refused(removed: int, allowed: bool) -> None:
+    memory = ReleaseMemory()
+    admit(memory, ("a", EVERYONE))
+    fewer = EVERYONE[removed:]  # "everyone but these"
+    if allowed:
+        admit(memory, ("a", fewer))
+        assert memory.remembered("a") == (1 if removed == 0 else 2)  # an identical set is not kept twice
+    else:
+        violation = refused(memory, ("a", fewer))
+        assert violation.rule == RULE and violation.datasets == ("a",)
+        assert memory.remembered("a") == 1
+
+
+def test_additions_and_swaps_count_like_removals() -> None:
+    memory = ReleaseMemory()
+    admit(memory, ("a", EVERYONE))
+    refused(memory, ("a", ids([*EVERYONE, 7])))  # one more record
+    swapped = EVERYONE.copy()
+    swapped[17] = 999  # one record out, another in: the same size, a difference of 2
+    refused(memory, ("a", ids(swapped)))
+    far = ids([*EVERYONE[5:], *range(10**6, 10**6 + 4)])  # 5 out, 4 in, far apart in id: a difference of 9
+    refused(memory, ("a", far))
+    admit(memory, ("a", ids([*EVERYONE[5:], *range(10**6, 10**6 + 5)])))  # 5 out, 5 in: 10
+
+
+def test_sizes_far_apart_are_released() -> None:
+    memory = ReleaseMemory()
+    admit(memory, ("a", EVERYONE))
+    admit(memory, ("a", EVERYONE[:2000]), ("a", EVERYONE[2000:]))  # halves: each differs from the whole by 2000
+    admit(memory, ("a", EVERYONE[:K]))  # a small group, far from everything else
+    assert memory.remembered("a") == 4
+
+
+def test_two_numbers_of_one_release_are_compared_too() -> None:
+    memory = ReleaseMemory()
+    violation = refused(memory, ("a", EVERYONE), ("a", EVERYONE[1:]))  # sum(cost) and sum(cost masked but one)
+    assert violation.rule == RULE
+    assert memory.remembered() == 0
+    admit(memory, ("a", EVERYONE), ("a", EVERYONE))  # two statistics of one group: the same records
+    assert memory.remembered("a") == 1
+
+
+def test_a_refused_release_remembers_nothing() -> None:
+    memory = ReleaseMemory()
+    admit(memory, ("a", EVERYONE))
+    first_half = EVERYONE[:2000]
+    refused(memory, ("a", first_half), ("b", ids(range(50))), ("a", EVERYONE[3:]))
+    assert memory.remembered() == 1
+    # Had the refused release's other numbers been kept, these would now be refused.
+    admit(memory, ("a", first_half[1:]), ("b", ids(range(49))))
+    assert memory.remembered() == 3
+
+
+def test_a_checked_release_counts_only_once_remembered() -> None:
+    memory = ReleaseMemory()
+    checked = memory.check([("a", "n", EVERYONE)], {"a": K})
+    assert memory.remembered() == 0
+    memory.check([("a", "n", EVERYONE[1:])], {"a": K})  # the first was never released: nothing to differ from
+    with pytest.raises(RuntimeError):
+        memory.remember(checked)  # checked against a memory that has moved on since
+    later = memory.check([("a", "n", EVERYONE[1:])], {"a": K})
+    memory.remember(later)
+    assert memory.remembered("a") == 1
+    refused(memory, ("a", EVERYONE))
+
+
+def test_datasets_are_separate_and_use_their_own_k() -> None:
+    memory = ReleaseMemory()
+    admit(memory, ("a", EVERYONE), ("b", EVERYONE))
+    refused(memory, ("b", EVERYONE[1:]))  # b's record 1000 is not a's record 1000, but b remembers its own set
+    admit(memory, ("c", EVERYONE), ("c", EVERYONE[1:]))  # k = 1: nothing to protect
+    memory.admit([("a", "n", EVERYONE[4:])], {"a": 4})  # a's owner asks for 4: a difference of 4 is enough
+    violation = refused(memory, ("a", EVERYONE[2:]), ("b", EVERYONE[3:]))
+    assert violation.datasets == ("a",)
+
+
+def test_a_dataset_without_a_policy_is_refused() -> None:
+    memory = ReleaseMemory()
+    with pytest.raises(PolicyViolation) as caught:
+        memory.admit([("unknown", "n", EVERYONE)], {"a": K})
+    assert caught.value.rule == RULE
+    assert memory.remembered() == 0
+
+
+def test_the_refusal_names_the_rule_and_the_number_never_a_record() -> None:
+    memory = ReleaseMemory()
+    secret = 4_242_424
+    admit(memory, ("a", ids([*EVERYONE, secret])))
+    memory_before = memory.memory_bytes()
+    with pytest.raises(PolicyViolation) as caught:
+        memory.admit([("a", "sum of cost", EVERYONE)], {"a": K})
+    text = str(caught.value)
+    assert "fewer than 10 records" in text and RULE in text
+    assert "sum of cost" not in text  # a label can hold a group's key: a data value the refusal must not quote
+    assert str(secret) not in text and "1 record" not in text
+    assert memory.memory_bytes() == memory_before
+
+
+def test_record_ids_above_32_bits_and_widening_ranges() -> None:
+    memory = ReleaseMemory()
+    admit(memory, ("a", ids(range(20))))  # small ids first: the signature's ranges are narrow
+    refused(memory, ("a", ids([*range(19), 2**20])))  # then far larger ones: the ranges widen, still exact
+    admit(memory, ("a", ids(range(40))))
+    big = ids([*range(39), 2**40])
+    refused(memory, ("a", big))  # 64-bit record ids
+    admit(memory, ("a", ids([*range(30), *range(2**40, 2**40 + 10)])))
+    refused(memory, ("a", ids(range(1, 20))))
+    assert memory.remembered("a") == 3
+
+
+def test_ids_must_be_sorted_unique_and_non_negative() -> None:
+    memory = ReleaseMemory()
+    for bad in (np.array([3, 1, 2]), np.array([1, 1, 2]), np.array([-1, 2]), np.array([[1, 2]])):
+        with pytest.raises(ValueError, match="record ids"):
+            memory.admit([("a", "n", bad)], {"a": K})
+    assert memory.remembered() == 0
+
+
+def test_memory_is_reported_and_runs_are_compact() -> None:
+    memory = ReleaseMemory()
+    assert memory.memory_bytes() == 0
+    admit(memory, ("a", ids(range(1_000_000))))
+    contiguous = memory.memory_bytes()
+    admit(memory, ("a", ids(range(0, 1_000_000, 2))))
+    assert memory.memory_bytes() - contiguous > 100_000  # every other record: bitsets, 8 KiB per 65,536 ids
+    assert contiguous < 20_000  # one run per container, plus the signature arrays
+
+
+sets_strategy = st.lists(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b"]), st.frozensets(st.integers(0, 40), max_size=30)),
+        min_size=1,
+        max_size=3,
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(releases=sets_strategy, k=st.integers(1, 6), grouping=st.lists(st.booleans(), min_size=12, max_size=12))
+def test_agrees_with_comparing_every_pair(
+    releases: list[list[tuple[str, frozenset[int]]]], k: int, grouping: list[bool]
+) -> None:
+    memory = ReleaseMemory()
+    remembered: dict[str, list[frozenset[int]]] = {"a": [], "b": []}
+    for numbers, grouped in zip(releases, grouping, strict=False):
+        staged = {name: list(sets) for name, sets in remembered.items()}
+        distinct: dict[str, list[frozenset[int]]] = {}
+        ok = True
+        for dataset, records in numbers:
+            if any(1 <= len(records ^ other) < k for other in staged[dataset]):
+                ok = False
+                break
+            staged[dataset].append(records)
+            if records not in distinct.setdefault(dataset, []):
+                distinct[dataset].append(records)
+        for dataset, members in distinct.items() if ok and grouped else ():
+            union = frozenset().union(*members)
+            if len(members) > 1 and any(1 <= len(union ^ other) < k for other in staged[dataset]):
+                ok = False
+            elif len(members) > 1:
+                staged[dataset].append(union)
+        sets = [(d, "n", np.array(sorted(r), dtype=np.int64)) for d, r in numbers]
+        if ok:
+            memory.admit(sets, {"a": k, "b": k}, grouped=grouped)
+            remembered = staged
+        else:
+            with pytest.raises(PolicyViolation):
+                memory.admit(sets, {"a": k, "b": k}, grouped=grouped)
+        for dataset, kept in remembered.items():
+            assert memory.remembered(dataset) == len(set(kept))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    blocks=st.lists(
+        st.tuples(st.integers(0, 2**32 - 70_000), st.integers(1, 70_000), st.integers(1, 3)), min_size=0, max_size=4
+    )
+)
+def test_bitmaps_written_in_the_portable_format_equal_pyroaring_s_own(blocks: list[tuple[int, int, int]]) -> None:
+    """Runs, strides and scattered ids, across container boundaries, sparse (arrays) and dense (bitsets)."""
+    values = np.unique(
+        np.concatenate(
+            [np.arange(start, start + length * step, step) for start, length, step in blocks] or [np.zeros(0, np.int64)]
+        )
+    ).astype(np.int64)
+    values = values[values < 2**32]
+    built = _bitmap32(values)
+    assert built == BitMap(values.tolist())
+    assert len(built) == values.size
+
+
+def test_the_groups_of_one_release_added_up_are_compared_too() -> None:
+    """Everyone, then the groups of everyone but one record: the groups together differ from everyone by one."""
+    memory = ReleaseMemory()
+    admit(memory, ("a", EVERYONE))
+    but_one = EVERYONE[1:]
+    women, men = but_one[::2], but_one[1::2]
+    violation = refused(memory, ("a", women), ("a", men), grouped=True)
+    assert "added up" in str(violation)
+    assert memory.remembered("a") == 1
+    admit(memory, ("a", EVERYONE[::2]), ("a", EVERYONE[1::2]), grouped=True)  # the groups of everyone: its union
+    assert memory.remembered("a") == 3
+    # Not grouped (the columns of a describe): the sets of several columns add up to nothing.
+    admit(memory, ("a", but_one[: 2000 - 1]), ("a", but_one[2000 - 1 :]))
+
+
+def test_the_union_of_a_grouped_release_is_remembered() -> None:
+    """The other order: the groups first (their union is remembered), then everyone but one."""
+    memory = ReleaseMemory()
+    admit(memory, ("a", EVERYONE[::2]), ("a", EVERYONE[1::2]), grouped=True)
+    assert memory.remembered("a") == 3
+    refused(memory, ("a", EVERYONE[1:]))
+    admit(memory, ("a", EVERYONE[K:]))

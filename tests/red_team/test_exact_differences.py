@@ -1,0 +1,245 @@
+"""Differencing attacks: two releases whose record sets differ by a few records, subtracted.
+
+``sum(cost)`` over everyone, then over everyone but the target, gives the target's cost; each release alone is
+computed from thousands of patients and passes ``min_group_size``. The vault remembers the record set behind every
+released number for the kernel's lifetime and refuses a release whose record set differs from an earlier one's by
+1 to k - 1 records (``release.difference``). Every attack checks the numbers that did come back against the target's
+row: none of their differences may give the secret. Every attack has a legitimate twin that is released, with its
+value checked against pandas on the plaintext.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+import pytest
+
+import confnb as cn
+from confnb.analyst.table import SealedTable
+
+RULE = "release.difference"
+K = 10  # the fixture's min_group_size
+
+Recovered = Callable[[float | None, float], bool]
+
+
+def released_or_refused(make: Callable[[], Any], numbers: list[float]) -> Any:
+    """The released value (recorded in ``numbers`` for the recovery checks), or None after a difference refusal."""
+    try:
+        value = make()
+    except cn.PolicyViolation as violation:
+        refusal = (violation.rule, violation.datasets)
+    else:
+        numbers.extend(np.asarray(value, dtype=np.float64).ravel().tolist())
+        return value
+    assert refusal == (RULE, ("admissions",))
+    return None
+
+
+def nothing_recovers(numbers: list[float], secret: float, recovered: Recovered) -> None:
+    """No released number, nor the difference of any two, is the secret."""
+    candidates = [
+        *numbers,
+        *(a - b for a, b in combinations(numbers, 2)),
+        *(b - a for a, b in combinations(numbers, 2)),
+    ]
+    assert not any(recovered(candidate, secret) for candidate in candidates)
+
+
+def refusals(hospital: Any) -> list[dict[str, Any]]:
+    return [
+        entry["fields"]
+        for entry in hospital.vault.audit.entries()
+        if entry["event"] == "refusal" and entry["fields"].get("rule") == RULE
+    ]
+
+
+# -- attacks -------------------------------------------------------------------------------------------------------
+
+
+def test_everyone_minus_everyone_but_the_target_is_refused(hospital: Any, recovered: Recovered) -> None:
+    t = hospital.open()
+    frame, target = hospital.frame, hospital.target
+    numbers: list[float] = []
+    everyone = released_or_refused(lambda: t.agg(s=("cost", "sum")).release()["s"], numbers)
+    assert everyone == pytest.approx(frame.cost.sum())
+    but_one = released_or_refused(
+        lambda: t[t["patient_id"] != hospital.target_id].agg(s=("cost", "sum")).release()["s"], numbers
+    )
+    assert but_one is None
+    nothing_recovers(numbers, target.cost, recovered)
+    assert len(refusals(hospital)) == 1
+
+
+def test_the_order_of_the_two_releases_does_not_matter(hospital: Any, recovered: Recovered) -> None:
+    t = hospital.open()
+    numbers: list[float] = []
+    but_one = released_or_refused(
+        lambda: t[t["patient_id"] != hospital.target_id]["length_of_stay"].mean().release(), numbers
+    )
+    assert but_one == pytest.approx(
+        hospital.frame.length_of_stay[hospital.frame.patient_id != hospital.target_id].mean()
+    )
+    assert released_or_refused(lambda: t["length_of_stay"].mean().release(), numbers) is None
+    assert released_or_refused(lambda: t.count().release(), numbers) is None  # the same records: one more row
+    n = len(hospital.frame)
+    # mean over n records and over n - 1 would give the target's stay as n * m_all - (n - 1) * m_but_one
+    assert not any(recovered(n * a - (n - 1) * b, hospital.target.length_of_stay) for a in numbers for b in numbers)
+    nothing_recovers(numbers, hospital.target.length_of_stay, recovered)
+
+
+def test_everyone_but_three_is_refused(hospital: Any, recovered: Recovered) -> None:
+    t = hospital.open()
+    frame = hospital.frame
+    others = frame.patient_id[frame.patient_id != hospital.target_id].iloc[:2].tolist()
+    left_out = [hospital.target_id, *others]
+    numbers: list[float] = []
+    released_or_refused(lambda: t.agg(s=("cost", "sum"), m=("age", "mean")).release(), numbers)
+    refused = released_or_refused(
+        lambda: t[~t["patient_id"].isin(left_out)].agg(s=("cost", "sum"), m=("age", "mean")).release(), numbers
+    )
+    assert refused is None
+    three = frame.loc[frame.patient_id.isin(left_out)]
+    nothing_recovers(numbers, float(three.cost.sum()), recovered)  # not even the three together
+    nothing_recovers(numbers, hospital.target.cost, recovered)
+
+
+def test_a_group_differing_by_a_few_records_is_refused(hospital: Any, recovered: Recovered) -> None:
+    """Inside one diagnosis: the group with and without the target (and one other patient)."""
+    t = hospital.open()
+    target = hospital.target
+    same = t[t["diagnosis"] == target.diagnosis]
+    numbers: list[float] = []
+    by_diagnosis = released_or_refused(lambda: t.group_by("diagnosis").agg(s=("cost", "sum")).release(), numbers)
+    expected = hospital.frame.groupby("diagnosis").cost.sum()
+    np.testing.assert_allclose(by_diagnosis["s"].to_numpy(), expected.loc[by_diagnosis.index].to_numpy())
+    other = int(
+        hospital.frame.patient_id[
+            (hospital.frame.diagnosis == target.diagnosis) & (hospital.frame.patient_id != hospital.target_id)
+        ].iloc[0]
+    )
+    attempt = same[~same["patient_id"].isin([hospital.target_id, other])]
+    assert released_or_refused(lambda: attempt["cost"].sum().release(), numbers) is None
+    nothing_recovers(numbers, target.cost, recovered)
+
+
+def test_masking_one_record_inside_one_release_is_refused(hospital: Any, recovered: Recovered) -> None:
+    """Two numbers of one release whose contributing records differ by the target: the release is refused.
+
+    The mask names the target by what the analyst knows of them (age and length of stay), not by ``patient_id``:
+    a mask on a never_release column would make the masked column derive from it, which is refused on its own.
+    """
+    t = hospital.open()
+    frame, target = hospital.frame, hospital.target
+    others = (t["age"] != int(target.age)) | (t["length_of_stay"] != float(target.length_of_stay))
+    masked_out = ((frame.age == target.age) & (frame.length_of_stay == target.length_of_stay)).sum()
+    assert 1 <= masked_out < K
+    masked = t.assign(x=cn.where(others, t["cost"], None))
+    numbers: list[float] = []
+    assert released_or_refused(lambda: masked.agg(a=("cost", "sum"), b=("x", "sum")).release(), numbers) is None
+    assert numbers == []
+    # Its legitimate twin: the masked sum alone is released (nothing remembered differs from it by a few records).
+    alone = released_or_refused(lambda: masked.agg(b=("x", "sum")).release()["b"], numbers)
+    assert alone == pytest.approx(
+        frame.cost[(frame.age != target.age) | (frame.length_of_stay != target.length_of_stay)].sum()
+    )
+    assert released_or_refused(lambda: t.agg(a=("cost", "sum")).release()["a"], numbers) is None
+    nothing_recovers(numbers, target.cost, recovered)
+
+
+def test_the_groups_of_everyone_but_the_target_added_up_are_refused(hospital: Any, recovered: Recovered) -> None:
+    """sum(cost) over everyone, then by sex over everyone but the target: the two groups add up to all but one."""
+    t = hospital.open()
+    numbers: list[float] = []
+    everyone = released_or_refused(lambda: t["cost"].sum().release(), numbers)
+    assert everyone == pytest.approx(hospital.frame.cost.sum())
+    others = t[t["patient_id"] != hospital.target_id]
+    assert released_or_refused(lambda: others.group_by("sex").agg(s=("cost", "sum")).release(), numbers) is None
+    assert len(numbers) == 1
+    nothing_recovers(numbers, hospital.target.cost, recovered)
+
+
+def test_the_groups_first_then_everyone_but_the_target_is_refused(hospital: Any, recovered: Recovered) -> None:
+    """The other order: the groups of everyone (their union is remembered), then everyone but the target."""
+    t = hospital.open()
+    frame = hospital.frame
+    numbers: list[float] = []
+    by_sex = released_or_refused(lambda: t.group_by("sex").agg(s=("cost", "sum")).release(), numbers)
+    expected = frame.groupby("sex").cost.sum()
+    np.testing.assert_allclose(by_sex["s"].to_numpy(), expected.loc[by_sex.index].to_numpy())
+    but_one = t[t["patient_id"] != hospital.target_id]
+    assert released_or_refused(lambda: but_one["cost"].sum().release(), numbers) is None
+    nothing_recovers([*numbers, sum(numbers)], hospital.target.cost, recovered)
+    # Its legitimate twin: the total of everyone, which the groups add up to anyway, is released.
+    assert t["cost"].sum().release() == pytest.approx(frame.cost.sum())
+
+
+# -- legitimate twins ----------------------------------------------------------------------------------------------
+
+
+def test_disjoint_halves_and_their_whole_are_released(hospital: Any) -> None:
+    t = hospital.open()
+    frame = hospital.frame
+    young = t[t["age"] < 50].agg(s=("cost", "sum"), n=("cost", "count")).release()
+    old = t[t["age"] >= 50].agg(s=("cost", "sum"), n=("cost", "count")).release()
+    everyone = t.agg(s=("cost", "sum"), n=("cost", "count")).release()
+    assert young["s"] == pytest.approx(frame.cost[frame.age < 50].sum())
+    assert old["s"] == pytest.approx(frame.cost[frame.age >= 50].sum())
+    assert everyone["s"] == pytest.approx(frame.cost.sum())
+    assert int(young["n"]) + int(old["n"]) == int(everyone["n"]) == len(frame)
+    assert refusals(hospital) == []
+
+
+def test_differing_by_k_records_is_released(hospital: Any) -> None:
+    t = hospital.open()
+    frame = hospital.frame
+    left_out = frame.patient_id.iloc[:K].tolist()
+    everyone = t["cost"].sum().release()
+    but_k = t[~t["patient_id"].isin(left_out)]["cost"].sum().release()
+    assert everyone == pytest.approx(frame.cost.sum())
+    assert but_k == pytest.approx(frame.cost[~frame.patient_id.isin(left_out)].sum())
+    # Their difference is a sum over k patients, which the policy allows on its own.
+    assert everyone - but_k == pytest.approx(frame.cost[frame.patient_id.isin(left_out)].sum())
+
+
+def test_asking_the_same_question_again_is_released(hospital: Any) -> None:
+    t = hospital.open()
+    first = t.group_by("sex").agg(m=("length_of_stay", "mean")).release()
+    again = t.group_by("sex").agg(m=("length_of_stay", "mean")).release()
+    expected = hospital.frame.groupby("sex").length_of_stay.mean()
+    np.testing.assert_allclose(first["m"].to_numpy(), expected.loc[first.index].to_numpy())
+    np.testing.assert_allclose(again["m"].to_numpy(), first["m"].to_numpy())
+    assert refusals(hospital) == []
+
+
+def test_a_refused_release_is_not_remembered(hospital: Any) -> None:
+    """After a refusal the analyst can still ask what differs from the refused set, not from the released ones."""
+    t = hospital.open()
+    frame = hospital.frame
+    everyone = t["cost"].sum().release()
+    with pytest.raises(cn.PolicyViolation):
+        t[t["patient_id"] != hospital.target_id]["cost"].sum().release()
+    # Everyone but 10 differs from the refused set by 9 records: fine, since that set was never released.
+    left_out = [hospital.target_id, *frame.patient_id[frame.patient_id != hospital.target_id].iloc[:9].tolist()]
+    but_ten = t[~t["patient_id"].isin(left_out)]["cost"].sum().release()
+    assert everyone - but_ten == pytest.approx(frame.cost[frame.patient_id.isin(left_out)].sum())
+
+
+def test_a_sealed_and_unsealed_copy_is_the_same_records(hospital: Any, recovered: Recovered, tmp_path: Any) -> None:
+    """Sealing a filtered table and opening it again keeps each row's record id: no fresh set of records."""
+    t = hospital.open()
+    numbers: list[float] = []
+    everyone = released_or_refused(lambda: t["cost"].sum().release(), numbers)
+    assert everyone == pytest.approx(hospital.frame.cost.sum())
+    path = t[t["patient_id"] != hospital.target_id].seal(tmp_path / "all-but-one.cnb")
+    copy = cn.unseal(path)
+    assert isinstance(copy, SealedTable)
+    assert released_or_refused(lambda: copy["cost"].sum().release(), numbers) is None
+    # Its legitimate twin: an aggregate of the copy over other records is released.
+    young = copy[copy["age"] < 50]["cost"].sum().release()
+    frame = hospital.frame
+    assert young == pytest.approx(frame.cost[(frame.patient_id != hospital.target_id) & (frame.age < 50)].sum())
+    nothing_recovers([*numbers, young], hospital.target.cost, recovered)
