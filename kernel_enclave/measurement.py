@@ -57,6 +57,7 @@ ENCLAVE_CONFNB_MODULES: tuple[str, ...] = (
     "confnb/hpke.py",  # key release, uploads and launch secrets
     "confnb/policy/__init__.py",
     "confnb/policy/output.py",  # the output policy the vault enforces and the relay's display rules
+    "confnb/policy/privacy.py",  # its [privacy] table: exact or differentially private releases
     "confnb/policy/schema.py",  # the names a policy file may use, checked before either half is read
     "confnb/policy/toml.py",
     "confnb/receipt_format.py",  # the receipts the vault signs

@@ -13,6 +13,7 @@ from confnb.analyst.api import audit, export, kernel_info, open, unseal
 from confnb.analyst.errors import NotInKernelError, PolicyViolation, VaultError
 from confnb.analyst.expr import Column, Expr, col, lit, where
 from confnb.analyst.model import SealedModel, fit
+from confnb.analyst.privacy import budget, set_epsilon
 from confnb.analyst.table import GroupBy, SealedResult, SealedTable
 
 __all__ = [
@@ -26,12 +27,14 @@ __all__ = [
     "SealedTable",
     "VaultError",
     "audit",
+    "budget",
     "col",
     "export",
     "fit",
     "kernel_info",
     "lit",
     "open",
+    "set_epsilon",
     "unseal",
     "where",
 ]

@@ -150,19 +150,30 @@ class SealedResult:
         return self._datasets
 
     @short_traceback
-    def release(self) -> Any:
+    def release(self, epsilon: float | None = None, delta: float | None = None) -> Any:
         """Ask the vault to release this result under the output policy; the pandas object or Python scalar.
 
         Raises :class:`~confnb.PolicyViolation` (naming the rule and the datasets) when the policy withholds it.
         A scalar the policy withholds raises too; inside a released table a withheld number is null, and
         ``attrs["confnb_suppressed"]`` says which: ``{"groups": <groups (or described columns) removed>, "cells":
         {<column>: [<index labels of the nulled cells>]}}``.
+
+        On a dataset in differential-privacy mode the result is noisy and ``epsilon`` (or the session's, see
+        :func:`confnb.set_epsilon`) is charged to the owner's budget before it leaves; ``attrs["confnb_dp"]`` (a
+        number: its ``.dp``) says what was spent, what is left and how noisy each column is.
         """
-        reply, buffers = self._session.request({"op": "release", "plan": self._plan})
+        from confnb.analyst.privacy import noisy, requested_loss
+
+        request = {"op": "release", "plan": self._plan, **requested_loss(epsilon, delta)}
+        reply, buffers = self._session.request(request)
         result_id = reply.get("result")
         if not isinstance(result_id, str):
             raise VaultError("the vault released a value without a result id")
-        return remember(_decode(reply, buffers, self._shape), result_id)
+        value = _decode(reply, buffers, self._shape)
+        account = reply.get("dp")
+        if isinstance(account, dict):
+            value = noisy(value, account)
+        return remember(value, result_id)
 
     @short_traceback
     def preview(self) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""The broker's HTTP API (ASGI, FastAPI): challenges and key releases, with a published OpenAPI document.
+"""The broker's HTTP API (ASGI, FastAPI): challenges, key releases and privacy-budget charges, with a published
+OpenAPI document.
 
-Every challenge, release and denial is appended to the owner's audit log before the response leaves, so a release
-the log does not show cannot have happened; so is every refusal made before a handler runs (a body over the cap, a
-field that does not validate). Challenge refusals past the per-address cap are counted and audited as one entry per
-address per interval, so a flood of them cannot make the log, and the broker's disk, pay for each.
+Every challenge, release, charge and denial is appended to the owner's audit log before the response leaves, so a
+release the log does not show cannot have happened; so is every refusal made before a handler runs (a body over the
+cap, a field that does not validate). Challenge refusals past the per-address cap are counted and audited as one entry
+per address per interval, so a flood of them cannot make the log, and the broker's disk, pay for each.
 
 The event loop never blocks: SQLite, signatures and seals run in thread pools of their own, one for releases, one
 for challenges and one for auditing early refusals, each bounded. A flood of release requests therefore queues
@@ -28,12 +29,13 @@ from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from confnb import __version__
 from confnb.attest.errors import PolicyError
 from confnb.attest.verifier import Verifier
+from confnb.broker.budget import MAX_PLAN_DIGEST_CHARS, BudgetLedger, ChargeRefusedError
 from confnb.broker.challenges import ChallengeLimitError, ChallengeStore
 from confnb.broker.limits import (
     MAX_DATASET_ID_CHARS,
@@ -115,6 +117,57 @@ class OwnerInfo(BaseModel):
     )
 
 
+class BudgetChargeRequest(BaseModel):
+    """What the kernel signs; its canonical JSON (sorted keys, no whitespace, UTF-8) is what the signature covers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str = Field(max_length=MAX_DATASET_ID_CHARS, description="the dataset of the path")
+    epsilon: float = Field(description="the ε this release spends; finite and greater than 0")
+    delta: float = Field(description="the δ this release spends; finite and at least 0")
+    plan_digest: str = Field(min_length=1, max_length=MAX_PLAN_DIGEST_CHARS, description="the released plan")
+    kernel_key: str = Field(max_length=64, description="base64 of the kernel's raw Ed25519 key named at key release")
+    nonce: str = Field(pattern="^[0-9a-f]{32}$", description="32 hex characters, random, never used before")
+
+
+class BudgetChargeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request: BudgetChargeRequest
+    signature: str = Field(max_length=128, description="base64 Ed25519 signature by kernel_key over the request")
+
+
+class BudgetAcknowledgement(BaseModel):
+    charge_id: str
+    dataset_id: str
+    epsilon: float
+    delta: float
+    plan_digest: str
+    nonce: str
+    epsilon_spent: float = Field(description="the dataset's ε spent, this charge included")
+    epsilon_remaining: float
+    delta_spent: float
+    delta_remaining: float
+    time: str = Field(description="RFC 3339")
+
+
+class BudgetChargeReceipt(BaseModel):
+    acknowledgement: BudgetAcknowledgement
+    signature: str = Field(description="base64 Ed25519 signature by the owner over the acknowledgement's JSON")
+
+
+class BudgetState(BaseModel):
+    dataset_id: str
+    mode: str = Field(description="dp, or exact (then no amounts)")
+    epsilon: float | None = Field(default=None, description="the owner's ε budget")
+    delta: float | None = Field(default=None, description="the owner's δ budget")
+    epsilon_spent: float | None = None
+    epsilon_remaining: float | None = None
+    delta_spent: float | None = None
+    delta_remaining: float | None = None
+    charges: int = Field(description="how many charges the budget has paid")
+
+
 _TOO_LARGE: dict[int | str, dict[str, Any]] = {
     413: {"model": Refusal, "description": "the body is larger than the broker accepts"}
 }
@@ -144,6 +197,7 @@ def create_app(store: OwnerStore, verifier: Verifier | None = None, limits: Brok
         description="Releases dataset keys only to kernels whose SEV-SNP attestation satisfies the owner's policy.",
         lifespan=lifespan,
     )
+    ledger = BudgetLedger(store)
     challenges = ChallengeStore(
         store.database, max_outstanding=limits.max_challenges, max_per_client=limits.max_challenges_per_client
     )
@@ -214,6 +268,45 @@ def create_app(store: OwnerStore, verifier: Verifier | None = None, limits: Brok
         )
         return content if status == 200 else JSONResponse(status_code=status, content=content)
 
+    @app.post(
+        "/v1/datasets/{dataset_id}/budget-charges",
+        response_model=BudgetChargeReceipt,
+        responses={
+            400: {"model": Refusal, "description": "the request is malformed (the reason names the field)"},
+            403: {
+                "model": Refusal,
+                "description": "refused: not a dp dataset, key not granted, bad signature, "
+                "replayed nonce, or the charge would exceed a budget",
+            },
+            404: {"model": Refusal, "description": "no such dataset"},
+            **_TOO_LARGE,
+        },
+        summary="Charge a release to the dataset's differential-privacy budget (signed by an attested kernel)",
+    )
+    async def budget_charge(
+        dataset_id: Annotated[str, Path(max_length=MAX_DATASET_ID_CHARS)], body: BudgetChargeBody, request: Request
+    ) -> Any:
+        # The signature covers the JSON values the kernel sent, not the model's coerced copy of them.
+        document = await request.json()
+        status, content = await pools.run(
+            pools.release, _charge, ledger, dataset_id, document.get("request"), body.signature, _client(request)
+        )
+        return JSONResponse(status_code=status, content=content)
+
+    @app.get(
+        "/v1/datasets/{dataset_id}/budget",
+        response_model=BudgetState,
+        responses={
+            403: {"model": Refusal, "description": "the owner's privacy table cannot be read"},
+            404: {"model": Refusal, "description": "no such dataset"},
+            **_TOO_LARGE,
+        },
+        summary="The dataset's differential-privacy budget: spent and remaining",
+    )
+    async def budget(dataset_id: Annotated[str, Path(max_length=MAX_DATASET_ID_CHARS)]) -> Any:
+        status, content = await pools.run(pools.challenge, _budget_state, ledger, dataset_id)
+        return JSONResponse(status_code=status, content=content)
+
     @app.get(
         "/v1/owner",
         response_model=OwnerInfo,
@@ -244,6 +337,25 @@ def create_app(store: OwnerStore, verifier: Verifier | None = None, limits: Brok
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _charge(
+    ledger: BudgetLedger, dataset_id: str, request: Any, signature: str, actor: str
+) -> tuple[int, dict[str, Any]]:
+    try:
+        return 200, ledger.charge(dataset_id, request, signature, actor)
+    except ChargeRefusedError as refusal:
+        return refusal.status, {"reason": refusal.reason}
+
+
+def _budget_state(ledger: BudgetLedger, dataset_id: str) -> tuple[int, dict[str, Any]]:
+    try:
+        state = ledger.state(dataset_id)
+    except PolicyError as exc:
+        return 403, {"reason": bounded(f"budget: the owner's privacy table is unusable: {exc}")}
+    if state is None:
+        return 404, {"reason": f"dataset: no dataset {bounded(dataset_id, MAX_DATASET_ID_CHARS)!r} is registered"}
+    return 200, state
 
 
 def _issue(challenges: ChallengeStore, store: OwnerStore, client: str, actor: str) -> dict[str, str]:
@@ -289,7 +401,16 @@ def _release(
         except PolicyError as exc:  # fail closed: a cap that cannot be read releases nothing
             outcome = Denial(dataset_id, f"policy: the owner's output policy is unusable: {exc}")
         else:
-            if store.count_release(dataset_id, cap, moment, detail, actor) is not None:
+            counted = store.count_release(
+                dataset_id,
+                cap,
+                moment,
+                detail,
+                actor,
+                kernel_key=outcome.signing_public_key,
+                evidence_digest=outcome.evidence_digest,
+            )
+            if counted is not None:
                 return 200, outcome.to_dict()
             outcome = Denial(
                 dataset_id,

@@ -107,6 +107,7 @@ class AuditKind(StrEnum):
     RELEASE = "release"  # a dataset key released to an attested kernel
     DENIAL = "denial"  # a key release refused, with the failing checks
     ADMIN = "admin"  # a change by the owner: policy, dataset registration, key rotation
+    CHARGE = "charge"  # a differentially private release charged to a dataset's budget
 
 
 class AuditLogError(Exception):

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from confnb import hpke
 from confnb.attest.errors import AttestInputError
 from confnb.attest.evidence import Evidence
@@ -47,6 +49,9 @@ class Grant:
     output_policy_signature: str
     evidence_digest: str
     simulated: bool
+    # base64 of the kernel's raw Ed25519 signing key, bound by its evidence; None when the claim is not such a key.
+    # The broker records it at release as the key that may charge the dataset's privacy budget.
+    signing_public_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,7 +131,18 @@ def decide(
         output_policy_signature=dataset.output_policy_signature,
         evidence_digest=evidence.digest(),
         simulated=result.simulated,
+        signing_public_key=_signing_key(evidence.claims.get("signing_public_key", "")),
     )
+
+
+def _signing_key(claim: str) -> str | None:
+    """The claim in canonical base64 if it is a raw Ed25519 public key, so that a charge's key compares equal."""
+    try:
+        raw = base64.b64decode(claim, validate=True)
+        ed25519.Ed25519PublicKey.from_public_bytes(raw)
+    except (binascii.Error, ValueError):
+        return None
+    return base64.b64encode(raw).decode()
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Layout of ``OWNER_DIR`` (mode 0700)::
 
-    broker.sqlite      datasets (wrapped keys, policies), challenges      SQLite, WAL
+    broker.sqlite      datasets (wrapped keys, policies), challenges,     SQLite, WAL
+                       kernel keys granted, privacy-budget charges
     audit.sqlite       the hash-chained, owner-signed audit log          (confnb.broker.audit)
     owner.key          the owner's Ed25519 key, wrapped by the master key (never in the clear on disk)
     owner.pub          the owner's public key (PEM), to hand to analysts and kernels
@@ -59,6 +60,24 @@ CREATE TABLE IF NOT EXISTS key_releases (
     released INTEGER NOT NULL,
     PRIMARY KEY (dataset_id, day)
 );
+CREATE TABLE IF NOT EXISTS kernel_keys (
+    dataset_id TEXT NOT NULL,
+    kernel_key TEXT NOT NULL,
+    granted_at TEXT NOT NULL,
+    evidence_digest TEXT NOT NULL,
+    PRIMARY KEY (dataset_id, kernel_key)
+);
+CREATE TABLE IF NOT EXISTS budget_charges (
+    charge_id TEXT PRIMARY KEY,
+    dataset_id TEXT NOT NULL,
+    kernel_key TEXT NOT NULL,
+    epsilon INTEGER NOT NULL,
+    delta INTEGER NOT NULL,
+    plan_digest TEXT NOT NULL,
+    nonce TEXT NOT NULL UNIQUE,
+    time TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS budget_charges_by_kernel ON budget_charges (dataset_id, kernel_key);
 """
 
 
@@ -250,7 +269,15 @@ class OwnerStore:
         return self._master.unwrap(record.wrapped_key, dataset_id, record.key_id)
 
     def count_release(
-        self, dataset_id: str, cap: int | None, moment: datetime, detail: dict[str, Any], actor: str
+        self,
+        dataset_id: str,
+        cap: int | None,
+        moment: datetime,
+        detail: dict[str, Any],
+        actor: str,
+        *,
+        kernel_key: str | None = None,
+        evidence_digest: str = "",
     ) -> int | None:
         """Count one key release of ``dataset_id`` on the UTC day of ``moment`` and audit it, as one transaction.
 
@@ -259,6 +286,10 @@ class OwnerStore:
         ``BEGIN IMMEDIATE`` serialises concurrent releases, so two kernels can never both take the last place and
         a release the log does not show is never counted (nor one it shows left uncounted, short of the final
         commit itself failing).
+
+        ``kernel_key`` (base64 of the kernel's raw Ed25519 signing key, from its verified evidence) is recorded in
+        the same transaction as authorised to charge the dataset's privacy budget (:mod:`confnb.broker.budget`):
+        only a kernel that holds the key may spend the budget, and only once it holds it.
         """
         day = moment.astimezone(UTC).date().isoformat()
         with transaction(self.database) as db:
@@ -273,6 +304,11 @@ class OwnerStore:
                 "ON CONFLICT (dataset_id, day) DO UPDATE SET released = released + 1",
                 (dataset_id, day),
             )
+            if kernel_key is not None:
+                db.execute(
+                    "INSERT OR IGNORE INTO kernel_keys VALUES (?, ?, ?, ?)",
+                    (dataset_id, kernel_key, rfc3339(moment), evidence_digest),
+                )
             limit = {} if cap is None else {"max_kernels_per_day": cap}
             self.audit.append("release", actor, dataset_id, {**detail, "released_today": released + 1, **limit})
         return released + 1
@@ -285,6 +321,14 @@ class OwnerStore:
                 "SELECT released FROM key_releases WHERE dataset_id = ? AND day = ?", (dataset_id, day)
             ).fetchone()
         return int(row[0]) if row else 0
+
+    def granted_kernel_keys(self, dataset_id: str) -> list[str]:
+        """The signing keys (base64, raw Ed25519) of the kernels that received the key of ``dataset_id``."""
+        with transaction(self.database, write=False) as db:
+            rows = db.execute(
+                "SELECT kernel_key FROM kernel_keys WHERE dataset_id = ? ORDER BY granted_at, kernel_key", (dataset_id,)
+            ).fetchall()
+        return [str(row[0]) for row in rows]
 
     def _attestation_policy(self, dataset_id: str, text: str | None) -> AttestationPolicy | None:
         if text is not None:

@@ -61,6 +61,16 @@ def register(subcommands: Any) -> None:
     )
     serve.set_defaults(handler=_serve)
 
+    budget = commands.add_parser(
+        "budget",
+        help="show each dataset's differential-privacy budget: spent and remaining",
+        description="Per dataset: its privacy mode and, under dp, the epsilon and delta its owner's policy allows, "
+        "how much the charges of attested kernels have spent and what remains.",
+    )
+    _store_options(budget)
+    budget.add_argument("--json", action="store_true", help="print one JSON document")
+    budget.set_defaults(handler=_budget)
+
     keys = subcommands.add_parser(
         "keys",
         help="manage the broker's master key",
@@ -224,6 +234,40 @@ def _serve(args: argparse.Namespace) -> int:
 
 class _EncryptedKeyError(Exception):
     pass
+
+
+def _budget(args: argparse.Namespace) -> int:
+    from confnb.attest.errors import PolicyError
+    from confnb.broker.budget import BudgetLedger
+
+    store = _open(args)
+    ledger = BudgetLedger(store)
+    states: list[dict[str, Any]] = []
+    for dataset_id in store.dataset_ids():
+        try:
+            state = ledger.state(dataset_id)
+        except PolicyError as exc:  # shown, not hidden: the broker charges nothing to such a dataset
+            state = {"dataset_id": dataset_id, "mode": "unusable", "problem": str(exc)}
+        if state is not None:
+            states.append(state)
+    if args.json:
+        print_json({"datasets": states})
+        return EXIT_OK
+    if not states:
+        print("no datasets registered")
+    for state in states:
+        name = state["dataset_id"]
+        if state["mode"] == "dp":
+            print(
+                f"{name:<24}  dp     epsilon {state['epsilon_spent']:g} of {state['epsilon']:g} spent, "
+                f"{state['epsilon_remaining']:g} left; delta {state['delta_spent']:g} of {state['delta']:g} spent, "
+                f"{state['delta_remaining']:g} left; {state['charges']} charges"
+            )
+        elif state["mode"] == "exact":
+            print(f"{name:<24}  exact  no budget (exact mode)")
+        else:
+            print(f"{name:<24}  " + paint(f"unusable privacy table: {state['problem']}", "red"))
+    return EXIT_OK
 
 
 def _check_tls(cert: str, key: str) -> None:

@@ -43,6 +43,21 @@ difference_checks = true                # refuse a number a few records away fro
 mime = ["text/plain", "text/markdown", "image/png"]
 max_output_bytes = 1000000
 tracebacks = "redacted"                 # "redacted" (type and cell line) or "full"
+
+[privacy]
+mode = "exact"                          # numbers as computed, under the rules above; or "dp", as below
+# Differential privacy instead: every released number is noisy and charged to a budget your broker keeps.
+# mode = "dp"
+# epsilon = 1.0                         # the dataset's total budget (at most 100)
+# delta = 1e-7                          # optional, below 0.001
+# epsilon_per_kernel = 0.5              # optional: what one kernel may spend
+# unit = "patient_id"                   # optional: the column naming a person (else one row is one person)
+# max_contributions = 1                 # rows one person may contribute
+# public = ["row_count"]                # exact releases still allowed besides the schema
+# [privacy.bounds]                      # public clipping bounds of numeric columns
+# age = [0, 120]
+# [privacy.keys]                        # public group keys
+# diagnosis = ["cardiac", "respiratory"]
 """,
 }
 

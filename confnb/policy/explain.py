@@ -7,8 +7,12 @@ vault and the verifier enforce.
 
 from __future__ import annotations
 
+import json
+import re
+
 from confnb.attest.policy import AttestationPolicy
 from confnb.policy.output import OutputPolicy
+from confnb.policy.privacy import PrivacyPolicy
 
 _KIND_TEXT = {
     "schema": "the dataset's column names and types",
@@ -18,6 +22,7 @@ _KIND_TEXT = {
     "model_parameters": "the parameters of trained models (coefficients, feature importances)",
     "predict_public": "predictions of trained models on data the analyst supplies",
 }
+_BARE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def explain_output(policy: OutputPolicy) -> list[str]:
@@ -26,6 +31,8 @@ def explain_output(policy: OutputPolicy) -> list[str]:
         lines.append("May be released: " + "; ".join(_KIND_TEXT[kind] for kind in sorted(policy.allow)) + ".")
     else:
         lines.append("No results of any kind may be released.")
+    if policy.privacy is not None and policy.privacy.is_dp:
+        lines.append(_explain_privacy(policy.privacy, policy.allow))
     if "aggregate" in policy.allow:
         if policy.min_group_size > 1:
             lines.append(
@@ -83,17 +90,65 @@ def _explain_limits(policy: OutputPolicy) -> list[str]:
             lines.append(f"So the kernels given the key on one day can draw at most {total} releases in all.")
     else:
         lines.append("Any number of kernels per day may be given the dataset's key (no max_kernels_per_day).")
-    if policy.difference_checks:
+    if policy.checks_differences:
         lines.append(
-            "Difference checks are on: a number whose records differ from those of a number released earlier by the "
-            f"same kernel by 1 to {policy.min_group_size - 1} records is refused (release.difference)."
+            f"Difference checks are on{' (the default)' if policy.difference_checks is None else ''}: a number whose "
+            "records differ from those of a number released earlier by the same kernel by 1 to "
+            f"{policy.min_group_size - 1} records is refused (release.difference)."
         )
     else:
         lines.append(
-            "Difference checks are off (no difference_checks = true): two releases whose records differ by one "
+            "Difference checks are OFF (difference_checks = false): two releases whose records differ by one "
             "person, such as a sum over everyone and over everyone but them, reveal that person's value."
         )
     return lines
+
+
+def _explain_privacy(privacy: PrivacyPolicy, allow: frozenset[str]) -> str:
+    """One sentence with every number the owner chose: the budget, who a person is, and the public facts."""
+    epsilon = _number(privacy.epsilon if privacy.epsilon is not None else 0.0)
+    budget = f"the dataset's total budget is ε = {epsilon} (δ = {_number(privacy.delta)})"
+    if privacy.epsilon_per_kernel is not None:
+        budget += f", at most ε = {_number(privacy.epsilon_per_kernel)} per kernel"
+    else:
+        budget += ", all of which one kernel may spend"
+    count = privacy.max_contributions
+    rows = f"{count} row{'' if count == 1 else 's'}"
+    if privacy.unit is not None:
+        person = f"one person is identified by {_name(privacy.unit)} and may contribute up to {rows}"
+    elif count == 1:
+        person = "one row is one person"
+    else:
+        person = f"one person may contribute up to {rows} (no column identifies them)"
+    parts = [budget, person]
+    if privacy.bounds:
+        shown = (f"{_name(column)} {_number(low)}..{_number(high)}" for column, (low, high) in privacy.bounds.items())
+        parts.append("public bounds: " + ", ".join(shown))
+    if privacy.keys:
+        shown = (
+            f"{_name(column)} ({len(values)} value{'' if len(values) == 1 else 's'})"
+            for column, values in privacy.keys.items()
+        )
+        parts.append("public group keys: " + ", ".join(shown))
+    exact = [kind for kind in ("schema", *privacy.public) if kind in allow]  # [release] allow still decides
+    parts.append("exact releases: only " + " and ".join(exact) if exact else "no release is exact")
+    return "Differential privacy: every released number is noisy; " + "; ".join(parts) + "."
+
+
+def _number(value: float) -> str:
+    """A number as an owner would write it: 1 rather than 1.0, 1e-7 rather than 1e-07, and never rounded."""
+    text = repr(float(value))
+    if text.endswith(".0"):
+        text = text[:-2]
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
+
+
+def _name(column: str) -> str:
+    """A column name as written when it is a plain word; quoted otherwise, so the sentence stays one line."""
+    return column if _BARE_NAME.fullmatch(column) else json.dumps(column[:64] + ("..." if len(column) > 64 else ""))
 
 
 def explain_attestation(policy: AttestationPolicy) -> list[str]:

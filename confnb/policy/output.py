@@ -2,7 +2,8 @@
 
 The vault enforces it on facts it computed itself (a released aggregate row *was* computed from at least
 ``min_group_size`` records), never on the text of a result. When one computation touches several datasets, their
-policies combine into the strictest of each rule (:func:`strictest`).
+policies combine into the strictest of each rule (:func:`strictest`). The ``[privacy]`` table
+(:mod:`confnb.policy.privacy`) chooses between exact numbers under these rules and differential privacy.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from confnb.attest.errors import PolicyError
+from confnb.policy.privacy import PrivacyPolicy, read_privacy
 from confnb.policy.schema import OUTPUT_TABLES, POLICY_TABLES, check_names
 from confnb.policy.toml import KeyLines, TableReader, brief, parse_policy, read_policy_text
 
@@ -36,8 +38,8 @@ _ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 
 @dataclass(frozen=True)
 class OutputPolicy:
-    """One owner's rules. Defaults deny every release kind, set min_group_size 10, show only plain text, and redact
-    tracebacks."""
+    """One owner's rules. Defaults deny every release kind, set min_group_size 10, check differences, show only plain
+    text, and redact tracebacks."""
 
     id: str
     allow: frozenset[str] = frozenset()
@@ -47,14 +49,24 @@ class OutputPolicy:
     max_releases: int | None = None  # releases one kernel may draw from the dataset; None: no limit
     max_kernels_per_day: int | None = None  # key releases the broker makes per UTC day; None: no limit
     # Refuse a number whose records differ from an earlier released number's by 1 to min_group_size - 1 records.
-    difference_checks: bool = False
+    # None: the owner did not say, which means on (see checks_differences); only an explicit false turns them off.
+    difference_checks: bool | None = None
     mime: tuple[str, ...] = DEFAULT_MIME
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     tracebacks: str = "redacted"
+    privacy: PrivacyPolicy | None = None  # None: no [privacy] table, which is exact mode
     sources: tuple[str, ...] = field(default=(), compare=False)  # the policy ids this one was combined from
 
     def allows(self, kind: str) -> bool:
         return kind in self.allow
+
+    @property
+    def checks_differences(self) -> bool:
+        return self.difference_checks is not False
+
+    @property
+    def is_dp(self) -> bool:
+        return self.privacy is not None and self.privacy.is_dp
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,13 +78,14 @@ class OutputPolicy:
                 **({"max_rows": self.max_rows} if self.max_rows is not None else {}),
                 **({"max_releases": self.max_releases} if self.max_releases is not None else {}),
                 **({"max_kernels_per_day": self.max_kernels_per_day} if self.max_kernels_per_day is not None else {}),
-                **({"difference_checks": True} if self.difference_checks else {}),
+                **({"difference_checks": self.difference_checks} if self.difference_checks is not None else {}),
             },
             "display": {
                 "mime": list(self.mime),
                 "max_output_bytes": self.max_output_bytes,
                 "tracebacks": self.tracebacks,
             },
+            **({"privacy": self.privacy.to_dict()} if self.privacy is not None else {}),
         }
 
     def canonical_json(self) -> bytes:
@@ -102,6 +115,11 @@ class OutputPolicy:
             # No broker stands behind this file (an upload), so nothing would count key releases.
             raise TableReader(KeyLines(text), source, "release").fail(
                 "max_kernels_per_day", "has no effect here: only a broker releasing the dataset's key enforces it"
+            )
+        if "attestation" not in tables and policy.is_dp:
+            # The budget lives in the owner's broker, which charges before every release; an upload has none.
+            raise TableReader(KeyLines(text), source, "privacy").fail(
+                "mode", 'cannot be "dp" here: only a broker keeping the dataset\'s budget can charge a release to it'
             )
         return policy
 
@@ -158,6 +176,8 @@ def _read(lines: KeyLines, source: str, document: dict[str, Any]) -> OutputPolic
         if mode not in TRACEBACK_MODES:
             raise display.fail("tracebacks", f"must be one of {', '.join(TRACEBACK_MODES)}, not {brief(mode)}")
         values["tracebacks"] = mode
+    if "privacy" in document:
+        values["privacy"] = read_privacy(lines, source, document["privacy"])
     return OutputPolicy(**values, sources=(values["id"],))
 
 
@@ -181,9 +201,11 @@ def strictest(policies: Iterable[OutputPolicy]) -> OutputPolicy:
         max_rows=min(max_rows) if max_rows else None,
         max_releases=min(max_releases) if max_releases else None,
         max_kernels_per_day=min(max_kernels) if max_kernels else None,
-        difference_checks=any(p.difference_checks for p in chosen),
+        difference_checks=None if any(p.checks_differences for p in chosen) else False,
         mime=tuple(mime),
         max_output_bytes=min(p.max_output_bytes for p in chosen),
         tracebacks=max((p.tracebacks for p in chosen), key=_STRICTNESS.__getitem__),
+        # The vault applies each dataset's own privacy policy; this only marks the combination as DP.
+        privacy=next((p.privacy for p in chosen if p.is_dp), None),
         sources=sources,
     )

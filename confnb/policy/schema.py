@@ -2,7 +2,7 @@
 
 The typed readers (:mod:`confnb.attest.policy`, :mod:`confnb.policy.output`) each validate the values they use, and
 each reads only its own half of a file. A name nobody reads would be silently ignored, and an owner who wrote
-``[relese]`` or ``[privacy] mode = "dp"`` would believe in a rule that nothing enforces. So every way in (``policy
+``[relese]`` or ``[privacy] epsilons = 1`` would believe in a rule that nothing enforces. So every way in (``policy
 check``, ``dataset encrypt``, the broker, the vault, uploads) checks the *whole* document against this schema before
 it reads any half of it. The typed readers rely on that and do not check names again.
 """
@@ -104,16 +104,29 @@ OUTPUT = {
         )
     ),
     "display": Table(dict.fromkeys(("mime", "max_output_bytes", "tracebacks"))),
+    # bounds and keys are tables too, but their names are the dataset's columns: the typed reader checks them.
+    "privacy": Table(
+        dict.fromkeys(
+            (
+                "mode",
+                "epsilon",
+                "delta",
+                "epsilon_per_kernel",
+                "unit",
+                "max_contributions",
+                "public",
+                "bounds",
+                "keys",
+            )
+        )
+    ),
 }
 OUTPUT_TABLES = tuple(OUTPUT)
 POLICY_TABLES = ("attestation", *OUTPUT_TABLES)
 POLICY_FILE = Table({"attestation": ATTESTATION, **OUTPUT}, "table")
 
 # Tables the design plans and this version does not enforce: refused with their own reason, never ignored.
-NOT_YET_SUPPORTED = {
-    "privacy": "this version of confnb does not support the [privacy] table yet (no differential-privacy mode); "
-    "remove it: none of its rules would be enforced",
-}
+NOT_YET_SUPPORTED: dict[str, str] = {}
 
 _BARE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 

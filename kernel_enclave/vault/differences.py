@@ -9,13 +9,24 @@ the same release) by between 1 and k - 1 records, where k is that dataset's ``mi
 fine (asking the same question twice reveals nothing new), and so is a difference of k or more records: the
 difference of the two numbers is then itself a number over at least k records.
 
+What is compared: only numbers that could be subtracted to isolate records. A difference describes the records
+between two sets only when both numbers measure the same thing, so each number carries comparison keys, and two
+numbers are compared when they share one: every dataset column its value derives from (``sum(cost)`` with any other
+number computed from ``cost``, also through ``cost * 2`` or ``cost + age``), and ``count`` for the numbers that count
+records (row counts, counts of a column, value counts, distinct counts, statistics of a flag). So a group's
+``count(age)`` and ``mean(cost)`` may rest on record sets a few records apart (a few costs missing) without either
+being refused, while ``sum(cost)`` over everyone and ``sum(cost)`` over everyone but one patient are. A caller
+that gives no keys puts every set under one key (all compared).
+
 The groups of a release added up are a number too: the groups of ``sum(cost)`` by sex over everyone but one
 patient add up to the sum over everyone but that patient, and ``sum(cost)`` over everyone minus the groups released
 by age is the sum over the ages withheld as too small. So the union of a grouped release's record sets (per
-dataset, when it has more than one) is checked and remembered like the sets of its numbers. The union covers every
-statistic of the groups at once, so it is a little stricter than one union per statistic would be.
+dataset and comparison key, when it has more than one) is checked and remembered like the sets of its numbers. The
+union covers every statistic under its key at once, so it is a little stricter than one union per statistic.
 
-What this does not stop: other combinations of three or more numbers (``A - B - C`` where each pair, and each
+What this does not stop: numbers under different keys that an analyst makes measure the same thing (a sum of a
+0/1 expression computed from a column, against a count over a filter on it: one bit per pair), other combinations
+of three or more numbers (``A - B - C`` where each pair, and each
 release taken whole, differs by k or more; some of a release's groups added up), and reconstruction from many
 overlapping releases. The release limits (``max_releases``) bound how many releases an analyst can draw, and the
 differential-privacy mode bounds what they reveal.
@@ -48,10 +59,14 @@ import numpy as np
 import numpy.typing as npt
 from pyroaring import BitMap, BitMap64
 
+from kernel_enclave.vault import stoppable
 from kernel_enclave.vault.protocol import PolicyViolation
 
 RULE = "release.difference"
-RecordSet = tuple[str, str, npt.NDArray[np.int64]]  # (dataset, label of the released number, sorted unique ids)
+# (dataset, label of the released number, sorted unique ids[, comparison keys]); see "What is compared" above
+RecordSet = tuple[str, str, npt.NDArray[np.int64]] | tuple[str, str, npt.NDArray[np.int64], frozenset[str]]
+COUNT_KEY = "count"  # counts of records (row counts, counts of a column, value counts, sums of flags)
+ALL_KEY = ""  # the key of a record set given without keys: compared with every other such set
 
 SIGNATURE_RANGES = 64  # ranges of record ids per signature: a power of two, so coarsening merges neighbours
 _U32 = 1 << 32
@@ -117,6 +132,26 @@ class _Dataset:
         self.count += 1
 
 
+@dataclass
+class _Seen:
+    """A distinct record set of the release being checked: its ids, its bitmaps, the comparison keys done."""
+
+    ids: npt.NDArray[np.int64]
+    keys: set[str] = field(default_factory=set)
+    narrow: BitMap | None = None
+    wide: BitMap64 | None = None
+
+    def bitmap(self, wide: bool) -> BitMap | BitMap64:
+        """One bitmap object per set and width, shared by every key it is remembered under."""
+        if wide:
+            if self.wide is None:
+                self.wide = _bitmap64(self.ids)
+            return self.wide
+        if self.narrow is None:
+            self.narrow = _bitmap32(self.ids)
+        return self.narrow
+
+
 @dataclass(frozen=True)
 class Checked:
     """A release whose record sets passed the check, to be remembered once it is released."""
@@ -132,7 +167,7 @@ class ReleaseMemory:
     """
 
     def __init__(self) -> None:
-        self._datasets: dict[str, _Dataset] = {}
+        self._datasets: dict[tuple[str, str], _Dataset] = {}  # (dataset, comparison key) -> its remembered sets
         self._generation = 0
 
     def check(
@@ -149,34 +184,40 @@ class ReleaseMemory:
         self._generation += 1
         for remembered in self._datasets.values():
             remembered.rollback()  # a release checked earlier and never remembered
-        touched: dict[str, list[BitMap | BitMap64]] = {}  # this release's distinct sets, per dataset
-        seen: dict[tuple[str, int], list[npt.NDArray[np.int64]]] = {}  # the same, by dataset and size
+        touched: dict[tuple[str, str], list[BitMap | BitMap64]] = {}  # this release's distinct sets, per partition
+        seen: dict[tuple[str, int], list[_Seen]] = {}  # the same, by dataset and size, with the keys checked
         try:
-            for dataset, _label, ids in record_sets:
+            for record in record_sets:
+                stoppable.check()  # the release is interrupted: nothing of it is remembered (see the rollback)
+                dataset, ids = record[0], record[2]
+                keys = record[3] if len(record) > 3 else frozenset({ALL_KEY})
                 k = min_group_size.get(dataset)
                 if k is None:
                     raise PolicyViolation(RULE, [dataset], "no output policy is known for this dataset")
-                memory = self._datasets.get(dataset)
-                if memory is None:
-                    memory = self._datasets[dataset] = _Dataset()
                 values = _checked_ids(ids)
                 same_size = seen.setdefault((dataset, int(values.size)), [])
-                if any(other is values or np.array_equal(other, values) for other in same_size):
-                    continue  # the same records as another number of this release (two statistics of one group)
-                same_size.append(values)
-                if values.size:
-                    memory.cover(int(values[-1]))
-                    if not memory.wide and int(values[-1]) >= _U32:
-                        memory.widen()
-                        touched[dataset] = [
-                            _bitmap64(np.asarray(b.to_array(), np.int64)) for b in touched.get(dataset, [])
-                        ]
-                bitmap = _bitmap64(values) if memory.wide else _bitmap32(values)
-                touched.setdefault(dataset, []).append(bitmap)
-                _compare(memory, dataset, bitmap, memory.signature(values), k, _ONE_NUMBER)
-            for dataset, bitmaps in touched.items() if grouped else ():
+                entry = next((e for e in same_size if e.ids is values or np.array_equal(e.ids, values)), None)
+                if entry is None:
+                    entry = _Seen(values)
+                    same_size.append(entry)
+                for key in sorted(set(keys) - entry.keys):  # the same records as another number: once per key
+                    entry.keys.add(key)
+                    memory = self._datasets.get((dataset, key))
+                    if memory is None:
+                        memory = self._datasets[(dataset, key)] = _Dataset()
+                    if values.size:
+                        memory.cover(int(values[-1]))
+                        if not memory.wide and int(values[-1]) >= _U32:
+                            memory.widen()
+                            touched[(dataset, key)] = [
+                                _bitmap64(np.asarray(b.to_array(), np.int64)) for b in touched.get((dataset, key), [])
+                            ]
+                    bitmap = entry.bitmap(memory.wide)
+                    touched.setdefault((dataset, key), []).append(bitmap)
+                    _compare(memory, dataset, bitmap, memory.signature(values), k, _ONE_NUMBER)
+            for (dataset, key), bitmaps in touched.items() if grouped else ():
                 if len(bitmaps) > 1:  # the groups added up are a number too
-                    memory = self._datasets[dataset]
+                    memory = self._datasets[(dataset, key)]
                     union = _union(bitmaps)
                     _compare(memory, dataset, union, memory.bitmap_signature(union), min_group_size[dataset], _ALL)
         except BaseException:
@@ -203,16 +244,20 @@ class ReleaseMemory:
         self.remember(self.check(record_sets, min_group_size, grouped=grouped))
 
     def remembered(self, dataset: str | None = None) -> int:
-        """How many distinct record sets are remembered (for one dataset, or all)."""
-        chosen = self._datasets.values() if dataset is None else [self._datasets.get(dataset, _Dataset())]
-        return sum(memory.committed for memory in chosen)
+        """How many distinct record sets are remembered (for one dataset, or all); a set kept under several
+        comparison keys counts once."""
+        chosen = [m for (name, _), m in self._datasets.items() if dataset is None or name == dataset]
+        return len({id(bitmap) for memory in chosen for bitmap in memory.bitmaps[: memory.committed]})
 
     def memory_bytes(self) -> int:
-        """Bytes held for the remembered sets: the bitmaps' containers and the size and signature arrays."""
-        return sum(
-            sum(memory.nbytes[: memory.committed]) + memory.sizes.nbytes + memory.signatures.nbytes
-            for memory in self._datasets.values()
-        )
+        """Bytes held for the remembered sets: the bitmaps' containers (each once) and the size and signature
+        arrays of every comparison key."""
+        sizes: dict[int, int] = {}
+        for memory in self._datasets.values():
+            for bitmap, nbytes in zip(memory.bitmaps[: memory.committed], memory.nbytes, strict=False):
+                sizes[id(bitmap)] = nbytes
+        arrays = sum(memory.sizes.nbytes + memory.signatures.nbytes for memory in self._datasets.values())
+        return sum(sizes.values()) + arrays
 
 
 _ONE_NUMBER = "a number of this result is computed from records that differ from those behind"

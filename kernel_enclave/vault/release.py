@@ -70,6 +70,7 @@ import polars as pl
 import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
 
 from confnb.policy.output import OutputPolicy, strictest
+from kernel_enclave.vault import stoppable
 from kernel_enclave.vault.plan import (
     RELEASE_NODES,
     Aggregate,
@@ -101,7 +102,10 @@ _ORDER_FUNCS = frozenset({"median", "quantile"})
 # most common value do not count towards them.
 _MODE_RULE = frozenset({"sum", "mean", "std", "var", "nunique", "median", "quantile"})
 
-RecordSet = tuple[str, str, np.ndarray]
+# (dataset, label, sorted unique record ids, comparison keys: which other numbers it is compared with)
+RecordSet = tuple[str, str, np.ndarray, frozenset[str]]
+COUNT_KEY = "count"  # the comparison key of numbers that count records (kernel_enclave.vault.differences)
+_COUNTED = frozenset({COUNT_KEY})
 
 
 @dataclass(frozen=True)
@@ -354,7 +358,7 @@ def _all_records(frame: SourceTable, label: str) -> tuple[RecordSet, ...]:
     found: dict[str, list[np.ndarray]] = {}
     for dataset, name in frame.records:
         found.setdefault(dataset, []).append(ids.get_column(name).drop_nulls().to_numpy())
-    return tuple((dataset, label, _union(parts)) for dataset, parts in sorted(found.items()))
+    return tuple((dataset, label, _union(parts), _COUNTED) for dataset, parts in sorted(found.items()))
 
 
 def _union(parts: Sequence[np.ndarray]) -> np.ndarray:
@@ -812,6 +816,8 @@ class _Input:
     moded: bool = False  # a cell on it follows the most-common-value rule
     ordered: bool = False  # a cell on it is an order statistic
     funcs: set[str] = field(default_factory=set)
+    column: str | None = None  # the column it reads, and in which form ("number", "present", "plain", "float")
+    kind: str = ""
 
     def normal(self) -> pl.Expr:
         """The contributing values as the most-common-value rule compares them (null where none contributes)."""
@@ -858,7 +864,13 @@ def _numbers_direct(
             continue
         spec = inputs.get((cell.column, cell.kind))
         if spec is None:
-            spec = _Input(f"v{len(inputs)}", _floating(frame, cell.column, cell.kind), cell.column in frame.masks)
+            spec = _Input(
+                f"v{len(inputs)}",
+                _floating(frame, cell.column, cell.kind),
+                cell.column in frame.masks,
+                column=cell.column,
+                kind=cell.kind,
+            )
             inputs[(cell.column, cell.kind)] = spec
             work.append(_work_expr(frame, cell.column, cell.kind, cell.func).alias(spec.v))
             if spec.masked:
@@ -1002,7 +1014,11 @@ def _numbers_direct(
         high = grouped.get_column(f"{spec.v}_hs").to_numpy()
         screened = np.where(np.minimum(high, n - high) >= k, n, -1)
         open_ = kept & (screened < 0) & (n >= k)
-        if sets and not _none_held_k_times(table, key_names, spec, k, what, subjects):
+        if (
+            sets
+            and not _held_once(frame, spec, k)
+            and not _none_held_k_times(table, key_names, spec, k, what, subjects)
+        ):
             open_ = kept & (n > 0)  # the record sets leave out a value k records share: find it exactly
         if open_.any():
             most, common = _most_common(frame, table, grouped, key_names, spec, open_, what, subjects)
@@ -1022,6 +1038,7 @@ def _numbers_direct(
         flat, bounds = segments(f"{spec.v}_o")
         large: list[tuple[str, int, np.ndarray, np.ndarray | None, int, int]] = []
         for row in (int(r) for r in np.nonzero(kept & (count[spec.v] >= k))[0]):
+            stoppable.check()
             segment = flat[bounds[row] : bounds[row + 1]]
             where = np.nonzero(~np.isnan(segment))[0] if spec.indicator is not None else None
             values = segment if where is None else segment[where]
@@ -1077,8 +1094,9 @@ def _numbers_direct(
 
     numbers = _Numbers(grouped.select(*key_names, *(cell.name for cell in cells)), group_records, kept, failing, [])
     if sets:
+        keys_of = {cell.name: _comparison_keys(frame, cell) for cell in cells}
         numbers.record_sets = _direct_sets(
-            numbers, datasets[0], by, cells, inputs, segments, modes, blocks, table, key_names
+            numbers, datasets[0], by, cells, inputs, segments, modes, blocks, table, key_names, keys_of
         )
     return numbers
 
@@ -1190,6 +1208,20 @@ def _block_mean(
     return mean, np.sort(np.concatenate([at_low[len(at_low) - lows :], np.nonzero(between)[0], at_high[:highs]]))
 
 
+def _held_once(frame: SourceTable, spec: _Input, k: int) -> bool:
+    """Whether no two rows hold one value of ``spec``'s column, by a load-time fact (the column was found unique in
+    its dataset, as the join size bound uses, and filters keep that): then no value is held by k >= 2 records, and
+    the most-common-value rule leaves no record out without counting anything per release."""
+    if k < 2 or frame.bound is None or spec.column is None or spec.column not in frame.bound.unique:
+        return False
+    dtype = frame.dtype(spec.column)
+    if spec.kind not in ("number", "plain", "float") or isinstance(dtype, pl.Decimal):
+        return False  # a presence flag repeats; a cast to float can merge two large integers or decimals
+    if spec.kind == "float" and not dtype.is_float():
+        return False
+    return frame.bound.unique[spec.column]()
+
+
 def _none_held_k_times(
     table: pl.DataFrame, key_names: Sequence[str], spec: _Input, k: int, what: str, subjects: Sequence[str]
 ) -> bool:
@@ -1250,6 +1282,7 @@ def _direct_sets(
     blocks: Mapping[str, Mapping[int, np.ndarray]],
     table: pl.DataFrame,
     key_names: Sequence[str],
+    keys_of: Mapping[str, frozenset[str]],
 ) -> list[RecordSet]:
     """The records behind each released number (as :func:`_number_sets`); one behind all of its group's rows is
     listed once, as the group."""
@@ -1274,13 +1307,14 @@ def _direct_sets(
     released = {cell.name: ~numbers.withheld(cell.name) for cell in cells}
     found: list[RecordSet] = []
     for row in (int(r) for r in np.nonzero(numbers.kept)[0]):
+        stoppable.check()  # NumPy from here on: an interrupt is seen between groups
         start, end = int(bounds[row]), int(bounds[row + 1])
         mine = ids[start:end]  # in row order: ascending unless the plan reordered rows
         order = None if bool(np.all(mine[1:] > mine[:-1])) else np.argsort(mine, kind="stable")
         whole = mine if order is None else mine[order]
         keys = tuple(numbers.grouped.get_column(f"k{i}")[row] for i in range(len(by)))
         group = f"group {keys!r}" if by else "all rows"
-        emitted: set[bytes | None] = set()  # None: the group's own records
+        emitted: dict[bytes | None, int] = {}  # a set (None: the group's own records) -> its place in found
         for cell in cells:
             if not released[cell.name][row]:
                 continue
@@ -1297,10 +1331,30 @@ def _direct_sets(
             whole_group = chosen.size == whole.size  # a subset of the group's records, so all of them
             label = group if whole_group else (f"{group} {cell.shown}" if by else cell.shown)
             key = None if whole_group else chosen.tobytes()
-            if key not in emitted:
-                emitted.add(key)
-                found.append((dataset, label, whole if whole_group else chosen))
+            _emit(found, emitted, key, (dataset, label, whole if whole_group else chosen, keys_of[cell.name]))
     return found
+
+
+def _emit(found: list[RecordSet], emitted: dict[Any, int], key: Any, record: RecordSet) -> None:
+    """Add a number's record set, or its comparison keys to the same set emitted for another number."""
+    at = emitted.get(key)
+    if at is None:
+        emitted[key] = len(found)
+        found.append(record)
+    else:
+        dataset, label, ids, keys = found[at]
+        found[at] = (dataset, label, ids, keys | record[3])
+
+
+def _comparison_keys(frame: SourceTable, cell: _Cell) -> frozenset[str]:
+    """The keys under which a number's record set is compared with others (see :mod:`.differences`): every dataset
+    column its value derives from, and ``count`` for numbers that count records (a statistic of a flag counts)."""
+    if cell.column is None or cell.func == "count":
+        return _COUNTED
+    keys = {f"{dataset}:{column}" for dataset, column in frame.lineage.get(cell.column, frozenset())}
+    if cell.func == "nunique" or frame.dtype(cell.column) == pl.Boolean or not keys:
+        keys.add(COUNT_KEY)
+    return frozenset(keys)
 
 
 def _number_sets(
@@ -1324,17 +1378,19 @@ def _number_sets(
         return np.asarray(listed.drop_nulls().to_numpy(), dtype=np.int64)
 
     for row in np.nonzero(numbers.kept)[0]:
+        stoppable.check()  # NumPy from here on: an interrupt is seen between groups
         keys = tuple(grouped.get_column(f"k{i}")[int(row)] for i in range(len(by)))
         group = f"group {keys!r}" if by else "all rows"
         group_ids = {i: np.unique(ids_at(f"g_ids{i}", int(row))) for i, _ in occurrences}
         whole = {
             d: _union([group_ids[i] for i, (dd, _) in occurrences if dd == d]) for d in {d for _, (d, _) in occurrences}
         }
-        emitted: set[tuple[str, bytes]] = set()
+        emitted: dict[tuple[str, bytes], int] = {}
 
         for cell in cells:
             if not released[cell.name][row]:
                 continue
+            stoppable.check()
             per: dict[str, list[np.ndarray]] = {}
             for i, (dataset, _) in occurrences:
                 if cell.column is None:
@@ -1357,9 +1413,7 @@ def _number_sets(
                     label, ids = group, whole[dataset]
                 else:
                     label = f"{group} {cell.shown}" if by else cell.shown
-                if (dataset, ids.tobytes()) not in emitted:
-                    emitted.add((dataset, ids.tobytes()))
-                    found.append((dataset, label, ids))
+                _emit(found, emitted, (dataset, ids.tobytes()), (dataset, label, ids, _comparison_keys(frame, cell)))
     return found
 
 
@@ -1469,7 +1523,7 @@ def _value_counts(node: ValueCounts, frame: SourceTable, policies: Mapping[str, 
                 listed_ids = survivors.get_column(f"g_ids{i}")[row].drop_nulls().to_numpy()
                 per.setdefault(dataset, []).append(np.asarray(listed_ids, dtype=np.int64))
             label = f"value {survivors.get_column('k0')[row]!r}"
-            found += [(dataset, label, _union(parts)) for dataset, parts in sorted(per.items())]
+            found += [(dataset, label, _union(parts), _COUNTED) for dataset, parts in sorted(per.items())]
     result = survivors.select(pl.col("k0").alias(node.column), pl.col("count_all").alias("count"))
     return _Out(to_arrow(result, {}), int((~keep).sum()), {}, found)
 

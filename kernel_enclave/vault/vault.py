@@ -19,7 +19,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ from kernel_enclave.tee.base import TeeBackend, TeeError
 from kernel_enclave.vault import sealing, stoppable, warmup
 from kernel_enclave.vault.audit import KernelAuditLog, describe_plan
 from kernel_enclave.vault.broker_client import BrokerClient, KeyReleaseError
+from kernel_enclave.vault.budget_client import BudgetClient, BudgetError
 from kernel_enclave.vault.keys import DATASET_PATH_VARIABLE, VaultKeys
 from kernel_enclave.vault.protocol import PROTOCOL, Cancelled, PolicyViolation, ProtocolError, VaultError, error_reply
 from kernel_enclave.vault.warmup import VAULT_WARMUP, Deferred, deferred_function
@@ -42,10 +43,11 @@ if TYPE_CHECKING:
     import pyarrow as pa  # type: ignore[import-untyped]
 
     from confnb.datasets.reader import read_verified
-    from kernel_enclave.vault import differences, export, models, plan, release, scan
+    from kernel_enclave.vault import differences, dp, export, models, plan, release, scan
 else:
     pa = Deferred("pyarrow")
     differences = Deferred("kernel_enclave.vault.differences")
+    dp = Deferred("kernel_enclave.vault.dp")
     export = Deferred("kernel_enclave.vault.export")
     models = Deferred("kernel_enclave.vault.models")
     plan = Deferred("kernel_enclave.vault.plan")
@@ -125,6 +127,8 @@ class Vault:
         self._results: OrderedDict[str, _Result] = OrderedDict()
         self._counter = 0
         self._releases: dict[str, int] = {}  # dataset id -> requests counted against its max_releases
+        # dataset id -> (its broker's URL, its owner's Ed25519 public key): where a DP release is charged
+        self._owners: dict[str, tuple[str, bytes]] = {}
         # The record sets behind every released number, for the difference checks; made by the first release
         # (it needs NumPy), kept for the kernel's lifetime.
         self._difference_memory: differences.ReleaseMemory | None = None
@@ -145,6 +149,7 @@ class Vault:
             "unseal": self._unseal,
             "export": self._export,
             "audit": self._audit,
+            "budget": self._budget,
             "drop": self._drop,
         }
 
@@ -292,6 +297,7 @@ class Vault:
             frame = plan.SourceTable.from_dataset(dataset_id, table)
             del table
         handle = self._register(dataset_id, frame, policy, "broker")
+        self._owners[dataset_id] = (client.url, manifest.owner_public_key)  # where its DP budget is charged
         self.audit.append(
             "open",
             dataset=dataset_id,
@@ -353,9 +359,10 @@ class Vault:
     def _preview(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         tree = _plan(header)
         datasets = plan.plan_datasets(tree, self._sources)
-        if all(name in self._policies and self._policies[name].allows("row_count") for name in datasets):
+        policies = self._exact_view()
+        if all(name in policies and policies[name].allows("row_count") for name in datasets):
             self._count_release(datasets, "preview")  # it may release a row count
-        preview = release.preview(tree, self._sources, self._policies)
+        preview = release.preview(tree, self._sources, policies)
         self.audit.append(
             "preview",
             operation=digest_of(tree),
@@ -366,8 +373,21 @@ class Vault:
 
     def _release(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         tree = _plan(header)
-        self._count_release(plan.plan_datasets(tree, self._sources), "release")
-        checking = {name for name, policy in self._policies.items() if policy.difference_checks}
+        datasets = plan.plan_datasets(tree, self._sources)
+        noisy = self._dp_datasets(datasets)
+        if noisy and "epsilon" in header:
+            return self._dp_release(tree, header, datasets)
+        if noisy:
+            public = tree.get("node") == "count" and all(self._public_under_dp(name, "row_count") for name in noisy)
+            if not public:
+                raise PolicyViolation(
+                    "privacy.mode",
+                    noisy,
+                    "release: the owner releases this dataset only with differential privacy; pass the privacy "
+                    "loss to spend, e.g. .release(epsilon=0.1) or cn.set_epsilon(0.1)",
+                )
+        self._count_release(datasets, "release")
+        checking = {name for name, policy in self._policies.items() if policy.checks_differences}
         released = release.release(
             tree, self._sources, self._policies, record_sets=bool(checking & plan.plan_datasets(tree, self._sources))
         )
@@ -443,6 +463,14 @@ class Vault:
             raise ProtocolError("fit: test_size must be a number or null")
         if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, int)):
             raise ProtocolError("fit: random_state must be an integer or null")
+        noisy = self._dp_datasets(plan.plan_datasets(tree, self._sources))
+        if noisy:
+            raise PolicyViolation(
+                "privacy.mode",
+                noisy,
+                "fit: the owner releases this dataset only with differential privacy, and this kernel has no "
+                "differentially private estimators yet; exact models are refused",
+            )
         fit_args = (header.get("estimator"), target, features, test_size, random_state, self._policies)
         # The plan's queries run here (cancellable in Polars); the training itself in a worker (models.fit).
         model = models.fit(plan.evaluate(tree, self._sources), *fit_args)
@@ -731,6 +759,128 @@ class Vault:
         for name in names:
             self._releases[name] = self._releases.get(name, 0) + 1
 
+    # -- differential privacy ---------------------------------------------------------------------------------
+
+    def _dp_datasets(self, datasets: Iterable[str]) -> list[str]:
+        """The datasets among ``datasets`` whose owners chose differential privacy."""
+        return sorted({name for name in datasets if (found := self._policies.get(name)) is not None and found.is_dp})
+
+    def _public_under_dp(self, name: str, kind: str) -> bool:
+        privacy = self._policies[name].privacy
+        return privacy is not None and kind in privacy.public and self._policies[name].allows(kind)
+
+    def _exact_view(self) -> dict[str, OutputPolicy]:
+        """The policies as exact releases see them: under differential privacy only the schema and the kinds the
+        owner lists as public (``[privacy] public``) may leave exactly."""
+        view = dict(self._policies)
+        for name, found in self._policies.items():
+            if found.is_dp:
+                public = {"schema"} | {kind for kind in ("row_count",) if self._public_under_dp(name, kind)}
+                view[name] = replace(found, allow=found.allow & frozenset(public))
+        return view
+
+    def _budget(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
+        """Each named dataset's privacy budget as its owner's broker keeps it (exact-mode datasets say so)."""
+        names = header.get("datasets")
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ProtocolError("budget: datasets must be a list of dataset ids")
+        budgets: dict[str, Any] = {}
+        for name in sorted(set(names)):
+            found = self._policies.get(name)
+            if found is None:
+                raise VaultError(f"budget: no dataset {name!r} is open in this kernel")
+            owner = self._owners.get(name)
+            if not found.is_dp:
+                budgets[name] = {"dataset_id": name, "mode": "exact"}
+            elif owner is None:
+                raise VaultError(f"budget: {name!r} has no broker keeping its privacy budget")
+            else:
+                try:
+                    budgets[name] = BudgetClient(owner[0], self._keys.signing_key, {name: owner[1]}).budget(name)
+                except BudgetError as exc:
+                    raise VaultError(f"budget: {exc}") from None
+        return {"ok": True, "budgets": budgets}, []
+
+    def _dp_release(self, tree: dict[str, Any], header: Mapping[str, Any], datasets: Iterable[str]) -> Reply:
+        """A noisy release: prepared from the plan and the schemas, charged to every owner's budget at their broker
+        (no acknowledgement, no release), then run by OpenDP."""
+        names = sorted(set(datasets))
+        exact = [name for name in names if not self._policies[name].is_dp]
+        if exact:
+            raise PolicyViolation(
+                "privacy.mode", exact, "release: a noisy release cannot combine datasets in exact mode"
+            )
+        epsilon, delta = _loss(header)
+        self._count_release(names, "release")
+        kind = "row_count" if tree.get("node") == "count" else "aggregate"
+        policy_id = release.require_kind(kind, names, self._policies)
+        prepared = dp.prepare(
+            tree,
+            self._sources,
+            {name: _privacy_of(self._policies[name]) for name in names},
+            epsilon,
+            delta,
+            never_release={name: self._policies[name].never_release for name in names},
+        )
+        remaining: dict[str, float] = {}
+        for name in prepared.datasets:
+            owner = self._owners.get(name)
+            if owner is None:
+                raise VaultError(f"release: {name!r} has no broker to keep its privacy budget, so nothing is released")
+            client = BudgetClient(owner[0], self._keys.signing_key, {name: owner[1]})
+            try:
+                charge = client.charge(name, prepared.epsilon, prepared.delta, prepared.plan_digest)
+            except BudgetError as exc:
+                self.audit.append("budget-refused", dataset=name, epsilon=repr(prepared.epsilon), reason=str(exc))
+                raise PolicyViolation("privacy.budget", [name], f"release: {exc}") from None
+            self.audit.append(
+                "budget-charge",
+                dataset=name,
+                charge=charge.charge_id,
+                epsilon=repr(charge.epsilon),  # as text: the log holds no floats (their JSON form is not canonical)
+                delta=repr(charge.delta),
+                epsilon_remaining=repr(charge.epsilon_remaining),
+                plan_digest=prepared.plan_digest,
+            )
+            remaining[name] = charge.epsilon_remaining
+        released = prepared.run()
+        payload = ipc_bytes(released.table)
+        account = {
+            "epsilon": released.epsilon,
+            "delta": released.delta,
+            "epsilon_remaining": remaining,
+            "noise": [_noise(item) for item in released.accuracy],
+        }
+        if released.threshold is not None:
+            account["threshold"] = released.threshold
+        operation = digest_of(tree)
+        result = _Result(kind, released.table, None, policy_id, tuple(names), operation)
+        reply: dict[str, Any] = {
+            "ok": True,
+            "kind": kind,
+            "index": [],
+            "series": False,
+            "suppressed": 0,
+            "policy": policy_id,
+            "datasets": names,
+            "shape": "table",
+            "dp": account,
+            "result": self._remember(result),
+        }
+        self.audit.append(
+            "release",
+            kind=kind,
+            result=reply["result"],
+            digest="sha256:" + hashlib.sha256(payload).hexdigest(),
+            datasets=names,
+            policy=policy_id,
+            operation=operation,
+            plan=self._plan_text(tree),
+            epsilon=repr(released.epsilon),
+            delta=repr(released.delta),
+        )
+        return reply, [payload]
+
     def _plan_text(self, tree: object) -> str:
         """The plan as the owner reads it in the audit log, its sources named by dataset where they are one."""
         return describe_plan(tree, {handle: dataset for dataset, handle in self._opened.items()})
@@ -757,6 +907,36 @@ def _plan(header: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise ProtocolError(f"{header.get('op', 'request')}: plan must be a JSON object")
     return tree
+
+
+def _noise(accuracy: Any) -> dict[str, Any]:
+    """One released column's noise as the analyst reads it: distribution, scale, and the widest 95% half-width
+    over its rows (a mean's depends on its group's noisy count; None where OpenDP gives none, as for quantiles)."""
+    widths = [width for width in accuracy.half_width if width is not None]
+    return {
+        "column": accuracy.column,
+        "statistic": accuracy.statistic,
+        "distribution": accuracy.distribution,
+        "scale": accuracy.scale,
+        "interval_95": max(widths) if widths else None,
+        "half_widths": list(accuracy.half_width),
+    }
+
+
+def _privacy_of(policy: OutputPolicy) -> dict[str, Any]:
+    if policy.privacy is None:
+        raise PolicyViolation("privacy.mode", list(policy.sources), "release: the dataset is not in DP mode")
+    return policy.privacy.to_dict()
+
+
+def _loss(header: Mapping[str, Any]) -> tuple[float, float | None]:
+    """The ε (and δ) a noisy release asks to spend: finite, ε positive, δ in [0, 1)."""
+    epsilon, delta = header.get("epsilon"), header.get("delta")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not 0 < epsilon < float("inf"):
+        raise ProtocolError("release: epsilon must be a positive finite number")
+    if delta is not None and (isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 <= delta < 1):
+        raise ProtocolError("release: delta must be a number in [0, 1)")
+    return float(epsilon), None if delta is None else float(delta)
 
 
 def _operation(header: Mapping[str, Any]) -> dict[str, Any]:

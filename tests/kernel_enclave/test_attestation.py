@@ -227,6 +227,7 @@ _VAULT_MODULES = {
     "confnb.receipt_format",
     "confnb.policy",
     "confnb.policy.output",
+    "confnb.policy.privacy",
     "confnb.policy.schema",
     "confnb.policy.toml",
     "confnb.datasets",

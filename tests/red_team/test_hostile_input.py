@@ -538,10 +538,12 @@ def test_the_same_vault_still_serves_the_clinic_afterwards(kernel: Any, world: C
     """Runs last in the module: the handle opened before every attack still answers, with the right numbers."""
     frame = world.frames["patients"]
     shown = kernel.stdout(
-        "r = patients.group_by('diagnosis').agg(n=('cost', 'count')).release()\n"
-        "print(json.dumps({str(k): int(v) for k, v in r['n'].items()}, sort_keys=True))\n"
+        "r = patients.group_by('diagnosis').agg(m=('cost', 'mean')).release()\n"
+        "print(json.dumps({str(k): float(v) for k, v in r['m'].items()}, sort_keys=True))\n"
     )
-    counts = frame.groupby("diagnosis")["cost"].count()
-    expected = {str(k): int(v) for k, v in counts.items() if v >= 10}
+    # A mean, not counts: the counts by diagnosis added up would sit a few records from the row count released
+    # before the attacks, and the difference checks refuse that (as they should).
+    grouped = frame.groupby("diagnosis")["cost"]
+    expected = {str(k): pytest.approx(v) for k, v in grouped.mean().items() if grouped.count()[k] >= 10}
     assert json.loads(last_line(shown)) == expected
     assert_no_canary(kernel, world)

@@ -60,10 +60,10 @@ def test_a_released_frame_exports_as_csv_with_a_verifiable_receipt(
 def test_parquet_and_json_exports_carry_the_released_value(
     claims: SealedTable, tmp_path: Path, kernel_policy: AttestationPolicy
 ) -> None:
-    counts = claims["region"].value_counts().release()
-    _, payload = _verified(cn.export(counts, tmp_path / "regions.parquet"), kernel_policy)
+    counts = claims["sex"].value_counts().release()  # every group released: they add up to the row count below
+    _, payload = _verified(cn.export(counts, tmp_path / "sexes.parquet"), kernel_policy)
     table = pq.read_table(io.BytesIO(payload)).to_pandas()
-    assert dict(zip(table["region"], table["count"], strict=True)) == counts.to_dict()
+    assert dict(zip(table["sex"], table["count"], strict=True)) == counts.to_dict()
     mean = claims["age"].mean().release()
     receipt, payload = _verified(cn.export(mean, tmp_path / "mean.json"), kernel_policy)
     assert json.loads(payload) == [{"age": pytest.approx(mean)}]  # the vault's one-row table

@@ -54,7 +54,7 @@ def test_output_policy_tables_beside_attestation_are_left_alone():
     [
         ("[relese]\nallow = []\n", "policy.toml:3: [relese]: unknown table (did you mean [release]?)"),
         ("[release]\nmax_row = 5\n", "policy.toml:4: release.max_row: unknown key (did you mean 'max_rows'?)"),
-        ('[privacy]\nmode = "dp"\n', "policy.toml:3: [privacy]: this version of confnb does not support"),
+        ('[privacy]\nmod = "dp"\n', "policy.toml:4: privacy.mod: unknown key (did you mean 'mode'?)"),
     ],
 )
 def test_an_unknown_table_beside_attestation_is_refused_though_this_half_does_not_read_it(tmp_path, extra, error):

@@ -38,10 +38,16 @@ def test_init_writes_every_output_rule_out():
     written = confnb("policy", "init", "--kind", "output")
     assert written.returncode == 0
     document = tomllib.loads(written.stdout)
+    # Exact mode is written as a choice; the DP keys, refused under it, are there as comments to uncomment.
+    assert document.pop("privacy") == {"mode": "exact"}
     assert {table: set(keys) for table, keys in document.items()} == {
-        table: set(schema.children) for table, schema in OUTPUT.items()
+        table: set(schema.children) for table, schema in OUTPUT.items() if table != "privacy"
     }
     assert document["release"]["min_group_size"] == 10
+    commented = {
+        line[2:].split(" = ")[0] for line in written.stdout.splitlines() if line.startswith("# ") and " = " in line
+    }
+    assert set(OUTPUT["privacy"].children) - {"bounds", "keys"} <= commented
 
 
 def test_explain_of_a_policy_silent_on_min_group_size_promises_10_records(tmp_path):
@@ -90,7 +96,7 @@ VALID = '[policy]\nid = "p"\n[release]\nallow = ["aggregate"]\nmin_group_size = 
 @pytest.mark.parametrize(
     ("extra", "error"),
     [
-        ('[privacy]\nmode = "dp"\n', "8: [privacy]: this version of confnb does not support the [privacy] table yet"),
+        ('[privacy]\nmod = "dp"\n', "9: privacy.mod: unknown key (did you mean 'mode'?)"),
         ("[relese]\nmax_rows = 10\n", "8: [relese]: unknown table (did you mean [release]?)"),
         ("[attestation.guest_policy]\ndebug = false\n", "9: attestation.guest_policy.debug: unknown flag"),
         ("[attestation.min_tcb.Turn]\nsnp = 1\n", "8: attestation.min_tcb.Turn: unknown TCB component or product"),
@@ -132,13 +138,16 @@ def test_dataset_encrypt_refuses_a_policy_it_cannot_fully_enforce_and_leaves_not
             str(tmp_path / dataset_id),
         )
 
-    policy.write_text(VALID + '[privacy]\nmode = "dp"\nepsilon = 1.0\n')
+    policy.write_text(VALID + '[privacy]\nmode = "dp"\n')
     refused = encrypt("claims")
     assert refused.returncode == 2 and refused.stdout == "" and len(refused.stderr.splitlines()) == 1
-    assert f"{policy}:8: [privacy]: this version of confnb does not support" in refused.stderr
+    assert f'{policy}:8: [privacy]: mode = "dp" needs epsilon' in refused.stderr
     assert not (tmp_path / "claims").exists()
     assert OwnerStore.open(tmp_path / "owner").dataset_ids() == []
 
-    policy.write_text(VALID)  # the twin: the same file without the table this version cannot enforce
+    policy.write_text(VALID + '[privacy]\nmode = "dp"\nepsilon = 1.0\n')  # the twin: the budget written
     assert encrypt("claims").returncode == 0
-    assert OwnerStore.open(tmp_path / "owner").dataset_ids() == ["claims"]
+    store = OwnerStore.open(tmp_path / "owner")
+    assert store.dataset_ids() == ["claims"]
+    record = store.dataset("claims")
+    assert record is not None and record.output_policy["privacy"]["epsilon"] == 1.0  # signed as the vault will read it

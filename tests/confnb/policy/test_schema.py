@@ -152,20 +152,22 @@ def test_an_unknown_name_at_any_level_is_refused_with_its_line(text, line, fragm
 
 
 @pytest.mark.parametrize(
-    "text",
+    ("text", "line", "fragment"),
     [
-        '[policy]\nid = "p"\n[privacy]\nmode = "dp"\nepsilon = 1.0\n',
-        '[policy]\nid = "p"\n[privacy]\nmode = "exact"\n',
-        'privacy = { mode = "dp" }\n[policy]\nid = "p"\n',
-        '[policy]\nid = "p"\n[privacy.bounds]\nage = [0, 120]\n',
-        'privacy.mode = "dp"\n[policy]\nid = "p"\n',
+        ('[policy]\nid = "p"\n[privacy]\nmode = "dp"\nepsilon = 1.0\nepsilons = 2\n', 6, "did you mean 'epsilon'?"),
+        ('privacy = { mode = "dp", epsilon = 1, unt = "id" }\n[policy]\nid = "p"\n', 1, "did you mean 'unit'?"),
+        ('[policy]\nid = "p"\n[privacy.bound]\nage = [0, 120]\n', 3, "privacy.bound: unknown key"),
+        ('privacy.mod = "dp"\n[policy]\nid = "p"\n', 1, "privacy.mod: unknown key (did you mean 'mode'?)"),
+        ('[policy]\nid = "p"\n[privcy]\nmode = "dp"\n', 3, "[privcy]: unknown table (did you mean [privacy]?)"),
     ],
 )
-def test_a_privacy_table_is_refused_as_not_supported_yet(text):
+def test_names_in_the_privacy_table_are_checked_like_any_other(text, line, fragment):
     for message in refusals(text):
-        line = 1 if text.startswith("privacy") else 3
-        assert message.startswith(f"policy.toml:{line}: [privacy]: this version of confnb does not support"), message
-        assert "none of its rules would be enforced" in message
+        assert message.startswith(f"policy.toml:{line}: "), message
+        assert fragment in message, message
+    # The twin: every name known, the column names of bounds and keys being the owner's own.
+    twin = '[policy]\nid = "p"\n[privacy]\nmode = "dp"\nepsilon = 1.0\n[privacy.bounds]\nany_column = [0, 1]\n'
+    assert OutputPolicy.from_toml(twin).privacy.bounds == {"any_column": (0.0, 1.0)}
 
 
 def test_the_legitimate_twin_loads_with_every_name_known():
@@ -219,7 +221,7 @@ def test_the_vaults_json_policies_are_checked_alike():
     assert OutputPolicy.from_dict(document).id == "p"
     for bad, fragment in (
         ({**document, "release": {**document["release"], "max_row": 5}}, "release.max_row: unknown key"),
-        ({**document, "privacy": {"mode": "dp"}}, "[privacy]: this version of confnb does not support"),
+        ({**document, "privacy": {"mode": "dp", "budget": 1}}, "privacy.budget: unknown key"),
         ({**document, "attestation": {}}, "[attestation]: has no effect here"),
     ):
         with pytest.raises(PolicyError) as caught:
@@ -238,7 +240,7 @@ def test_an_upload_policy_holds_only_the_output_tables():
     assert UploadDescriptor.from_mapping(descriptor(output_only)).policy.min_group_size == 10
     for extra, fragment in (
         ("[attestation]\nallow_simulated = true\n", "upload policy:6: [attestation]: has no effect here"),
-        ('[privacy]\nmode = "dp"\n', "upload policy:6: [privacy]: this version of confnb does not support"),
+        ('[privacy]\nmode = "dp"\nepsilon = 1\n', 'upload policy:7: privacy.mode: cannot be "dp" here'),
         ("[release.limits]\nmax_releases = 3\n", "upload policy:6: release.limits: unknown key"),
     ):
         with pytest.raises(UploadError) as caught:
@@ -272,8 +274,8 @@ def test_the_broker_denies_a_release_under_an_attestation_file_with_an_unknown_t
     store = OwnerStore.create(tmp_path / "owner")
     store.register_dataset("claims", OutputPolicy.from_toml('[policy]\nid = "claims-v1"\n'))
     attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
-    with pytest.raises(PolicyError, match=r"attestation policy of other:4: \[privacy\]: this version"):
-        store.register_dataset("other", OutputPolicy.from_toml('[policy]\nid = "o"\n'), attestation + "[privacy]\n")
+    with pytest.raises(PolicyError, match=r"attestation policy of other:4: \[privcy\]: unknown table \(did you mean"):
+        store.register_dataset("other", OutputPolicy.from_toml('[policy]\nid = "o"\n'), attestation + "[privcy]\n")
     assert store.dataset("other") is None
 
     def release() -> tuple[int, dict]:
@@ -308,7 +310,20 @@ def test_the_broker_denies_a_release_under_an_attestation_file_with_an_unknown_t
 def test_the_schema_names_exactly_the_output_keys_the_vault_receives():
     # The attestation half's counterpart is in tests/confnb/attest/test_policy.py.
     # every output key, as the vault receives them
-    written = OutputPolicy(id="p", max_rows=1, max_releases=1, max_kernels_per_day=1, difference_checks=True).to_dict()
+    from confnb.policy.privacy import PrivacyPolicy
+
+    privacy = PrivacyPolicy(
+        mode="dp",
+        epsilon=1.0,
+        epsilon_per_kernel=0.5,
+        unit="u",
+        public=("row_count",),
+        bounds={"a": (0.0, 1.0)},
+        keys={"k": ("x",)},
+    )
+    written = OutputPolicy(
+        id="p", max_rows=1, max_releases=1, max_kernels_per_day=1, difference_checks=True, privacy=privacy
+    ).to_dict()
     assert {table: set(keys) for table, keys in written.items()} == {
         table: set(schema.children) for table, schema in OUTPUT.items()
     }

@@ -45,7 +45,7 @@ def test_the_owner_s_switch_decides_whether_a_difference_of_one_record_comes_out
     vault = Vault(backend=simulated_backend, keys=VaultKeys.generate())
     kinds = frozenset({"aggregate", "row_count", "schema"})
     checked = OutputPolicy(id="checked", allow=kinds, min_group_size=10, difference_checks=True)
-    unchecked = OutputPolicy(id="unchecked", allow=kinds, min_group_size=10)
+    unchecked = OutputPolicy(id="unchecked", allow=kinds, min_group_size=10, difference_checks=False)
     sources = {
         name: {"node": "source", "handle": vault.add_table(name, _table(), policy)}
         for name, policy in (("checked", checked), ("unchecked", unchecked))

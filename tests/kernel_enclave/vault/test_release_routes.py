@@ -39,7 +39,9 @@ def outcome(plan: dict[str, Any], sources: dict[str, SourceTable], k: int, sets:
     except (PolicyViolation, VaultError) as exc:
         return ("refused", type(exc).__name__, str(exc))
     assert released.table is not None
-    found = sorted((d, label, tuple(int(i) for i in ids)) for d, label, ids in released.record_sets)
+    found = sorted(
+        (d, label, tuple(int(i) for i in ids), tuple(sorted(keys))) for d, label, ids, keys in released.record_sets
+    )
     return ("released", released.table.to_pylist(), released.withheld, found)
 
 

@@ -34,6 +34,9 @@ id = "scan-test-v1"
 [release]
 allow = ["schema", "aggregate", "row_count"]
 min_group_size = 5
+# The difference checks keep every released number's record ids in the vault's memory (8 bytes a record): over a
+# dataset several times that memory they cannot run, and the release fails closed. This test is about the scan.
+difference_checks = false
 """
 GROUPS = 50
 MARKER = b"PLAINTEXT-MARKER-7c1e"

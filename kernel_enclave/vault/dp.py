@@ -1,0 +1,918 @@
+"""Differentially private releases: a plan compiled into an OpenDP Polars query, released once with OpenDP's noise.
+
+Under an owner's ``[privacy] mode = "dp"`` nothing exact leaves the vault: a release plan is rewritten as an OpenDP
+query (:mod:`opendp.extras.polars`) whose every statistic carries noise that OpenDP samples, calibrated by OpenDP to
+the ε (and δ) the release costs. Everything about a release (which shapes are allowed, the noise scales, the
+partition-selection threshold, what it costs) is decided by :func:`prepare` from the plan, the schema, the owner's
+privacy policy and load-time facts, before any row is read, so that the broker can charge the budget between
+:func:`prepare` and :meth:`PreparedDpRelease.run`, and a refusal never depends on the data.
+
+OpenDP's Polars integration accepts only the expressions it can prove stable, so the vault does not hand it the
+exact engine's compiled expressions (which use constructs OpenDP refuses, such as ``when/then``); a small compiler
+here maps the plan functions OpenDP can take onto expressions with the exact engine's semantics (NaN is missing,
+comparisons with NaN are false) and refuses every other function by name. The plan is type-checked first by the
+exact engine's own evaluator, over zero rows, so both modes refuse a badly typed plan with the same message.
+
+The privacy unit: with ``unit`` the owner names the column identifying a person, and OpenDP measures privacy per
+identifier; each person's rows are truncated to ``max_contributions`` (the first in dataset order) before the plan
+runs, so the bound is enforced rather than trusted. Without ``unit`` one row is one person, and a person is
+assumed to contribute at most ``max_contributions`` rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import opendp.prelude as dp
+import polars as pl
+import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
+from opendp.accuracy import summarize_polars_measurement
+from opendp.extras.polars import DPExpr, LazyFrameQuery, Margin, dp_len
+
+from confnb.receipt_format import sha256_digest
+from kernel_enclave.vault.plan import (
+    CAST_TYPES,
+    Agg,
+    Aggregate,
+    Assign,
+    Call,
+    Col,
+    Count,
+    Describe,
+    Expr,
+    Filter,
+    Join,
+    Lineage,
+    Lit,
+    Node,
+    Select,
+    Source,
+    SourceTable,
+    ValueCounts,
+    evaluate_node,
+    parse_plan,
+    quote,
+    to_arrow,
+)
+from kernel_enclave.vault.protocol import VaultError
+
+dp.enable_features("contrib")
+
+ALPHA = 0.05  # accuracy is stated as the half-width of a 95% interval
+MAX_PUBLIC_GROUPS = 100_000  # a product of public key sets larger than this is refused
+MAX_ISIN_VALUES = 1_000  # isin compiles to one comparison per value
+MAX_QUANTILE_CANDIDATES = 101
+MIN_LENGTH_BOUND = 1_000
+_HIDDEN = "\x01dp"  # names of helper statistics that are computed but not released as columns
+
+
+def _refuse(message: str) -> VaultError:
+    return VaultError(f"differential privacy: {message}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The owner's privacy policy
+
+
+@dataclass(frozen=True)
+class PrivacyBudgetRules:
+    """One dataset's ``[privacy]`` table in dp mode, read from the canonical dict the vault receives.
+
+    Read again here, not trusted: a malformed policy must refuse the release (fail closed) rather than release with
+    a bound the owner did not set.
+    """
+
+    epsilon: float
+    delta: float
+    epsilon_per_kernel: float | None
+    unit: str | None
+    max_contributions: int
+    bounds: Mapping[str, tuple[float, float]]
+    keys: Mapping[str, tuple[str | int, ...]]
+
+    @classmethod
+    def from_dict(cls, dataset: str, privacy: Mapping[str, Any] | None) -> PrivacyBudgetRules:
+        where = f"the privacy policy of dataset {quote(dataset)}"
+        if privacy is None or privacy.get("mode") != "dp":
+            raise _refuse(f"{where} is not in dp mode")
+        epsilon = _number(privacy.get("epsilon"), f"{where}: epsilon")
+        if not 0 < epsilon <= 100:
+            raise _refuse(f"{where}: epsilon must be in (0, 100]")
+        delta = _number(privacy.get("delta", 0.0), f"{where}: delta")
+        if not 0 <= delta < 1e-3:
+            raise _refuse(f"{where}: delta must be in [0, 1e-3)")
+        per_kernel = privacy.get("epsilon_per_kernel")
+        if per_kernel is not None:
+            per_kernel = _number(per_kernel, f"{where}: epsilon_per_kernel")
+            if not 0 < per_kernel <= epsilon:
+                raise _refuse(f"{where}: epsilon_per_kernel must be in (0, epsilon]")
+        unit = privacy.get("unit")
+        if unit is not None and (not isinstance(unit, str) or not unit):
+            raise _refuse(f"{where}: unit must be a column name")
+        contributions = privacy.get("max_contributions", 1)
+        if isinstance(contributions, bool) or not isinstance(contributions, int) or not 1 <= contributions <= 10_000:
+            raise _refuse(f"{where}: max_contributions must be an integer in 1..10000")
+        bounds: dict[str, tuple[float, float]] = {}
+        for column, pair in dict(privacy.get("bounds") or {}).items():
+            if not (isinstance(pair, list | tuple) and len(pair) == 2):
+                raise _refuse(f"{where}: bounds.{column} must be [low, high]")
+            low, high = (_number(v, f"{where}: bounds.{column}") for v in pair)
+            if not low < high:
+                raise _refuse(f"{where}: bounds.{column} must have low < high")
+            bounds[str(column)] = (low, high)
+        keys: dict[str, tuple[str | int, ...]] = {}
+        for column, values in dict(privacy.get("keys") or {}).items():
+            if not isinstance(values, list | tuple) or not values or len(set(values)) != len(values):
+                raise _refuse(f"{where}: keys.{column} must be a non-empty list without duplicates")
+            if any(isinstance(v, bool) or not isinstance(v, str | int) for v in values):
+                raise _refuse(f"{where}: keys.{column} must hold strings or integers")
+            keys[str(column)] = tuple(values)
+        return cls(epsilon, delta, per_kernel, unit, contributions, bounds, keys)
+
+    @property
+    def epsilon_limit(self) -> float:
+        """The most one release may cost: the per-kernel cap, else the whole budget."""
+        return self.epsilon_per_kernel if self.epsilon_per_kernel is not None else self.epsilon
+
+
+def _number(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _refuse(f"{where} must be a finite number")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class ColumnAccuracy:
+    """How far one released column may be from the exact value: OpenDP's noise and a 95% interval per row.
+
+    ``half_width`` has one entry per released row (a mean's interval depends on its own noisy count); ``None``
+    where OpenDP states no interval (a quantile is chosen by the exponential mechanism among the candidates).
+    """
+
+    column: str
+    statistic: str  # count | sum | mean | quantile
+    distribution: str  # OpenDP's name, e.g. "Integer Laplace", "Float Laplace", "ExponentialMin"
+    scale: float
+    half_width: tuple[float | None, ...]
+
+
+@dataclass(frozen=True)
+class DpRelease:
+    """A released table with what it cost and how accurate each column is.
+
+    ``threshold`` is the noisy count a group needed to be released, when groups were chosen by partition
+    selection (no public keys), else ``None``.
+    """
+
+    table: pa.Table
+    epsilon: float
+    delta: float
+    accuracy: tuple[ColumnAccuracy, ...]
+    threshold: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Expressions OpenDP accepts, with the exact engine's semantics
+
+_COMPARE = {
+    "eq": lambda a, b: a == b,
+    "ne": lambda a, b: a != b,
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
+}
+_TEMPORAL = ("year", "month", "day", "hour", "weekday")
+_ARITHMETIC = ("add", "sub", "mul", "truediv")
+_LITERAL_TYPES: dict[type, Any] = {bool: pl.Boolean, int: pl.Int64, float: pl.Float64, str: pl.String}
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    expr: pl.Expr
+    dtype: Any
+    literal: bool = False
+
+
+class ExpressionCompiler:
+    """Plan expressions as Polars expressions OpenDP's stability analysis accepts, or a refusal naming the function.
+
+    Each function mirrors the exact engine (:mod:`.plan`): NaN counts as missing, a comparison involving NaN is
+    false (``ne`` true), a predicate that is null keeps no row. Functions OpenDP cannot analyse are refused here,
+    with the operation's name, rather than by OpenDP with a message quoting the compiled expression.
+    """
+
+    def __init__(self, schema: Mapping[str, Any], where: str) -> None:
+        self.schema = schema
+        self.where = where
+
+    def compile(self, expr: Expr) -> _Compiled:
+        if isinstance(expr, Col):
+            if expr.name not in self.schema:
+                raise _refuse(f"{self.where}: no column {quote(expr.name)}")
+            return _Compiled(pl.col(expr.name), self.schema[expr.name])
+        if isinstance(expr, Lit):
+            if expr.value is None:
+                raise _refuse(f"{self.where}: null literals are not supported")
+            dtype = _LITERAL_TYPES[type(expr.value)]
+            return _Compiled(pl.lit(expr.value, dtype=dtype), dtype, literal=True)
+        return self._call(expr)
+
+    def _call(self, call: Call) -> _Compiled:
+        fn = call.fn
+        if fn == "isin":
+            return self._isin(self.compile(call.args[0]), call.options["values"])
+        args = [self.compile(arg) for arg in call.args]
+        if fn in _COMPARE:
+            return _Compiled(_compare(fn, args[0], args[1]), pl.Boolean)
+        if fn == "between":
+            low = _compare("ge", args[0], args[1])
+            high = _compare("le", args[0], args[2])
+            return _Compiled(low & high, pl.Boolean)
+        if fn in ("and", "or", "xor", "not"):
+            exprs = [arg.expr.cast(pl.Boolean) for arg in args]
+            if fn == "not":
+                return _Compiled(~exprs[0], pl.Boolean)
+            combined = {"and": exprs[0] & exprs[1], "or": exprs[0] | exprs[1], "xor": exprs[0].xor(exprs[1])}[fn]
+            return _Compiled(combined, pl.Boolean)
+        if fn in ("is_null", "not_null"):
+            missing = _missing(args[0])
+            return _Compiled(missing if fn == "is_null" else ~missing, pl.Boolean)
+        if fn in _ARITHMETIC:
+            left, right = (_as_number(arg) for arg in args)
+            if fn == "truediv":
+                left, right = left.cast(pl.Float64), right.cast(pl.Float64)
+            result = {"add": left + right, "sub": left - right, "mul": left * right, "truediv": left / right}[fn]
+            return _Compiled(result, self._dtype(result))
+        if fn == "fill_null":
+            data, fill = args
+            if not fill.literal:
+                raise _refuse(f"{self.where}: fill_null needs a literal fill value")
+            filled = data.expr.fill_nan(fill.expr) if data.dtype.is_float() else data.expr
+            filled = filled.fill_null(fill.expr)
+            return _Compiled(filled, self._dtype(filled))
+        if fn == "cast":
+            target = CAST_TYPES[call.options["type"]]
+            return _Compiled(args[0].expr.cast(target, strict=False), target)
+        if fn in _TEMPORAL:
+            value = args[0].expr
+            part = {
+                "year": value.dt.year(),
+                "month": value.dt.month(),
+                "day": value.dt.day(),
+                "hour": value.dt.hour(),
+                "weekday": value.dt.weekday() - 1,  # Monday is 0, as in pandas
+            }[fn]
+            return _Compiled(part.cast(pl.Int64), pl.Int64)
+        raise _refuse(f"{self.where}: function {quote(fn)} is not supported yet")
+
+    def _isin(self, value: _Compiled, values: tuple[Any, ...]) -> _Compiled:
+        present = [v for v in values if v is not None]
+        if len(present) > MAX_ISIN_VALUES:
+            raise _refuse(f"{self.where}: isin takes at most {MAX_ISIN_VALUES} values")
+        dtype = value.dtype
+        numeric = dtype.is_integer() or dtype.is_float()
+        fits = (
+            (dtype == pl.String and all(isinstance(v, str) for v in present))
+            or (dtype == pl.Boolean and all(isinstance(v, bool) for v in present))
+            or (
+                numeric
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present)
+                and (dtype.is_float() or all(float(v).is_integer() for v in present))
+            )
+        )
+        if not fits:
+            raise _refuse(f"{self.where}: isin on a {dtype} column with these values is not supported yet")
+        missing = _missing(value)
+        if present:
+            members = [value.expr == pl.lit(v, dtype=dtype if numeric else None) for v in present]
+            member = members[0]
+            for other in members[1:]:
+                member = member | other
+            member = member.fill_null(False)
+        else:
+            member = pl.lit(False)
+        has_null = len(present) != len(values)
+        return _Compiled(missing | member if has_null else ~missing & member, pl.Boolean)
+
+    def _dtype(self, expr: pl.Expr) -> Any:
+        empty = pl.LazyFrame(schema=dict(self.schema))
+        try:
+            return empty.select(expr.alias("\x01")).collect_schema()["\x01"]
+        except Exception:  # type-checked by the exact engine already; fail closed on anything else
+            raise _refuse(f"{self.where}: the expression's types do not fit together") from None
+
+
+def _missing(value: _Compiled) -> pl.Expr:
+    """Null or NaN: what pandas, and so the exact engine, treats as missing."""
+    if value.dtype.is_float() and not value.literal:
+        return value.expr.is_null() | value.expr.is_nan()
+    return value.expr.is_null()
+
+
+def _as_number(value: _Compiled) -> pl.Expr:
+    if value.dtype == pl.Boolean:
+        return value.expr.cast(pl.Int64)
+    if isinstance(value.dtype, pl.Decimal):
+        return value.expr.cast(pl.Float64)
+    return value.expr
+
+
+def _compare(fn: str, left: _Compiled, right: _Compiled) -> pl.Expr:
+    """A comparison where NaN equals nothing and orders with nothing, as pandas compares."""
+    result: pl.Expr = _COMPARE[fn](_as_comparable(left), _as_comparable(right))
+    for side in (left, right):
+        if side.dtype.is_float() and not side.literal:
+            nan = side.expr.is_nan()
+            result = (result | nan) if fn == "ne" else (result & ~nan)
+    return result
+
+
+def _as_comparable(value: _Compiled) -> pl.Expr:
+    return value.expr if value.dtype == pl.Boolean else _as_number(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The OpenDP input: a dataset's own columns, nothing hidden
+
+_CASTS: dict[Any, Any] = {pl.UInt8: pl.Int64, pl.UInt16: pl.Int64}
+_READABLE = (
+    pl.Int8,
+    pl.Int16,
+    pl.Int32,
+    pl.Int64,
+    pl.UInt32,
+    pl.UInt64,
+    pl.Float32,
+    pl.Float64,
+    pl.Boolean,
+    pl.String,
+    pl.Date,
+    pl.Time,
+)
+
+
+def _opendp_column(name: str, dtype: Any) -> pl.Expr | None:
+    """How a dataset column enters OpenDP: as is, cast to a type OpenDP reads (categories as strings), or not."""
+    if isinstance(dtype, pl.Categorical | pl.Enum):
+        return pl.col(name).cast(pl.String)
+    if isinstance(dtype, pl.Decimal):
+        return pl.col(name).cast(pl.Float64)
+    if dtype in _CASTS:
+        return pl.col(name).cast(_CASTS[dtype])
+    if isinstance(dtype, pl.Datetime) or any(dtype == kind for kind in _READABLE):
+        return pl.col(name)
+    return None
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    """The frame OpenDP reads: one dataset's visible columns only, never its record ids or contribution masks."""
+
+    dataset: str
+    data: pl.LazyFrame
+    schema: Mapping[str, Any]
+    unreadable: frozenset[str]  # columns of a type OpenDP cannot read: a plan naming one is refused
+    rows: int  # the dataset's rows, a load-time fact
+
+    @classmethod
+    def of(cls, source: SourceTable) -> DatasetInput:
+        if len(source.datasets) != 1:
+            raise _refuse("joins are not supported yet")
+        dataset = next(iter(source.datasets))
+        records = source.records or ()
+        plain = (
+            not source.masks
+            and len(records) == 1
+            and records[0][1] in source.unique
+            and all(source.lineage.get(name) == frozenset({(dataset, name)}) for name in source.columns)
+        )
+        if not plain:
+            raise _refuse("a release must start from a dataset as loaded, not from a derived table")
+        exprs: list[pl.Expr] = []
+        unreadable: set[str] = set()
+        for name in source.columns:  # the visible columns: hidden ones never reach OpenDP
+            expr = _opendp_column(name, source.dtype(name))
+            if expr is None:
+                unreadable.add(name)
+            else:
+                exprs.append(expr)
+        data = source.data.select(exprs)
+        schema = dict(data.collect_schema())
+        return cls(dataset, data, schema, frozenset(unreadable), source.row_bound().rows())
+
+    def empty_table(self) -> SourceTable:
+        """The input with no rows, for the exact engine's type checks and lineage."""
+        arrow = pl.DataFrame(schema=dict(self.schema)).to_arrow()
+        lineage = {name: frozenset({(self.dataset, name)}) for name in self.schema}
+        return SourceTable.from_arrow(arrow, lineage, frozenset({self.dataset}), ())
+
+    @property
+    def length_bound(self) -> int:
+        """A public upper bound on rows (and so on groups): the power of ten at or above the dataset's size.
+
+        OpenDP needs one for float sums; the dataset's size to within a power of ten is public already, as its
+        ciphertext's length shows it.
+        """
+        return int(10 ** math.ceil(math.log10(max(self.rows, MIN_LENGTH_BOUND))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning a release
+
+
+@dataclass(frozen=True)
+class _Statistic:
+    """One released column: its OpenDP expressions (a mean has two) and how to read its accuracy."""
+
+    name: str
+    statistic: str
+    exprs: tuple[pl.Expr, ...]
+    parts: tuple[str, ...]  # the names OpenDP reports the expressions under
+    bounds: tuple[float, float] | None = None
+    shown: bool = True  # False: computed for OpenDP's partition selection only
+
+
+class PreparedDpRelease:
+    """A release decided and calibrated but not run: what it costs is known before a row is read.
+
+    The broker charges ``epsilon``/``delta`` per dataset in ``datasets`` between :func:`prepare` and :meth:`run`;
+    :meth:`run` executes OpenDP's measurement once (a second call is refused: each run would spend the budget again).
+    """
+
+    def __init__(
+        self,
+        *,
+        datasets: tuple[str, ...],
+        epsilon: float,
+        delta: float,
+        plan_digest: str,
+        columns: tuple[str, ...],
+        context: dp.Context,
+        measurement: dp.Measurement,
+        statistics: tuple[_Statistic, ...],
+        by: tuple[str, ...],
+        threshold: int | None,
+        summary: pl.DataFrame,
+        split_summary: pl.DataFrame,
+    ) -> None:
+        self.datasets = datasets
+        self.epsilon = epsilon
+        self.delta = delta
+        self.plan_digest = plan_digest
+        self.columns = columns  # what OpenDP's input holds: the dataset's visible columns
+        self._context = context
+        self._measurement = measurement
+        self._statistics = statistics
+        self._by = by
+        self.threshold = threshold
+        self._summary = summary
+        self._split_summary = split_summary
+        self._lock = threading.Lock()
+        self._ran = False
+
+    def run(self) -> DpRelease:
+        with self._lock:
+            if self._ran:
+                raise _refuse("this release has run already; prepare (and pay for) it again")
+            self._ran = True
+        try:
+            found = self._context(self._measurement).collect()
+        except Exception:  # OpenDP's and Polars' messages can quote values: never pass them on
+            raise _refuse("the release failed while computing") from None
+        if self._by:  # groups in key order: the order OpenDP's engine produced them in says nothing more
+            found = found.sort(list(self._by), nulls_last=True)
+        columns: list[pl.Series] = [found.get_column(name) for name in self._by]
+        accuracy: list[ColumnAccuracy] = []
+        for stat in self._statistics:
+            if stat.shown:
+                values, entry = self._finish(stat, found)
+                columns.append(values.alias(stat.name))
+                accuracy.append(entry)
+        frame = pl.DataFrame(columns)
+        return DpRelease(to_arrow(frame, {}), self.epsilon, self.delta, tuple(accuracy), self.threshold)
+
+    def _finish(self, stat: _Statistic, found: pl.DataFrame) -> tuple[pl.Series, ColumnAccuracy]:
+        rows = found.height
+        if stat.statistic != "mean":
+            row = _summary_row(self._summary, stat.parts[0])
+            width = row["accuracy"]
+            values = found.get_column(stat.parts[0])
+            entry = ColumnAccuracy(stat.name, stat.statistic, row["distribution"], float(row["scale"]), (width,) * rows)
+            return values, entry
+        # A mean is a noisy sum over a noisy count: both are within their 97.5% half-widths with probability 95%,
+        # and then |S/N - s/n| <= (a_S + |S/N| a_N) / (N - a_N), since n >= N - a_N.
+        total = found.get_column(stat.parts[0]).cast(pl.Float64).to_list()
+        count = found.get_column(stat.parts[1]).cast(pl.Float64).to_list()
+        sum_row = _summary_row(self._split_summary, stat.parts[0])
+        count_row = _summary_row(self._split_summary, stat.parts[1])
+        a_sum, a_count = float(sum_row["accuracy"]), float(count_row["accuracy"])
+        assert stat.bounds is not None
+        low, high = stat.bounds
+        means: list[float | None] = []
+        widths: list[float | None] = []
+        for s, n in zip(total, count, strict=True):
+            if s is None or n is None or n <= 0:
+                means.append(None)
+                widths.append(math.inf)
+                continue
+            mean = s / n
+            means.append(min(max(mean, low), high))  # the clipped values' mean lies in the bounds
+            widths.append((a_sum + abs(mean) * a_count) / (n - a_count) if n > a_count else math.inf)
+        entry = ColumnAccuracy(
+            stat.name,
+            "mean",
+            f"{sum_row['distribution']} sum / {count_row['distribution']} count",
+            float(sum_row["scale"]),
+            tuple(widths),
+        )
+        return pl.Series(stat.name, means, dtype=pl.Float64), entry
+
+
+def _summary_row(summary: pl.DataFrame, column: str) -> dict[str, Any]:
+    rows = summary.filter(pl.col("column") == column).to_dicts()
+    if len(rows) != 1:
+        raise _refuse("OpenDP did not describe the noise of a released statistic")
+    return rows[0]
+
+
+def prepare(
+    plan: Mapping[str, Any],
+    sources: Mapping[str, SourceTable],
+    privacy: Mapping[str, Mapping[str, Any]],
+    epsilon: float,
+    delta: float | None = None,
+    *,
+    never_release: Mapping[str, frozenset[str]],
+) -> PreparedDpRelease:
+    """Decide and calibrate a release of the JSON ``plan`` under the owners' dp policies; no row is read.
+
+    ``privacy`` maps each dataset to its owner's canonical privacy dict and ``never_release`` to its never_release
+    columns. ``epsilon`` is what the release costs; ``delta`` what it may cost when partition selection is needed
+    (default: the owner's δ in proportion to ε over the total budget), otherwise the release is pure ε-DP and costs
+    no δ.
+    """
+    node = parse_plan(plan)
+    digest = sha256_digest(json.dumps(plan, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+    if isinstance(node, ValueCounts | Describe):
+        kind = "value_counts" if isinstance(node, ValueCounts) else "describe"
+        raise _refuse(f"{kind} is not supported yet; use an aggregate with count")
+    if not isinstance(node, Aggregate | Count):
+        raise _refuse("raw rows are never released; aggregate them (group_by/agg or count)")
+    source = _only_source(node.input, sources)
+    data = DatasetInput.of(source)
+    rules = PrivacyBudgetRules.from_dict(data.dataset, privacy.get(data.dataset))
+    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not math.isfinite(epsilon) or epsilon <= 0:
+        raise _refuse("epsilon must be a number greater than 0")
+    if epsilon > rules.epsilon_limit:
+        raise _refuse(f"epsilon {epsilon:g} exceeds the owner's limit of {rules.epsilon_limit:g} per release")
+    if rules.unit is not None and rules.unit not in data.schema:
+        raise _refuse(f"the owner's privacy.unit names column {quote(rules.unit)}, which the dataset lacks")
+    _require_readable(node, data)
+    empty = data.empty_table()
+    empty_sources = {handle: empty for handle in _handles(node.input)}
+    row_level = evaluate_node(node.input, empty_sources)  # the exact engine's type checks, on zero rows
+    hidden_never = frozenset((data.dataset, c) for c in never_release.get(data.dataset, frozenset()))
+    by = node.by if isinstance(node, Aggregate) else ()
+    aggs = node.aggs if isinstance(node, Aggregate) else ()
+    for column in by:
+        _require_releasable(column, row_level.lineage.get(column, frozenset()), hidden_never, "group by")
+    for agg in aggs:
+        if agg.column is not None:
+            _require_releasable(agg.column, row_level.lineage.get(agg.column, frozenset()), hidden_never, agg.func)
+    public_keys = _public_keys(by, rules, row_level, data.dataset)
+    partition_selection = bool(by) and public_keys is None
+    release_delta = 0.0
+    if partition_selection:
+        if rules.delta == 0:
+            raise _refuse(
+                f"grouping by {', '.join(quote(c) for c in by)} without public keys needs partition selection, "
+                "which needs delta > 0 in the owner's privacy policy; or the owner lists privacy.keys for them"
+            )
+        release_delta = rules.delta * epsilon / rules.epsilon if delta is None else _release_delta(delta, rules)
+        if release_delta <= 0:
+            raise _refuse("partition selection needs a delta greater than 0")
+    schema = dict(row_level.schema)
+    _require_group_bounds(node, schema, set(data.schema))
+    statistics = _statistics(node, aggs, schema, rules, partition_selection)
+    unit = dp.unit_of(contributions=1, identifier=rules.unit) if rules.unit else None
+    privacy_unit = unit or dp.unit_of(contributions=rules.max_contributions)
+    loss = (
+        dp.loss_of(epsilon=float(epsilon), delta=release_delta) if partition_selection else dp.loss_of(epsilon=epsilon)
+    )
+    bound = data.length_bound
+    margins = [Margin(by=(), max_length=bound)]
+    if by and set(by) <= set(data.schema):  # OpenDP's margins describe its input's columns only
+        margins.append(Margin(by=list(by), max_length=bound, max_groups=bound))
+    try:
+        context = dp.Context.compositor(
+            data=data.data, privacy_unit=privacy_unit, privacy_loss=loss, split_evenly_over=1, margins=margins
+        )
+        query = context.query()
+        if not isinstance(query, LazyFrameQuery):
+            raise _refuse("OpenDP did not take the dataset as a Polars frame")
+        query.polars_plan = pl.LazyFrame(schema=dict(data.schema))
+        if rules.unit is not None:  # each person's first max_contributions rows, before the analyst's plan
+            query = query.truncate_per_group(rules.max_contributions, keep="first")
+        query.polars_plan = _row_level(node.input, query.polars_plan, empty_sources)
+        exprs = [expr for stat in statistics for expr in stat.exprs]
+        if by:
+            query = query.group_by(list(by)).agg(exprs)
+            if public_keys is not None:
+                query = query.with_keys(public_keys)
+        else:
+            query = query.select(exprs)
+        measurement = _calibrate(context, query.polars_plan, partition_selection)
+        summary = summarize_polars_measurement(measurement, ALPHA)
+        split_summary = summarize_polars_measurement(measurement, ALPHA / 2)
+    except VaultError:
+        raise
+    except Exception:
+        raise _refuse("OpenDP cannot make this plan private (an operation it cannot bound)") from None
+    threshold = None
+    if "threshold" in summary.columns:
+        found = [t for t in summary.get_column("threshold").to_list() if t is not None]
+        threshold = int(found[0]) if found else None
+    return PreparedDpRelease(
+        datasets=(data.dataset,),
+        epsilon=float(epsilon),
+        delta=float(release_delta),
+        plan_digest=digest,
+        columns=tuple(data.schema),
+        context=context,
+        measurement=measurement,
+        statistics=statistics,
+        by=tuple(by),
+        threshold=threshold,
+        summary=summary,
+        split_summary=split_summary,
+    )
+
+
+def _calibrate(context: dp.Context, plan: pl.LazyFrame, approximate: bool) -> dp.Measurement:
+    """OpenDP's measurement for ``plan`` at the noise scale (and threshold) that spends the query's budget.
+
+    OpenDP's own search (``LazyFrameQuery.resolve``) bisects over a thousand candidate measurements, about a second
+    per release; the privacy loss of these mechanisms is inversely proportional to the scale, so one measurement at
+    scale 1 gives the scale, nudged up until OpenDP's own privacy map accepts it. OpenDP's ``check`` has the last
+    word on the measurement returned.
+    """
+    domain, metric = context.accountant.input_space
+    measure = context.accountant.output_measure
+    d_in: Any = context.d_in
+    d_out: Any = context.d_mids[0] if context.d_mids else None
+    if d_out is None:
+        raise _refuse("OpenDP's compositor has no budget for this release")
+    no_threshold = 2**32 - 1 if approximate else None  # while the scale is found, no group is held back
+
+    def make(scale: float, threshold: int | None) -> dp.Measurement:
+        return dp.m.make_private_lazyframe(domain, metric, measure, plan, global_scale=scale, threshold=threshold)
+
+    def loss(measurement: dp.Measurement) -> Any:
+        return measurement.map(d_in)  # type: ignore[no-untyped-call]  # OpenDP leaves it unannotated
+
+    def epsilon_of(measurement: dp.Measurement) -> float:
+        spent = loss(measurement)
+        return float(spent[0] if approximate else spent)
+
+    target = float(d_out[0] if approximate else d_out)
+    at_one = epsilon_of(make(1.0, no_threshold))
+    if at_one <= 0:
+        raise _refuse("OpenDP found nothing to add noise to in this plan")
+    scale = at_one / target
+    for attempt in range(40):
+        if epsilon_of(make(scale, no_threshold)) <= target:
+            break
+        scale *= 1 + 1e-9 * 4**attempt
+    else:
+        raise _refuse("OpenDP's noise scale did not settle for this plan")
+    threshold: int | None = None
+    if approximate:
+
+        def within_delta(candidate: float) -> bool:  # OpenDP passes integers (T=int)
+            return bool(loss(make(scale, int(candidate)))[1] <= d_out[1])
+
+        threshold = int(dp.binary_search(within_delta, T=int))
+    found = make(scale, threshold)
+    if not found.check(d_in, d_out):
+        raise _refuse("OpenDP could not calibrate the noise for this plan")
+    return found
+
+
+def _require_group_bounds(node: Aggregate | Count, schema: Mapping[str, Any], inputs: set[str]) -> None:
+    """Refuse a grouped sum, mean or quantile OpenDP cannot bound: it needs a public bound on the groups' sizes,
+    which OpenDP keeps only for grouping by unchanged input columns of an unfiltered frame (it drops it at a filter)."""
+    if not isinstance(node, Aggregate) or not node.by:
+        return
+    float_count = [a for a in node.aggs if a.func == "count" and schema.get(a.column or "", pl.Null).is_float()]
+    sized = [a for a in node.aggs if a.func in ("sum", "mean", "median", "quantile")] + float_count
+    if not sized:
+        return
+    filtered = False
+    current: Node = node.input
+    while isinstance(current, Filter | Select | Assign):
+        filtered = filtered or isinstance(current, Filter)
+        current = current.input
+    if filtered or not set(node.by) <= inputs:
+        raise _refuse(
+            f"{sized[0].func} of column {quote(str(sized[0].column))} by groups is supported only without "
+            "a filter and when grouping by dataset columns (OpenDP cannot bound the groups' sizes otherwise)"
+        )
+
+
+def _release_delta(delta: object, rules: PrivacyBudgetRules) -> float:
+    value = _number(delta, "delta")
+    if not 0 <= value <= rules.delta:
+        raise _refuse(f"delta must be in [0, {rules.delta:g}], the owner's delta")
+    return value
+
+
+def _only_source(node: Node, sources: Mapping[str, SourceTable]) -> SourceTable:
+    """The one dataset under a chain of filter/select/assign nodes; anything else is refused by name."""
+    while not isinstance(node, Source):
+        if isinstance(node, Join):
+            raise _refuse("joins are not supported yet")
+        if not isinstance(node, Filter | Select | Assign):
+            raise _refuse(f"a {type(node).__name__.lower()} node inside a release plan is not supported")
+        node = node.input
+    found = sources.get(node.handle)
+    if found is None:
+        raise VaultError(f"no dataset or table with handle {quote(node.handle)} is open")
+    return found
+
+
+def _handles(node: Node) -> list[str]:
+    while not isinstance(node, Source):
+        assert isinstance(node, Filter | Select | Assign)
+        node = node.input
+    return [node.handle]
+
+
+def _require_readable(node: Aggregate | Count, data: DatasetInput) -> None:
+    """Refuse, naming it, a plan that reads a column of a type OpenDP cannot read."""
+    named: set[str] = set()
+
+    def walk_expr(expr: Expr) -> None:
+        if isinstance(expr, Col):
+            named.add(expr.name)
+        elif isinstance(expr, Call):
+            for arg in expr.args:
+                walk_expr(arg)
+
+    current: Node = node.input
+    while not isinstance(current, Source):
+        if isinstance(current, Filter):
+            walk_expr(current.predicate)
+        elif isinstance(current, Select):
+            named.update(current.columns)
+        elif isinstance(current, Assign):
+            for _, expr in current.columns:
+                walk_expr(expr)
+        assert isinstance(current, Filter | Select | Assign)
+        current = current.input
+    if isinstance(node, Aggregate):
+        named.update(node.by)
+        named.update(agg.column for agg in node.aggs if agg.column is not None)
+    bad = sorted(named & data.unreadable)
+    if bad:
+        raise _refuse(f"column {quote(bad[0])} has a type OpenDP cannot read")
+
+
+def _require_releasable(column: str, lineage: Lineage, never: frozenset[tuple[str, str]], use: str) -> None:
+    hit = sorted(lineage & never)
+    if hit:
+        raise _refuse(
+            f"{use} on column {quote(column)} is refused: it derives from never_release column {quote(hit[0][1])}"
+        )
+
+
+def _public_keys(by: Sequence[str], rules: PrivacyBudgetRules, frame: SourceTable, dataset: str) -> pl.LazyFrame | None:
+    """Every combination of the owner's public keys when each group column has them, else None."""
+    if not by or any(c not in rules.keys or frame.lineage.get(c) != frozenset({(dataset, c)}) for c in by):
+        return None
+    size = math.prod(len(rules.keys[c]) for c in by)
+    if size > MAX_PUBLIC_GROUPS:
+        raise _refuse(f"the public keys of {', '.join(quote(c) for c in by)} make more than {MAX_PUBLIC_GROUPS} groups")
+    keys: pl.DataFrame | None = None
+    for column in by:
+        try:
+            part = pl.DataFrame({column: pl.Series(list(rules.keys[column])).cast(frame.dtype(column))})
+        except Exception:
+            raise _refuse(f"the owner's privacy.keys.{column} do not fit the column's type") from None
+        keys = part if keys is None else keys.join(part, how="cross")
+    assert keys is not None
+    return keys.lazy()
+
+
+def _statistics(
+    node: Aggregate | Count,
+    aggs: Sequence[Agg],
+    schema: Mapping[str, Any],
+    rules: PrivacyBudgetRules,
+    partition_selection: bool,
+) -> tuple[_Statistic, ...]:
+    if isinstance(node, Count):
+        return (_Statistic("count", "count", (dp_len(signed=True).alias("count"),), ("count",)),)
+    found: list[_Statistic] = []
+    for i, agg in enumerate(aggs):
+        found.append(_statistic(agg, f"{_HIDDEN}{i}", schema, rules))
+    if partition_selection and not any(a.func == "count" and a.column is None for a in aggs):
+        # OpenDP selects groups by a noisy row count; without one in the plan, one is computed and not shown
+        name = f"{_HIDDEN}len"
+        found.append(_Statistic(name, "count", (dp_len(signed=True).alias(name),), (name,), shown=False))
+    return tuple(found)
+
+
+def _statistic(agg: Agg, hidden: str, schema: Mapping[str, Any], rules: PrivacyBudgetRules) -> _Statistic:
+    if agg.func == "count" and agg.column is None:
+        return _Statistic(agg.name, "count", (dp_len(signed=True).alias(hidden),), (hidden,))
+    if agg.func not in ("count", "sum", "mean", "median", "quantile"):
+        raise _refuse(f"aggregation {quote(agg.func)} is not supported yet (count, sum, mean, median, quantile are)")
+    assert agg.column is not None
+    column = agg.column
+    if column not in schema:
+        raise _refuse(f"{agg.func}: no column {quote(column)}")
+    dtype = schema[column]
+    value = _Compiled(pl.col(column), dtype)
+    if agg.func == "count" and not dtype.is_float():
+        return _Statistic(agg.name, "count", (_noisy(pl.col(column)).count(signed=True).alias(hidden),), (hidden,))
+    if agg.func == "count":  # non-missing values (NaN is missing): a sum of 0/1 indicators, sensitivity one
+        present = (~_missing(value)).cast(pl.Int64)
+        return _Statistic(agg.name, "count", (_noisy(present).sum((0, 1)).alias(hidden),), (hidden,))
+    if not (dtype.is_integer() or dtype.is_float() or dtype == pl.Boolean):
+        raise _refuse(f"{agg.func} needs a numeric column; {quote(column)} is {dtype}")
+    bounds = rules.bounds.get(column)
+    if bounds is None:
+        raise _refuse(
+            f"{agg.func} of column {quote(column)} needs public bounds: the owner must add privacy.bounds.{column}"
+        )
+    low, high = bounds
+    if agg.func in ("median", "quantile"):
+        q = 0.5 if agg.func == "median" else float(agg.q if agg.q is not None else 0.5)
+        candidates = _candidates(low, high, dtype.is_integer() or dtype == pl.Boolean)
+        expr = _noisy(pl.col(column).cast(pl.Float64)).quantile(q, candidates).alias(hidden)
+        return _Statistic(agg.name, "quantile", (expr,), (hidden,))
+    total = _clipped_sum(pl.col(column), dtype, low, high).alias(hidden)
+    if agg.func == "sum":
+        return _Statistic(agg.name, "sum", (total,), (hidden,))
+    count_name = f"{hidden}n"
+    count = _noisy((~_missing(value)).cast(pl.Int64)).sum((0, 1)).alias(count_name)
+    return _Statistic(agg.name, "mean", (total, count), (hidden, count_name), (low, high))
+
+
+def _noisy(expr: pl.Expr) -> DPExpr:
+    """OpenDP's statistics on ``expr`` (the ``.dp`` namespace, spelled so that type checkers see it)."""
+    return DPExpr(expr)  # type: ignore[no-untyped-call]  # OpenDP leaves its constructor unannotated
+
+
+def _clipped_sum(column: pl.Expr, dtype: Any, low: float, high: float) -> pl.Expr:
+    """The sum of present values clipped to the bounds; a missing value adds nothing, as pandas skips it."""
+    integral = (dtype.is_integer() or dtype == pl.Boolean) and float(low).is_integer() and float(high).is_integer()
+    if integral:
+        lo, hi = int(low), int(high)
+        clipped = column.cast(pl.Int64).clip(lo, hi).fill_null(0)
+        summed: pl.Expr = _noisy(clipped).sum((min(lo, 0), max(hi, 0)))
+        return summed
+    clipped = column.cast(pl.Float64).clip(low, high).fill_nan(0.0).fill_null(0.0)
+    summed = _noisy(clipped).sum((min(low, 0.0), max(high, 0.0)))
+    return summed
+
+
+def _candidates(low: float, high: float, integral: bool) -> list[float]:
+    """Public quantile candidates from the bounds alone: every integer when few, else evenly spaced points."""
+    if integral and float(low).is_integer() and float(high).is_integer() and high - low < MAX_QUANTILE_CANDIDATES:
+        return [float(v) for v in range(int(low), int(high) + 1)]
+    step = (high - low) / (MAX_QUANTILE_CANDIDATES - 1)
+    return [low + i * step for i in range(MAX_QUANTILE_CANDIDATES - 1)] + [high]
+
+
+def _row_level(node: Node, root: pl.LazyFrame, empty: Mapping[str, SourceTable]) -> pl.LazyFrame:
+    """The filter/select/assign chain as a Polars plan over ``root`` (OpenDP's input, possibly truncated).
+
+    An assigned column is cast to the type the exact engine gives it, so both modes agree on result types.
+    """
+    if isinstance(node, Source):
+        return root
+    assert isinstance(node, Filter | Select | Assign)
+    frame = _row_level(node.input, root, empty)
+    schema = dict(frame.collect_schema())
+    if isinstance(node, Select):
+        return frame.select(list(node.columns))
+    if isinstance(node, Filter):
+        predicate = ExpressionCompiler(schema, "filter").compile(node.predicate)
+        return frame.filter(predicate.expr)
+    for i, (name, expr) in enumerate(node.columns):
+        compiled = ExpressionCompiler(schema, "assign").compile(expr)
+        expected = evaluate_node(Assign(node.input, node.columns[: i + 1]), empty).dtype(name)
+        frame = frame.with_columns(compiled.expr.cast(expected).alias(name))
+        schema = dict(frame.collect_schema())
+    return frame

@@ -1,0 +1,255 @@
+"""Differentially private releases through OpenDP: the shapes that release, and every refusal with its twin."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from plan_json import col, fn, lit, src
+
+from kernel_enclave.vault import dp
+from kernel_enclave.vault.plan import SourceTable
+from kernel_enclave.vault.protocol import VaultError
+
+N = 600
+DIAGNOSES = ("cardiac", "respiratory", "orthopaedic")
+
+
+def dataset() -> SourceTable:
+    return SourceTable.from_dataset(
+        "claims",
+        pa.table(
+            {
+                "patient_id": [i // 2 for i in range(N)],  # two claims per patient
+                "cost": [float((i * 37) % 1000) for i in range(N)],
+                "age": [i % 90 for i in range(N)],
+                "diagnosis": [DIAGNOSES[i % 3] for i in range(N)],
+                "ward": [f"w{i % 2}" for i in range(N)],
+            }
+        ),
+    )
+
+
+def privacy(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "mode": "dp",
+        "epsilon": 10.0,
+        "delta": 1e-7,
+        "epsilon_per_kernel": 5.0,
+        "bounds": {"cost": [0.0, 1000.0], "age": [0.0, 90.0]},
+        "keys": {"diagnosis": ["cardiac", "respiratory", "unknown"]},
+    }
+    base.update(changes)
+    return {key: value for key, value in base.items() if value is not None}
+
+
+def prepare(plan: dict[str, Any], epsilon: float = 1.0, **changes: Any) -> dp.PreparedDpRelease:
+    never = changes.pop("never", frozenset({"patient_id"}))
+    return dp.prepare(plan, {"t": dataset()}, {"claims": privacy(**changes)}, epsilon, never_release={"claims": never})
+
+
+def aggregate(by: list[str], *aggs: dict[str, Any], input: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"node": "aggregate", "input": input or src(), "by": by, "aggs": list(aggs)}
+
+
+def agg(name: str, func: str, column: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "func": func, "column": column, **extra}
+
+
+def refused(plan: dict[str, Any], message: str, epsilon: float = 1.0, **changes: Any) -> None:
+    with pytest.raises(VaultError) as caught:
+        prepare(plan, epsilon, **changes)
+    assert str(caught.value).startswith("differential privacy: ")
+    assert message in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes that release
+
+
+def test_count_releases_one_noisy_number_with_its_accuracy() -> None:
+    prepared = prepare({"node": "count", "input": src()})
+    assert (prepared.datasets, prepared.epsilon, prepared.delta) == (("claims",), 1.0, 0.0)
+    assert prepared.plan_digest.startswith("sha256:") and len(prepared.plan_digest) == 71
+    released = prepared.run()
+    assert released.table.column_names == ["count"]
+    assert abs(released.table.column("count")[0].as_py() - N) < 60
+    (accuracy,) = released.accuracy
+    assert (accuracy.column, accuracy.statistic, accuracy.distribution) == ("count", "count", "Integer Laplace")
+    assert accuracy.scale > 0 and accuracy.half_width[0] is not None and accuracy.half_width[0] > 0
+
+
+def test_public_keys_release_exactly_those_groups_without_delta() -> None:
+    prepared = prepare(aggregate(["diagnosis"], agg("n", "count"), agg("total", "sum", "cost")))
+    assert prepared.delta == 0.0
+    released = prepared.run()
+    assert released.table.column_names == ["diagnosis", "n", "total"]
+    assert released.table.column("diagnosis").to_pylist() == ["cardiac", "respiratory", "unknown"]
+    counts = released.table.column("n").to_pylist()
+    assert abs(counts[0] - N / 3) < 60 and abs(counts[2]) < 60  # "unknown" has no rows: noise only
+    assert {a.column for a in released.accuracy} == {"n", "total"}
+    assert all(w is not None and w > 0 for a in released.accuracy for w in a.half_width)
+    assert released.threshold is None
+
+
+def test_private_keys_are_selected_by_threshold_with_delta() -> None:
+    prepared = prepare(aggregate(["ward"], agg("n", "count")), epsilon=2.0)
+    assert prepared.delta == pytest.approx(1e-7 * 2.0 / 10.0)
+    assert prepared.threshold is not None and prepared.threshold > 0
+    released = prepared.run()
+    assert released.table.column("ward").to_pylist() == ["w0", "w1"]  # 300 rows each, far above the threshold
+    assert released.threshold == prepared.threshold
+
+
+def test_threshold_keeps_no_group_below_it() -> None:
+    plan = aggregate(["age"], agg("total", "sum", "cost"))  # 90 groups of 6-7 rows, far below any threshold
+    released = prepare(plan).run()
+    assert released.table.column_names == ["age", "total"]
+    assert released.table.num_rows == 0
+
+
+def test_mean_median_quantile_and_column_count() -> None:
+    plan = aggregate(
+        [],
+        agg("mean_cost", "mean", "cost"),
+        agg("median_age", "median", "age"),
+        agg("q90", "quantile", "age", q=0.9),
+        agg("with_cost", "count", "cost"),
+    )
+    released = prepare(plan, epsilon=5.0).run()
+    row = released.table.to_pylist()[0]
+    assert abs(row["mean_cost"] - 499.5) < 60
+    assert 30 <= float(row["median_age"]) <= 60 and 60 <= float(row["q90"]) <= 90
+    assert abs(row["with_cost"] - N) < 30
+    by_name = {a.column: a for a in released.accuracy}
+    width = by_name["mean_cost"].half_width[0]
+    assert by_name["mean_cost"].statistic == "mean" and width is not None and 0 < width < math.inf
+    assert by_name["median_age"].distribution == "ExponentialMin" and by_name["median_age"].half_width == (None,)
+
+
+def test_filter_select_assign_compile_with_exact_semantics() -> None:
+    rows = fn("and", fn("isin", col("diagnosis"), values=["cardiac", "respiratory"]), fn("ge", col("age"), lit(45)))
+    plan = aggregate(
+        ["diagnosis"],
+        agg("n", "count"),
+        agg("aged", "count", "age"),
+        input={
+            "node": "assign",
+            "input": {
+                "node": "select",
+                "input": {"node": "filter", "input": src(), "predicate": rows},
+                "columns": ["diagnosis", "cost", "age"],
+            },
+            "columns": [["age", fn("add", col("age"), lit(1))]],
+        },
+    )
+    released = prepare(plan, epsilon=5.0).run()
+    assert released.table.column_names == ["diagnosis", "n", "aged"]
+    table = released.table.to_pydict()
+    counts = dict(zip(table["diagnosis"], table["n"], strict=True))
+    exact = sum(1 for i in range(N) if DIAGNOSES[i % 3] == "cardiac" and i % 90 >= 45)
+    assert abs(counts["cardiac"] - exact) < 20 and abs(counts["unknown"]) < 20
+    assert list(counts) == ["cardiac", "respiratory", "unknown"]  # the public keys, whatever the filter kept
+
+
+def test_identifier_unit_truncates_each_persons_rows() -> None:
+    prepared = prepare({"node": "count", "input": src()}, epsilon=5.0, unit="patient_id", max_contributions=1)
+    released = prepared.run()
+    assert abs(released.table.column("count")[0].as_py() - N / 2) < 20  # one claim of each patient's two
+
+
+def test_hidden_columns_never_reach_opendp() -> None:
+    source = dataset()
+    assert source.hidden  # the dataset carries a hidden record-id column
+    prepared = prepare({"node": "count", "input": src()})
+    assert prepared.columns == ("patient_id", "cost", "age", "diagnosis", "ward")
+    assert not set(prepared.columns) & set(source.hidden)
+
+
+def test_a_release_runs_once() -> None:
+    prepared = prepare({"node": "count", "input": src()})
+    prepared.run()
+    with pytest.raises(VaultError, match="has run already"):
+        prepared.run()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refusals, each with a legitimate twin above or beside it
+
+
+def test_join_is_refused() -> None:
+    joined = {"node": "join", "left": src(), "right": src(), "on": ["patient_id"]}
+    refused({"node": "count", "input": joined}, "joins are not supported yet")
+
+
+def test_unbounded_column_is_refused_naming_the_key() -> None:
+    refused(
+        aggregate([], agg("s", "sum", "cost")),
+        "sum of column 'cost' needs public bounds: the owner must add privacy.bounds.cost",
+        bounds={"age": [0.0, 90.0]},
+    )
+    prepare(aggregate([], agg("s", "sum", "cost")))  # the twin: with bounds
+
+
+def test_never_release_column_is_refused_as_key_and_aggregate() -> None:
+    refused(aggregate(["patient_id"], agg("n", "count")), "derives from never_release column 'patient_id'")
+    refused(
+        aggregate([], agg("s", "sum", "cost")), "derives from never_release column 'cost'", never=frozenset({"cost"})
+    )
+    derived = {"node": "assign", "input": src(), "columns": [["c2", fn("add", col("cost"), lit(1.0))]]}
+    refused(
+        aggregate([], agg("n", "count", "c2"), input=derived),
+        "derives from never_release column 'cost'",
+        never=frozenset({"cost"}),
+    )
+    prepare(aggregate(["ward"], agg("n", "count")))  # the twin: an ordinary key
+
+
+def test_private_keys_without_delta_are_refused() -> None:
+    refused(aggregate(["ward"], agg("n", "count")), "needs partition selection, which needs delta > 0", delta=0.0)
+    prepare(aggregate(["diagnosis"], agg("n", "count")), delta=0.0)  # the twin: public keys need no delta
+
+
+def test_epsilon_outside_its_range_is_refused() -> None:
+    refused({"node": "count", "input": src()}, "epsilon must be a number greater than 0", epsilon=0.0)
+    refused({"node": "count", "input": src()}, "epsilon must be a number greater than 0", epsilon=-1.0)
+    refused({"node": "count", "input": src()}, "exceeds the owner's limit of 5 per release", epsilon=6.0)
+    assert prepare({"node": "count", "input": src()}, epsilon=5.0).epsilon == 5.0
+
+
+def test_unsupported_expressions_and_aggregations_are_refused() -> None:
+    logged = {"node": "assign", "input": src(), "columns": [["l", fn("log", col("cost"))]]}
+    refused(aggregate([], agg("n", "count"), input=logged), "assign: function 'log' is not supported yet")
+    where = {"node": "filter", "input": src(), "predicate": fn("where", lit(True), lit(True), lit(False))}
+    refused({"node": "count", "input": where}, "filter: function 'where' is not supported yet")
+    refused(aggregate([], agg("s", "std", "cost")), "aggregation 'std' is not supported yet")
+    refused({"node": "value_counts", "input": src(), "column": "ward"}, "value_counts is not supported yet")
+    refused(src(), "raw rows are never released")
+    added = {"node": "assign", "input": src(), "columns": [["c2", fn("add", col("cost"), lit(1.0))]]}
+    prepare(aggregate([], agg("n", "count", "c2"), input=added))  # the twin: a supported function
+
+
+def test_grouped_sum_after_a_filter_is_refused() -> None:
+    adults = {"node": "filter", "input": src(), "predicate": fn("ge", col("age"), lit(18))}
+    refused(aggregate(["diagnosis"], agg("s", "sum", "cost"), input=adults), "sum of column 'cost' by groups")
+    prepare(aggregate([], agg("s", "sum", "cost"), input=adults))  # the twin: no groups
+    prepare(aggregate(["diagnosis"], agg("s", "sum", "cost")))  # and groups without the filter
+
+
+def test_exact_mode_policy_is_refused() -> None:
+    with pytest.raises(VaultError, match="is not in dp mode"):
+        dp.prepare(
+            {"node": "count", "input": src()},
+            {"t": dataset()},
+            {"claims": {"mode": "exact"}},
+            1.0,
+            never_release={},
+        )
+
+
+def test_type_errors_are_the_exact_engines() -> None:
+    bad = {"node": "filter", "input": src(), "predicate": fn("add", col("cost"), lit(1.0))}
+    with pytest.raises(VaultError, match="not a boolean"):
+        prepare({"node": "count", "input": bad})

@@ -1,0 +1,196 @@
+"""Differential-privacy mode end to end: the analyst API, a real vault, the owner's broker keeping the budget.
+
+The owner's policy says ``[privacy] mode = "dp"``: nothing exact leaves but the schema and the public row count;
+every noisy release is charged to the owner's budget at the broker before it leaves, and the broker refuses beyond
+it. The attacks of exact mode are tried again and their numbers checked against the secret; the legitimate twins
+must still get an answer close to the truth, with the account of what they spent.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import confnb as cn
+from confnb.policy.output import OutputPolicy
+
+BUDGET = 1.0
+DP_POLICY = f"""
+[policy]
+id = "admissions-dp-v1"
+[release]
+allow = ["schema", "row_count", "aggregate", "model_metrics", "model_parameters"]
+min_group_size = 10
+never_release = ["patient_id"]
+[privacy]
+mode = "dp"
+epsilon = {BUDGET}
+delta = 1e-6
+unit = "patient_id"
+max_contributions = 1
+public = ["row_count"]
+[privacy.bounds]
+cost = [0.0, 40000.0]
+age = [0, 120]
+[privacy.keys]
+diagnosis = ["asthma", "copd", "diabetes", "fracture", "pneumonia", "sepsis"]
+"""
+
+
+@dataclass(frozen=True)
+class Owner:
+    datasets: Path
+    broker_url: str
+    store: Any
+
+
+@pytest.fixture
+def dp_owner(hospital_owner: Any, tmp_path: Path) -> Iterator[Owner]:
+    """The admissions under the DP policy, with a broker of their own (a fresh budget for each test)."""
+    from confnb.broker.local import serve_locally
+    from confnb.broker.store import OwnerStore
+    from confnb.datasets.owner import encrypt_dataset
+    from kernel_enclave.measurement import simulated_measurement
+
+    store = OwnerStore.create(tmp_path / "store")
+    attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
+    policy = OutputPolicy.from_toml(DP_POLICY)
+    encrypt_dataset(
+        hospital_owner.frame, tmp_path / "datasets" / "admissions", store, "admissions", policy, attestation
+    )
+    with serve_locally(store) as url:
+        yield Owner(tmp_path / "datasets", url, store)
+
+
+Connect = Callable[[], Any]
+
+
+@pytest.fixture
+def kernel(dp_owner: Owner, simulated_backend: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Connect]:
+    """Starts a fresh kernel (a new vault, the analyst API connected to it) each time it is called."""
+    from confnb.analyst.session import current_session
+    from kernel_enclave.vault.keys import VaultKeys
+    from kernel_enclave.vault.service import VaultServer
+    from kernel_enclave.vault.vault import Vault
+
+    started: list[tuple[Any, Path]] = []
+    monkeypatch.delenv("CONFNB_BROKER_URL", raising=False)
+
+    def connect() -> Any:
+        if started:
+            current_session().close()
+        directory = Path(tempfile.mkdtemp(prefix="cnb-"))
+        vault = Vault(
+            backend=simulated_backend,
+            keys=VaultKeys.generate(),
+            broker_url=dp_owner.broker_url,
+            dataset_path=str(dp_owner.datasets),
+        )
+        server = VaultServer(vault, directory / "vault.sock")
+        server.start()
+        started.append((server, directory))
+        monkeypatch.setenv("CONFNB_VAULT_SOCKET", str(directory / "vault.sock"))
+        return vault
+
+    try:
+        yield connect
+    finally:
+        current_session().close()
+        for server, directory in started:
+            server.close()
+            shutil.rmtree(directory, ignore_errors=True)
+        cn.set_epsilon(None)
+
+
+def test_nothing_exact_leaves_but_the_schema_and_the_public_row_count(hospital_owner: Any, kernel: Connect) -> None:
+    kernel()
+    frame = hospital_owner.frame
+    t = cn.open("admissions")
+    assert "cost" in list(t.columns)
+    assert t.count().release() == len(frame)  # the twin: public under the owner's policy
+    for sealed in (t.cost.sum(), t.group_by("diagnosis").cost.mean(), t.describe(), t.diagnosis.value_counts()):
+        with pytest.raises(cn.PolicyViolation) as refused:
+            sealed.release()
+        assert refused.value.rule == "privacy.mode"
+        assert "epsilon" in str(refused.value)
+    from sklearn.linear_model import LinearRegression
+
+    with pytest.raises(cn.PolicyViolation, match=r"privacy\.mode"):
+        cn.fit(LinearRegression(), t, target="cost", features=["age"])
+
+
+def test_a_noisy_release_is_charged_and_says_what_it_spent(hospital_owner: Any, kernel: Connect) -> None:
+    kernel()
+    frame = hospital_owner.frame
+    t = cn.open("admissions")
+    released = t.group_by("diagnosis").cost.mean().release(epsilon=0.5)
+    account = released.attrs["confnb_dp"]
+    assert account["epsilon"] == pytest.approx(0.5)
+    assert account["epsilon_remaining"] == {"admissions": pytest.approx(BUDGET - 0.5)}
+    assert account["noise"] and all(item["scale"] > 0 for item in account["noise"])
+    assert "noisy: ε = 0.5" in repr(released)
+    truth = frame.groupby("diagnosis").cost.mean()
+    assert sorted(released.index) == sorted(truth.index)
+    error = (released.sort_index() - truth.sort_index()).abs()
+    assert float(error.max()) < 0.1 * float(truth.mean())  # ~650 people a group: close to the truth
+    assert not np.allclose(released.sort_index().to_numpy(), truth.sort_index().to_numpy(), rtol=0, atol=1e-9)
+    budget = cn.budget(t)["admissions"]
+    assert budget["epsilon_spent"] == pytest.approx(0.5) and budget["epsilon_remaining"] == pytest.approx(0.5)
+
+
+def test_the_differencing_attack_gives_noise_never_the_value(hospital_owner: Any, kernel: Connect) -> None:
+    vault = kernel()
+    frame = hospital_owner.frame
+    target = frame.iloc[1234]
+    t = cn.open("admissions")
+    everyone = t.cost.sum().release(epsilon=0.2)
+    others = t[t.age != int(target.age)].cost.sum().release(epsilon=0.2)  # a filter: refused grouped, fine whole
+    assert isinstance(everyone, float) and everyone.dp["epsilon"] == pytest.approx(0.2)
+    difference = float(everyone) - float(others)
+    exact = float(frame[frame.age == target.age].cost.sum())
+    assert abs(difference - exact) > 1e-6  # the noisy difference is not the exact value
+    # The kernel's audit log names each charge; the broker's log has them too.
+    charges = [entry for entry in vault.audit.entries() if entry["event"] == "budget-charge"]
+    assert len(charges) == 2 and all(entry["fields"]["dataset"] == "admissions" for entry in charges)
+
+
+def test_releases_stop_exactly_at_the_budget_and_a_new_kernel_does_not_reset_it(
+    kernel: Connect, dp_owner: Owner
+) -> None:
+    from confnb.broker.audit import AuditKind, verify_log
+
+    vault = kernel()
+    t = cn.open("admissions")
+    cn.set_epsilon(0.25)
+    for _ in range(4):
+        t.cost.sum().release()
+    with pytest.raises(cn.PolicyViolation) as refused:
+        t.cost.sum().release()
+    assert refused.value.rule == "privacy.budget" and "exceed" in str(refused.value)
+    # Both logs agree: the kernel's charges are the broker's, one for one.
+    kernel_charges = [e["fields"]["charge"] for e in vault.audit.entries() if e["event"] == "budget-charge"]
+    verification = verify_log(dp_owner.store.directory / "audit.sqlite", dp_owner.store.owner_public_key)
+    assert verification.ok, verification.problems
+    broker_charges = [e.detail["charge_id"] for e in verification.entries if e.kind is AuditKind.CHARGE]
+    assert len(kernel_charges) == 4 and kernel_charges == broker_charges
+    kernel()  # a restart: a new kernel, a new key release, the same owner's budget
+    t = cn.open("admissions")
+    assert cn.budget(t)["admissions"]["epsilon_remaining"] == pytest.approx(0.0)
+    with pytest.raises(cn.PolicyViolation, match=r"privacy\.budget"):
+        t.cost.sum().release(epsilon=0.01)
+
+
+def test_no_broker_no_release(kernel: Connect, dp_owner: Owner) -> None:
+    vault = kernel()
+    t = cn.open("admissions")
+    vault._owners["admissions"] = ("http://127.0.0.1:9", vault._owners["admissions"][1])  # nobody listens there
+    with pytest.raises(cn.PolicyViolation) as refused:
+        t.cost.sum().release(epsilon=0.1)
+    assert refused.value.rule == "privacy.budget"
