@@ -51,7 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	@# Every benchmark runs; the target fails afterwards if any of them missed its target.
 	@# Each writes benchmarks/results/<script>.json with its commit and machine; the README table is rewritten from them.
-	status=0; for script in attest_verify dataset_ipc_load dataset_parquet_load broker_release kernel_roundtrip vault_ops vault_engine vault_scan soak lab_verify; do \
+	status=0; for script in attest_verify dataset_ipc_load dataset_parquet_load broker_release kernel_roundtrip vault_ops vault_engine vault_scan difference_checks dp_release soak lab_verify; do \
 		$(BIN)/python benchmarks/$$script.py || status=1; done; \
 	$(BIN)/python benchmarks/_provenance.py || status=1; exit $$status
 

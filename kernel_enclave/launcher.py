@@ -276,7 +276,8 @@ async def _serve_gate_requests(vault: asyncio.subprocess.Process, gate: MessageG
                 continue
             seq = int(request["seq"])
             gate.tighten(DisplayPolicy.from_mapping(request["display"]))
-            datasets.record(dataset["id"], str(dataset["source"]), policy)
+            broker = dataset.get("broker")
+            datasets.record(dataset["id"], str(dataset["source"]), policy, broker if isinstance(broker, str) else None)
         except (ValueError, KeyError, TypeError, DisplayPolicyError, PolicyError):
             continue  # no acknowledgement: the vault refuses to open the dataset
         vault.stdin.write(json.dumps({"ack": seq}).encode() + b"\n")

@@ -101,4 +101,4 @@ def test_the_demo_finds_its_examples_in_an_installed_wheel(wheel: Path, tmp_path
     assert Path(report["package"]).is_relative_to(target)  # the wheel's copy, not the development install
     assert report["root"] == str(target / "confnb" / "_examples")
     assert sorted(report["owners"]) == ["bank", "hospital", "insurer"]
-    assert report["notebooks"] == ["hospital.ipynb", "credit.ipynb", "two_owners.ipynb"]
+    assert report["notebooks"] == ["hospital.ipynb", "hospital_dp.ipynb", "credit.ipynb", "two_owners.ipynb"]

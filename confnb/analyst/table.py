@@ -806,6 +806,18 @@ def _policy_line(dataset: str, policy: Mapping[str, Any]) -> str:
     release = policy.get("release") if isinstance(policy.get("release"), dict) else {}
     assert isinstance(release, dict)
     allow = ", ".join(map(str, release.get("allow", []))) or "nothing (default deny)"
+    privacy = policy.get("privacy") if isinstance(policy.get("privacy"), dict) else {}
+    assert isinstance(privacy, dict)
+    if privacy.get("mode") == "dp":
+        budget = f"ε = {privacy.get('epsilon')}" + (f", δ = {privacy['delta']}" if privacy.get("delta") else "")
+        public = ", ".join(["schema", *map(str, privacy.get("public", []))])
+        parts = [
+            f"{ident} ({dataset}): differential privacy, noisy releases only (release(epsilon=...)) from a budget "
+            f"of {budget}; exact: {public}"
+        ]
+        if release.get("never_release"):
+            parts.append("never releases " + ", ".join(map(str, release["never_release"])))
+        return "; ".join(parts)
     parts = [f"{ident} ({dataset}): releases {allow}", f"min_group_size {release.get('min_group_size', 10)}"]
     if release.get("never_release"):
         parts.append("never releases " + ", ".join(map(str, release["never_release"])))

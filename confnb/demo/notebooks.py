@@ -3,7 +3,8 @@
 A notebook states its own expectations in cell metadata, so the checks travel with the notebook:
 
 - ``tags: ["refused-leak"]``: the cell tries to take out something the owner's policy protects; its output must
-  show the vault's ``PolicyViolation`` message, which names the rule (``[rule release.… of 'dataset']``);
+  show the vault's ``PolicyViolation`` message, which names the rule (``[rule release.… of 'dataset']``, or
+  ``[rule privacy.… of 'dataset']`` for an exact request or an overspent budget under differential privacy);
 - ``tags: ["refused-leak", "raises-exception"]``: the same, left uncaught: the cell's error must be that
   ``PolicyViolation`` (nbclient's ``raises-exception`` tag; JupyterLab stops "Run All" at it, so only a notebook's
   last code cell has it);
@@ -25,7 +26,8 @@ KERNEL_NAME = "confnb-snp"
 REFUSED_TAG = "refused-leak"
 RAISES_TAG = "raises-exception"
 REFUSAL_MARK = "PolicyViolation"
-RULE_MARK = "[rule release."
+# How a refusal names its rule: the release rules of exact mode, the privacy rules of differential privacy.
+RULE_MARKS = ("[rule release.", "[rule privacy.")
 GATE_NOTICE = "[confnb] output withheld"
 CELL_TIMEOUT_S = 300
 
@@ -89,7 +91,7 @@ def check(notebook: Any, name: str) -> NotebookOutcome:
         metadata = cell.metadata.get("confnb", {})
         if REFUSED_TAG in tags:
             outcome.refused_leaks += 1
-            if REFUSAL_MARK not in text or RULE_MARK not in text:
+            if REFUSAL_MARK not in text or not _names_a_rule(text):
                 outcome.problems.append(f"{where} should show a refused leak with its policy rule, but shows: {text!r}")
         for expected in metadata.get("expect", []):
             if expected not in text:
@@ -101,7 +103,11 @@ def check(notebook: Any, name: str) -> NotebookOutcome:
 
 
 def _all_refusals(errors: list[Any]) -> bool:
-    return all(error.get("ename") == REFUSAL_MARK and RULE_MARK in str(error.get("evalue", "")) for error in errors)
+    return all(error.get("ename") == REFUSAL_MARK and _names_a_rule(str(error.get("evalue", ""))) for error in errors)
+
+
+def _names_a_rule(text: str) -> bool:
+    return any(mark in text for mark in RULE_MARKS)
 
 
 def run(path: Path, executed: Path | None = None) -> NotebookOutcome:

@@ -31,9 +31,10 @@ def explain_output(policy: OutputPolicy) -> list[str]:
         lines.append("May be released: " + "; ".join(_KIND_TEXT[kind] for kind in sorted(policy.allow)) + ".")
     else:
         lines.append("No results of any kind may be released.")
-    if policy.privacy is not None and policy.privacy.is_dp:
+    dp = policy.privacy is not None and policy.privacy.is_dp
+    if policy.privacy is not None and dp:
         lines.append(_explain_privacy(policy.privacy, policy.allow))
-    if "aggregate" in policy.allow:
+    if "aggregate" in policy.allow and not dp:  # under DP the noise, not a group size, protects a released number
         if policy.min_group_size > 1:
             lines.append(
                 f"Every released aggregate row must be computed from at least {policy.min_group_size} records; "
@@ -75,7 +76,7 @@ def _explain_limits(policy: OutputPolicy) -> list[str]:
             "aggregate, a row count, a preview, a model's metrics or parameters, predictions or an export counts "
             "one, whether it is released or withheld; later requests are refused (release.max_releases)."
         )
-    else:
+    elif not (policy.privacy is not None and policy.privacy.is_dp):  # under DP the budget bounds them
         lines.append(
             "A kernel may make any number of releases (no max_releases): many overlapping releases can together "
             "reveal more than any one of them."
@@ -90,11 +91,14 @@ def _explain_limits(policy: OutputPolicy) -> list[str]:
             lines.append(f"So the kernels given the key on one day can draw at most {total} releases in all.")
     else:
         lines.append("Any number of kernels per day may be given the dataset's key (no max_kernels_per_day).")
+    if policy.privacy is not None and policy.privacy.is_dp:
+        return lines  # no exact number but the public row count: nothing to subtract
     if policy.checks_differences:
         lines.append(
             f"Difference checks are on{' (the default)' if policy.difference_checks is None else ''}: a number whose "
-            "records differ from those of a number released earlier by the same kernel by 1 to "
-            f"{policy.min_group_size - 1} records is refused (release.difference)."
+            "records differ from those of a number released earlier by the same kernel (or of the same result) by "
+            f"1 to {policy.min_group_size - 1} records is refused when both measure the same column, or both count "
+            "records (release.difference)."
         )
     else:
         lines.append(

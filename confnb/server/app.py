@@ -29,5 +29,12 @@ class ConfnbServerApp(ExtensionApp):
         help="Seconds to wait for a kernel's answer to an attestation or gate request before the request fails.",
     )
 
+    broker_timeout = Float(
+        3.0,
+        config=True,
+        help="Seconds to wait for an owner's broker to report a dataset's privacy budget; after that the policy "
+        "view says the budget is unavailable.",
+    )
+
     def initialize_handlers(self) -> None:
         self.handlers.extend(routes())

@@ -22,6 +22,7 @@ from tornado import web
 
 from confnb.policy.presets import upload_presets
 from confnb.server.attestation import KernelRequestError, attest_kernel
+from confnb.server.budget import kernel_budgets
 from confnb.server.policies import kernel_policies
 
 if TYPE_CHECKING:
@@ -102,6 +103,22 @@ class PoliciesHandler(KernelHandler):
         self.write_json(view)
 
 
+class BudgetsHandler(KernelHandler):
+    """``GET kernels/{id}/budgets``: each open DP dataset's budget as its owner's broker reports it (fail-soft)."""
+
+    @web.authenticated
+    @authorized
+    async def get(self, kernel_id: str) -> None:
+        manager = self.kernel(kernel_id)
+        try:
+            view = await kernel_budgets(
+                manager, kernel_id, timeout=self.app.request_timeout, broker_timeout=self.app.broker_timeout
+            )
+        except KernelRequestError as exc:
+            raise web.HTTPError(502, str(exc)) from None
+        self.write_json(view)
+
+
 class UploadPoliciesHandler(ConfnbHandler):
     """``GET upload-policies``: the output policies the upload dialog offers."""
 
@@ -115,5 +132,6 @@ def routes() -> list[tuple[str, type[ConfnbHandler]]]:
     return [
         (url_path_join(API_PATH, "kernels", _KERNEL_ID, "attestation"), AttestationHandler),
         (url_path_join(API_PATH, "kernels", _KERNEL_ID, "policies"), PoliciesHandler),
+        (url_path_join(API_PATH, "kernels", _KERNEL_ID, "budgets"), BudgetsHandler),
         (url_path_join(API_PATH, "upload-policies"), UploadPoliciesHandler),
     ]

@@ -37,9 +37,22 @@ async def kernel_policies(manager: AsyncKernelManager, kernel_id: str, *, timeou
 
 
 def _explained(entry: dict[str, Any]) -> dict[str, Any]:
-    """The entry with its policy in plain language, or a line saying why it cannot be put into words."""
+    """The entry with its policy in plain language and its privacy mode, or a line saying why it cannot be put into
+    words (and no privacy view: the panel then says the mode is unknown rather than guess one)."""
     try:
-        explanation = explain_output(OutputPolicy.from_dict(entry.get("policy") or {}, source="the kernel's report"))
+        policy = OutputPolicy.from_dict(entry.get("policy") or {}, source="the kernel's report")
     except (PolicyError, TypeError, ValueError) as exc:
-        explanation = [f"the kernel reported a policy that does not parse: {exc}"]
-    return {**entry, "explanation": explanation}
+        return {**entry, "explanation": [f"the kernel reported a policy that does not parse: {exc}"], "privacy": None}
+    return {**entry, "explanation": explain_output(policy), "privacy": privacy_view(policy)}
+
+
+def privacy_view(policy: OutputPolicy) -> dict[str, Any]:
+    """What the panel's privacy section shows: the canonical ``[privacy]`` table under DP; under exact mode the
+    release rules that protect exact numbers instead (their defaults applied, so "on" is said when unwritten)."""
+    if policy.privacy is not None and policy.privacy.is_dp:
+        return policy.privacy.to_dict()
+    return {
+        "mode": "exact",
+        "min_group_size": policy.min_group_size,
+        "difference_checks": policy.checks_differences,
+    }

@@ -24,8 +24,9 @@ class DatasetPolicies:
         self._lock = threading.Lock()
         self._entries: dict[str, dict[str, Any]] = {}
 
-    def record(self, dataset_id: str, source: str, policy: OutputPolicy) -> None:
-        """A dataset keeps the source it first came from; its policy is the latest in force (only ever stricter)."""
+    def record(self, dataset_id: str, source: str, policy: OutputPolicy, broker: str | None = None) -> None:
+        """A dataset keeps the source (and broker) it first came from; its policy is the latest in force (only ever
+        stricter)."""
         if source not in SOURCES:
             raise ValueError(f"unknown dataset source {source!r}")
         with self._lock:
@@ -35,6 +36,7 @@ class DatasetPolicies:
                 "policy_id": policy.id,
                 "source": known["source"] if known is not None else source,
                 "policy": policy.to_dict(),
+                "broker": known.get("broker") if known is not None else broker,
             }
 
     def to_list(self) -> list[dict[str, Any]]:

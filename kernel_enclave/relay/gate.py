@@ -112,7 +112,19 @@ _ENAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 #: (``kernel_enclave.vault.protocol.PolicyViolation``). DESIGN.md promises the analyst a message naming the rule,
 #: so redaction keeps that part, rebuilt from a fixed vocabulary: one of these rules and up to eight dataset ids.
 _REFUSAL_NAME = "PolicyViolation"
-_REFUSAL_RULES = frozenset({"release.allow", "release.min_group_size", "release.never_release", "release.max_rows"})
+_REFUSAL_RULES = frozenset(
+    {
+        "release.allow",
+        "release.min_group_size",
+        "release.never_release",
+        "release.max_rows",
+        "release.max_releases",
+        "release.difference",
+        "release.order_statistics",
+        "privacy.mode",
+        "privacy.budget",
+    }
+)
 _REFUSAL = re.compile(r"(?:\A|.* )\[rule ([a-z_.]{1,64}) of ([^\]\n]{1,1200})\]\Z", re.DOTALL)
 _DATASET_NAME = re.compile(r"'[A-Za-z0-9][A-Za-z0-9._-]{0,127}'")
 _MAX_REFUSAL_DATASETS = 8

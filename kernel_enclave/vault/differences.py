@@ -18,7 +18,8 @@ records (row counts, counts of a column, value counts, distinct counts, statisti
 being refused, while ``sum(cost)`` over everyone and ``sum(cost)`` over everyone but one patient are. A caller
 that gives no keys puts every set under one key (all compared).
 
-The groups of a release added up are a number too: the groups of ``sum(cost)`` by sex over everyone but one
+The groups of a release added up are a number too (for counts and sums; a sum's keys appear twice, once with the
+prefix ``sum:`` under which its groups' union is compared): the groups of ``sum(cost)`` by sex over everyone but one
 patient add up to the sum over everyone but that patient, and ``sum(cost)`` over everyone minus the groups released
 by age is the sum over the ages withheld as too small. So the union of a grouped release's record sets (per
 dataset and comparison key, when it has more than one) is checked and remembered like the sets of its numbers. The
@@ -66,6 +67,7 @@ RULE = "release.difference"
 # (dataset, label of the released number, sorted unique ids[, comparison keys]); see "What is compared" above
 RecordSet = tuple[str, str, npt.NDArray[np.int64]] | tuple[str, str, npt.NDArray[np.int64], frozenset[str]]
 COUNT_KEY = "count"  # counts of records (row counts, counts of a column, value counts, sums of flags)
+SUM_PREFIX = "sum:"  # before a column key: the sums of that column, whose groups add up
 ALL_KEY = ""  # the key of a record set given without keys: compared with every other such set
 
 SIGNATURE_RANGES = 64  # ranges of record ids per signature: a power of two, so coarsening merges neighbours
@@ -216,10 +218,18 @@ class ReleaseMemory:
                     touched.setdefault((dataset, key), []).append(bitmap)
                     _compare(memory, dataset, bitmap, memory.signature(values), k, _ONE_NUMBER)
             for (dataset, key), bitmaps in touched.items() if grouped else ():
-                if len(bitmaps) > 1:  # the groups added up are a number too
-                    memory = self._datasets[(dataset, key)]
+                if len(bitmaps) > 1 and _additive(key):  # the groups added up are a number too
                     union = _union(bitmaps)
-                    _compare(memory, dataset, union, memory.bitmap_signature(union), min_group_size[dataset], _ALL)
+                    # A sum of groups compares with the column's other numbers too (a mean times its count).
+                    for under in (key, key.removeprefix(SUM_PREFIX)) if key.startswith(SUM_PREFIX) else (key,):
+                        memory = self._datasets.setdefault((dataset, under), _Dataset())
+                        if len(union):
+                            memory.cover(int(union.max()))
+                        if isinstance(union, BitMap64) and not memory.wide:
+                            memory.widen()
+                        same_width = _bitmap64(np.asarray(union.to_array(), np.int64)) if memory.wide else union
+                        signature = memory.bitmap_signature(same_width)
+                        _compare(memory, dataset, same_width, signature, min_group_size[dataset], _ALL)
         except BaseException:
             for name in touched:
                 self._datasets[name].rollback()
@@ -289,6 +299,12 @@ def _compare(
                 )
     if not duplicate:
         memory.append(bitmap, size, signature)
+
+
+def _additive(key: str) -> bool:
+    """Whether the numbers under ``key`` add up over groups (counts, sums): only theirs make a number of the union.
+    Means, spreads and order statistics of disjoint groups combine into no number of their union's records."""
+    return key in (COUNT_KEY, ALL_KEY) or key.startswith(SUM_PREFIX)
 
 
 def _union(bitmaps: list[BitMap | BitMap64]) -> BitMap | BitMap64:

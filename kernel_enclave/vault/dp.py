@@ -17,6 +17,11 @@ The privacy unit: with ``unit`` the owner names the column identifying a person,
 identifier; each person's rows are truncated to ``max_contributions`` (the first in dataset order) before the plan
 runs, so the bound is enforced rather than trusted. Without ``unit`` one row is one person, and a person is
 assumed to contribute at most ``max_contributions`` rows.
+
+OpenDP receives a dataset's columns once, not per release: it copies whatever it is given, which cost more than the
+release itself. Each loaded dataset (per set of columns a release names) sits in OpenDP behind a fully adaptive
+composition, and every release submits its own measurement, calibrated by OpenDP to that release's ε (and δ); the
+owner's broker, charged between :func:`prepare` and :meth:`PreparedDpRelease.run`, keeps the budget.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Mapping, Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import opendp.prelude as dp
 import polars as pl
@@ -376,16 +383,26 @@ def _opendp_column(name: str, dtype: Any) -> pl.Expr | None:
 
 @dataclass(frozen=True)
 class DatasetInput:
-    """The frame OpenDP reads: one dataset's visible columns only, never its record ids or contribution masks."""
+    """The frame OpenDP reads: the columns of one dataset a release names, never its record ids or masks.
+
+    Only the named columns: OpenDP copies its input when it receives it, and a column it never reads would be copied
+    for nothing. ``data`` is the lazy selection; it is read once per dataset and set of columns (see
+    :func:`_opendp_input`).
+    """
 
     dataset: str
+    source: SourceTable
     data: pl.LazyFrame
     schema: Mapping[str, Any]
-    unreadable: frozenset[str]  # columns of a type OpenDP cannot read: a plan naming one is refused
     rows: int  # the dataset's rows, a load-time fact
 
     @classmethod
-    def of(cls, source: SourceTable) -> DatasetInput:
+    def of(cls, source: SourceTable, named: set[str]) -> DatasetInput:
+        """The dataset behind ``source`` restricted to the visible columns in ``named`` that it has.
+
+        A plan naming a column of a type OpenDP cannot read is refused, naming the column. A plan naming no column
+        (a plain count) still needs one for OpenDP to count rows: the first readable column, a number if any.
+        """
         if len(source.datasets) != 1:
             raise _refuse("joins are not supported yet")
         dataset = next(iter(source.datasets))
@@ -398,17 +415,23 @@ class DatasetInput:
         )
         if not plain:
             raise _refuse("a release must start from a dataset as loaded, not from a derived table")
-        exprs: list[pl.Expr] = []
-        unreadable: set[str] = set()
+        readable: dict[str, pl.Expr] = {}
         for name in source.columns:  # the visible columns: hidden ones never reach OpenDP
             expr = _opendp_column(name, source.dtype(name))
-            if expr is None:
-                unreadable.add(name)
-            else:
-                exprs.append(expr)
-        data = source.data.select(exprs)
+            if expr is not None:
+                readable[name] = expr
+            elif name in named:
+                raise _refuse(f"column {quote(name)} has a type OpenDP cannot read")
+        chosen = [name for name in source.columns if name in named]
+        if not chosen:
+            numbers = [n for n in readable if source.dtype(n).is_integer() or source.dtype(n).is_float()]
+            fallback = (numbers or list(readable))[:1]
+            if not fallback:
+                raise _refuse(f"dataset {quote(dataset)} has no column OpenDP can read")
+            chosen = fallback
+        data = source.data.select([readable[name] for name in chosen])
         schema = dict(data.collect_schema())
-        return cls(dataset, data, schema, frozenset(unreadable), source.row_bound().rows())
+        return cls(dataset, source, data, schema, source.row_bound().rows())
 
     def empty_table(self) -> SourceTable:
         """The input with no rows, for the exact engine's type checks and lineage."""
@@ -427,6 +450,123 @@ class DatasetInput:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# OpenDP's copy of a dataset: received once, queried per release
+
+MAX_OPENDP_INPUTS = 16  # datasets (and column sets, units, measures, margins) OpenDP holds at once
+MAX_CALIBRATIONS = 256  # calibrated measurements kept per input
+
+
+class _Calibrated(NamedTuple):
+    measurement: dp.Measurement
+    summary: pl.DataFrame  # OpenDP's noise per statistic at 95%
+    split_summary: pl.DataFrame  # and at 97.5%, for a mean's two parts
+
+
+class _OpenDPInput:
+    """One dataset's columns inside OpenDP, behind a fully adaptive composition (an odometer), for many releases.
+
+    OpenDP copies its input when it receives it (serialised, tens of megabytes a million rows); handing it over per
+    release cost far more than the release. The odometer's queryable takes the data once and then any measurement
+    over its domain, metric and measure: each release's measurement is calibrated by OpenDP to that release's ε (and
+    δ) and checked against it again before it runs. The odometer sets no limit of its own: the owner's broker,
+    charged before the release runs, is the budget that stops releases. Calls are serialised (the queryable updates
+    its running privacy loss on each).
+    """
+
+    def __init__(self, frame: pl.DataFrame, domain: Any, metric: Any, measure: Any) -> None:
+        self.domain = domain
+        self.metric = metric
+        self.measure = measure
+        odometer = dp.c.make_fully_adaptive_composition(
+            input_domain=domain, input_metric=metric, output_measure=measure
+        )
+        self._queryable = odometer(frame.lazy())
+        self._lock = threading.Lock()
+        self._calibrations: OrderedDict[tuple[Any, ...], _Calibrated] = OrderedDict()
+        self._calibrations_lock = threading.Lock()  # not the queryable's: a prepare never waits for a run
+
+    def calibrated(self, key: tuple[Any, ...], calibrate: Callable[[], _Calibrated]) -> _Calibrated:
+        """The measurement OpenDP calibrated for this plan, policy, ε and δ, calibrated once and then reused.
+
+        A measurement is a description of the mechanism: each run samples fresh noise, so a repeated release (the
+        same query at the same ε) pays for its own run and merely skips recomputing the same noise scale.
+        """
+        with self._calibrations_lock:
+            found = self._calibrations.get(key)
+        if found is None:
+            found = calibrate()
+            with self._calibrations_lock:
+                self._calibrations[key] = found
+                while len(self._calibrations) > MAX_CALIBRATIONS:
+                    self._calibrations.popitem(last=False)
+        return found
+
+    def release(self, measurement: dp.Measurement, d_in: Any, d_out: Any) -> pl.DataFrame:
+        """Run ``measurement`` on the data, after OpenDP confirms it costs at most ``d_out`` at ``d_in``."""
+        if not measurement.check(d_in, d_out):
+            raise _refuse("the release would cost more than was charged for it")
+        with self._lock:
+            found: pl.DataFrame = self._queryable(measurement).collect()
+        return found
+
+
+class _InputSlot:
+    """A cache entry, filled by the first release that needs it while others wait on its lock only."""
+
+    def __init__(self, source: SourceTable) -> None:
+        self.source = weakref.ref(source)
+        self.lock = threading.Lock()
+        self.value: _OpenDPInput | None = None
+
+
+_inputs: OrderedDict[tuple[Any, ...], _InputSlot] = OrderedDict()
+_inputs_lock = threading.Lock()
+
+
+def _forget() -> None:
+    """Drop the entries of sources that are gone, so that a closed dataset's copy inside OpenDP goes with it.
+
+    Called by the garbage collector as well, possibly on a thread that holds the lock: then the next lookup purges.
+    """
+    if not _inputs_lock.acquire(blocking=False):
+        return
+    try:
+        for key in [key for key, slot in _inputs.items() if slot.source() is None]:
+            del _inputs[key]
+    finally:
+        _inputs_lock.release()
+
+
+def _opendp_input(data: DatasetInput, metric: Any, measure: Any, margins: tuple[Margin, ...]) -> _OpenDPInput:
+    """OpenDP's copy of ``data`` for this metric, measure and margins: made once per loaded dataset, then shared.
+
+    Keyed by the identity of the vault's source table (a dataset as loaded lives as long as the kernel) and what the
+    domain and odometer depend on. A scanned dataset (larger than memory) is not kept: its columns are read per
+    release.
+    """
+    domain = dp.domain_of(pl.LazyFrame(schema=dict(data.schema)), infer=True)
+    for margin in margins:
+        domain = dp.with_margin(domain, margin)
+    if data.source.streaming:
+        return _OpenDPInput(data.source.collect(data.data), domain, metric, measure)
+    described = tuple((tuple(m.by or ()), m.max_length, m.max_groups) for m in margins)  # str(domain) omits sizes
+    key = (id(data.source), tuple(data.schema.items()), described, str(domain), str(metric), str(measure))
+    _forget()
+    with _inputs_lock:
+        slot = _inputs.get(key)
+        if slot is None or slot.source() is not data.source:  # an id is unique among live objects only
+            slot = _inputs[key] = _InputSlot(data.source)
+            weakref.finalize(data.source, _forget)
+        _inputs.move_to_end(key)
+        while len(_inputs) > MAX_OPENDP_INPUTS:
+            _inputs.popitem(last=False)
+    with slot.lock:
+        if slot.value is None:
+            slot.value = _OpenDPInput(data.source.collect(data.data), domain, metric, measure)
+        return slot.value
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Planning a release
 
 
@@ -440,6 +580,9 @@ class _Statistic:
     parts: tuple[str, ...]  # the names OpenDP reports the expressions under
     bounds: tuple[float, float] | None = None
     shown: bool = True  # False: computed for OpenDP's partition selection only
+    # Row-level inputs of ``exprs`` (a clipped value, a presence indicator), computed in one pass before grouping:
+    # Polars then aggregates plain columns on its fast path, where an expression per group was twice as slow.
+    inputs: tuple[pl.Expr, ...] = ()
 
 
 class PreparedDpRelease:
@@ -457,8 +600,10 @@ class PreparedDpRelease:
         delta: float,
         plan_digest: str,
         columns: tuple[str, ...],
-        context: dp.Context,
+        opendp_input: _OpenDPInput,
         measurement: dp.Measurement,
+        d_in: Any,
+        d_out: Any,
         statistics: tuple[_Statistic, ...],
         by: tuple[str, ...],
         threshold: int | None,
@@ -469,9 +614,11 @@ class PreparedDpRelease:
         self.epsilon = epsilon
         self.delta = delta
         self.plan_digest = plan_digest
-        self.columns = columns  # what OpenDP's input holds: the dataset's visible columns
-        self._context = context
+        self.columns = columns  # what OpenDP's input holds: the dataset's columns this release names
+        self._input = opendp_input
         self._measurement = measurement
+        self._d_in = d_in
+        self._d_out = d_out
         self._statistics = statistics
         self._by = by
         self.threshold = threshold
@@ -486,7 +633,7 @@ class PreparedDpRelease:
                 raise _refuse("this release has run already; prepare (and pay for) it again")
             self._ran = True
         try:
-            found = self._context(self._measurement).collect()
+            found = self._input.release(self._measurement, self._d_in, self._d_out)
         except Exception:  # OpenDP's and Polars' messages can quote values: never pass them on
             raise _refuse("the release failed while computing") from None
         if self._by:  # groups in key order: the order OpenDP's engine produced them in says nothing more
@@ -569,15 +716,17 @@ def prepare(
     if not isinstance(node, Aggregate | Count):
         raise _refuse("raw rows are never released; aggregate them (group_by/agg or count)")
     source = _only_source(node.input, sources)
-    data = DatasetInput.of(source)
-    rules = PrivacyBudgetRules.from_dict(data.dataset, privacy.get(data.dataset))
+    if len(source.datasets) != 1:
+        raise _refuse("joins are not supported yet")
+    dataset = next(iter(source.datasets))
+    rules = PrivacyBudgetRules.from_dict(dataset, privacy.get(dataset))
     if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not math.isfinite(epsilon) or epsilon <= 0:
         raise _refuse("epsilon must be a number greater than 0")
     if epsilon > rules.epsilon_limit:
         raise _refuse(f"epsilon {epsilon:g} exceeds the owner's limit of {rules.epsilon_limit:g} per release")
-    if rules.unit is not None and rules.unit not in data.schema:
+    if rules.unit is not None and rules.unit not in source.columns:
         raise _refuse(f"the owner's privacy.unit names column {quote(rules.unit)}, which the dataset lacks")
-    _require_readable(node, data)
+    data = DatasetInput.of(source, _named_columns(node) | ({rules.unit} if rules.unit else set()))
     empty = data.empty_table()
     empty_sources = {handle: empty for handle in _handles(node.input)}
     row_level = evaluate_node(node.input, empty_sources)  # the exact engine's type checks, on zero rows
@@ -614,26 +763,35 @@ def prepare(
     if by and set(by) <= set(data.schema):  # OpenDP's margins describe its input's columns only
         margins.append(Margin(by=list(by), max_length=bound, max_groups=bound))
     try:
-        context = dp.Context.compositor(
-            data=data.data, privacy_unit=privacy_unit, privacy_loss=loss, split_evenly_over=1, margins=margins
-        )
-        query = context.query()
-        if not isinstance(query, LazyFrameQuery):
-            raise _refuse("OpenDP did not take the dataset as a Polars frame")
-        query.polars_plan = pl.LazyFrame(schema=dict(data.schema))
+        opendp_input = _opendp_input(data, privacy_unit[0], loss[0], tuple(margins))
+        # a plan builder holding no data (OpenDP leaves its constructor unannotated)
+        query = LazyFrameQuery(pl.LazyFrame(schema=dict(data.schema)), None)  # type: ignore[no-untyped-call]
         if rules.unit is not None:  # each person's first max_contributions rows, before the analyst's plan
-            query = query.truncate_per_group(rules.max_contributions, keep="first")
+            # OpenDP's own truncation (LazyFrameQuery.truncate_per_group with keep="first"), spelled out
+            query = query.filter(pl.int_range(pl.len()).over(rules.unit) < rules.max_contributions)
         query.polars_plan = _row_level(node.input, query.polars_plan, empty_sources)
         exprs = [expr for stat in statistics for expr in stat.exprs]
+        inputs = [expr for stat in statistics for expr in stat.inputs]
+        if inputs:
+            query = query.with_columns(inputs)
         if by:
             query = query.group_by(list(by)).agg(exprs)
             if public_keys is not None:
                 query = query.with_keys(public_keys)
         else:
             query = query.select(exprs)
-        measurement = _calibrate(context, query.polars_plan, partition_selection)
-        summary = summarize_polars_measurement(measurement, ALPHA)
-        split_summary = summarize_polars_measurement(measurement, ALPHA / 2)
+        plan_of_release = query.polars_plan
+
+        def calibrate() -> _Calibrated:
+            found = _calibrate(opendp_input, plan_of_release, privacy_unit[1], loss[1], partition_selection)
+            return _Calibrated(
+                found, summarize_polars_measurement(found, ALPHA), summarize_polars_measurement(found, ALPHA / 2)
+            )
+
+        rules_key = json.dumps(privacy.get(data.dataset), sort_keys=True, default=str)
+        measurement, summary, split_summary = opendp_input.calibrated(
+            (digest, rules_key, float(epsilon), release_delta), calibrate
+        )
     except VaultError:
         raise
     except Exception:
@@ -648,8 +806,10 @@ def prepare(
         delta=float(release_delta),
         plan_digest=digest,
         columns=tuple(data.schema),
-        context=context,
+        opendp_input=opendp_input,
         measurement=measurement,
+        d_in=privacy_unit[1],
+        d_out=loss[1],
         statistics=statistics,
         by=tuple(by),
         threshold=threshold,
@@ -658,20 +818,17 @@ def prepare(
     )
 
 
-def _calibrate(context: dp.Context, plan: pl.LazyFrame, approximate: bool) -> dp.Measurement:
-    """OpenDP's measurement for ``plan`` at the noise scale (and threshold) that spends the query's budget.
+def _calibrate(
+    opendp_input: _OpenDPInput, plan: pl.LazyFrame, d_in: Any, d_out: Any, approximate: bool
+) -> dp.Measurement:
+    """OpenDP's measurement for ``plan`` at the noise scale (and threshold) that spends ``d_out``, the release's cost.
 
     OpenDP's own search (``LazyFrameQuery.resolve``) bisects over a thousand candidate measurements, about a second
     per release; the privacy loss of these mechanisms is inversely proportional to the scale, so one measurement at
     scale 1 gives the scale, nudged up until OpenDP's own privacy map accepts it. OpenDP's ``check`` has the last
     word on the measurement returned.
     """
-    domain, metric = context.accountant.input_space
-    measure = context.accountant.output_measure
-    d_in: Any = context.d_in
-    d_out: Any = context.d_mids[0] if context.d_mids else None
-    if d_out is None:
-        raise _refuse("OpenDP's compositor has no budget for this release")
+    domain, metric, measure = opendp_input.domain, opendp_input.metric, opendp_input.measure
     no_threshold = 2**32 - 1 if approximate else None  # while the scale is found, no group is held back
 
     def make(scale: float, threshold: int | None) -> dp.Measurement:
@@ -757,8 +914,8 @@ def _handles(node: Node) -> list[str]:
     return [node.handle]
 
 
-def _require_readable(node: Aggregate | Count, data: DatasetInput) -> None:
-    """Refuse, naming it, a plan that reads a column of a type OpenDP cannot read."""
+def _named_columns(node: Aggregate | Count) -> set[str]:
+    """Every column name the plan reads or writes: the dataset's columns among them are what OpenDP receives."""
     named: set[str] = set()
 
     def walk_expr(expr: Expr) -> None:
@@ -782,9 +939,7 @@ def _require_readable(node: Aggregate | Count, data: DatasetInput) -> None:
     if isinstance(node, Aggregate):
         named.update(node.by)
         named.update(agg.column for agg in node.aggs if agg.column is not None)
-    bad = sorted(named & data.unreadable)
-    if bad:
-        raise _refuse(f"column {quote(bad[0])} has a type OpenDP cannot read")
+    return named
 
 
 def _require_releasable(column: str, lineage: Lineage, never: frozenset[tuple[str, str]], use: str) -> None:
@@ -846,8 +1001,9 @@ def _statistic(agg: Agg, hidden: str, schema: Mapping[str, Any], rules: PrivacyB
     if agg.func == "count" and not dtype.is_float():
         return _Statistic(agg.name, "count", (_noisy(pl.col(column)).count(signed=True).alias(hidden),), (hidden,))
     if agg.func == "count":  # non-missing values (NaN is missing): a sum of 0/1 indicators, sensitivity one
-        present = (~_missing(value)).cast(pl.Int64)
-        return _Statistic(agg.name, "count", (_noisy(present).sum((0, 1)).alias(hidden),), (hidden,))
+        present = (~_missing(value)).cast(pl.Int64).alias(f"{hidden}p")
+        count = _noisy(pl.col(f"{hidden}p")).sum((0, 1)).alias(hidden)
+        return _Statistic(agg.name, "count", (count,), (hidden,), inputs=(present,))
     if not (dtype.is_integer() or dtype.is_float() or dtype == pl.Boolean):
         raise _refuse(f"{agg.func} needs a numeric column; {quote(column)} is {dtype}")
     bounds = rules.bounds.get(column)
@@ -861,12 +1017,15 @@ def _statistic(agg: Agg, hidden: str, schema: Mapping[str, Any], rules: PrivacyB
         candidates = _candidates(low, high, dtype.is_integer() or dtype == pl.Boolean)
         expr = _noisy(pl.col(column).cast(pl.Float64)).quantile(q, candidates).alias(hidden)
         return _Statistic(agg.name, "quantile", (expr,), (hidden,))
-    total = _clipped_sum(pl.col(column), dtype, low, high).alias(hidden)
+    clipped, sum_bounds = _clipped(pl.col(column), dtype, low, high)
+    total = _noisy(pl.col(f"{hidden}c")).sum(sum_bounds).alias(hidden)
     if agg.func == "sum":
-        return _Statistic(agg.name, "sum", (total,), (hidden,))
+        return _Statistic(agg.name, "sum", (total,), (hidden,), inputs=(clipped.alias(f"{hidden}c"),))
     count_name = f"{hidden}n"
-    count = _noisy((~_missing(value)).cast(pl.Int64)).sum((0, 1)).alias(count_name)
-    return _Statistic(agg.name, "mean", (total, count), (hidden, count_name), (low, high))
+    present = (~_missing(value)).cast(pl.Int64).alias(f"{hidden}p")
+    count = _noisy(pl.col(f"{hidden}p")).sum((0, 1)).alias(count_name)
+    inputs = (clipped.alias(f"{hidden}c"), present)
+    return _Statistic(agg.name, "mean", (total, count), (hidden, count_name), (low, high), inputs=inputs)
 
 
 def _noisy(expr: pl.Expr) -> DPExpr:
@@ -874,17 +1033,15 @@ def _noisy(expr: pl.Expr) -> DPExpr:
     return DPExpr(expr)  # type: ignore[no-untyped-call]  # OpenDP leaves its constructor unannotated
 
 
-def _clipped_sum(column: pl.Expr, dtype: Any, low: float, high: float) -> pl.Expr:
-    """The sum of present values clipped to the bounds; a missing value adds nothing, as pandas skips it."""
+def _clipped(column: pl.Expr, dtype: Any, low: float, high: float) -> tuple[pl.Expr, tuple[Any, Any]]:
+    """The value clipped to the bounds, a missing one as 0 (it adds nothing, as pandas skips it), and the bounds
+    OpenDP's sum clips it to again (they include 0)."""
     integral = (dtype.is_integer() or dtype == pl.Boolean) and float(low).is_integer() and float(high).is_integer()
     if integral:
         lo, hi = int(low), int(high)
-        clipped = column.cast(pl.Int64).clip(lo, hi).fill_null(0)
-        summed: pl.Expr = _noisy(clipped).sum((min(lo, 0), max(hi, 0)))
-        return summed
+        return column.cast(pl.Int64).clip(lo, hi).fill_null(0), (min(lo, 0), max(hi, 0))
     clipped = column.cast(pl.Float64).clip(low, high).fill_nan(0.0).fill_null(0.0)
-    summed = _noisy(clipped).sum((min(low, 0.0), max(high, 0.0)))
-    return summed
+    return clipped, (min(low, 0.0), max(high, 0.0))
 
 
 def _candidates(low: float, high: float, integral: bool) -> list[float]:

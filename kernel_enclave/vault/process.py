@@ -7,7 +7,7 @@ stderr (on a host, that is a log the operator reads). The conversation on those 
    never touch a file). The vault is non-dumpable before it reads them.
 2. vault → launcher: ``{"ready": true}`` once the socket accepts connections (or ``{"error": ...}``); later
    launcher → vault: ``{"started": true}`` once the client has the kernel, the moment the warm-up begins (below).
-3. vault → launcher: ``{"display": {...}, "seq": n, "dataset": {"id", "source", "policy_id", "policy"}}``
+3. vault → launcher: ``{"display": {...}, "seq": n, "dataset": {"id", "source", "policy_id", "policy", "broker"}}``
    whenever a dataset opens (``source`` "broker" or "upload"; "sealed" when unsealing a table brings a dataset's
    policy into force): the owner's ``[display]`` table, which the relay's gate must enforce before the analyst
    gets a handle, and the whole output policy, which the relay shows to whoever asks what binds this kernel. The
@@ -69,13 +69,19 @@ class GateChannel:
         self._seq = 0
         self._last_ack = 0
 
-    def tighten(self, dataset_id: str, source: str, policy: OutputPolicy) -> None:
+    def tighten(self, dataset_id: str, source: str, policy: OutputPolicy, broker: str | None = None) -> None:
         display = {
             "mime": list(policy.mime),
             "max_output_bytes": policy.max_output_bytes,
             "tracebacks": policy.tracebacks,
         }
-        dataset = {"id": dataset_id, "source": source, "policy_id": policy.id, "policy": policy.to_dict()}
+        dataset = {
+            "id": dataset_id,
+            "source": source,
+            "policy_id": policy.id,
+            "policy": policy.to_dict(),
+            "broker": broker,
+        }
         with self._lock:
             self._seq += 1
             seq = self._seq

@@ -105,6 +105,7 @@ _MODE_RULE = frozenset({"sum", "mean", "std", "var", "nunique", "median", "quant
 # (dataset, label, sorted unique record ids, comparison keys: which other numbers it is compared with)
 RecordSet = tuple[str, str, np.ndarray, frozenset[str]]
 COUNT_KEY = "count"  # the comparison key of numbers that count records (kernel_enclave.vault.differences)
+SUM_PREFIX = "sum:"  # a sum's keys again, under which the groups of a release are added up
 _COUNTED = frozenset({COUNT_KEY})
 
 
@@ -633,14 +634,18 @@ def _numbers(
             value.filter(mask).unique_counts().max().cast(pl.Int64).alias(f"{v}_fmax"),
         ]
         if sets:
-            exprs += [
+            listed.extend(
                 _listed(pl.col(f"r{i}").filter(holders), grouped_by).alias(f"{v}_hold{i}") for i, _ in occurrences
-            ]
+            )
         return exprs
 
     exprs: list[pl.Expr] = [pl.len().cast(pl.Int64).alias("rows"), *_count_exprs(frame, "g", None)]
+    # The record sets' id lists: gathered by a group-by of their own after the numbers', so that an interrupt,
+    # which Polars sees between operators, is not kept waiting by both at once.
+    listed: list[pl.Expr] = []
+    sorted_ids: set[str] = set()
     if sets:
-        exprs += [_listed(pl.col(f"r{i}"), grouped_by).alias(f"g_ids{i}") for i, _ in occurrences]
+        listed += [_listed(pl.col(f"r{i}"), grouped_by).alias(f"g_ids{i}") for i, _ in occurrences]
     for (column, kind), v in values.items():
         mask = mask_of(column, v)
         exprs += _count_exprs(frame, f"{v}_c", mask)
@@ -649,7 +654,7 @@ def _numbers(
                 # Records known unique: the few rows left out are cheaper to gather than the many counted.
                 left_out = hidden in frame.unique
                 ids = pl.col(f"r{i}").filter(~mask if left_out else mask)
-                exprs.append(_listed(ids, grouped_by).alias(f"{v}_{'out' if left_out else 'in'}{i}"))
+                listed.append(_listed(ids, grouped_by).alias(f"{v}_{'out' if left_out else 'in'}{i}"))
         if v not in moded:
             continue
         if screen and frame.streaming:
@@ -698,8 +703,10 @@ def _numbers(
                 ids = pl.col(f"r{i}").filter(mask).sort_by(contributing, maintain_order=True).slice(start, length)
                 if not simple:  # a join can repeat a record within a block: count the block's records
                     exprs.append(_distinct(ids).alias(f"{cell.name}_b{i}"))
-                if sets:
-                    exprs.append(_listed(ids.sort(), grouped_by).alias(f"{cell.name}_ids{i}"))
+                if sets and f"{v}_sorted{i}" not in sorted_ids:  # one sort per column: each block is a slice of it
+                    sorted_ids.add(f"{v}_sorted{i}")
+                    by_value = pl.col(f"r{i}").filter(mask).sort_by(contributing, maintain_order=True)
+                    listed.append(_listed(by_value, grouped_by).alias(f"{v}_sorted{i}"))
         else:  # min, max: also the records that hold the extreme, so a lone one is withheld
             extreme = value.min() if func == "min" else value.max()
             exprs.append(extreme.alias(cell.name))
@@ -726,6 +733,12 @@ def _numbers(
             return found if found.height else frame.collect(lazy.head(0).select(aggregations))
 
     grouped = run(exprs)
+    if listed:
+        stoppable.check()
+        gathered = run(listed)
+        if gathered.height != grouped.height:  # the same groups in the same order, or no record sets
+            raise VaultError(f"{what}: the record sets do not match the groups")
+        grouped = grouped.hstack(gathered.drop(key_names))
     group_records = _counts(frame, grouped, "g")
     kept = np.ones(grouped.height, dtype=bool)
     for dataset, counts in group_records.items():
@@ -1346,12 +1359,20 @@ def _emit(found: list[RecordSet], emitted: dict[Any, int], key: Any, record: Rec
         found[at] = (dataset, label, ids, keys | record[3])
 
 
-def _comparison_keys(frame: SourceTable, cell: _Cell) -> frozenset[str]:
-    """The keys under which a number's record set is compared with others (see :mod:`.differences`): every dataset
-    column its value derives from, and ``count`` for numbers that count records (a statistic of a flag counts)."""
+def _comparison_keys(frame: SourceTable, cell: _Cell, dataset: str | None = None) -> frozenset[str]:
+    """The keys under which a number's record set of ``dataset`` is compared with others (see :mod:`.differences`):
+    every dataset column its value derives from, and ``count`` for numbers that count records (a statistic of a flag
+    counts). After a join, the records of a dataset none of whose columns the number reads (the customers behind a
+    mean of their purchases) are counted towards its minimum but compared with nothing: the number says nothing
+    about their values, and the same customers stand behind every purchase category."""
+    lineage = frame.lineage.get(cell.column, frozenset()) if cell.column is not None else frozenset()
+    if dataset is not None and lineage and dataset not in {source for source, _ in lineage}:
+        return frozenset()
     if cell.column is None or cell.func == "count":
         return _COUNTED
-    keys = {f"{dataset}:{column}" for dataset, column in frame.lineage.get(cell.column, frozenset())}
+    keys = {f"{source}:{column}" for source, column in lineage}
+    if cell.func == "sum":  # sums add up over groups: their unions are compared too (see .differences)
+        keys |= {f"{SUM_PREFIX}{key}" for key in keys}
     if cell.func == "nunique" or frame.dtype(cell.column) == pl.Boolean or not keys:
         keys.add(COUNT_KEY)
     return frozenset(keys)
@@ -1395,8 +1416,10 @@ def _number_sets(
             for i, (dataset, _) in occurrences:
                 if cell.column is None:
                     ids = group_ids[i]
-                elif cell.func in _ORDER_FUNCS:
-                    ids = np.unique(ids_at(f"{cell.name}_ids{i}", int(row)))
+                elif cell.func in _ORDER_FUNCS:  # the block's slice of the records sorted by value
+                    ordered = grouped.get_column(f"{values[(cell.column, cell.kind)]}_sorted{i}")[int(row)].to_numpy()
+                    start, end = _block_ranks(len(ordered), k, 0.5 if cell.q is None else cell.q)
+                    ids = np.unique(ordered[start:end].astype(np.int64))
                 else:
                     v = values[(cell.column, cell.kind)]
                     if i in unique:
@@ -1413,7 +1436,8 @@ def _number_sets(
                     label, ids = group, whole[dataset]
                 else:
                     label = f"{group} {cell.shown}" if by else cell.shown
-                _emit(found, emitted, (dataset, ids.tobytes()), (dataset, label, ids, _comparison_keys(frame, cell)))
+                record = (dataset, label, ids, _comparison_keys(frame, cell, dataset))
+                _emit(found, emitted, (dataset, ids.tobytes()), record)
     return found
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -61,7 +62,7 @@ MAX_PUBLIC_ROWS = 10_000_000
 Reply = tuple[dict[str, Any], list[bytes]]
 # Told (dataset id, where its policy came from: "broker", "upload" or "sealed", the policy) before a dataset's data
 # becomes reachable; raising refuses the dataset. The vault process tightens the relay's gate with it.
-PolicyListener = Callable[[str, str, OutputPolicy], None]
+PolicyListener = Callable[..., None]  # (dataset id, source, policy, broker=URL or None)
 # Requests whose handlers write no audit entry of their own (they release nothing): recorded as plain requests.
 _UNRECORDED_BY_HANDLER = frozenset({"hello", "warmup", "audit", "drop"})
 
@@ -223,9 +224,13 @@ class Vault:
         """Whether the name is taken (advisory: :meth:`add_table` checks again under the lock)."""
         return dataset_id in self._opened
 
-    def _register(self, dataset_id: str, frame: plan.SourceTable, policy: OutputPolicy, source: str) -> str:
+    def _register(
+        self, dataset_id: str, frame: plan.SourceTable, policy: OutputPolicy, source: str, broker: str | None = None
+    ) -> str:
         if self._on_policy is not None:
-            self._on_policy(dataset_id, source, policy)  # the relay's gate tightens before any handle exists
+            # The relay's gate tightens before any handle exists; the broker that released the key is where the
+            # lab asks for a DP dataset's budget.
+            self._on_policy(dataset_id, source, policy, broker=broker)
         self._policies[dataset_id] = policy
         handle = self._new_id("d")
         self._sources[handle] = frame
@@ -296,7 +301,7 @@ class Vault:
                 raise VaultError(f"{dataset_id!r}: {exc}") from None
             frame = plan.SourceTable.from_dataset(dataset_id, table)
             del table
-        handle = self._register(dataset_id, frame, policy, "broker")
+        handle = self._register(dataset_id, frame, policy, "broker", client.url)
         self._owners[dataset_id] = (client.url, manifest.owner_public_key)  # where its DP budget is charged
         self.audit.append(
             "open",
@@ -359,7 +364,8 @@ class Vault:
     def _preview(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         tree = _plan(header)
         datasets = plan.plan_datasets(tree, self._sources)
-        policies = self._exact_view()
+        # Under DP the public row count is the whole dataset's: a preview of a filtered table counts nothing.
+        policies = self._exact_view() if _whole_dataset(tree) else self._exact_view(row_count=False)
         if all(name in policies and policies[name].allows("row_count") for name in datasets):
             self._count_release(datasets, "preview")  # it may release a row count
         preview = release.preview(tree, self._sources, policies)
@@ -378,7 +384,11 @@ class Vault:
         if noisy and "epsilon" in header:
             return self._dp_release(tree, header, datasets)
         if noisy:
-            public = tree.get("node") == "count" and all(self._public_under_dp(name, "row_count") for name in noisy)
+            public = (
+                tree.get("node") == "count"
+                and _whole_dataset(tree.get("input"))
+                and all(self._public_under_dp(name, "row_count") for name in noisy)
+            )
             if not public:
                 raise PolicyViolation(
                     "privacy.mode",
@@ -614,7 +624,7 @@ class Vault:
             known = self._policies.get(name)
             combined = policy if known is None or known == policy else strictest([known, policy])
             if self._on_policy is not None:
-                self._on_policy(name, "sealed", combined)
+                self._on_policy(name, "sealed", combined, broker=None)
             self._policies[name] = combined
         if sealed.kind == "model":
             model = models.from_skops(sealed.payload, sealed.metadata["model"])
@@ -769,13 +779,13 @@ class Vault:
         privacy = self._policies[name].privacy
         return privacy is not None and kind in privacy.public and self._policies[name].allows(kind)
 
-    def _exact_view(self) -> dict[str, OutputPolicy]:
+    def _exact_view(self, row_count: bool = True) -> dict[str, OutputPolicy]:
         """The policies as exact releases see them: under differential privacy only the schema and the kinds the
-        owner lists as public (``[privacy] public``) may leave exactly."""
+        owner lists as public (``[privacy] public``: the whole dataset's row count) may leave exactly."""
         view = dict(self._policies)
         for name, found in self._policies.items():
             if found.is_dp:
-                public = {"schema"} | {kind for kind in ("row_count",) if self._public_under_dp(name, kind)}
+                public = {"schema"} | {k for k in ("row_count",) if row_count and self._public_under_dp(name, k)}
                 view[name] = replace(found, allow=found.allow & frozenset(public))
         return view
 
@@ -912,15 +922,25 @@ def _plan(header: Mapping[str, Any]) -> dict[str, Any]:
 def _noise(accuracy: Any) -> dict[str, Any]:
     """One released column's noise as the analyst reads it: distribution, scale, and the widest 95% half-width
     over its rows (a mean's depends on its group's noisy count; None where OpenDP gives none, as for quantiles)."""
-    widths = [width for width in accuracy.half_width if width is not None]
+    # A mean over a group whose noisy count is within its own error has no finite interval: null, as JSON has no
+    # infinity (the reply must still go out: the release is already paid for).
+    widths = [w if w is not None and math.isfinite(w) else None for w in accuracy.half_width]
+    finite = [w for w in widths if w is not None]
     return {
         "column": accuracy.column,
         "statistic": accuracy.statistic,
         "distribution": accuracy.distribution,
-        "scale": accuracy.scale,
-        "interval_95": max(widths) if widths else None,
-        "half_widths": list(accuracy.half_width),
+        "scale": accuracy.scale if math.isfinite(accuracy.scale) else None,
+        "interval_95": max(finite) if finite and len(finite) == len(widths) else None,
+        "half_widths": widths,
     }
+
+
+def _whole_dataset(tree: object) -> bool:
+    """Whether a plan is a dataset as opened, or a choice of its columns: rows neither filtered nor joined."""
+    while isinstance(tree, dict) and tree.get("node") == "select":
+        tree = tree.get("input")
+    return isinstance(tree, dict) and tree.get("node") == "source"
 
 
 def _privacy_of(policy: OutputPolicy) -> dict[str, Any]:

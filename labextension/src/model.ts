@@ -13,12 +13,15 @@ import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { Kernel, ServerConnection } from '@jupyterlab/services';
 import { ISignal, Signal } from '@lumino/signaling';
 
+import { dpDatasetIds, readBudget, readPrivacy } from './privacy';
 import { firstLine, requestAPI } from './request';
 import {
   BadgeState,
+  BudgetState,
   IAttestationPolicy,
   IAttestationResponse,
   IAttestationState,
+  IBudgetsResponse,
   ICheck,
   IDatasetPolicy,
   IEvidenceBundle,
@@ -184,6 +187,11 @@ export class AttestationModel {
     return this._policiesError;
   }
 
+  /** Each DP dataset's budget by dataset id, as its owner's broker last reported it (or why it could not). */
+  get budgets(): ReadonlyMap<string, BudgetState> {
+    return this._budgets;
+  }
+
   /** True once a verification has been started for the running kernel process. */
   get started(): boolean {
     return this._requested;
@@ -214,6 +222,7 @@ export class AttestationModel {
     this._requested = false;
     this._state = initialState(this.kernel.id);
     this._policies = null;
+    this._budgets = new Map();
     this._changed.emit();
   }
 
@@ -268,7 +277,13 @@ export class AttestationModel {
       if (generation !== this._generation || this._disposed) {
         return;
       }
-      this._policies = policies;
+      this._policies = {
+        ...policies,
+        datasets: policies.datasets.map(dataset => ({
+          ...dataset,
+          privacy: readPrivacy(dataset.privacy)
+        }))
+      };
       this._policiesError = null;
     } catch (error) {
       if (generation !== this._generation || this._disposed) {
@@ -276,6 +291,61 @@ export class AttestationModel {
       }
       this._policiesError = firstLine(error);
     }
+    this._changed.emit();
+    void this.refreshBudgets();
+  }
+
+  /**
+   * Ask the owners' brokers (through the server extension, which proxies their public budget endpoint) how much
+   * of each DP dataset's budget is spent. Never blocks the policies: until the answer comes, a budget shown
+   * before stays, a new one says it is being asked for; a failure makes every budget "unavailable", saying why.
+   */
+  async refreshBudgets(): Promise<void> {
+    const ids = dpDatasetIds(this._policies?.datasets ?? []);
+    if (ids.length === 0) {
+      if (this._budgets.size) {
+        this._budgets = new Map();
+        this._changed.emit();
+      }
+      return;
+    }
+    const generation = this._generation;
+    const request = ++this._budgetRequest;
+    this._budgets = new Map(
+      ids.map(id => [
+        id,
+        this._budgets.get(id) ?? { dataset_id: id, status: 'loading' }
+      ])
+    );
+    this._changed.emit();
+    let next: Map<string, BudgetState>;
+    try {
+      const response = await requestAPI<IBudgetsResponse>(
+        `kernels/${encodeURIComponent(this.kernel.id)}/budgets`,
+        this._settings
+      );
+      const budgets = isObject(response) ? response.budgets : undefined;
+      if (!isObject(budgets)) {
+        throw new Error('the budgets response is malformed');
+      }
+      next = new Map(ids.map(id => [id, readBudget(id, budgets[id])]));
+    } catch (error) {
+      const reason = firstLine(error);
+      next = new Map(
+        ids.map(id => [
+          id,
+          { dataset_id: id, status: 'unavailable', broker: null, reason }
+        ])
+      );
+    }
+    if (
+      generation !== this._generation ||
+      request !== this._budgetRequest ||
+      this._disposed
+    ) {
+      return;
+    }
+    this._budgets = next;
     this._changed.emit();
   }
 
@@ -398,6 +468,8 @@ export class AttestationModel {
   private _state: IAttestationState;
   private _policies: IPoliciesResponse | null = null;
   private _policiesError: string | null = null;
+  private _budgets: ReadonlyMap<string, BudgetState> = new Map();
+  private _budgetRequest = 0;
   private _generation = 0;
   private _requested = false;
   private _disposed = false;

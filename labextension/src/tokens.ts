@@ -74,6 +74,31 @@ export interface IAttestationResponse {
   verified_at?: string;
 }
 
+/** Exact mode: exact numbers under the release rules that protect them (the server applies their defaults). */
+export interface IExactPrivacy {
+  mode: 'exact';
+  min_group_size: number;
+  difference_checks: boolean;
+}
+
+/** Differential privacy: the owner's canonical `[privacy]` table (bounds and keys are not shown). */
+export interface IDpPrivacy {
+  mode: 'dp';
+  /** The dataset's total budget. */
+  epsilon: number;
+  delta: number;
+  /** Absent: one kernel may spend the whole budget. */
+  epsilon_per_kernel?: number;
+  /** The column naming a person; absent: one row is one person. */
+  unit?: string;
+  max_contributions: number;
+  /** Exact release kinds still allowed besides the schema. */
+  public?: string[];
+}
+
+/** A dataset's privacy mode; null when the kernel reported a policy the server could not read. */
+export type PrivacyView = IExactPrivacy | IDpPrivacy;
+
 /** One dataset the kernel's vault has opened, with its output policy in plain language. */
 export interface IDatasetPolicy {
   id: string;
@@ -81,6 +106,45 @@ export interface IDatasetPolicy {
   source: 'broker' | 'upload' | string;
   explanation: string[];
   policy: Record<string, unknown>;
+  /** Checked at runtime by the model (`readPrivacy`): null when absent or malformed. */
+  privacy: PrivacyView | null;
+}
+
+/** A DP dataset's budget as its owner's broker reports it (`GET kernels/{id}/budgets`, one entry). */
+export interface IBudgetReport {
+  dataset_id: string;
+  status: 'ok';
+  /** The broker that answered. */
+  broker: string;
+  epsilon: number;
+  delta: number;
+  epsilon_spent: number;
+  epsilon_remaining: number;
+  delta_spent: number;
+  delta_remaining: number;
+  /** How many releases the budget has paid for, by every kernel. */
+  charges: number;
+}
+
+/** Why a DP dataset's budget cannot be shown (no broker, a timeout, a refusal, an answer about another budget). */
+export interface IBudgetUnavailable {
+  dataset_id: string;
+  status: 'unavailable';
+  broker: string | null;
+  reason: string;
+}
+
+/** What the privacy section shows about one DP dataset's budget. */
+export type BudgetState =
+  | IBudgetReport
+  | IBudgetUnavailable
+  | { dataset_id: string; status: 'loading' };
+
+/** `GET kernels/{id}/budgets`; each entry is checked at runtime (`readBudget`). */
+export interface IBudgetsResponse {
+  kernel_id: string;
+  confidential: boolean;
+  budgets: Record<string, unknown>;
 }
 
 /** `GET kernels/{id}/policies`. */

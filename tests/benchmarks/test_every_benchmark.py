@@ -31,6 +31,7 @@ EXERCISED = {
     "dataset_ipc_load",  # test_dataset_loads.py
     "dataset_parquet_load",  # test_dataset_loads.py
     "difference_checks",
+    "dp_release",  # test_dp_release.py
     "kernel_roundtrip",
     "lab_verify",
     "soak",

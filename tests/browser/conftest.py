@@ -7,6 +7,7 @@ Screenshots and timings go to ``test-artifacts/`` (or ``$CONFNB_ARTIFACTS_DIR``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -108,7 +109,6 @@ def lab(
 ) -> Iterator[Lab]:
     """JupyterLab on loopback with confnb-snp and a kernel whose later evidence the (simulated) host tampers with."""
     import confnb.server
-    from confnb.demo.lab import write_page_config
 
     if not (Path(confnb.server.__file__).parent / "labextension" / "package.json").is_file():
         _unavailable("the lab extension is not built (pip install -e . builds it with node and jlpm)")
@@ -127,6 +127,17 @@ def lab(
     _write_notebook(root / "tampered.ipynb", TAMPERED_KERNEL)
     _write_notebook(root / "compromised.ipynb", "confnb-snp")
     _write_notebook(root / "plain.ipynb", "python3")
+    with launch_lab(root, tmp_path_factory) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def launch_lab(
+    root: Path, tmp_path_factory: pytest.TempPathFactory, env: dict[str, str] | None = None
+) -> Iterator[Lab]:
+    """JupyterLab on loopback serving ``root``; ``env`` adds variables to its environment (its kernels inherit it)."""
+    from confnb.demo.lab import write_page_config
+
     config = tmp_path_factory.mktemp("lab-config") / "jupyter_lab_config.json"
     # No news prompt and no update check: nothing may call out, and a toast would cover the panel.
     config.write_text(
@@ -150,7 +161,9 @@ def lab(
         f"--config={config}",
     ]
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=root)
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, cwd=root, env={**os.environ, **(env or {})}
+        )
     server = Lab(url=f"http://127.0.0.1:{port}", token=token, root=root, process=process, log=log)
     try:
         _wait_until_up(server)

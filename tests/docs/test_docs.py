@@ -63,7 +63,7 @@ def _commands(parser: argparse.ArgumentParser, prefix: str) -> Iterator[str]:
 
 
 def test_html_builds_without_warnings(html: Path) -> None:
-    for page in ("index", "concepts", "analyst-guide", "owner-guide", "operator-guide", "cli", "benchmarks"):
+    for page in ("index", "concepts", "analyst-guide", "owner-guide", "privacy", "operator-guide", "cli", "benchmarks"):
         assert (html / f"{page}.html").is_file(), f"{page}.md was not built (missing from the toctree?)"
 
 

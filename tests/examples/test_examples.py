@@ -14,9 +14,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import nbformat
-import pandas as pd
+import pandas as pd  # type: ignore[import-untyped]
 import pytest
 
 from confnb.demo.notebooks import KERNEL_NAME, REFUSED_TAG
@@ -40,7 +41,7 @@ def _module(path: Path) -> ModuleType:
 # -- the data generators -----------------------------------------------------------------------------------------
 
 
-def test_the_generators_are_deterministic_and_seeded():
+def test_the_generators_are_deterministic_and_seeded() -> None:
     hospital = _module(EXAMPLES / "hospital" / "hospital_data.py")
     credit = _module(EXAMPLES / "credit" / "credit_data.py")
     insurer = _module(EXAMPLES / "two_owners" / "insurer_data.py")
@@ -53,7 +54,7 @@ def test_the_generators_are_deterministic_and_seeded():
     assert not credit.loans_and_transactions(seed=1)[0].equals(credit.loans_and_transactions()[0])
 
 
-def test_the_data_has_the_groups_the_notebooks_explain():
+def test_the_data_has_the_groups_the_notebooks_explain() -> None:
     hospital = _module(EXAMPLES / "hospital" / "hospital_data.py")
     credit = _module(EXAMPLES / "credit" / "credit_data.py")
     insurer = _module(EXAMPLES / "two_owners" / "insurer_data.py")
@@ -75,7 +76,7 @@ def test_the_data_has_the_groups_the_notebooks_explain():
 
 
 @pytest.mark.parametrize("script", OWNER_SCRIPTS, ids=[path.name for path in OWNER_SCRIPTS])
-def test_owner_script_help(script: Path):
+def test_owner_script_help(script: Path) -> None:
     run = subprocess.run(
         [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60, check=False
     )
@@ -85,12 +86,12 @@ def test_owner_script_help(script: Path):
         assert option in run.stdout
 
 
-def test_three_owner_scripts_exist():
+def test_three_owner_scripts_exist() -> None:
     assert [path.name for path in OWNER_SCRIPTS] == ["bank_owner.py", "hospital_owner.py", "insurer_owner.py"]
 
 
 @pytest.mark.slow
-def test_an_owner_script_encrypts_and_serves(tmp_path: Path, simulated_tee_dir: Path):
+def test_an_owner_script_encrypts_and_serves(tmp_path: Path, simulated_tee_dir: Path) -> None:
     """Standalone, as the script's docstring says: a signed dataset, then the broker until Ctrl-C."""
     from confnb.broker.store import load_owner_public_key
     from confnb.datasets.manifest import verify_dataset
@@ -110,18 +111,54 @@ def test_an_owner_script_encrypts_and_serves(tmp_path: Path, simulated_tee_dir: 
             assert process.poll() is None, process.communicate()[0]
             assert time.monotonic() < deadline, "the broker did not answer"
             time.sleep(0.2)
-        verified = verify_dataset(
-            tmp_path / "datasets" / "admissions",
-            load_owner_public_key(tmp_path / "owner" / "owner.pub"),
-            dataset_id="admissions",
-        )
-        assert verified.manifest.files[0].rows == 4000
+        for dataset_id in ("admissions", "admissions_dp"):
+            verified = verify_dataset(
+                tmp_path / "datasets" / dataset_id,
+                load_owner_public_key(tmp_path / "owner" / "owner.pub"),
+                dataset_id=dataset_id,
+            )
+            assert verified.manifest.files[0].rows == 4000
         assert "allow_simulated = true" in (tmp_path / "owner" / "attestation.toml").read_text()
     finally:
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=30)[0]
     assert process.returncode == 0, output
     assert not _answers(f"http://127.0.0.1:{port}/openapi.json")
+
+
+def test_the_hospital_registers_the_same_admissions_exact_and_under_differential_privacy(
+    tmp_path: Path, simulated_tee_dir: Path
+) -> None:
+    from confnb.datasets.manifest import verify_dataset
+    from confnb.policy.output import OutputPolicy
+
+    owner = _module(EXAMPLES / "hospital" / "hospital_owner.py")
+    store = owner.prepare(tmp_path / "owner", tmp_path / "datasets")
+    assert store.dataset_ids() == ["admissions", "admissions_dp"]
+    exact, private = store.dataset("admissions"), store.dataset("admissions_dp")
+    assert "privacy" not in exact.output_policy  # the exact policy signed as before the [privacy] table existed
+    assert private.output_policy["privacy"] == {
+        "mode": "dp",
+        "epsilon": 3.0,
+        "delta": 1e-07,
+        "max_contributions": 1,
+        "unit": "patient_id",
+        "public": ["row_count"],
+        "bounds": {"age": [0.0, 120.0], "length_of_stay": [0.0, 45.0], "readmitted_30d": [0.0, 1.0]},
+        "keys": {"diagnosis": ["E11", "I50", "J44", "N18", "S72"], "sex": ["F", "M"]},
+    }
+    # Each dataset's signed manifest names its own policy; the rows are the same.
+    for dataset_id, policy in (("admissions", owner.POLICY), ("admissions_dp", owner.DP_POLICY)):
+        verified = verify_dataset(tmp_path / "datasets" / dataset_id, store.owner_public_key, dataset_id=dataset_id)
+        assert verified.manifest.output_policy_digest == OutputPolicy.load(policy).digest()
+        assert verified.manifest.files[0].rows == 4000
+    # The bounds and keys are facts about the synthetic data's domain: every value lies inside the public bounds,
+    # and the public diagnoses are the common ones (the 7 cystic fibrosis patients are in no public group).
+    frame = _module(EXAMPLES / "hospital" / "hospital_data.py").admissions()
+    for column, (low, high) in private.output_policy["privacy"]["bounds"].items():
+        assert low <= frame[column].min() and frame[column].max() <= high, column
+    keys = private.output_policy["privacy"]["keys"]
+    assert set(frame["diagnosis"]) - set(keys["diagnosis"]) == {"E84"} and set(frame["sex"]) == set(keys["sex"])
 
 
 def _free_port() -> int:
@@ -135,7 +172,7 @@ def _free_port() -> int:
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
+            return bool(response.status == 200)
     except urllib.error.HTTPError as answer:  # an answer, but not yet the one awaited: its connection is closed here
         answer.close()
         return False
@@ -146,13 +183,65 @@ def _answers(url: str) -> bool:
 # -- the notebooks ----------------------------------------------------------------------------------------------
 
 
-def test_three_notebooks_exist():
-    assert [path.name for path in NOTEBOOKS] == ["credit.ipynb", "hospital.ipynb", "two_owners.ipynb"]
+def test_four_notebooks_exist() -> None:
+    assert [path.name for path in NOTEBOOKS] == [
+        "credit.ipynb",
+        "hospital.ipynb",
+        "hospital_dp.ipynb",
+        "two_owners.ipynb",
+    ]
+
+
+def test_the_dp_notebook_spends_a_third_of_the_budget_and_attacks_a_real_patient() -> None:
+    """Its releases fit the owner's budget with room to spare (a reader can run it three times), the budget cell
+    expects exactly what the releases spend, and the patient of the differencing attack has the stay it states."""
+    from confnb.policy.output import OutputPolicy
+
+    notebook = nbformat.read(EXAMPLES / "hospital" / "hospital_dp.ipynb", as_version=4)  # type: ignore[no-untyped-call]
+    source = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
+    spent = sum(float(value) for value in re.findall(r"\.release\(epsilon=([0-9.]+)\)", source))
+    refused = [float(value) for value in re.findall(r"epsilon=([0-9.]+)\)", _refusing_cells(notebook))]
+    spent -= sum(refused)  # a refused release spends nothing
+    privacy = OutputPolicy.load(EXAMPLES / "hospital" / "policy_dp.toml").privacy
+    assert privacy is not None and privacy.epsilon == 3.0
+    assert spent == pytest.approx(1.0) and 3 * spent <= privacy.epsilon
+    assert refused == [2.5] and privacy.epsilon - spent < 2.5 < privacy.epsilon  # refused by the broker, not the vault
+    after = [
+        cell for cell in notebook.cells if "'epsilon_spent': 1.0" in cell.metadata.get("confnb", {}).get("expect", [])
+    ]
+    assert len(after) == 1
+    target = re.search(r"TARGET, TARGET_STAY = (\d+), (\d+)", source)
+    assert target is not None
+    patients = _module(EXAMPLES / "hospital" / "hospital_data.py").admissions().set_index("patient_id")
+    assert patients.loc[int(target.group(1)), "length_of_stay"] == int(target.group(2))
+
+
+def _refusing_cells(notebook: nbformat.NotebookNode) -> str:
+    return "\n".join(cell.source for cell in notebook.cells if REFUSED_TAG in cell.metadata.get("tags", []))
+
+
+def test_the_demo_counts_a_privacy_refusal_as_a_refused_leak() -> None:
+    """A refusal under differential privacy names a privacy rule; a cell that shows no rule still fails."""
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+    from confnb.demo.notebooks import check
+
+    def executed(text: str) -> Any:
+        output = new_output("stream", name="stdout", text=text)  # type: ignore[no-untyped-call]
+        cell = new_code_cell("...", outputs=[output])  # type: ignore[no-untyped-call]
+        cell.metadata["tags"] = [REFUSED_TAG]
+        return new_notebook(cells=[new_markdown_cell("# title"), cell])  # type: ignore[no-untyped-call]
+
+    refusal = "PolicyViolation: release: only with differential privacy [rule privacy.mode of 'admissions_dp']\n"
+    outcome = check(executed(refusal), "dp.ipynb")
+    assert outcome.ok and outcome.refused_leaks == 1, outcome.problems
+    outcome = check(executed("PolicyViolation: release: only with differential privacy\n"), "dp.ipynb")
+    assert not outcome.ok and "should show a refused leak" in outcome.problems[0]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
-def test_notebooks_are_committed_clean_and_on_the_confidential_kernel(path: Path):
-    notebook = nbformat.read(path, as_version=4)
+def test_notebooks_are_committed_clean_and_on_the_confidential_kernel(path: Path) -> None:
+    notebook = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
     nbformat.validate(notebook)
     assert notebook.metadata["kernelspec"]["name"] == KERNEL_NAME
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
@@ -171,7 +260,7 @@ def test_notebooks_are_committed_clean_and_on_the_confidential_kernel(path: Path
 
 
 @pytest.mark.slow
-def test_the_headless_demo_runs_every_notebook(tmp_path: Path, simulated_tee_dir: Path):
+def test_the_headless_demo_runs_every_notebook(tmp_path: Path, simulated_tee_dir: Path) -> None:
     """``confnb demo --headless``: real brokers, real kernels, every notebook executed and checked."""
     started = time.monotonic()
     run = subprocess.run(
@@ -188,6 +277,7 @@ def test_the_headless_demo_runs_every_notebook(tmp_path: Path, simulated_tee_dir
     assert len(report["attestation"]) == 10 and all(check["ok"] for check in report["attestation"])
     assert [entry["notebook"] for entry in report["notebooks"]] == [
         "hospital.ipynb",
+        "hospital_dp.ipynb",
         "credit.ipynb",
         "two_owners.ipynb",
     ]
@@ -197,19 +287,46 @@ def test_the_headless_demo_runs_every_notebook(tmp_path: Path, simulated_tee_dir
     # The walkthrough's checks stay in the headless run's human output, and each notebook has its line.
     assert run.stderr.count("  ok  ") == 10 and "UNEXPECTED" not in run.stderr
     passed = re.findall(r"^  pass  (\S+\.ipynb): ", run.stderr, re.MULTILINE)
-    assert sorted(passed) == [path.name for path in NOTEBOOKS] and "3 of 3 notebooks passed" in run.stderr
-    executed = nbformat.read(tmp_path / "demo" / "executed" / "two_owners.ipynb", as_version=4)
+    assert sorted(passed) == [path.name for path in NOTEBOOKS] and "4 of 4 notebooks passed" in run.stderr
+    executed = nbformat.read(tmp_path / "demo" / "executed" / "two_owners.ipynb", as_version=4)  # type: ignore[no-untyped-call]
     shown = "".join(
         output.get("text", "") for cell in executed.cells if cell.cell_type == "code" for output in cell.outputs
     )
     assert "[rule release.min_group_size of 'claims']" in shown
     # The hospital's last cell leaves its refusal uncaught: under redacted tracebacks the real kernel's error keeps
     # the cell line and the rule, and nothing else of the vault's message.
-    hospital = nbformat.read(tmp_path / "demo" / "executed" / "hospital.ipynb", as_version=4)
+    hospital = nbformat.read(tmp_path / "demo" / "executed" / "hospital.ipynb", as_version=4)  # type: ignore[no-untyped-call]
     (error,) = [output for output in hospital.cells[-1].outputs if output.output_type == "error"]
     assert (error.ename, error.evalue) == ("PolicyViolation", "[rule release.min_group_size of 'admissions']")
     assert error.traceback == [
         "PolicyViolation at line 1 of the cell: withheld by the data owner's output policy "
         "[rule release.min_group_size of 'admissions'] (details withheld by the display policy)"
     ]
+    _check_the_dp_notebook(nbformat.read(tmp_path / "demo" / "executed" / "hospital_dp.ipynb", as_version=4))  # type: ignore[no-untyped-call]
     assert elapsed < 240, f"the headless demo took {elapsed:.0f} s"
+
+
+def _check_the_dp_notebook(executed: nbformat.NotebookNode) -> None:
+    """The noisy numbers the DP notebook showed, against the secret: near it where they are statistics, far from
+    it where they are an attack on one patient."""
+    from confnb.demo.notebooks import cell_text
+
+    shown = {cell.id: cell_text(cell) for cell in executed.cells if cell.cell_type == "code"}
+    frame = _module(EXAMPLES / "hospital" / "hospital_data.py").admissions()
+    truth = frame.groupby("diagnosis")[["length_of_stay", "readmitted_30d"]].mean()
+    (intervals,) = [text for text in shown.values() if "mean_stay ±95%" in text]
+    rows = re.findall(r"^(E11|I50|J44|N18|S72)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", intervals, re.MULTILINE)
+    assert [row[0] for row in rows] == ["E11", "I50", "J44", "N18", "S72"], intervals
+    for code, stay, stay_width, readmitted, readmitted_width in rows:
+        # 95% intervals: three of them wide makes a miss a one-in-many-thousands event, not a flaky test.
+        assert abs(float(stay) - truth.loc[code, "length_of_stay"]) <= 3 * float(stay_width), (code, intervals)
+        assert abs(float(readmitted) - truth.loc[code, "readmitted_30d"]) <= 3 * float(readmitted_width), code
+        assert float(stay_width) > 0 and float(readmitted_width) > 0
+    (attack,) = [text for text in shown.values() if "sum(all) - sum(all but one) = " in text]
+    found = re.search(r"= ([+-]\d+) days \(the patient's stay: (\d+) days\)", attack)
+    width = re.search(r"within ±(\d+) days", attack)
+    assert found is not None and width is not None, attack
+    stay = int(frame.loc[frame["patient_id"] == 100042, "length_of_stay"].iloc[0])
+    assert int(found.group(2)) == stay
+    assert int(found.group(1)) != stay  # the noisy difference is not the patient's value
+    assert int(width.group(1)) > 20 * stay  # and its noise is far larger than any stay within the public bounds

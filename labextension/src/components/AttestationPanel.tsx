@@ -3,7 +3,7 @@ import { copyIcon, refreshIcon } from '@jupyterlab/ui-components';
 import * as React from 'react';
 
 import { ConfnbModel } from '../model';
-import { IUploadStatus } from '../tokens';
+import { BudgetState, IUploadStatus } from '../tokens';
 import { AppraisalPolicy } from './AppraisalPolicy';
 import { ChecksList } from './ChecksList';
 import { ClaimsTable } from './ClaimsTable';
@@ -20,6 +20,8 @@ const NO_UPLOAD: IUploadStatus = {
   received: 0,
   total: 0
 };
+
+const NO_BUDGETS: ReadonlyMap<string, BudgetState> = new Map();
 
 const HEADLINE = {
   pending: 'Verifying…',
@@ -165,6 +167,7 @@ export function AttestationPanel({
       <PolicyView
         policies={attestation?.policies ?? null}
         error={attestation?.policiesError ?? null}
+        budgets={attestation?.budgets ?? NO_BUDGETS}
         onRefresh={
           attestation ? () => void attestation.refreshPolicies() : null
         }

@@ -1,11 +1,14 @@
 import { refreshIcon } from '@jupyterlab/ui-components';
 import * as React from 'react';
 
-import { IPoliciesResponse } from '../tokens';
+import { BudgetState, IPoliciesResponse } from '../tokens';
+import { PrivacySection } from './PrivacySection';
 
 export interface IPolicyViewProps {
   policies: IPoliciesResponse | null;
   error: string | null;
+  /** DP datasets' budgets by dataset id; the policies render without waiting for them. */
+  budgets: ReadonlyMap<string, BudgetState>;
   /** Null when there is no kernel to ask. */
   onRefresh: (() => void) | null;
 }
@@ -23,6 +26,7 @@ function entries(
 export function PolicyView({
   policies,
   error,
+  budgets,
   onRefresh
 }: IPolicyViewProps): JSX.Element {
   const display = entries(policies?.display);
@@ -67,6 +71,14 @@ export function PolicyView({
               <li key={index}>{line}</li>
             ))}
           </ul>
+          <PrivacySection
+            privacy={dataset.privacy}
+            budget={
+              dataset.privacy?.mode === 'dp'
+                ? (budgets.get(dataset.id) ?? null)
+                : null
+            }
+          />
           {dataset.policy_id ? (
             <p className="confnb-muted">
               Policy <code title={dataset.policy_id}>{dataset.policy_id}</code>

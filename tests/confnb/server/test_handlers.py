@@ -87,6 +87,8 @@ def test_an_ordinary_kernel_is_not_confidential(server: Any, python_kernel: str)
     }
     view = server.get(f"{API}/kernels/{python_kernel}/policies")
     assert view["confidential"] is False and view["datasets"] == []
+    budgets = server.get(f"{API}/kernels/{python_kernel}/budgets")
+    assert budgets == {"kernel_id": python_kernel, "confidential": False, "budgets": {}}
 
 
 @pytest.mark.parametrize(
@@ -100,7 +102,7 @@ def test_a_bad_nonce_is_refused(server: Any, confnb_kernel: str, query: str) -> 
 
 
 def test_an_unknown_kernel_is_404(server: Any) -> None:
-    for endpoint in ("attestation?nonce=" + "a" * 64, "policies"):
+    for endpoint in ("attestation?nonce=" + "a" * 64, "policies", "budgets"):
         status, body = server.request("GET", f"{API}/kernels/00000000-0000-0000-0000-000000000000/{endpoint}")
         assert status == 404 and set(body) == {"message"}, body
 
@@ -110,6 +112,7 @@ def test_every_endpoint_needs_authentication(server: Any, confnb_kernel: str, to
     for path in (
         f"{API}/kernels/{confnb_kernel}/attestation?nonce={'a' * 64}",
         f"{API}/kernels/{confnb_kernel}/policies",
+        f"{API}/kernels/{confnb_kernel}/budgets",
         f"{API}/upload-policies",
     ):
         status, _ = server.request("GET", path, token=token)
@@ -123,6 +126,8 @@ def test_the_policies_in_force_come_from_the_kernels_gate(server: Any, confnb_ke
     assert "text/plain" in display["mime"] and display["tracebacks"] in ("full", "redacted")
     assert isinstance(view["withheld"], dict)
     assert view["datasets"] == []  # nothing opened yet in this kernel
+    budgets = server.get(f"{API}/kernels/{confnb_kernel}/budgets")
+    assert budgets == {"kernel_id": confnb_kernel, "confidential": True, "budgets": {}}  # no DP dataset to ask about
 
 
 def test_upload_presets_are_policies_the_vault_accepts(server: Any) -> None:

@@ -261,3 +261,39 @@ def test_the_union_of_a_grouped_release_is_remembered() -> None:
     assert memory.remembered("a") == 3
     refused(memory, ("a", EVERYONE[1:]))
     admit(memory, ("a", EVERYONE[K:]))
+
+
+# -- comparison keys: only numbers that measure the same thing are compared -----------------------------------------
+
+EVERYONE_BUT_THREE = ids(range(3, 1000))
+ALL_OF_THEM = ids(range(1000))
+
+
+def keyed(memory: ReleaseMemory, *sets: tuple[np.ndarray, frozenset[str]], grouped: bool = False) -> None:
+    memory.admit([("a", f"number {i}", v, keys) for i, (v, keys) in enumerate(sets)], {"a": K}, grouped=grouped)
+
+
+def test_numbers_of_different_columns_are_not_compared_and_of_one_column_are() -> None:
+    memory = ReleaseMemory()
+    keyed(memory, (ALL_OF_THEM, frozenset({"a:age"})))
+    keyed(memory, (EVERYONE_BUT_THREE, frozenset({"a:cost"})))  # the twin: a mean of another column, released
+    with pytest.raises(PolicyViolation, match="differ"):
+        keyed(memory, (EVERYONE_BUT_THREE, frozenset({"a:age", "sum:a:age"})))  # the same column: three costs out
+    with pytest.raises(PolicyViolation, match="differ"):  # and within one result
+        keyed(ReleaseMemory(), (ALL_OF_THEM, frozenset({"count"})), (EVERYONE_BUT_THREE, frozenset({"count"})))
+
+
+def test_a_set_without_keys_is_counted_but_compared_with_nothing() -> None:
+    memory = ReleaseMemory()
+    keyed(memory, (ALL_OF_THEM, frozenset({"a:amount"})), (EVERYONE_BUT_THREE, frozenset()))
+    assert memory.remembered("a") == 1
+
+
+def test_groups_of_a_sum_add_up_and_are_compared_with_the_columns_other_numbers() -> None:
+    halves = (ids(range(500)), ids(range(500, 997)))  # two groups: everyone but three, added up
+    memory = ReleaseMemory()
+    keyed(memory, (ALL_OF_THEM, frozenset({"a:cost"})))  # a mean over everyone (its count is public)
+    with pytest.raises(PolicyViolation, match="added up"):
+        keyed(memory, *((half, frozenset({"a:cost", "sum:a:cost"})) for half in halves), grouped=True)
+    # The twin: the means of the same two groups add up to no number over their union, so they are released.
+    keyed(memory, *((half, frozenset({"a:cost"})) for half in halves), grouped=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -160,12 +161,18 @@ def test_identifier_unit_truncates_each_persons_rows() -> None:
     assert abs(released.table.column("count")[0].as_py() - N / 2) < 20  # one claim of each patient's two
 
 
-def test_hidden_columns_never_reach_opendp() -> None:
+def test_only_the_named_columns_reach_opendp_never_hidden_ones() -> None:
     source = dataset()
     assert source.hidden  # the dataset carries a hidden record-id column
-    prepared = prepare({"node": "count", "input": src()})
-    assert prepared.columns == ("patient_id", "cost", "age", "diagnosis", "ward")
-    assert not set(prepared.columns) & set(source.hidden)
+    counted = prepare({"node": "count", "input": src()})
+    assert counted.columns == ("patient_id",)  # a plain count needs one column to count rows: the first number
+    grouped = prepare(aggregate(["diagnosis"], agg("m", "mean", "cost")))
+    assert grouped.columns == ("cost", "diagnosis")  # in dataset order
+    per_person = prepare(aggregate(["diagnosis"], agg("n", "count")), unit="patient_id", epsilon=2.0)
+    assert per_person.columns == ("patient_id", "diagnosis")  # the privacy unit's column always
+    for prepared in (counted, grouped, per_person):
+        assert not set(prepared.columns) & set(source.hidden)
+        assert prepared.run().table.num_rows >= 1
 
 
 def test_a_release_runs_once() -> None:
@@ -253,3 +260,53 @@ def test_type_errors_are_the_exact_engines() -> None:
     bad = {"node": "filter", "input": src(), "predicate": fn("add", col("cost"), lit(1.0))}
     with pytest.raises(VaultError, match="not a boolean"):
         prepare({"node": "count", "input": bad})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One copy of a dataset inside OpenDP, many releases
+
+
+def test_releases_in_a_row_on_one_dataset_each_calibrate_to_their_own_epsilon() -> None:
+    source = dataset()
+    plan = aggregate(["diagnosis"], agg("n", "count"), agg("total", "sum", "cost"))
+
+    def release(epsilon: float) -> dp.DpRelease:
+        return dp.prepare(
+            plan, {"t": source}, {"claims": privacy()}, epsilon, never_release={"claims": frozenset()}
+        ).run()
+
+    first, second, third = release(1.0), release(2.0), release(1.0)
+    for one, two, again in zip(first.accuracy, second.accuracy, third.accuracy, strict=True):
+        assert one.column == two.column == again.column
+        assert two.scale == pytest.approx(one.scale / 2, rel=1e-6)  # twice the epsilon, half the noise
+        assert again.scale == pytest.approx(one.scale, rel=1e-12)  # the first release left no trace on the third
+    assert (first.epsilon, second.epsilon, third.epsilon) == (1.0, 2.0, 1.0)
+    counts = [r.table.column("n").to_pylist()[0] for r in (first, second, third)]
+    assert all(abs(c - N / 3) < 60 for c in counts)
+    assert len({tuple(r.table.column("total").to_pylist()) for r in (first, second, third)}) == 3  # fresh noise
+
+
+def test_concurrent_releases_on_one_dataset_all_release() -> None:
+    source = dataset()
+    plan = aggregate(["diagnosis"], agg("m", "mean", "cost"))
+
+    def release(epsilon: float) -> dp.DpRelease:
+        return dp.prepare(
+            plan, {"t": source}, {"claims": privacy()}, epsilon, never_release={"claims": frozenset()}
+        ).run()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        released = list(pool.map(release, [0.5, 1.0, 2.0, 4.0] * 3))
+    assert all(r.table.column("diagnosis").to_pylist() == ["cardiac", "respiratory", "unknown"] for r in released)
+    scales = [r.accuracy[0].scale for r in released]
+    assert scales[:4] == pytest.approx(scales[4:8]) and scales[:4] == pytest.approx(scales[8:])
+    assert scales[0] == pytest.approx(2 * scales[1]) and scales[1] == pytest.approx(2 * scales[2])
+
+
+def test_a_new_dataset_object_gets_its_own_copy_inside_opendp() -> None:
+    plan = {"node": "count", "input": src()}
+    small = SourceTable.from_dataset("claims", pa.table({"age": list(range(10))}))
+    large = SourceTable.from_dataset("claims", pa.table({"age": list(range(5_000))}))
+    for table, rows in ((small, 10), (large, 5_000), (small, 10)):
+        found = dp.prepare(plan, {"t": table}, {"claims": privacy()}, 5.0, never_release={}).run()
+        assert abs(found.table.column("count")[0].as_py() - rows) < 20

@@ -120,8 +120,8 @@ def test_record_sets_name_each_released_number_once() -> None:
         ],
     }
     released = release(plan, sources(), policy(10), record_sets=True)
-    found = {(label, tuple(ids)) for _, label, ids in released.record_sets}
+    found = {(label, tuple(ids)) for _, label, ids, _keys in released.record_sets}
     assert ("group ('a',)", tuple(range(30))) in found and ("group ('b',)", tuple(range(30, 60))) in found
     assert ("group ('a',) column 'med'", tuple(range(10, 20))) in found  # rank round(14.5) = 14: block 10..19
-    assert all(ids.dtype == np.int64 and np.all(np.diff(ids) > 0) for _, _, ids in released.record_sets)
+    assert all(ids.dtype == np.int64 and np.all(np.diff(ids) > 0) for _, _, ids, _ in released.record_sets)
     assert release(plan, sources(), policy(10)).record_sets == ()

@@ -53,7 +53,9 @@ class Site:
 def site(simulated_backend: SimulatedBackend) -> Iterator[Site]:
     keys = VaultKeys.generate()
     told: list[tuple[str, str, str]] = []
-    vault = Vault(backend=simulated_backend, keys=keys, on_policy=lambda d, s, p: told.append((d, s, p.id)))
+    vault = Vault(
+        backend=simulated_backend, keys=keys, on_policy=lambda d, s, p, broker=None: told.append((d, s, p.id))
+    )
     directory = Path(tempfile.mkdtemp(prefix="confnb-upload-test-"))
     uploads = Uploads(vault, keys.hpke_private_key)
     server = VaultServer(vault, directory / "upload.sock", connections=uploads.connection)
