@@ -78,6 +78,9 @@ MIN_LENGTH_BOUND = 1_000
 _HIDDEN = "\x01dp"  # names of helper statistics that are computed but not released as columns
 
 
+VALUE_COUNT = "count"  # the column of a value_counts release, as the exact engine names it
+
+
 def _refuse(message: str) -> VaultError:
     return VaultError(f"differential privacy: {message}")
 
@@ -609,6 +612,7 @@ class PreparedDpRelease:
         threshold: int | None,
         summary: pl.DataFrame,
         split_summary: pl.DataFrame,
+        value_counts: ValueCounts | None = None,
     ) -> None:
         self.datasets = datasets
         self.epsilon = epsilon
@@ -624,6 +628,7 @@ class PreparedDpRelease:
         self.threshold = threshold
         self._summary = summary
         self._split_summary = split_summary
+        self._value_counts = value_counts
         self._lock = threading.Lock()
         self._ran = False
 
@@ -646,6 +651,11 @@ class PreparedDpRelease:
                 columns.append(values.alias(stat.name))
                 accuracy.append(entry)
         frame = pl.DataFrame(columns)
+        if self._value_counts is not None:  # post-processing of the noisy counts: largest first, as pandas orders
+            key = self._value_counts.column
+            if self._value_counts.dropna:
+                frame = frame.drop_nulls(key)
+            frame = frame.sort([VALUE_COUNT, key], descending=[True, False], nulls_last=True)
         return DpRelease(to_arrow(frame, {}), self.epsilon, self.delta, tuple(accuracy), self.threshold)
 
     def _finish(self, stat: _Statistic, found: pl.DataFrame) -> tuple[pl.Series, ColumnAccuracy]:
@@ -710,9 +720,14 @@ def prepare(
     """
     node = parse_plan(plan)
     digest = sha256_digest(json.dumps(plan, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
-    if isinstance(node, ValueCounts | Describe):
-        kind = "value_counts" if isinstance(node, ValueCounts) else "describe"
-        raise _refuse(f"{kind} is not supported yet; use an aggregate with count")
+    counted: ValueCounts | None = None
+    if isinstance(node, ValueCounts):  # a noisy count per value: the group-by it is, shown as value_counts shows it
+        if node.column == VALUE_COUNT:
+            raise _refuse(f"value_counts of a column named {quote(VALUE_COUNT)} would name two columns alike")
+        counted = node
+        node = Aggregate(node.input, (node.column,), (Agg(VALUE_COUNT, None, "count", None),))
+    if isinstance(node, Describe):
+        raise _refuse("describe is not supported yet; use an aggregate (count, mean, median per column)")
     if not isinstance(node, Aggregate | Count):
         raise _refuse("raw rows are never released; aggregate them (group_by/agg or count)")
     source = _only_source(node.input, sources)
@@ -815,6 +830,7 @@ def prepare(
         threshold=threshold,
         summary=summary,
         split_summary=split_summary,
+        value_counts=counted,
     )
 
 

@@ -369,6 +369,19 @@ class Vault:
         if all(name in policies and policies[name].allows("row_count") for name in datasets):
             self._count_release(datasets, "preview")  # it may release a row count
         preview = release.preview(tree, self._sources, policies)
+        checking = {name for name in datasets if name in policies and policies[name].checks_differences}
+        if "rows" in preview and checking:
+            # A preview's row count is a count like t.count().release(): it meets the same difference checks, or
+            # counts of a table with and without one person would say whether they pass its filter.
+            counted = release.release({"node": "count", "input": tree}, self._sources, policies, record_sets=True)
+            k = {name: found.min_group_size for name, found in policies.items()}
+            try:
+                checked = self._memory().check((s for s in counted.record_sets if s[0] in checking), k)
+            except PolicyViolation as refused:
+                del preview["rows"]
+                preview["withheld"]["rows"] = str(refused)
+            else:
+                self._memory().remember(checked)
         self.audit.append(
             "preview",
             operation=digest_of(tree),
@@ -401,13 +414,11 @@ class Vault:
         released = release.release(
             tree, self._sources, self._policies, record_sets=bool(checking & plan.plan_datasets(tree, self._sources))
         )
-        if self._difference_memory is None:
-            self._difference_memory = differences.ReleaseMemory()
         k = {name: policy.min_group_size for name, policy in self._policies.items()}
         grouped = tree.get("node") == "value_counts" or (tree.get("node") == "aggregate" and bool(tree.get("by")))
         # Refuses a number (or a group-by's groups added up) a few records away from one released before, for the
         # datasets whose owners turned the checks on.
-        checked = self._difference_memory.check(
+        checked = self._memory().check(
             (found for found in released.record_sets if found[0] in checking), k, grouped=grouped
         )
         operation = digest_of(tree)
@@ -433,7 +444,7 @@ class Vault:
         result = _Result(
             released.kind, released.table, released.value, released.policy_id, released.datasets, operation
         )
-        self._difference_memory.remember(checked)  # released from here on: later releases are compared with it
+        self._memory().remember(checked)  # released from here on: later releases are compared with it
         reply["result"] = self._remember(result)
         self.audit.append(
             "release",
@@ -769,6 +780,12 @@ class Vault:
         for name in names:
             self._releases[name] = self._releases.get(name, 0) + 1
 
+    def _memory(self) -> differences.ReleaseMemory:
+        """The record sets behind the numbers released so far (made by the first release: it needs NumPy)."""
+        if self._difference_memory is None:
+            self._difference_memory = differences.ReleaseMemory()
+        return self._difference_memory
+
     # -- differential privacy ---------------------------------------------------------------------------------
 
     def _dp_datasets(self, datasets: Iterable[str]) -> list[str]:
@@ -832,6 +849,13 @@ class Vault:
             delta,
             never_release={name: self._policies[name].never_release for name in names},
         )
+        limits = [self._policies[n].max_rows for n in names]
+        max_rows = min((limit for limit in limits if limit is not None), default=None)
+        groups = _public_groups(tree, [self._policies[n] for n in names])
+        if max_rows is not None and groups is not None and groups > max_rows:  # known before anything is spent
+            raise PolicyViolation(
+                "release.max_rows", names, f"release: {groups} groups of public keys exceed the {max_rows} rows allowed"
+            )
         remaining: dict[str, float] = {}
         for name in prepared.datasets:
             owner = self._owners.get(name)
@@ -854,6 +878,10 @@ class Vault:
             )
             remaining[name] = charge.epsilon_remaining
         released = prepared.run()
+        if max_rows is not None and released.table.num_rows > max_rows:  # groups chosen by OpenDP's threshold
+            raise PolicyViolation(
+                "release.max_rows", names, f"release: the result has more than the {max_rows} rows allowed"
+            )
         payload = ipc_bytes(released.table)
         account = {
             "epsilon": released.epsilon,
@@ -934,6 +962,21 @@ def _noise(accuracy: Any) -> dict[str, Any]:
         "interval_95": max(finite) if finite and len(finite) == len(widths) else None,
         "half_widths": widths,
     }
+
+
+def _public_groups(tree: Mapping[str, Any], policies: Iterable[OutputPolicy]) -> int | None:
+    """How many groups a noisy group-by over public keys has (every key appears), or None when OpenDP's threshold
+    chooses them."""
+    by = tree.get("by") if tree.get("node") == "aggregate" else [tree.get("column")]
+    if tree.get("node") not in ("aggregate", "value_counts") or not isinstance(by, list) or not by:
+        return None
+    keys: dict[str, int] = {}
+    for policy in policies:
+        if policy.privacy is not None:
+            keys.update({column: len(values) for column, values in policy.privacy.keys.items()})
+    if not all(isinstance(column, str) and column in keys for column in by):
+        return None
+    return math.prod(keys[column] for column in by)
 
 
 def _whole_dataset(tree: object) -> bool:

@@ -52,8 +52,9 @@ class Owner:
 
 
 @pytest.fixture
-def dp_owner(hospital_owner: Any, tmp_path: Path) -> Iterator[Owner]:
-    """The admissions under the DP policy, with a broker of their own (a fresh budget for each test)."""
+def dp_owner(hospital_owner: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Owner]:
+    """The admissions under the DP policy (or the test's variant of it), with a broker of their own (a fresh
+    budget for each test)."""
     from confnb.broker.local import serve_locally
     from confnb.broker.store import OwnerStore
     from confnb.datasets.owner import encrypt_dataset
@@ -61,7 +62,7 @@ def dp_owner(hospital_owner: Any, tmp_path: Path) -> Iterator[Owner]:
 
     store = OwnerStore.create(tmp_path / "store")
     attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
-    policy = OutputPolicy.from_toml(DP_POLICY)
+    policy = OutputPolicy.from_toml(getattr(request, "param", DP_POLICY))
     encrypt_dataset(
         hospital_owner.frame, tmp_path / "datasets" / "admissions", store, "admissions", policy, attestation
     )
@@ -200,3 +201,30 @@ def test_no_broker_no_release(kernel: Connect, dp_owner: Owner) -> None:
     with pytest.raises(cn.PolicyViolation) as refused:
         t.cost.sum().release(epsilon=0.1)
     assert refused.value.rule == "privacy.budget"
+
+
+def test_value_counts_come_back_noisy_shaped_as_pandas_shapes_them(hospital_owner: Any, kernel: Connect) -> None:
+    kernel()
+    frame = hospital_owner.frame
+    t = cn.open("admissions")
+    counts = t.diagnosis.value_counts().release(epsilon=0.2)
+    truth = frame.diagnosis.value_counts()
+    assert sorted(counts.index) == sorted(truth.index) and counts.name == truth.name
+    assert list(counts) == sorted(counts, reverse=True)  # largest first, as pandas orders them
+    (noise,) = counts.attrs["confnb_dp"]["noise"]
+    assert float((counts - truth).abs().max()) < 3 * noise["interval_95"]
+    assert not all(float(counts[k]) == float(truth[k]) for k in truth.index)  # noisy, not exact
+
+
+@pytest.mark.parametrize(
+    "dp_owner", [DP_POLICY.replace("never_release = [", "max_rows = 3\nnever_release = [")], indirect=True
+)
+def test_max_rows_holds_for_noisy_releases_and_refuses_before_spending(kernel: Connect) -> None:
+    kernel()
+    t = cn.open("admissions")
+    with pytest.raises(cn.PolicyViolation) as refused:  # six public diagnoses: six rows, more than 3
+        t.group_by("diagnosis").cost.mean().release(epsilon=0.3)
+    assert refused.value.rule == "release.max_rows"
+    assert cn.budget(t)["admissions"]["epsilon_spent"] == 0  # refused before the charge
+    by_sex = t.group_by("sex").cost.mean().release(epsilon=0.3)  # the twin: two groups (threshold-chosen)
+    assert len(by_sex) <= 2 and cn.budget(t)["admissions"]["epsilon_spent"] == pytest.approx(0.3)

@@ -246,3 +246,16 @@ def test_a_sealed_and_unsealed_copy_is_the_same_records(hospital: Any, recovered
     frame = hospital.frame
     assert young == pytest.approx(frame.cost[(frame.patient_id != hospital.target_id) & (frame.age < 50)].sum())
     nothing_recovers([*numbers, young], hospital.target.cost, recovered)
+
+
+def test_previews_count_rows_under_the_same_checks(hospital: Any) -> None:
+    """Row counts in previews, with and without the target, would say whether the target passes the filter."""
+    t = hospital.open()
+    target = hospital.target
+    older = t[t["age"] >= int(target.age)]
+    shown = older.preview()
+    assert shown["rows"] == int((hospital.frame.age >= target.age).sum())  # the twin: a count of many
+    without = older[older["patient_id"] != hospital.target_id].preview()
+    assert "rows" not in without and "release.difference" in without["withheld"]["rows"]
+    younger = t[t["age"] < 40].preview()  # far from every earlier count: shown
+    assert younger["rows"] == int((hospital.frame.age < 40).sum())

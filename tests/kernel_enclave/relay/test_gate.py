@@ -1615,3 +1615,21 @@ def test_the_refusal_in_a_redacted_error_reply_keeps_its_rule() -> None:
     (out,) = gate.filter("shell", message("execute_reply", content, cell))
     assert out["content"]["evalue"] == "[rule release.max_rows of 'loans']"
     assert not leaked([out])
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "release.max_releases",
+        "release.difference",
+        "release.order_statistics",
+        "privacy.mode",
+        "privacy.budget",
+    ],
+)
+def test_every_rule_the_vault_names_survives_redaction(rule: str) -> None:
+    gate = make_gate(tracebacks="redacted")
+    evalue = f"{CANARY} [rule {rule} of 'admissions']"
+    (out,) = gate.filter("iopub", message("error", {"ename": "PolicyViolation", "evalue": evalue, "traceback": []}))
+    assert out["content"]["evalue"] == f"[rule {rule} of 'admissions']"
+    assert not leaked([out])

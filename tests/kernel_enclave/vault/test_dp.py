@@ -232,7 +232,7 @@ def test_unsupported_expressions_and_aggregations_are_refused() -> None:
     where = {"node": "filter", "input": src(), "predicate": fn("where", lit(True), lit(True), lit(False))}
     refused({"node": "count", "input": where}, "filter: function 'where' is not supported yet")
     refused(aggregate([], agg("s", "std", "cost")), "aggregation 'std' is not supported yet")
-    refused({"node": "value_counts", "input": src(), "column": "ward"}, "value_counts is not supported yet")
+    refused({"node": "describe", "input": src()}, "describe is not supported yet")
     refused(src(), "raw rows are never released")
     added = {"node": "assign", "input": src(), "columns": [["c2", fn("add", col("cost"), lit(1.0))]]}
     prepare(aggregate([], agg("n", "count", "c2"), input=added))  # the twin: a supported function
@@ -310,3 +310,18 @@ def test_a_new_dataset_object_gets_its_own_copy_inside_opendp() -> None:
     for table, rows in ((small, 10), (large, 5_000), (small, 10)):
         found = dp.prepare(plan, {"t": table}, {"claims": privacy()}, 5.0, never_release={}).run()
         assert abs(found.table.column("count")[0].as_py() - rows) < 20
+
+
+def test_value_counts_over_public_keys_are_noisy_counts_largest_first() -> None:
+    released = prepare({"node": "value_counts", "input": src(), "column": "diagnosis"}).run()
+    assert released.table.column_names == ["diagnosis", "count"]
+    counts = dict(zip(released.table.column("diagnosis").to_pylist(), released.table.column("count").to_pylist()))
+    assert set(counts) == {"cardiac", "respiratory", "unknown"}  # exactly the public keys, an empty one too
+    assert abs(counts["cardiac"] - N / 3) < 60 and abs(counts["unknown"]) < 60
+    assert released.table.column("count").to_pylist() == sorted(counts.values(), reverse=True)
+    (accuracy,) = released.accuracy
+    assert accuracy.scale > 0
+    # Without public keys the values are chosen by OpenDP's threshold, which needs the owner's delta.
+    refused({"node": "value_counts", "input": src(), "column": "ward"}, "partition selection", delta=0.0)
+    wards = prepare({"node": "value_counts", "input": src(), "column": "ward"}).run()
+    assert set(wards.table.column("ward").to_pylist()) <= {"w0", "w1"}
