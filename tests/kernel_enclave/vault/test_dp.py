@@ -315,7 +315,8 @@ def test_a_new_dataset_object_gets_its_own_copy_inside_opendp() -> None:
 def test_value_counts_over_public_keys_are_noisy_counts_largest_first() -> None:
     released = prepare({"node": "value_counts", "input": src(), "column": "diagnosis"}).run()
     assert released.table.column_names == ["diagnosis", "count"]
-    counts = dict(zip(released.table.column("diagnosis").to_pylist(), released.table.column("count").to_pylist()))
+    names, values = released.table.column("diagnosis").to_pylist(), released.table.column("count").to_pylist()
+    counts = dict(zip(names, values, strict=True))
     assert set(counts) == {"cardiac", "respiratory", "unknown"}  # exactly the public keys, an empty one too
     assert abs(counts["cardiac"] - N / 3) < 60 and abs(counts["unknown"]) < 60
     assert released.table.column("count").to_pylist() == sorted(counts.values(), reverse=True)
