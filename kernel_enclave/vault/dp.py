@@ -44,6 +44,7 @@ from opendp.extras.polars import DPExpr, LazyFrameQuery, Margin, dp_len
 from confnb.receipt_format import sha256_digest
 from kernel_enclave.vault.plan import (
     CAST_TYPES,
+    TEMPORAL_PARTS,
     Agg,
     Aggregate,
     Assign,
@@ -61,6 +62,7 @@ from kernel_enclave.vault.plan import (
     Source,
     SourceTable,
     ValueCounts,
+    date_part,
     evaluate_node,
     parse_plan,
     quote,
@@ -201,7 +203,6 @@ _COMPARE = {
     "gt": lambda a, b: a > b,
     "ge": lambda a, b: a >= b,
 }
-_TEMPORAL = ("year", "month", "day", "hour", "weekday")
 _ARITHMETIC = ("add", "sub", "mul", "truediv")
 _LITERAL_TYPES: dict[type, Any] = {bool: pl.Boolean, int: pl.Int64, float: pl.Float64, str: pl.String}
 
@@ -273,16 +274,8 @@ class ExpressionCompiler:
         if fn == "cast":
             target = CAST_TYPES[call.options["type"]]
             return _Compiled(args[0].expr.cast(target, strict=False), target)
-        if fn in _TEMPORAL:
-            value = args[0].expr
-            part = {
-                "year": value.dt.year(),
-                "month": value.dt.month(),
-                "day": value.dt.day(),
-                "hour": value.dt.hour(),
-                "weekday": value.dt.weekday() - 1,  # Monday is 0, as in pandas
-            }[fn]
-            return _Compiled(part.cast(pl.Int64), pl.Int64)
+        if fn in TEMPORAL_PARTS:  # the exact engine's date parts: the same numbers in both modes
+            return _Compiled(date_part(args[0].expr, fn), pl.Int64)
         raise _refuse(f"{self.where}: function {quote(fn)} is not supported yet")
 
     def _isin(self, value: _Compiled, values: tuple[Any, ...]) -> _Compiled:

@@ -70,7 +70,8 @@ _COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge")
 _ARITHMETIC = ("add", "sub", "mul", "pow")
 _LOGICAL = ("and", "or", "xor")
 _UNARY_MATH = ("log", "exp", "sqrt", "neg", "abs")
-_TEMPORAL = ("year", "month", "day", "hour", "weekday")
+TEMPORAL_PARTS = ("year", "month", "day", "hour", "weekday")
+_TEMPORAL = TEMPORAL_PARTS
 _STRING = ("lower", "upper", "len")
 
 # fn name -> (number of args, allowed option keys, required option keys)
@@ -1259,6 +1260,14 @@ _STRICT = frozenset({"add", "sub", "mul", "truediv", "floordiv", "mod", "not", "
 _STRICT_WITHOUT_FLOATS = frozenset({*_COMPARISONS, "pow", "cast"})
 
 
+def date_part(value: pl.Expr, part: str) -> pl.Expr:
+    """One of :data:`TEMPORAL_PARTS` of a date or timestamp, as pandas numbers it (Monday is weekday 0)."""
+    if part == "weekday":
+        return (value.dt.weekday() - 1).cast(pl.Int64)
+    parts = {"year": value.dt.year, "month": value.dt.month, "day": value.dt.day, "hour": value.dt.hour}
+    return parts[part]().cast(pl.Int64)
+
+
 def _present(expr: pl.Expr, dtype: Any, nan_free: bool = False) -> pl.Expr:
     """Where a value is there: not null, and not NaN (pandas' missing)."""
     return expr.fill_nan(None).is_not_null() if dtype.is_float() and not nan_free else expr.is_not_null()
@@ -1406,15 +1415,7 @@ def _call(expr: Call, args: list[Value], frame: SourceTable) -> pl.Expr:
         kind = _kind(args[0].dtype)
         if not (kind == "datetime" or (kind == "date" and fn != "hour")):
             raise VaultError(f"{fn} needs a timestamp{'' if fn == 'hour' else ' or date'}; {args[0].label} is not")
-        value = args[0].expr
-        part = {
-            "year": value.dt.year(),
-            "month": value.dt.month(),
-            "day": value.dt.day(),
-            "hour": value.dt.hour(),
-            "weekday": value.dt.weekday() - 1,  # Monday is 0, as in pandas
-        }[fn]
-        return part.cast(pl.Int64)
+        return date_part(args[0].expr, fn)
     if fn in _STRING or fn == "startswith":
         if args[0].dtype != pl.String:
             raise VaultError(f"{fn} needs a string; {args[0].label} is not")
