@@ -269,15 +269,37 @@ def _read_stdin(size: int) -> bytearray:
 
 
 def _parse(data: bytearray, file_format: str) -> pa.Table:
+    """The file read without Arrow's CPU pool; the one I/O thread the readers still use runs already (``_warm_up``)."""
     buffer = pa.py_buffer(data)
     if file_format == "csv":
-        return sys.modules["pyarrow.csv"].read_csv(pa.BufferReader(buffer))
+        csv = sys.modules["pyarrow.csv"]
+        return csv.read_csv(pa.BufferReader(buffer), read_options=csv.ReadOptions(use_threads=False))
     if file_format == "parquet":
-        return sys.modules["pyarrow.parquet"].read_table(pa.BufferReader(buffer))
+        return sys.modules["pyarrow.parquet"].read_table(pa.BufferReader(buffer), use_threads=False, pre_buffer=False)
     try:  # Arrow IPC file format (.arrow, Feather v2) first, then the streaming format
         return pa.ipc.open_file(buffer).read_all()
     except (pa.ArrowException, ValueError, OSError):
         return pa.ipc.open_stream(buffer).read_all()
+
+
+def _warm_up(file_format: str) -> None:
+    """Start, before confinement, every thread the readers will use, by reading a small file of fixed content.
+
+    Arrow starts pool threads on first use; one that cannot start after confinement (the address-space limit, or
+    the machine's process limit while many kernels run) makes C++ abort the parser on a perfectly good file.
+    """
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    sample = pa.table({"warm_up": pa.array([1], pa.int64())})
+    sink = pa.BufferOutputStream()
+    if file_format == "csv":
+        sys.modules["pyarrow.csv"].write_csv(sample, sink)
+    elif file_format == "parquet":
+        sys.modules["pyarrow.parquet"].write_table(sample, sink)
+    else:
+        with pa.ipc.new_stream(sink, sample.schema) as writer:
+            writer.write_table(sample)
+    _parse(bytearray(sink.getvalue().to_pybytes()), file_format)
 
 
 def _normalized(table: pa.Table) -> pa.Table:
@@ -298,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     identity = (int(args[3]), int(args[4])) if len(args) >= 5 else None
     # Every module the parse needs is loaded before confinement: the unprivileged user may not reach them.
     importlib.import_module({"csv": "pyarrow.csv", "parquet": "pyarrow.parquet"}.get(file_format, "pyarrow.ipc"))
+    _warm_up(file_format)
     failed = _confine(cpu_seconds, size, identity)
     if failed is not None:
         return _report({"error": "sandbox", "step": failed}, _EXIT_SANDBOX)

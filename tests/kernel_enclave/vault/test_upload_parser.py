@@ -81,6 +81,39 @@ def test_a_file_with_broken_offsets_is_refused_in_the_parser_by_name() -> None:
     )
 
 
+@pytest.mark.parametrize("file_format", ["csv", "parquet", "arrow"])
+def test_the_parser_starts_no_thread_once_confined(file_format: str) -> None:
+    """A thread that cannot start under the parser's limits makes C++ abort it on a good file: every thread the
+    readers use must run before confinement. The real parser program, observed from inside."""
+    observer = textwrap.dedent(
+        """
+        import os, sys
+        from kernel_enclave.vault import upload_parser
+
+        def threads():
+            return len(os.listdir("/proc/self/task"))
+
+        confine, confined = upload_parser._confine, []
+        def observed(*args):
+            failed = confine(*args)
+            confined.append(threads())
+            return failed
+        upload_parser._confine = observed
+        status = upload_parser.main(sys.argv[1:])
+        if status == 0 and threads() != confined[0]:
+            sys.stderr.write('{"error": "threads"}\\n')
+            sys.exit(2)
+        sys.exit(status)
+        """
+    )
+    data = {"csv": _csv, "parquet": _parquet, "arrow": _arrow}[file_format](TABLE.drop_columns(["empty"]))
+    wide = pa.table({f"c{i}": [1, 2, 3] for i in range(500)})
+    for payload in (data, {"csv": _csv, "parquet": _parquet, "arrow": _arrow}[file_format](wide)):
+        command = [sys.executable, "-c", observer, file_format, str(len(payload)), "60"]
+        parsed = parse_upload(pa.py_buffer(payload), file_format, command=command)
+        assert parsed.num_rows in (300, 3)
+
+
 def test_confinement_before_input() -> None:
     """The parser's own confinement, observed from inside: no core, no files, no tracer, non-dumpable, and as
     root another user and no network."""
