@@ -55,11 +55,24 @@ def _encode_estimator(estimator: object, where: str, depth: int) -> dict[str, An
     parameters = estimator.get_params(deep=False)  # type: ignore[attr-defined]  # checked by _is_estimator
     if not isinstance(parameters, Mapping):
         raise TypeError(f"{where}: get_params() did not return a mapping")
+    path = class_path(cls)
+    if path.startswith("diffprivlib.") and "accountant" in parameters:
+        _check_accountant(parameters["accountant"], where)
+        parameters = {**parameters, "accountant": None}
     encoded = {
         str(name): _encode(value, f"{where}.{name}" if depth == 0 else f"{where} {cls.__name__}.{name}", depth, 0)
         for name, value in parameters.items()
     }
-    return {"class": class_path(cls), "params": encoded}
+    return {"class": path, "params": encoded}
+
+
+def _check_accountant(accountant: object, where: str) -> None:
+    """diffprivlib's estimators carry a budget accountant; in confnb the data owner's broker keeps the budget, so only
+    the default one (which the estimator sets itself) is accepted, and it is sent as unset."""
+    from diffprivlib.accountant import BudgetAccountant  # type: ignore[import-untyped]
+
+    if accountant is not None and accountant is not BudgetAccountant.load_default(None):
+        raise TypeError(f"{where}.accountant: the privacy budget is kept by the data owner's broker; leave it unset")
 
 
 def class_path(cls: type) -> str:
@@ -74,13 +87,16 @@ def class_path(cls: type) -> str:
         if part.startswith("_"):
             break
         public.append(part)
-    candidate = ".".join(public)
-    if candidate and candidate != cls.__module__:
+    # The shortest package that exports the class (diffprivlib.models, not diffprivlib.models.logistic_regression).
+    for end in range(min(2, len(public)), len(public) + 1):
+        candidate = ".".join(public[:end])
+        if not candidate or candidate == cls.__module__:
+            continue
         try:
             module = importlib.import_module(candidate)
         except ImportError:
-            module = None
-        if module is not None and getattr(module, cls.__qualname__, None) is cls:
+            continue
+        if getattr(module, cls.__qualname__, None) is cls:
             return f"{candidate}.{cls.__qualname__}"
     return f"{cls.__module__}.{cls.__qualname__}"
 

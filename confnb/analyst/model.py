@@ -33,7 +33,7 @@ class SealedModel:
     ``m.predict(public_df)`` (``predict_public``); ``cn.export(m, "model.skops")`` exports it with a receipt.
     """
 
-    __slots__ = ("__weakref__", "_datasets", "_id", "_info", "_session")
+    __slots__ = ("__weakref__", "_datasets", "_dp", "_id", "_info", "_session")
 
     def __init__(self, session: VaultSession, reply: Mapping[str, Any]) -> None:
         model_id = reply.get("model")
@@ -46,6 +46,8 @@ class SealedModel:
         self._info = {key: reply.get(key) for key in ("estimator", "task", "features", "target")}
         datasets = reply.get("datasets")
         self._datasets = tuple(str(d) for d in datasets) if isinstance(datasets, list) else ()
+        account = reply.get("dp")
+        self._dp: dict[str, Any] | None = dict(account) if isinstance(account, Mapping) else None
 
     @property
     def estimator(self) -> str:
@@ -70,6 +72,12 @@ class SealedModel:
     @property
     def datasets(self) -> tuple[str, ...]:
         return self._datasets
+
+    @property
+    def dp(self) -> dict[str, Any] | None:
+        """For a differentially private model, what its fit cost: ``epsilon`` (charged: the estimator's ε times the
+        owner's ``max_contributions``), ``delta`` and ``epsilon_remaining`` per dataset; None for an exact model."""
+        return None if self._dp is None else dict(self._dp)
 
     @short_traceback
     def metrics(self) -> dict[str, Any]:
@@ -154,8 +162,15 @@ class SealedModel:
         target = f", target {self.target!r}" if self.target else ""
         task = f" ({self.task})" if self.task else ""
         datasets = ", ".join(map(repr, self.datasets)) or "?"
+        spent = ""
+        if self._dp is not None:
+            left = self._dp.get("epsilon_remaining") or {}
+            remaining = ", ".join(
+                f"{name}: {value:g}" for name, value in left.items() if isinstance(value, float | int)
+            )
+            spent = f"; differentially private, ε {self._dp.get('epsilon', 0):g} spent ({remaining or '?'} left)"
         return (
-            f"<SealedModel {self._id}: {self.estimator}{task} on {datasets}, features {self.features}{target}; "
+            f"<SealedModel {self._id}: {self.estimator}{task} on {datasets}, features {self.features}{target}{spent}; "
             "its training data stays in the vault>"
         )
 

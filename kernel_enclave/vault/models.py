@@ -426,9 +426,9 @@ def _allowlist(estimator: Any) -> frozenset[str]:
 
 
 def _fitted_state(part: Any) -> list[str]:
-    """The attributes fitting added to an estimator: everything in its ``__dict__`` but its constructor's parameters
-    (the analyst's own values)."""
-    given = set(part.get_params(deep=False))
+    """The attributes fitting added to an estimator: everything in its ``__dict__`` but what its constructor sets
+    (the analyst's own values, and constants such as SGD's ``C`` in scikit-learn 1.7)."""
+    given = set(part.get_params(deep=False)) | set(vars(type(part)(**part.get_params(deep=False))))
     return [name for name in vars(part) if name not in given]
 
 
@@ -1662,6 +1662,8 @@ _SKOPS_PART_MODULES: Final = (
     "sklearn._loss.link",
     "sklearn.linear_model._sgd_fast",
 )
+# scikit-learn before 1.8 builds its Cython loss classes with a bare module name (``_loss.CyHalfBinomialLoss``).
+_SKOPS_PART_ALIASES: Final = {"_loss": "sklearn._loss._loss"}
 _SKOPS_LOADERS: Final = frozenset(
     {
         "DTypeNode",
@@ -1689,9 +1691,10 @@ def _accepted_type(name: str) -> bool:
     if name in _ALLOWED_REAL or name in _SKOPS_PARTS:
         return True
     module_name, _, attribute = name.rpartition(".")
-    if module_name not in _SKOPS_PART_MODULES:
+    home = _SKOPS_PART_ALIASES.get(module_name, module_name)
+    if home not in _SKOPS_PART_MODULES:
         return False
-    found = getattr(importlib.import_module(module_name), attribute, None)
+    found = getattr(importlib.import_module(home), attribute, None)
     return inspect.isclass(found) and found.__module__ == module_name
 
 

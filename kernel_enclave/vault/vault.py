@@ -44,11 +44,12 @@ if TYPE_CHECKING:
     import pyarrow as pa  # type: ignore[import-untyped]
 
     from confnb.datasets.reader import read_verified
-    from kernel_enclave.vault import differences, dp, export, models, plan, release, scan
+    from kernel_enclave.vault import differences, dp, dp_models, export, models, plan, release, scan
 else:
     pa = Deferred("pyarrow")
     differences = Deferred("kernel_enclave.vault.differences")
     dp = Deferred("kernel_enclave.vault.dp")
+    dp_models = Deferred("kernel_enclave.vault.dp_models")
     export = Deferred("kernel_enclave.vault.export")
     models = Deferred("kernel_enclave.vault.models")
     plan = Deferred("kernel_enclave.vault.plan")
@@ -124,7 +125,7 @@ class Vault:
         self._sources: dict[str, plan.SourceTable] = {}
         self._opened: dict[str, str] = {}  # dataset id -> handle
         self._policies: dict[str, OutputPolicy] = {}
-        self._models: dict[str, models.TrainedModel] = {}
+        self._models: dict[str, models.TrainedModel | dp_models.DpModel] = {}
         self._results: OrderedDict[str, _Result] = OrderedDict()
         self._counter = 0
         self._releases: dict[str, int] = {}  # dataset id -> requests counted against its max_releases
@@ -484,14 +485,9 @@ class Vault:
             raise ProtocolError("fit: test_size must be a number or null")
         if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, int)):
             raise ProtocolError("fit: random_state must be an integer or null")
-        noisy = self._dp_datasets(plan.plan_datasets(tree, self._sources))
-        if noisy:
-            raise PolicyViolation(
-                "privacy.mode",
-                noisy,
-                "fit: the owner releases this dataset only with differential privacy, and this kernel has no "
-                "differentially private estimators yet; exact models are refused",
-            )
+        used = plan.plan_datasets(tree, self._sources)
+        if self._dp_datasets(used):
+            return self._dp_fit(tree, header, used)
         fit_args = (header.get("estimator"), target, features, test_size, random_state, self._policies)
         # The plan's queries run here (cancellable in Polars); the training itself in a worker (models.fit).
         model = models.fit(plan.evaluate(tree, self._sources), *fit_args)
@@ -511,8 +507,62 @@ class Vault:
         )
         return self._model_reply(model_id, model), []
 
+    def _dp_fit(self, tree: dict[str, Any], header: Mapping[str, Any], datasets: Iterable[str]) -> Reply:
+        """A differentially private model: decided and priced from the request, charged at the owner's broker, then
+        fitted by diffprivlib on one dataset (see :mod:`.dp_models`)."""
+        names = sorted(set(datasets))
+        exact = [name for name in names if not self._policies[name].is_dp]
+        if exact or len(names) != 1:
+            raise PolicyViolation(
+                "privacy.mode", exact or names, "fit: a differentially private model trains on one DP dataset"
+            )
+        if header.get("test_size") is not None:
+            raise PolicyViolation(
+                "privacy.mode",
+                names,
+                "fit: under differential privacy nothing is evaluated on the sealed data; leave test_size unset",
+            )
+        (name,) = names
+        prepared = dp_models.prepare(
+            tree,
+            self._sources,
+            header.get("estimator"),
+            header.get("target"),
+            header.get("features"),
+            _privacy_of(self._policies[name]),
+            name,
+        )
+        release.check_columns(prepared.lineage, self._policies, "model features and target")
+        remaining = self._charge(prepared.datasets, prepared.epsilon, 0.0, prepared.plan_digest, "fit")
+        model = replace(prepared.run(), epsilon_remaining=remaining)
+        model_id = self._new_id("m")
+        self._models[model_id] = model
+        self.audit.append(
+            "fit",
+            model=model_id,
+            estimator=model.estimator_name,
+            features=list(model.features),
+            target=model.target,
+            datasets=names,
+            operation=prepared.plan_digest,
+            plan=self._plan_text(tree),
+            epsilon=repr(model.epsilon),
+        )
+        return self._model_reply(model_id, model), []
+
     @staticmethod
-    def _model_reply(model_id: str, model: models.TrainedModel) -> dict[str, Any]:
+    def _model_reply(model_id: str, model: models.TrainedModel | dp_models.DpModel) -> dict[str, Any]:
+        if isinstance(model, dp_models.DpModel):
+            return {
+                "ok": True,
+                "model": model_id,
+                "estimator": model.estimator_name,
+                "task": model.task,
+                "features": list(model.features),
+                "target": model.target,
+                "datasets": sorted(model.datasets),
+                "dp": {"epsilon": model.epsilon, "delta": 0.0, "epsilon_remaining": dict(model.epsilon_remaining)},
+            }
         return {
             "ok": True,
             "model": model_id,
@@ -523,7 +573,7 @@ class Vault:
             "datasets": sorted(model.datasets),
         }
 
-    def _model(self, header: dict[str, Any]) -> tuple[str, models.TrainedModel]:
+    def _model(self, header: dict[str, Any]) -> tuple[str, models.TrainedModel | dp_models.DpModel]:
         model_id = _text(header, "model")
         model = self._models.get(model_id)
         if model is None:
@@ -536,7 +586,16 @@ class Vault:
         kind = "model_parameters" if op == "model_params" else "model_metrics"
         self._count_release(model.datasets, op)
         value: Any
-        if op == "model_metrics":  # predictions over the evaluation set: as stoppable as the fit
+        if isinstance(model, dp_models.DpModel):
+            if op != "model_params":
+                raise PolicyViolation(
+                    "privacy.mode",
+                    sorted(model.datasets),
+                    f"{op}: metrics on the sealed data are exact; a differentially private model releases only its "
+                    "parameters and predictions on public data",
+                )
+            value = dp_models.params(model)
+        elif op == "model_metrics":  # predictions over the evaluation set: as stoppable as the fit
             value = stoppable.run(models.metrics, model, self._policies, openmp=True)
         elif op == "model_score":
             value = stoppable.run(models.score, model, self._policies, openmp=True)
@@ -566,8 +625,13 @@ class Vault:
         if public.num_rows > MAX_PUBLIC_ROWS:
             raise VaultError(f"predict: at most {MAX_PUBLIC_ROWS} rows of public data per request")
         self._count_release(model.datasets, "predict")
-        predictions = stoppable.run(models.predict, model, public, self._policies, openmp=True)
         datasets = tuple(sorted(model.datasets))
+        if isinstance(model, dp_models.DpModel):
+            release.require_kind("predict_public", datasets, self._policies)
+            limits = [limit for name in datasets if (limit := self._policies[name].max_rows) is not None]
+            predictions = dp_models.predict(model, public, min(limits, default=None))
+        else:
+            predictions = stoppable.run(models.predict, model, public, self._policies, openmp=True)
         policy_id = release.require_kind("predict_public", datasets, self._policies)
         payload = ipc_bytes(predictions)
         operation = digest_of({"op": "predict", "model": model_id, "input": hashlib.sha256(buffers[0]).hexdigest()})
@@ -589,6 +653,8 @@ class Vault:
     def _seal(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         if header.get("model") is not None:
             model_id, model = self._model(header)
+            if isinstance(model, dp_models.DpModel):
+                raise VaultError("seal: a differentially private model is not sealed; release its parameters")
             datasets = sorted(model.datasets)
             metadata: dict[str, Any] = {
                 "policies": {name: self._policies[name].to_dict() for name in datasets},
@@ -682,6 +748,13 @@ class Vault:
         export_format = _text(header, "format")
         if header.get("model") is not None:
             model_id, model = self._model(header)
+            if isinstance(model, dp_models.DpModel):
+                raise PolicyViolation(
+                    "privacy.mode",
+                    sorted(model.datasets),
+                    "export: a differentially private model leaves as its parameters (m.params()), not as a file "
+                    "whose fitted state would include exact facts of the training data",
+                )
             if export_format != "skops":
                 raise VaultError("export: a model is exported as .skops")
             datasets = tuple(sorted(model.datasets))
@@ -856,27 +929,7 @@ class Vault:
             raise PolicyViolation(
                 "release.max_rows", names, f"release: {groups} groups of public keys exceed the {max_rows} rows allowed"
             )
-        remaining: dict[str, float] = {}
-        for name in prepared.datasets:
-            owner = self._owners.get(name)
-            if owner is None:
-                raise VaultError(f"release: {name!r} has no broker to keep its privacy budget, so nothing is released")
-            client = BudgetClient(owner[0], self._keys.signing_key, {name: owner[1]})
-            try:
-                charge = client.charge(name, prepared.epsilon, prepared.delta, prepared.plan_digest)
-            except BudgetError as exc:
-                self.audit.append("budget-refused", dataset=name, epsilon=repr(prepared.epsilon), reason=str(exc))
-                raise PolicyViolation("privacy.budget", [name], f"release: {exc}") from None
-            self.audit.append(
-                "budget-charge",
-                dataset=name,
-                charge=charge.charge_id,
-                epsilon=repr(charge.epsilon),  # as text: the log holds no floats (their JSON form is not canonical)
-                delta=repr(charge.delta),
-                epsilon_remaining=repr(charge.epsilon_remaining),
-                plan_digest=prepared.plan_digest,
-            )
-            remaining[name] = charge.epsilon_remaining
+        remaining = self._charge(prepared.datasets, prepared.epsilon, prepared.delta, prepared.plan_digest, "release")
         released = prepared.run()
         if max_rows is not None and released.table.num_rows > max_rows:  # groups chosen by OpenDP's threshold
             raise PolicyViolation(
@@ -918,6 +971,34 @@ class Vault:
             delta=repr(released.delta),
         )
         return reply, [payload]
+
+    def _charge(
+        self, datasets: Iterable[str], epsilon: float, delta: float, plan_digest: str, what: str
+    ) -> dict[str, float]:
+        """Charge ε (and δ) to each dataset's budget at its owner's broker; the budget left per dataset. No broker,
+        or no acknowledgement, and nothing is computed."""
+        remaining: dict[str, float] = {}
+        for name in datasets:
+            owner = self._owners.get(name)
+            if owner is None:
+                raise VaultError(f"{what}: {name!r} has no broker to keep its privacy budget, so nothing is released")
+            client = BudgetClient(owner[0], self._keys.signing_key, {name: owner[1]})
+            try:
+                charge = client.charge(name, epsilon, delta, plan_digest)
+            except BudgetError as exc:
+                self.audit.append("budget-refused", dataset=name, epsilon=repr(epsilon), reason=str(exc))
+                raise PolicyViolation("privacy.budget", [name], f"{what}: {exc}") from None
+            self.audit.append(
+                "budget-charge",
+                dataset=name,
+                charge=charge.charge_id,
+                epsilon=repr(charge.epsilon),  # as text: the log holds no floats (their JSON form is not canonical)
+                delta=repr(charge.delta),
+                epsilon_remaining=repr(charge.epsilon_remaining),
+                plan_digest=plan_digest,
+            )
+            remaining[name] = charge.epsilon_remaining
+        return remaining
 
     def _plan_text(self, tree: object) -> str:
         """The plan as the owner reads it in the audit log, its sources named by dataset where they are one."""

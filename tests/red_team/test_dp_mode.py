@@ -26,7 +26,7 @@ DP_POLICY = f"""
 [policy]
 id = "admissions-dp-v1"
 [release]
-allow = ["schema", "row_count", "aggregate", "model_metrics", "model_parameters"]
+allow = ["schema", "row_count", "aggregate", "model_metrics", "model_parameters", "predict_public"]
 min_group_size = 10
 never_release = ["patient_id"]
 [privacy]
@@ -39,8 +39,10 @@ public = ["row_count"]
 [privacy.bounds]
 cost = [0.0, 40000.0]
 age = [0, 120]
+length_of_stay = [0.0, 40.0]
 [privacy.keys]
 diagnosis = ["asthma", "copd", "diabetes", "fracture", "pneumonia", "sepsis"]
+sex = ["F", "M"]
 """
 
 
@@ -228,3 +230,128 @@ def test_max_rows_holds_for_noisy_releases_and_refuses_before_spending(kernel: C
     assert cn.budget(t)["admissions"]["epsilon_spent"] == 0  # refused before the charge
     by_sex = t.group_by("sex").cost.mean().release(epsilon=0.3)  # the twin: two groups (threshold-chosen)
     assert len(by_sex) <= 2 and cn.budget(t)["admissions"]["epsilon_spent"] == pytest.approx(0.3)
+
+
+# -- models ----------------------------------------------------------------------------------------------------------
+
+
+def _spent(t: Any) -> float:
+    return float(cn.budget(t)["admissions"]["epsilon_spent"])
+
+
+def test_a_dp_model_is_charged_and_releases_only_what_its_mechanisms_produced(
+    hospital_owner: Any, kernel: Connect, tmp_path: Path
+) -> None:
+    import pandas as pd
+    from diffprivlib.models import LinearRegression  # type: ignore[import-untyped]
+
+    vault = kernel()
+    t = cn.open("admissions")
+    m = cn.fit(LinearRegression(epsilon=0.4), t, target="cost", features=["age", "length_of_stay"])
+    assert m.dp is not None and m.dp["epsilon"] == pytest.approx(0.4)
+    assert m.dp["epsilon_remaining"] == {"admissions": pytest.approx(BUDGET - 0.4)}
+    assert "differentially private" in repr(m) and _spent(t) == pytest.approx(0.4)
+    released = m.params()
+    assert set(released) == {"estimator", "features", "epsilon", "coef_", "intercept_"}
+    assert set(released["coef_"]) == {"age", "length_of_stay"}
+    for exact in (m.metrics, m.score):  # computed on the sealed rows: exact, refused
+        with pytest.raises(cn.PolicyViolation, match=r"privacy\.mode"):
+            exact()
+    with pytest.raises(cn.PolicyViolation, match=r"privacy\.mode"):
+        cn.export(m, tmp_path / "model.skops")
+    assert not (tmp_path / "model.skops").exists()
+    predictions = m.predict(pd.DataFrame({"age": [40, 40], "length_of_stay": [2.0, 20.0]}))  # post-processing
+    assert predictions.shape == (2,) and np.isfinite(predictions).all()
+    with pytest.raises(cn.PolicyViolation, match=r"privacy\.budget"):  # more than is left: refused, nothing fitted
+        cn.fit(LinearRegression(epsilon=0.7), t, target="cost", features=["age"])
+    assert _spent(t) == pytest.approx(0.4)
+    charges = [e["fields"] for e in vault.audit.entries() if e["event"] == "budget-charge"]
+    fits = [e["fields"] for e in vault.audit.entries() if e["event"] == "fit"]
+    assert len(charges) == 1 and charges[0]["plan_digest"] == fits[0]["operation"]
+
+
+def test_a_model_fitted_to_one_record_gives_noise_never_its_value(hospital_owner: Any, kernel: Connect) -> None:
+    """Exact mode's attack (a model of one patient: its prediction at their age is their bill) under DP: ten fits of
+    one patient's row, each at ε = 0.1; none comes near the bill, and their spread is the noise's, not the data's."""
+    from diffprivlib.models import LinearRegression
+
+    kernel()
+    target = hospital_owner.frame.iloc[1234]
+    t = cn.open("admissions")
+    one = t[t.patient_id == int(target.patient_id)]
+    recovered = []
+    for _ in range(10):
+        released = cn.fit(LinearRegression(epsilon=0.1), one, target="cost", features=["age"]).params()
+        recovered.append(released["intercept_"] + released["coef_"]["age"] * float(target.age))
+    secret = float(target.cost)
+    assert all(abs(value - secret) > 1.0 for value in recovered), (recovered, secret)
+    assert float(np.std(recovered)) > 100.0  # noise, scaled to the public bounds, not to one record
+    assert _spent(t) == pytest.approx(1.0)
+
+
+def test_a_fixed_seed_or_the_analysts_own_bounds_are_refused_before_anything_is_spent(kernel: Connect) -> None:
+    from diffprivlib.models import GaussianNB, LinearRegression, LogisticRegression
+
+    kernel()
+    t = cn.open("admissions")
+    # A seed would let two fits cancel their noise; bounds of the analyst's choosing could follow the data.
+    for estimator, word in (
+        (LinearRegression(epsilon=0.1, random_state=0), "random_state"),
+        (LinearRegression(epsilon=0.1, bounds_X=([0], [1]), bounds_y=(0, 1)), "bounds"),
+    ):
+        with pytest.raises(cn.VaultError, match=word):
+            cn.fit(estimator, t, target="cost", features=["age"])
+    with pytest.raises(cn.PolicyViolation, match=r"privacy\.bounds"):  # no public bounds for a feature
+        cn.fit(LinearRegression(epsilon=0.1), t, target="cost", features=["age", "readmitted"])
+    with pytest.raises(cn.PolicyViolation, match=r"privacy\.keys"):  # a classifier's classes must be public
+        cn.fit(LogisticRegression(epsilon=0.1), t, target="readmitted", features=["age"])
+    with pytest.raises(cn.PolicyViolation, match=r"privacy\.mode"):  # its class counts sum to the exact rows
+        cn.fit(GaussianNB(epsilon=0.1), t, target="sex", features=["age"])
+    with pytest.raises(cn.PolicyViolation, match=r"privacy\.mode"):  # a window: a row would hold other records
+        cn.fit(
+            LinearRegression(epsilon=0.1),
+            t.assign(m=t.cost.transform("mean").over("sex")),
+            target="m",
+            features=["age"],
+        )
+    assert _spent(t) == 0
+    # The twin: the same fit without seed twice; two different noises (never one stream replayed by a worker).
+    first = cn.fit(LinearRegression(epsilon=0.1), t, target="cost", features=["age"]).params()
+    second = cn.fit(LinearRegression(epsilon=0.1), t, target="cost", features=["age"]).params()
+    assert first["coef_"]["age"] != second["coef_"]["age"]
+    assert _spent(t) == pytest.approx(0.2)
+
+
+def test_a_dp_classifier_and_clusters_name_only_public_values(kernel: Connect) -> None:
+    import pandas as pd
+    from diffprivlib.models import KMeans, LogisticRegression
+
+    kernel()
+    t = cn.open("admissions")
+    classifier = cn.fit(LogisticRegression(epsilon=0.3), t, target="sex", features=["age", "cost"])
+    assert classifier.params()["classes_"] == ["F", "M"]  # the owner's keys, whatever the rows hold
+    predicted = classifier.predict(pd.DataFrame({"age": [30, 80], "cost": [2000.0, 9000.0]}))
+    assert set(predicted.tolist()) <= {"F", "M"}
+    # Patients of one diagnosis only: the classes are still the public pair, so the answer tells nothing of which.
+    narrowed = cn.fit(LogisticRegression(epsilon=0.3), t[t.sex == "F"], target="sex", features=["age", "cost"])
+    assert narrowed.params()["classes_"] == ["F", "M"]
+    clusters = cn.fit(KMeans(n_clusters=3, epsilon=0.3), t, features=["age", "cost"]).params()
+    centres = np.array([[c["age"], c["cost"]] for c in clusters["cluster_centers_"]])
+    assert centres.shape == (3, 2) and (centres >= [0, 0]).all() and (centres <= [120, 40000]).all()
+    assert _spent(t) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("dp_owner", [DP_POLICY.replace("epsilon = 1.0\n", "epsilon = 10.0\n")], indirect=True)
+def test_a_dp_regression_with_budget_to_spare_finds_the_relationship(kernel: Connect) -> None:
+    """The twin of the attacks: on all 4,000 patients at ε = 5 the cost per day in hospital (910 in the data) comes
+    back close, and so do predictions."""
+    import pandas as pd
+    from diffprivlib.models import LinearRegression
+
+    kernel()
+    t = cn.open("admissions")
+    m = cn.fit(LinearRegression(epsilon=5.0), t, target="cost", features=["age", "length_of_stay"])
+    per_day = m.params()["coef_"]["length_of_stay"]
+    assert 400 < per_day < 1500, per_day
+    short, long = m.predict(pd.DataFrame({"age": [50, 50], "length_of_stay": [2.0, 20.0]}))
+    assert long - short > 5000

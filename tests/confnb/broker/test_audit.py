@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib
 import json
 import multiprocessing
 import os
@@ -16,6 +17,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -31,7 +33,6 @@ from confnb.broker.audit import (
     compute_entry_hash,
     verify_log,
 )
-from tests.confnb.broker import _audit_workers
 
 KEY = Ed25519PrivateKey.generate()
 PUBLIC = KEY.public_key()
@@ -378,11 +379,20 @@ def test_concurrent_appends_from_threads(log_path, shared):
     assert per_worker == list(range(per_thread))  # each writer's own entries stay in its order
 
 
-def test_concurrent_appends_from_processes(log_path):
+@pytest.fixture
+def workers(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The writers' module under a top-level name, importable by spawned children from the path they inherit (a
+    dependency's wheel ships a top-level ``tests`` package, which hides this suite's ``tests`` from a fresh
+    interpreter)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    return importlib.import_module("_audit_workers")
+
+
+def test_concurrent_appends_from_processes(log_path, workers):
     processes_count, per_process = 4, 50  # the file does not exist yet: the writers also race to create it
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_audit_workers.append_many, args=(str(log_path), _raw_private(KEY), worker, per_process))
+        context.Process(target=workers.append_many, args=(str(log_path), _raw_private(KEY), worker, per_process))
         for worker in range(processes_count)
     ]
     for process in processes:
@@ -395,10 +405,10 @@ def test_concurrent_appends_from_processes(log_path):
     assert actors == {f"worker-{worker}" for worker in range(processes_count)}
 
 
-def test_a_writer_killed_mid_append_leaves_an_intact_log_that_keeps_growing(log_path):
+def test_a_writer_killed_mid_append_leaves_an_intact_log_that_keeps_growing(log_path, workers):
     AuditLog(log_path, KEY).close()
     context = multiprocessing.get_context("spawn")
-    writer = context.Process(target=_audit_workers.append_forever, args=(str(log_path), _raw_private(KEY)))
+    writer = context.Process(target=workers.append_forever, args=(str(log_path), _raw_private(KEY)))
     writer.start()
     try:
         deadline = time.monotonic() + 30
