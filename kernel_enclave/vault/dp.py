@@ -32,7 +32,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import opendp.prelude as dp
@@ -606,6 +606,7 @@ class PreparedDpRelease:
         summary: pl.DataFrame,
         split_summary: pl.DataFrame,
         value_counts: ValueCounts | None = None,
+        described: tuple[tuple[str, tuple[str, ...]], ...] | None = None,
     ) -> None:
         self.datasets = datasets
         self.epsilon = epsilon
@@ -622,6 +623,7 @@ class PreparedDpRelease:
         self._summary = summary
         self._split_summary = split_summary
         self._value_counts = value_counts
+        self._described = described
         self._lock = threading.Lock()
         self._ran = False
 
@@ -644,6 +646,8 @@ class PreparedDpRelease:
                 columns.append(values.alias(stat.name))
                 accuracy.append(entry)
         frame = pl.DataFrame(columns)
+        if self._described is not None:
+            frame, accuracy = _as_description(frame, accuracy, self._described)
         if self._value_counts is not None:  # post-processing of the noisy counts: largest first, as pandas orders
             key = self._value_counts.column
             if self._value_counts.dropna:
@@ -688,6 +692,90 @@ class PreparedDpRelease:
         return pl.Series(stat.name, means, dtype=pl.Float64), entry
 
 
+DP_DESCRIBE_STATISTICS: tuple[tuple[str, str, float | None], ...] = (
+    ("count", "count", None),
+    ("mean", "mean", None),
+    ("25%", "quantile", 0.25),
+    ("50%", "quantile", 0.5),
+    ("75%", "quantile", 0.75),
+)
+"""The rows of a noisy ``describe``: what OpenDP can release of a column (no spread, no extremes)."""
+
+
+def _describe_as_aggregate(
+    node: Describe,
+    sources: Mapping[str, SourceTable],
+    privacy: Mapping[str, Mapping[str, Any]],
+    never_release: Mapping[str, frozenset[str]],
+) -> tuple[Aggregate, tuple[tuple[str, tuple[str, ...]], ...]]:
+    """A describe as one aggregate over its columns (each needs the owner's bounds), and which output columns form
+    which described column's statistics. The columns are chosen from the plan's schema, never from the data."""
+    source = _only_source(node.input, sources)
+    if len(source.datasets) != 1:
+        raise _refuse("joins are not supported yet")
+    (dataset,) = source.datasets
+    rules = PrivacyBudgetRules.from_dict(dataset, privacy.get(dataset))
+    frame = evaluate_node(node.input, sources)  # lazy: the schema and lineage, no row read
+    hidden = never_release.get(dataset, frozenset())
+
+    def describable(name: str) -> bool:
+        dtype = frame.dtype(name)
+        return bool(dtype.is_numeric()) and not any(column in hidden for _, column in frame.lineage.get(name, ()))
+
+    if node.columns is None:
+        columns = [name for name in frame.columns if describable(name) and name in rules.bounds]
+        if not columns:
+            raise _refuse("describe: no numeric column of this table has public bounds (privacy.bounds)")
+    else:
+        columns = list(node.columns)
+        missing = [name for name in columns if name not in frame.columns]
+        if missing:
+            raise VaultError(f"describe: no column {', '.join(map(quote, missing))}")
+        unbounded = [name for name in columns if name not in rules.bounds]
+        if unbounded:
+            raise _refuse(
+                f"describe: the owner's policy gives no bounds for {', '.join(map(quote, unbounded))} "
+                f"(privacy.bounds.{unbounded[0]}); a noisy mean or quartile needs them"
+            )
+    if "statistic" in columns:
+        raise VaultError("describe: a column named 'statistic' would clash with the row labels; rename it")
+    aggs: list[Agg] = []
+    layout: list[tuple[str, tuple[str, ...]]] = []
+    for i, name in enumerate(columns):
+        names = tuple(f"d{i}_{j}" for j in range(len(DP_DESCRIBE_STATISTICS)))
+        aggs += [Agg(part, name, func, q) for part, (_, func, q) in zip(names, DP_DESCRIBE_STATISTICS, strict=True)]
+        layout.append((name, names))
+    return Aggregate(_without_selects(node.input), (), tuple(aggs)), tuple(layout)
+
+
+def _without_selects(node: Node) -> Node:
+    """The chain with its ``select`` nodes left out: they choose columns, not rows, and OpenDP forgets the table's
+    length bound at a projection (an aggregate names the columns it reads anyway)."""
+    if isinstance(node, Select):
+        return _without_selects(node.input)
+    if isinstance(node, Filter):
+        return Filter(_without_selects(node.input), node.predicate)
+    if isinstance(node, Assign):
+        return Assign(_without_selects(node.input), node.columns)
+    return node
+
+
+def _as_description(
+    frame: pl.DataFrame, accuracy: list[ColumnAccuracy], layout: tuple[tuple[str, tuple[str, ...]], ...]
+) -> tuple[pl.DataFrame, list[ColumnAccuracy]]:
+    """The one-row aggregate laid out as ``DataFrame.describe`` lays it out, and each statistic's noise named by its
+    column and row."""
+    labels = [label for label, _, _ in DP_DESCRIBE_STATISTICS]
+    columns = [pl.Series("statistic", labels, dtype=pl.String)]
+    renamed: dict[str, str] = {}
+    for name, parts in layout:
+        values = [frame.get_column(part).cast(pl.Float64)[0] for part in parts]
+        columns.append(pl.Series(name, values, dtype=pl.Float64))
+        renamed.update({part: f"{name} {label}" for part, label in zip(parts, labels, strict=True)})
+    named = [replace(entry, column=renamed.get(entry.column, entry.column)) for entry in accuracy]
+    return pl.DataFrame(columns), named
+
+
 def _summary_row(summary: pl.DataFrame, column: str) -> dict[str, Any]:
     rows = summary.filter(pl.col("column") == column).to_dicts()
     if len(rows) != 1:
@@ -719,8 +807,9 @@ def prepare(
             raise _refuse(f"value_counts of a column named {quote(VALUE_COUNT)} would name two columns alike")
         counted = node
         node = Aggregate(node.input, (node.column,), (Agg(VALUE_COUNT, None, "count", None),))
-    if isinstance(node, Describe):
-        raise _refuse("describe is not supported yet; use an aggregate (count, mean, median per column)")
+    described: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    if isinstance(node, Describe):  # count, mean and quartiles per column: the aggregate it is, shown as describe
+        node, described = _describe_as_aggregate(node, sources, privacy, never_release)
     if not isinstance(node, Aggregate | Count):
         raise _refuse("raw rows are never released; aggregate them (group_by/agg or count)")
     source = _only_source(node.input, sources)
@@ -824,6 +913,7 @@ def prepare(
         summary=summary,
         split_summary=split_summary,
         value_counts=counted,
+        described=described,
     )
 
 

@@ -1327,7 +1327,7 @@ def _direct_sets(
         whole = mine if order is None else mine[order]
         keys = tuple(numbers.grouped.get_column(f"k{i}")[row] for i in range(len(by)))
         group = f"group {keys!r}" if by else "all rows"
-        emitted: dict[bytes | None, int] = {}  # a set (None: the group's own records) -> its place in found
+        emitted: dict[Any, list[int]] = {}  # a set's bucket (None: the group's own records) -> places in found
         for cell in cells:
             if not released[cell.name][row]:
                 continue
@@ -1343,20 +1343,28 @@ def _direct_sets(
                     chosen = mine[inside] if order is None else whole[inside[order]]
             whole_group = chosen.size == whole.size  # a subset of the group's records, so all of them
             label = group if whole_group else (f"{group} {cell.shown}" if by else cell.shown)
-            key = None if whole_group else chosen.tobytes()
+            key = None if whole_group else _bucket(chosen)
             _emit(found, emitted, key, (dataset, label, whole if whole_group else chosen, keys_of[cell.name]))
     return found
 
 
-def _emit(found: list[RecordSet], emitted: dict[Any, int], key: Any, record: RecordSet) -> None:
+def _bucket(ids: np.ndarray) -> tuple[int, int, int]:
+    """Where a set of sorted ids is looked for among the sets already emitted: its size and ends (cheap, where the
+    ids' bytes as a key cost a copy and a hash of the whole set); equal sets share a bucket, and :func:`_emit`
+    compares the sets within one exactly."""
+    return (int(ids.size), int(ids[0]), int(ids[-1])) if ids.size else (0, 0, 0)
+
+
+def _emit(found: list[RecordSet], emitted: dict[Any, list[int]], key: Any, record: RecordSet) -> None:
     """Add a number's record set, or its comparison keys to the same set emitted for another number."""
-    at = emitted.get(key)
-    if at is None:
-        emitted[key] = len(found)
-        found.append(record)
-    else:
+    places = emitted.setdefault(key, [])
+    for at in places:
         dataset, label, ids, keys = found[at]
-        found[at] = (dataset, label, ids, keys | record[3])
+        if key is None or np.array_equal(ids, record[2]):
+            found[at] = (dataset, label, ids, keys | record[3])
+            return
+    places.append(len(found))
+    found.append(record)
 
 
 def _comparison_keys(frame: SourceTable, cell: _Cell, dataset: str | None = None) -> frozenset[str]:
@@ -1406,7 +1414,7 @@ def _number_sets(
         whole = {
             d: _union([group_ids[i] for i, (dd, _) in occurrences if dd == d]) for d in {d for _, (d, _) in occurrences}
         }
-        emitted: dict[tuple[str, bytes], int] = {}
+        emitted: dict[Any, list[int]] = {}
 
         for cell in cells:
             if not released[cell.name][row]:
@@ -1437,7 +1445,7 @@ def _number_sets(
                 else:
                     label = f"{group} {cell.shown}" if by else cell.shown
                 record = (dataset, label, ids, _comparison_keys(frame, cell, dataset))
-                _emit(found, emitted, (dataset, ids.tobytes()), record)
+                _emit(found, emitted, (dataset, *_bucket(ids)), record)
     return found
 
 

@@ -949,7 +949,7 @@ class Vault:
         reply: dict[str, Any] = {
             "ok": True,
             "kind": kind,
-            "index": [],
+            "index": ["statistic"] if tree.get("node") == "describe" else [],
             "series": False,
             "suppressed": 0,
             "policy": policy_id,

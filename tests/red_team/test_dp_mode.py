@@ -355,3 +355,25 @@ def test_a_dp_regression_with_budget_to_spare_finds_the_relationship(kernel: Con
     assert 400 < per_day < 1500, per_day
     short, long = m.predict(pd.DataFrame({"age": [50, 50], "length_of_stay": [2.0, 20.0]}))
     assert long - short > 5000
+
+
+def test_describe_comes_back_noisy_with_what_dp_can_say_of_each_column(hospital_owner: Any, kernel: Connect) -> None:
+    kernel()
+    frame = hospital_owner.frame
+    t = cn.open("admissions")
+    described = t[["age", "length_of_stay"]].describe().release(epsilon=0.5)
+    assert list(described.index) == ["count", "mean", "25%", "50%", "75%"]
+    assert list(described.columns) == ["age", "length_of_stay"]
+    truth = frame[["age", "length_of_stay"]].describe()
+    for column in ("age", "length_of_stay"):
+        assert abs(described.loc["count", column] - truth.loc["count", column]) < 0.05 * len(frame)
+        assert abs(described.loc["mean", column] - truth.loc["mean", column]) < 0.1 * truth.loc["mean", column]
+        assert not np.isclose(described.loc["mean", column], truth.loc["mean", column], rtol=0, atol=1e-9)
+    account = described.attrs["confnb_dp"]
+    assert account["epsilon"] == pytest.approx(0.5)
+    assert {item["column"] for item in account["noise"]} >= {"age count", "age mean", "length_of_stay 50%"}
+    # Every bounded numeric column when none is named; a column without public bounds is refused by name.
+    assert set(t.describe().release(epsilon=0.2).columns) == {"age", "length_of_stay", "cost"}
+    with pytest.raises(cn.VaultError, match=r"no bounds for 'readmitted' \(privacy\.bounds\.readmitted\)"):
+        t.describe(["age", "readmitted"]).release(epsilon=0.1)
+    assert _spent(t) == pytest.approx(0.7)

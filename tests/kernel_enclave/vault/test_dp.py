@@ -232,7 +232,7 @@ def test_unsupported_expressions_and_aggregations_are_refused() -> None:
     where = {"node": "filter", "input": src(), "predicate": fn("where", lit(True), lit(True), lit(False))}
     refused({"node": "count", "input": where}, "filter: function 'where' is not supported yet")
     refused(aggregate([], agg("s", "std", "cost")), "aggregation 'std' is not supported yet")
-    refused({"node": "describe", "input": src()}, "describe is not supported yet")
+    refused({"node": "describe", "input": src(), "columns": ["age", "ward"]}, "no bounds for 'ward'")
     refused(src(), "raw rows are never released")
     added = {"node": "assign", "input": src(), "columns": [["c2", fn("add", col("cost"), lit(1.0))]]}
     prepare(aggregate([], agg("n", "count", "c2"), input=added))  # the twin: a supported function
