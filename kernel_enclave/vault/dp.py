@@ -848,7 +848,7 @@ def prepare(
         if release_delta <= 0:
             raise _refuse("partition selection needs a delta greater than 0")
     schema = dict(row_level.schema)
-    _require_group_bounds(node, schema, set(data.schema))
+    _require_group_bounds(node, schema, set(data.schema), keyed=public_keys is not None)
     statistics = _statistics(node, aggs, schema, rules, partition_selection)
     unit = dp.unit_of(contributions=1, identifier=rules.unit) if rules.unit else None
     privacy_unit = unit or dp.unit_of(contributions=rules.max_contributions)
@@ -964,9 +964,10 @@ def _calibrate(
     return found
 
 
-def _require_group_bounds(node: Aggregate | Count, schema: Mapping[str, Any], inputs: set[str]) -> None:
+def _require_group_bounds(node: Aggregate | Count, schema: Mapping[str, Any], inputs: set[str], *, keyed: bool) -> None:
     """Refuse a grouped sum, mean or quantile OpenDP cannot bound: it needs a public bound on the groups' sizes,
-    which OpenDP keeps only for grouping by unchanged input columns of an unfiltered frame (it drops it at a filter)."""
+    which OpenDP keeps for grouping by unchanged input columns, after a filter only when the groups are the owner's
+    public keys (``keyed``; with partition selection it drops the bound at a filter)."""
     if not isinstance(node, Aggregate) or not node.by:
         return
     float_count = [a for a in node.aggs if a.func == "count" and schema.get(a.column or "", pl.Null).is_float()]
@@ -978,10 +979,11 @@ def _require_group_bounds(node: Aggregate | Count, schema: Mapping[str, Any], in
     while isinstance(current, Filter | Select | Assign):
         filtered = filtered or isinstance(current, Filter)
         current = current.input
-    if filtered or not set(node.by) <= inputs:
+    if (filtered and not keyed) or not set(node.by) <= inputs:
         raise _refuse(
-            f"{sized[0].func} of column {quote(str(sized[0].column))} by groups is supported only without "
-            "a filter and when grouping by dataset columns (OpenDP cannot bound the groups' sizes otherwise)"
+            f"{sized[0].func} of column {quote(str(sized[0].column))} by groups is supported when grouping by "
+            "dataset columns, after a filter only by columns with the owner's public keys (OpenDP cannot bound the "
+            "groups' sizes otherwise)"
         )
 
 
