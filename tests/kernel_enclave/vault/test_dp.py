@@ -340,3 +340,31 @@ def test_value_counts_over_public_keys_are_noisy_counts_largest_first() -> None:
     refused({"node": "value_counts", "input": src(), "column": "ward"}, "partition selection", delta=0.0)
     wards = prepare({"node": "value_counts", "input": src(), "column": "ward"}).run()
     assert set(wards.table.column("ward").to_pylist()) <= {"w0", "w1"}
+
+
+@pytest.mark.parametrize("source", ["dataset", "assigned"])
+def test_nan_is_missing_whether_the_dataset_holds_it_or_the_plan_makes_it(source: str) -> None:
+    """A column the vault found free of NaN is read without a NaN pass; one that holds NaN, or that the plan
+    recomputes (0/0 is NaN), still has its NaN counted as missing, as the exact engine counts it."""
+    values = [float(i % 100) for i in range(N)]
+    stays = [math.nan if i % 4 == 0 else v for i, v in enumerate(values)] if source == "dataset" else values
+    table = pa.table({"patient_id": list(range(N)), "cost": stays, "age": [i % 90 for i in range(N)]})
+    loaded = SourceTable.from_dataset("claims", table)
+    assert ("cost" in loaded.nan_free) is (source == "assigned")
+    plan_input: dict[str, Any] = src()
+    if source == "assigned":  # cost / age: NaN where both are 0 (the first row), an infinity where only age is
+        ratio = fn("truediv", col("cost"), fn("cast", col("age"), type="float64"))
+        plan_input = {"node": "assign", "input": src(), "columns": [["cost", ratio]]}
+    plan = aggregate([], agg("n", "count", "cost"), agg("m", "mean", "cost"), input=plan_input)
+    released = dp.prepare(
+        plan,
+        {"t": loaded},
+        {"claims": privacy(epsilon=50.0, epsilon_per_kernel=50.0)},
+        40.0,
+        never_release={"claims": frozenset()},
+    ).run()
+    frame = pl.from_arrow(released.table)
+    assert isinstance(frame, pl.DataFrame)
+    present = N - N // 4 if source == "dataset" else N - 1
+    assert abs(frame.get_column("n")[0] - present) < 20  # NaN rows are not counted
+    assert frame.get_column("m")[0] is not None and math.isfinite(frame.get_column("m")[0])
