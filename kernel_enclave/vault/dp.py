@@ -540,13 +540,17 @@ def _opendp_input(data: DatasetInput, metric: Any, measure: Any, margins: tuple[
     domain and odometer depend on. A scanned dataset (larger than memory) is not kept: its columns are read per
     release.
     """
-    domain = dp.domain_of(pl.LazyFrame(schema=dict(data.schema)), infer=True)
-    for margin in margins:
-        domain = dp.with_margin(domain, margin)
+
+    def domain() -> Any:  # the domain follows from the schema and the margins: built for a new input only
+        found = dp.domain_of(pl.LazyFrame(schema=dict(data.schema)), infer=True)
+        for margin in margins:
+            found = dp.with_margin(found, margin)
+        return found
+
     if data.source.streaming:
-        return _OpenDPInput(data.source.collect(data.data), domain, metric, measure)
-    described = tuple((tuple(m.by or ()), m.max_length, m.max_groups) for m in margins)  # str(domain) omits sizes
-    key = (id(data.source), tuple(data.schema.items()), described, str(domain), str(metric), str(measure))
+        return _OpenDPInput(data.source.collect(data.data), domain(), metric, measure)
+    described = tuple((tuple(m.by or ()), m.max_length, m.max_groups, str(m.invariant)) for m in margins)
+    key = (id(data.source), tuple(data.schema.items()), described, str(metric), str(measure))
     _forget()
     with _inputs_lock:
         slot = _inputs.get(key)
@@ -558,7 +562,7 @@ def _opendp_input(data: DatasetInput, metric: Any, measure: Any, margins: tuple[
             _inputs.popitem(last=False)
     with slot.lock:
         if slot.value is None:
-            slot.value = _OpenDPInput(data.source.collect(data.data), domain, metric, measure)
+            slot.value = _OpenDPInput(data.source.collect(data.data), domain(), metric, measure)
         return slot.value
 
 
@@ -1146,9 +1150,13 @@ def _statistic(
     if agg.func == "sum":
         return _Statistic(agg.name, "sum", (total,), (hidden,), inputs=(clipped.alias(f"{hidden}c"),))
     count_name = f"{hidden}n"
-    present = (~_missing(value)).cast(pl.Int64).alias(f"{hidden}p")
-    count = _noisy(pl.col(f"{hidden}p")).sum((0, 1)).alias(count_name)
-    inputs = (clipped.alias(f"{hidden}c"), present)
+    if not value.dtype.is_float():  # missing is null only: OpenDP counts the values, with no column of flags
+        count = _noisy(pl.col(column)).count(signed=True).alias(count_name)
+        inputs: tuple[pl.Expr, ...] = (clipped.alias(f"{hidden}c"),)
+    else:
+        present = (~_missing(value)).cast(pl.Int64).alias(f"{hidden}p")
+        count = _noisy(pl.col(f"{hidden}p")).sum((0, 1)).alias(count_name)
+        inputs = (clipped.alias(f"{hidden}c"), present)
     return _Statistic(agg.name, "mean", (total, count), (hidden, count_name), (low, high), inputs=inputs)
 
 
