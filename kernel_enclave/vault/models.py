@@ -46,6 +46,7 @@ from typing import Any, Final
 
 import numpy as np
 import pandas as pd  # type: ignore[import-untyped]
+import polars as pl
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 import skops.io as sio  # type: ignore[import-untyped]
@@ -925,6 +926,9 @@ def _off_mode(values: Any) -> np.ndarray[Any, Any]:
     if array.dtype.kind in "fiub":  # numbers: runs of a sorted copy, several times faster than hashing
         if array.size == 0:
             return np.zeros(0, dtype=bool)
+        if array.dtype.kind == "f" and _all_distinct(array):
+            # Every run holds one value: the first run (the smallest value) is the most common, as below.
+            return np.asarray(array != array.min(), dtype=bool)
         ordered = np.sort(array)
         starts = np.concatenate([[0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1])
         lengths = np.diff(np.append(starts, ordered.size))
@@ -942,6 +946,14 @@ def _off_mode(values: Any) -> np.ndarray[Any, Any]:
         return np.zeros(codes.size, dtype=bool)
     mode = int(np.argmax(np.bincount(codes[known])))
     return np.asarray(known & (codes != mode), dtype=bool)
+
+
+def _all_distinct(array: np.ndarray[Any, Any]) -> bool:
+    """Whether a float array holds no NaN and no value twice (0.0 and -0.0 are one value, as ``==`` has it):
+    Polars' hashing counts them in a fraction of a sort's time, on every core."""
+    if np.isnan(array).any():
+        return False
+    return bool(pl.Series(array + 0.0).n_unique() == array.size)  # + 0.0 turns -0.0 into 0.0
 
 
 def _contributing(source: SourceTable, target: str, kept: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -1102,14 +1114,14 @@ class _RecordCounter:
     def _counts(self, per_occurrence: Any, default: int) -> dict[str, int]:
         counts = dict.fromkeys(self.datasets, default)
         seen: set[str] = set()
-        for dataset, ids in self.occurrences:
-            count = int(per_occurrence(ids))
+        for (dataset, ids), valid in zip(self.occurrences, self.unique_ids, strict=True):
+            count = int(per_occurrence(ids, valid))
             counts[dataset] = count if dataset not in seen else min(counts[dataset], count)
             seen.add(dataset)
         return counts
 
     def total(self) -> dict[str, int]:
-        return self._counts(lambda ids: pc.count_distinct(ids, mode="only_valid").as_py(), self.n_rows)
+        return self._counts(lambda ids, _: pc.count_distinct(ids, mode="only_valid").as_py(), self.n_rows)
 
     def within(self, mask: np.ndarray[Any, Any]) -> dict[str, int]:
         """Per dataset, the distinct records behind the counted rows where ``mask`` is true."""
@@ -1126,36 +1138,45 @@ class _RecordCounter:
             seen.add(dataset)
         return counts
 
-    def smallest_group(self, labels: Any) -> dict[str, int]:
-        """Per dataset, the records of the smallest group of rows sharing a label (a class, a cluster)."""
+    def _group_records(self, labels: Any) -> tuple[np.ndarray[Any, Any], Any]:
+        """The rows of each group of rows sharing a label, and a function giving one occurrence's records per
+        group: rows with an id where each id is a record seen in no other row, else distinct ids per group."""
         values = np.asarray(labels)
-        _, counts = np.unique(values, return_counts=True)
-        smallest_rows = int(counts.min()) if counts.size else 0
+        _, inverse, rows = np.unique(values, return_inverse=True, return_counts=True)
+        inverse = inverse.ravel()
 
-        def smallest(ids: Any) -> int:
+        def records(ids: Any, valid: np.ndarray[Any, Any] | None) -> np.ndarray[Any, Any]:
+            if valid is not None:  # a dataset's own ids: its records in a group are the group's rows with an id
+                return np.bincount(inverse, weights=valid, minlength=rows.size).astype(np.int64)
             grouped = (
-                pa.table({"g": pa.array(values), "id": ids})
+                pa.table({"g": pa.array(inverse), "id": ids})
                 .group_by("g")
                 .aggregate([("id", "count_distinct", pc.CountOptions(mode="only_valid"))])
             )
-            return int(pc.min(grouped.column("id_count_distinct")).as_py() or 0)
+            found = np.zeros(rows.size, dtype=np.int64)
+            found[grouped.column("g").to_numpy()] = grouped.column("id_count_distinct").to_numpy()
+            return found
+
+        return rows, records
+
+    def smallest_group(self, labels: Any) -> dict[str, int]:
+        """Per dataset, the records of the smallest group of rows sharing a label (a class, a cluster)."""
+        rows, records = self._group_records(labels)
+        smallest_rows = int(rows.min()) if rows.size else 0
+        def smallest(ids: Any, valid: np.ndarray[Any, Any] | None) -> int:
+            found = records(ids, valid)
+            return int(found.min()) if found.size else 0
 
         return self._counts(smallest, smallest_rows)
 
     def second_group(self, labels: Any) -> dict[str, int]:
         """Per dataset, the records of the second largest group of rows sharing a label (0 with one group)."""
-        values = np.asarray(labels)
-        _, counts = np.unique(values, return_counts=True)
-        second_rows = int(np.sort(counts)[-2]) if counts.size > 1 else 0
+        rows, records = self._group_records(labels)
+        second_rows = int(np.sort(rows)[-2]) if rows.size > 1 else 0
 
-        def second(ids: Any) -> int:
-            grouped = (
-                pa.table({"g": pa.array(values), "id": ids})
-                .group_by("g")
-                .aggregate([("id", "count_distinct", pc.CountOptions(mode="only_valid"))])
-            )
-            records = sorted(grouped.column("id_count_distinct").to_pylist(), reverse=True)
-            return int(records[1]) if len(records) > 1 else 0
+        def second(ids: Any, valid: np.ndarray[Any, Any] | None) -> int:
+            found = np.sort(records(ids, valid))
+            return int(found[-2]) if found.size > 1 else 0
 
         return self._counts(second, second_rows)
 
@@ -1174,7 +1195,9 @@ class _RecordCounter:
             return None
         smallest_rows = min(len(rows) for rows in present)
 
-        def smallest(ids: Any) -> int:
+        def smallest(ids: Any, valid: np.ndarray[Any, Any] | None) -> int:
+            if valid is not None:  # a dataset's own ids: the rows with an id are its records
+                return min(int(np.count_nonzero(valid[rows])) for rows in present)
             return min(
                 int(pc.count_distinct(ids.take(pa.array(rows, pa.int64())), mode="only_valid").as_py())
                 for rows in present

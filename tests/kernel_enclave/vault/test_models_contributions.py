@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from typing import Any
 
@@ -13,6 +14,8 @@ import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
 import pytest
 import skops.io as sio  # type: ignore[import-untyped]
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.linear_model import Lasso, LinearRegression  # type: ignore[import-untyped]
 from sklearn.pipeline import Pipeline  # type: ignore[import-untyped]
 
@@ -541,3 +544,32 @@ def test_a_column_transformer_pipeline_exports_with_its_encoder_and_imputer() ->
         ["fit", LINEAR]])  # fmt: skip
     dropped = fit(source, first, "cost", ["age", "ward"], None, None, POLICIES)
     assert "drop" in (export_refusal(dropped, POLICIES) or "")
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from([0.0, -0.0, 1.5, math.nan, -2.0]),
+            st.floats(allow_nan=True, allow_infinity=True, width=64),
+        ),
+        min_size=1,
+        max_size=60,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_the_rows_off_the_most_common_value_are_those_a_plain_count_finds(values: list[float]) -> None:
+    """However the vault finds them (hashing when every value is distinct, sorting otherwise), the rows off the most
+    common value: a missing value is never off it, equal values (0.0 and -0.0) are one value, and among values held
+    equally often the smallest is the most common."""
+    from kernel_enclave.vault.models import _off_mode
+
+    array = np.array(values, dtype=np.float64)
+    known = array[~np.isnan(array)]
+    found = _off_mode(array)
+    if known.size == 0:
+        assert not found.any()
+        return
+    distinct = sorted(set((known + 0.0).tolist()))
+    held = [int(np.count_nonzero(known == value)) for value in distinct]
+    mode = distinct[held.index(max(held))]
+    assert np.array_equal(found, ~np.isnan(array) & (array != mode))
