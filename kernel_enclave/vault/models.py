@@ -1163,6 +1163,7 @@ class _RecordCounter:
         """Per dataset, the records of the smallest group of rows sharing a label (a class, a cluster)."""
         rows, records = self._group_records(labels)
         smallest_rows = int(rows.min()) if rows.size else 0
+
         def smallest(ids: Any, valid: np.ndarray[Any, Any] | None) -> int:
             found = records(ids, valid)
             return int(found.min()) if found.size else 0
