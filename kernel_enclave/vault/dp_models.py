@@ -8,9 +8,11 @@ owner's broker by the vault (as a noisy release is, see :mod:`kernel_enclave.vau
   window function): each training row comes from one record, so a person changes at most their own rows;
 - the estimator is one of :data:`DP_ESTIMATORS`, with the analyst's parameters checked against each class's list.
   What privacy rests on is the vault's, never the analyst's: every feature's bounds (and a regression target's)
-  are the owner's ``[privacy.bounds]``, a classifier's classes are the owner's ``[privacy.keys]`` of its target,
-  the norms follow from the bounds, and there is no seed (``random_state=None``: diffprivlib's mechanisms then draw
-  every noise value from ``secrets.SystemRandom``; a fixed seed would let two fits cancel each other's noise);
+  are the owner's ``[privacy.bounds]``, narrowed to the analyst's ``bounds``/``bounds_X``/``bounds_y`` where those
+  lie inside them (the vault clips to the intersection itself), a classifier's classes are the owner's
+  ``[privacy.keys]`` of its target, a norm is the bounds' unless the analyst gives a smaller one (diffprivlib clips
+  each row to it), and there is no seed (``random_state=None``: diffprivlib's mechanisms then draw every noise
+  value from ``secrets.SystemRandom``; a fixed seed would let two fits cancel each other's noise);
 - the price is the estimator's ε times ``max_contributions``: diffprivlib's guarantee is per row, and a person
   has at most that many rows (with a ``unit`` column each person's rows are truncated to it, as for releases);
   δ is 0 (these mechanisms are pure ε-DP);
@@ -54,7 +56,10 @@ __all__ = ["DP_ESTIMATORS", "FITTED", "DpModel", "PreparedDpFit", "params", "pre
 RULE = "privacy.mode"
 MAX_FEATURES: Final = 256
 # Parameters the vault sets itself (see the module docstring); the analyst leaves them unset.
-_VAULT_SET: Final = frozenset({"bounds", "bounds_X", "bounds_y", "data_norm", "random_state", "accountant"})
+_VAULT_SET: Final = frozenset({"random_state", "accountant"})
+# Bounds and norms an analyst may give to narrow the owner's (less noise): the vault keeps the intersection with the
+# owner's bounds and clips the data to it, so whatever is given, no value reaches the fit outside the owner's bounds.
+_NARROWING: Final = frozenset({"bounds", "bounds_X", "bounds_y", "data_norm"})
 
 
 def _positive(value: object) -> bool:
@@ -276,7 +281,15 @@ def prepare(
     low = np.array([rules.bounds[column][0] for column in chosen], dtype=np.float64)
     high = np.array([rules.bounds[column][1] for column in chosen], dtype=np.float64)
     target_bounds = rules.bounds[target] if kind.task == "regression" and target is not None else None
+    low, high, target_bounds = _narrowed(name, settable, low, high, target_bounds)
     vault_set = {**kind.needs(low, high, target_bounds), "random_state": None}
+    norm = settable.pop("data_norm", None)
+    if norm is not None:
+        if not _positive(norm):
+            raise VaultError(f"fit: {name}.data_norm must be a positive number")
+        if "data_norm" not in vault_set:
+            raise VaultError(f"fit: {name} takes no data_norm")
+        vault_set["data_norm"] = min(float(norm), vault_set["data_norm"])
     padding = 1
     if kind.task == "clustering":
         padding = int(settable.get("n_clusters", inspect.signature(kind.cls).parameters["n_clusters"].default))
@@ -320,6 +333,51 @@ class _Job:
     target_bounds: tuple[float, float] | None
     classes: tuple[str | int, ...] | None
     padding: int  # public rows added (classifiers: one per class)
+
+
+def _narrowed(
+    name: str,
+    settable: dict[str, Any],
+    low: np.ndarray,
+    high: np.ndarray,
+    target: tuple[float, float] | None,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float] | None]:
+    """The owner's bounds, narrowed to the analyst's where given (taken out of ``settable``): per feature the
+    intersection, which must not be empty."""
+    features = settable.pop("bounds", None)
+    if features is None:
+        features = settable.pop("bounds_X", None)
+    else:
+        settable.pop("bounds_X", None)
+    if features is not None:
+        given_low, given_high = _pair(features, f"{name}.bounds", low.size)
+        low, high = np.maximum(low, given_low), np.minimum(high, given_high)
+        if (low >= high).any():
+            raise VaultError(f"fit: {name}'s bounds leave no range inside the owner's bounds for some feature")
+    given_target = settable.pop("bounds_y", None)
+    if given_target is not None:
+        if target is None:
+            raise VaultError(f"fit: {name} takes no bounds_y")
+        (target_low,), (target_high,) = _pair(given_target, f"{name}.bounds_y", 1)
+        target = (max(target[0], float(target_low)), min(target[1], float(target_high)))
+        if target[0] >= target[1]:
+            raise VaultError(f"fit: {name}.bounds_y leaves no range inside the owner's bounds for the target")
+    return low, high, target
+
+
+def _pair(value: object, where: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, high)`` as diffprivlib takes them: two numbers, or two lists of one number per feature."""
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise VaultError(f"fit: {where} must be (low, high)")
+    sides = []
+    for side in value:
+        items = side if isinstance(side, list | tuple) else [side] * size
+        if len(items) != size or not all(
+            not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) for v in items
+        ):
+            raise VaultError(f"fit: {where} must hold {size} finite number(s) on each side")
+        sides.append(np.array(items, dtype=np.float64))
+    return sides[0], sides[1]
 
 
 def _row_wise_source(node: plan.Node, sources: Mapping[str, SourceTable], dataset: str) -> SourceTable:
@@ -381,10 +439,12 @@ def _estimator(spec: object, dataset: str) -> tuple[str, _Kind, dict[str, Any]]:
                     "a fixed seed would let two fits cancel each other's noise"
                     if key == "random_state"
                     else "the budget is kept by the owner's broker"
-                    if key == "accountant"
-                    else "they follow from the owner's public bounds ([privacy.bounds])"
                 )
                 raise VaultError(f"fit: leave {name}.{key} unset: {why}")
+            continue
+        if key in _NARROWING:
+            if value is not None:
+                settable[key] = value  # checked against the features once they are known (see _narrowed)
             continue
         check = kind.settable.get(key)
         if check is None:

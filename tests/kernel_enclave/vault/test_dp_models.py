@@ -89,6 +89,15 @@ def test_each_person_contributes_at_most_max_contributions_rows(sources: dict[st
     assert set(dp_models.params(scaled)) == {"estimator", "features", "epsilon", "mean_", "var_", "scale_"}
 
 
+def test_the_analysts_bounds_narrow_the_owners_and_are_enforced_by_clipping(sources: dict[str, SourceTable]) -> None:
+    """Bounds of [0, 10] on x: the one person's 100 counts as 10, the public row sits at 5: mean (10 + 5) / 102.
+    Bounds wider than the owner's change nothing: the owner's [0, 100] still clip."""
+    narrow = fit(sources, estimator("StandardScaler", epsilon=50.0, bounds=[[0.0], [10.0]]), None, ["x"]).run()
+    assert dp_models.params(narrow)["mean_"]["x"] == pytest.approx(15 / 102, abs=0.1)
+    wide = fit(sources, estimator("StandardScaler", epsilon=50.0, bounds=[-1e9, 1e9]), None, ["x"]).run()
+    assert dp_models.params(wide)["mean_"]["x"] == pytest.approx(150 / 102, abs=1.0)
+
+
 def test_values_are_clipped_to_the_owners_bounds(sources: dict[str, SourceTable]) -> None:
     renamed = {"node": "assign", "input": SOURCE, "columns": [["x", {"col": "wide"}]]}  # 1e11, clipped to 100
     scaled = fit(sources, estimator("StandardScaler", epsilon=50.0), None, ["x"], tree=renamed).run()
@@ -143,7 +152,10 @@ def test_plans_whose_rows_hold_other_records_are_refused(
     ("spec", "target", "features", "message"),
     [
         (estimator("LinearRegression", epsilon=1.0, random_state=3), "y", ["x"], "random_state unset"),
-        (estimator("LinearRegression", epsilon=1.0, bounds_X=[[0], [1]]), "y", ["x"], "bounds_X unset"),
+        (estimator("LinearRegression", epsilon=1.0, bounds_X=[[200], [300]]), "y", ["x"], "leave no range"),
+        (estimator("LinearRegression", epsilon=1.0, bounds_X=[[0, 1], [1, 2]]), "y", ["x"], "1 finite number"),
+        (estimator("KMeans", epsilon=1.0, n_clusters=2, bounds=[0]), None, ["x"], "must be \\(low, high\\)"),
+        (estimator("LogisticRegression", epsilon=1.0, data_norm=-1.0), "kind", ["x"], "data_norm must be"),
         (estimator("LogisticRegression", epsilon=1.0, verbose=2), "kind", ["x"], "cannot be changed"),
         (estimator("LogisticRegression", epsilon=-1.0), "kind", ["x"], "positive number"),
         (estimator("KMeans", epsilon=1.0, n_clusters=0), None, ["x"], "1..256"),
