@@ -377,3 +377,21 @@ def test_describe_comes_back_noisy_with_what_dp_can_say_of_each_column(hospital_
     with pytest.raises(cn.VaultError, match=r"no bounds for 'readmitted' \(privacy\.bounds\.readmitted\)"):
         t.describe(["age", "readmitted"]).release(epsilon=0.1)
     assert _spent(t) == pytest.approx(0.7)
+
+
+def test_after_a_filter_groups_with_public_keys_come_back_and_others_are_refused(
+    hospital_owner: Any, kernel: Connect
+) -> None:
+    kernel()
+    frame = hospital_owner.frame
+    t = cn.open("admissions")
+    older = t[t.age >= 60]
+    by_diagnosis = older.group_by("diagnosis").cost.mean().release(epsilon=0.5)  # public keys: released
+    truth = frame[frame.age >= 60].groupby("diagnosis").cost.mean()
+    assert sorted(by_diagnosis.index) == sorted(truth.index)
+    (noise,) = by_diagnosis.attrs["confnb_dp"]["noise"]
+    error = (by_diagnosis.sort_index() - truth.sort_index()).abs()
+    assert float(error.max()) < 3 * noise["interval_95"]
+    with pytest.raises(cn.VaultError, match="public keys"):  # age bands have no public keys: refused, unpaid
+        older.assign(band=older.age // 10).group_by("band").cost.mean().release(epsilon=0.5)
+    assert _spent(t) == pytest.approx(0.5)
