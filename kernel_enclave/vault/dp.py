@@ -533,6 +533,14 @@ def _forget() -> None:
         _inputs_lock.release()
 
 
+def _domain(data: DatasetInput, margins: Sequence[Margin]) -> Any:
+    """OpenDP's domain of ``data``: it follows from the schema and the margins."""
+    found = dp.domain_of(pl.LazyFrame(schema=dict(data.schema)), infer=True)
+    for margin in margins:
+        found = dp.with_margin(found, margin)
+    return found
+
+
 def _opendp_input(data: DatasetInput, metric: Any, measure: Any, margins: tuple[Margin, ...]) -> _OpenDPInput:
     """OpenDP's copy of ``data`` for this metric, measure and margins: made once per loaded dataset, then shared.
 
@@ -541,11 +549,8 @@ def _opendp_input(data: DatasetInput, metric: Any, measure: Any, margins: tuple[
     release.
     """
 
-    def domain() -> Any:  # the domain follows from the schema and the margins: built for a new input only
-        found = dp.domain_of(pl.LazyFrame(schema=dict(data.schema)), infer=True)
-        for margin in margins:
-            found = dp.with_margin(found, margin)
-        return found
+    def domain() -> Any:  # built for a new input only
+        return _domain(data, margins)
 
     if data.source.streaming:
         return _OpenDPInput(data.source.collect(data.data), domain(), metric, measure)
@@ -816,22 +821,28 @@ def prepare(
         node, described = _describe_as_aggregate(node, sources, privacy, never_release)
     if not isinstance(node, Aggregate | Count):
         raise _refuse("raw rows are never released; aggregate them (group_by/agg or count)")
-    source = _only_source(node.input, sources)
-    if len(source.datasets) != 1:
-        raise _refuse("joins are not supported yet")
-    dataset = next(iter(source.datasets))
-    rules = PrivacyBudgetRules.from_dict(dataset, privacy.get(dataset))
+    joined = _joined(node, sources, privacy, never_release)
+    if joined is not None:  # two owners' datasets: one private input, the join of both, made here
+        node, rules, data, contributions, charged = joined
+        hidden_never: frozenset[tuple[str, str]] = frozenset()  # checked on the join's own lineage (_joined)
+    else:
+        source = _only_source(node.input, sources)
+        if len(source.datasets) != 1:
+            raise _refuse("a release reads one dataset, or the inner join of two")
+        dataset = next(iter(source.datasets))
+        rules = PrivacyBudgetRules.from_dict(dataset, privacy.get(dataset))
+        if rules.unit is not None and rules.unit not in source.columns:
+            raise _refuse(f"the owner's privacy.unit names column {quote(rules.unit)}, which the dataset lacks")
+        data = DatasetInput.of(source, _named_columns(node) | ({rules.unit} if rules.unit else set()))
+        hidden_never = frozenset((data.dataset, c) for c in never_release.get(data.dataset, frozenset()))
+        contributions, charged = None, (data.dataset,)
     if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not math.isfinite(epsilon) or epsilon <= 0:
         raise _refuse("epsilon must be a number greater than 0")
     if epsilon > rules.epsilon_limit:
         raise _refuse(f"epsilon {epsilon:g} exceeds the owner's limit of {rules.epsilon_limit:g} per release")
-    if rules.unit is not None and rules.unit not in source.columns:
-        raise _refuse(f"the owner's privacy.unit names column {quote(rules.unit)}, which the dataset lacks")
-    data = DatasetInput.of(source, _named_columns(node) | ({rules.unit} if rules.unit else set()))
     empty = data.empty_table()
     empty_sources = {handle: empty for handle in _handles(node.input)}
     row_level = evaluate_node(node.input, empty_sources)  # the exact engine's type checks, on zero rows
-    hidden_never = frozenset((data.dataset, c) for c in never_release.get(data.dataset, frozenset()))
     by = node.by if isinstance(node, Aggregate) else ()
     aggs = node.aggs if isinstance(node, Aggregate) else ()
     for column in by:
@@ -858,7 +869,7 @@ def prepare(
     nan_free = frozenset(data.source.nan_free) - _assigned(node.input)
     statistics = _statistics(node, aggs, schema, rules, partition_selection, nan_free)
     unit = dp.unit_of(contributions=1, identifier=rules.unit) if rules.unit else None
-    privacy_unit = unit or dp.unit_of(contributions=rules.max_contributions)
+    privacy_unit = unit or dp.unit_of(contributions=contributions or rules.max_contributions)
     loss = (
         dp.loss_of(epsilon=float(epsilon), delta=release_delta) if partition_selection else dp.loss_of(epsilon=epsilon)
     )
@@ -867,7 +878,11 @@ def prepare(
     if by and set(by) <= set(data.schema):  # OpenDP's margins describe its input's columns only
         margins.append(Margin(by=list(by), max_length=bound, max_groups=bound))
     try:
-        opendp_input = _opendp_input(data, privacy_unit[0], loss[0], tuple(margins))
+        if joined is not None:  # made for this release: not kept
+            frame = data.source.collect(data.data)
+            opendp_input = _OpenDPInput(frame, _domain(data, margins), privacy_unit[0], loss[0])
+        else:
+            opendp_input = _opendp_input(data, privacy_unit[0], loss[0], tuple(margins))
         # a plan builder holding no data (OpenDP leaves its constructor unannotated)
         query = LazyFrameQuery(pl.LazyFrame(schema=dict(data.schema)), None)  # type: ignore[no-untyped-call]
         if rules.unit is not None:  # each person's first max_contributions rows, before the analyst's plan
@@ -905,7 +920,7 @@ def prepare(
         found = [t for t in summary.get_column("threshold").to_list() if t is not None]
         threshold = int(found[0]) if found else None
     return PreparedDpRelease(
-        datasets=(data.dataset,),
+        datasets=charged,
         epsilon=float(epsilon),
         delta=float(release_delta),
         plan_digest=digest,
@@ -999,6 +1014,116 @@ def _release_delta(delta: object, rules: PrivacyBudgetRules) -> float:
     if not 0 <= value <= rules.delta:
         raise _refuse(f"delta must be in [0, {rules.delta:g}], the owner's delta")
     return value
+
+
+JOINED = "\x01joined"  # the handle of the join of two datasets, made for one release
+JOIN_MATCHES = 1  # rows kept per join key on each side: each row of one side meets at most this many of the other
+
+
+def _joined(
+    node: Aggregate | Count,
+    sources: Mapping[str, SourceTable],
+    privacy: Mapping[str, Mapping[str, Any]],
+    never_release: Mapping[str, frozenset[str]],
+) -> tuple[Aggregate | Count, PrivacyBudgetRules, DatasetInput, int, tuple[str, ...]] | None:
+    """The release over the inner join of two owners' datasets, as a release over one private input, or None.
+
+    OpenDP's Polars integration joins a private frame only with a public one, so the vault makes the join itself and
+    hands it to OpenDP as the private input, with a stability it can prove from public rules alone: each person's
+    rows are first truncated to their owner's ``max_contributions`` (by ``unit``), then each side keeps its first
+    :data:`JOIN_MATCHES` rows per join key. One person then changes at most ``m`` rows of their side, each meeting
+    at most ``JOIN_MATCHES`` rows of the other; and removing a row lets at most one other row of its key in, so the
+    joined table changes by at most ``2 * JOIN_MATCHES * m`` rows, the contributions OpenDP calibrates to. The
+    release is then ε-DP for each owner's persons, and both owners are charged. Filters and columns computed after
+    the join are applied here too, row by row; bounds and public keys are each owner's, found through the join's
+    lineage; never_release is checked on that lineage.
+    """
+    chain: list[Filter | Select | Assign] = []
+    current: Node = node.input
+    while isinstance(current, Filter | Select | Assign):
+        chain.append(current)
+        current = current.input
+    if not isinstance(current, Join):
+        return None
+    join = current
+    if join.how != "inner":
+        raise _refuse("a join of two datasets is released only as an inner join")
+    rules_of: dict[str, PrivacyBudgetRules] = {}
+    sides: list[SourceTable] = []
+    rows = 0
+    for side in (join.left, join.right):
+        base = _only_source(side, sources)
+        if len(base.datasets) != 1:
+            raise _refuse("a release joins at most two datasets")
+        (dataset,) = base.datasets
+        if dataset in rules_of:
+            raise _refuse("a dataset joined with itself is not supported")
+        rules = rules_of[dataset] = PrivacyBudgetRules.from_dict(dataset, privacy.get(dataset))
+        rows = max(rows, base.row_bound().rows())
+        if rules.unit is not None:
+            if rules.unit not in base.columns:
+                raise _refuse(f"the owner's privacy.unit names column {quote(rules.unit)}, which {dataset} lacks")
+            first = pl.int_range(pl.len()).over(rules.unit) < rules.max_contributions
+            base = replace(base, data=base.data.filter(first))
+        evaluated = evaluate_node(side, {**sources, _handles(side)[0]: base})
+        missing = [key for key in join.on if key not in evaluated.columns]
+        if missing:
+            raise VaultError(f"join: no column {', '.join(map(quote, missing))} on one side")
+        kept = pl.int_range(pl.len()).over(list(join.on)) < JOIN_MATCHES
+        sides.append(replace(evaluated, data=evaluated.data.filter(kept)))
+    datasets = tuple(rules_of)
+    local = {f"{JOINED}left": sides[0], f"{JOINED}right": sides[1]}
+    rebuilt: Node = Join(Source(f"{JOINED}left"), Source(f"{JOINED}right"), join.on, join.how, join.suffixes)
+    for link in reversed(chain):
+        rebuilt = replace(link, input=rebuilt)
+    frame = evaluate_node(rebuilt, local)
+    hidden = frozenset((d, c) for d in datasets for c in never_release.get(d, frozenset()))
+    by = node.by if isinstance(node, Aggregate) else ()
+    for column in by:
+        _require_releasable(column, frame.lineage.get(column, frozenset()), hidden, "group by")
+    for agg in node.aggs if isinstance(node, Aggregate) else ():
+        if agg.column is not None:
+            _require_releasable(agg.column, frame.lineage.get(agg.column, frozenset()), hidden, agg.func)
+    bounds: dict[str, tuple[float, float]] = {}
+    keys: dict[str, tuple[str | int, ...]] = {}
+    for column in frame.columns:
+        origin = frame.lineage.get(column, frozenset())
+        if len(origin) == 1:
+            ((dataset, original),) = origin
+            owner = rules_of.get(dataset)
+            if owner is not None and original in owner.bounds:
+                bounds[column] = owner.bounds[original]
+            if owner is not None and original in owner.keys:
+                keys[column] = owner.keys[original]
+    merged = PrivacyBudgetRules(
+        epsilon=min(r.epsilon for r in rules_of.values()),
+        delta=min(r.delta for r in rules_of.values()),
+        epsilon_per_kernel=min(r.epsilon_limit for r in rules_of.values()),
+        unit=None,
+        max_contributions=1,
+        bounds=bounds,
+        keys=keys,
+    )
+    rewritten: Aggregate | Count = (
+        Aggregate(Source(JOINED), node.by, node.aggs) if isinstance(node, Aggregate) else Count(Source(JOINED))
+    )
+    named = _named_columns(rewritten)  # what the aggregate reads: the rows below it are made here
+    readable = {name: _opendp_column(name, frame.dtype(name)) for name in frame.columns}
+    for name in sorted(named & set(frame.columns)):
+        if readable[name] is None:
+            raise _refuse(f"column {quote(name)} has a type OpenDP cannot read")
+    chosen = [name for name in frame.columns if name in named] or [
+        name for name in frame.columns if readable[name] is not None
+    ][:1]
+    if not chosen:
+        raise _refuse("the join has no column OpenDP can read")
+    collected = frame.collect(frame.data.select([readable[name] for name in chosen if readable[name] is not None]))
+    name = "+".join(datasets)
+    lineage = {column: frozenset({(name, column)}) for column in collected.columns}
+    virtual = SourceTable.from_arrow(collected.to_arrow(), lineage, frozenset({name}), ())
+    data = DatasetInput(name, virtual, virtual.data, dict(collected.schema), rows)
+    contributions = 2 * JOIN_MATCHES * max(r.max_contributions for r in rules_of.values())
+    return rewritten, merged, data, contributions, datasets
 
 
 def _only_source(node: Node, sources: Mapping[str, SourceTable]) -> SourceTable:

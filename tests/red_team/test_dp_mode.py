@@ -395,3 +395,71 @@ def test_after_a_filter_groups_with_public_keys_come_back_and_others_are_refused
     with pytest.raises(cn.VaultError, match="public keys"):  # age bands have no public keys: refused, unpaid
         older.assign(band=older.age // 10).group_by("band").cost.mean().release(epsilon=0.5)
     assert _spent(t) == pytest.approx(0.5)
+
+
+BILLS_POLICY = """
+[policy]
+id = "bills-dp-v1"
+[release]
+allow = ["schema", "aggregate"]
+never_release = ["patient_id"]
+[privacy]
+mode = "dp"
+epsilon = 2.0
+unit = "patient_id"
+max_contributions = 1
+[privacy.bounds]
+copay = [0.0, 500.0]
+[privacy.keys]
+insurer = ["A", "B"]
+"""
+
+
+@pytest.fixture
+def insurer(hospital_owner: Any, dp_owner: Owner, tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    """A second owner, an insurer with its own broker, holding one bill for every other admitted patient."""
+    import pandas as pd
+
+    from confnb.broker.local import serve_locally
+    from confnb.broker.store import OwnerStore
+    from confnb.datasets.owner import encrypt_dataset
+    from kernel_enclave.measurement import simulated_measurement
+
+    patients = hospital_owner.frame.patient_id.to_numpy()[::2]
+    rng = np.random.default_rng(11)
+    bills = pd.DataFrame(
+        {
+            "patient_id": patients,
+            "insurer": rng.choice(["A", "B"], patients.size),
+            "copay": np.round(rng.uniform(0, 400, patients.size), 2),
+        }
+    )
+    store = OwnerStore.create(tmp_path / "insurer")
+    attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
+    policy = OutputPolicy.from_toml(BILLS_POLICY)
+    encrypt_dataset(bills, dp_owner.datasets / "bills", store, "bills", policy, attestation)
+    with serve_locally(store) as url:
+        yield url, bills
+
+
+def test_a_join_of_two_owners_is_released_noisy_and_charged_to_both(
+    hospital_owner: Any, kernel: Connect, insurer: tuple[str, Any]
+) -> None:
+    url, bills = insurer
+    vault = kernel()
+    t = cn.open("admissions")
+    b = cn.open("bills", broker=url)
+    joined = t.merge(b, on="patient_id")
+    by_insurer = joined.group_by("insurer").agg(cost=("cost", "mean"), copay=("copay", "mean")).release(epsilon=0.5)
+    truth = hospital_owner.frame.merge(bills, on="patient_id").groupby("insurer")[["cost", "copay"]].mean()
+    assert sorted(by_insurer.index) == ["A", "B"]
+    for column in ("cost", "copay"):
+        (noise,) = [item for item in by_insurer.attrs["confnb_dp"]["noise"] if item["column"] == column]
+        error = (by_insurer[column].sort_index() - truth[column].sort_index()).abs()
+        assert float(error.max()) < 3 * noise["interval_95"]
+    assert cn.budget(t)["admissions"]["epsilon_spent"] == pytest.approx(0.5)
+    assert cn.budget(b)["bills"]["epsilon_spent"] == pytest.approx(0.5)
+    charged = sorted(e["fields"]["dataset"] for e in vault.audit.entries() if e["event"] == "budget-charge")
+    assert charged == ["admissions", "bills"]
+    with pytest.raises(cn.PolicyViolation, match=r"privacy\.mode"):  # exact, even joined: refused
+        joined.group_by("insurer").agg(copay=("copay", "mean")).release()
