@@ -491,6 +491,13 @@ class Vault:
         fit_args = (header.get("estimator"), target, features, test_size, random_state, self._policies)
         # The plan's queries run here (cancellable in Polars); the training itself in a worker (models.fit).
         model = models.fit(plan.evaluate(tree, self._sources), *fit_args)
+        operation = digest_of({"plan": tree, "estimator": header.get("estimator"), "target": target})
+        return self._fitted(model, tree, operation, n_train=model.n_train, n_test=model.n_test)
+
+    def _fitted(
+        self, model: models.TrainedModel | dp_models.DpModel, tree: dict[str, Any], operation: str, **facts: Any
+    ) -> Reply:
+        """Keep a fitted model, log its fit (with ``facts``) and describe it to the executor."""
         model_id = self._new_id("m")
         self._models[model_id] = model
         self.audit.append(
@@ -500,10 +507,9 @@ class Vault:
             features=list(model.features),
             target=model.target,
             datasets=sorted(model.datasets),
-            operation=digest_of({"plan": tree, "estimator": header.get("estimator"), "target": target}),
+            operation=operation,
             plan=self._plan_text(tree),
-            n_train=model.n_train,
-            n_test=model.n_test,
+            **facts,
         )
         return self._model_reply(model_id, model), []
 
@@ -535,35 +541,11 @@ class Vault:
         release.check_columns(prepared.lineage, self._policies, "model features and target")
         remaining = self._charge(prepared.datasets, prepared.epsilon, 0.0, prepared.plan_digest, "fit")
         model = replace(prepared.run(), epsilon_remaining=remaining)
-        model_id = self._new_id("m")
-        self._models[model_id] = model
-        self.audit.append(
-            "fit",
-            model=model_id,
-            estimator=model.estimator_name,
-            features=list(model.features),
-            target=model.target,
-            datasets=names,
-            operation=prepared.plan_digest,
-            plan=self._plan_text(tree),
-            epsilon=repr(model.epsilon),
-        )
-        return self._model_reply(model_id, model), []
+        return self._fitted(model, tree, prepared.plan_digest, epsilon=repr(model.epsilon))
 
     @staticmethod
     def _model_reply(model_id: str, model: models.TrainedModel | dp_models.DpModel) -> dict[str, Any]:
-        if isinstance(model, dp_models.DpModel):
-            return {
-                "ok": True,
-                "model": model_id,
-                "estimator": model.estimator_name,
-                "task": model.task,
-                "features": list(model.features),
-                "target": model.target,
-                "datasets": sorted(model.datasets),
-                "dp": {"epsilon": model.epsilon, "delta": 0.0, "epsilon_remaining": dict(model.epsilon_remaining)},
-            }
-        return {
+        reply: dict[str, Any] = {
             "ok": True,
             "model": model_id,
             "estimator": model.estimator_name,
@@ -572,6 +554,9 @@ class Vault:
             "target": model.target,
             "datasets": sorted(model.datasets),
         }
+        if isinstance(model, dp_models.DpModel):
+            reply["dp"] = {"epsilon": model.epsilon, "delta": 0.0, "epsilon_remaining": dict(model.epsilon_remaining)}
+        return reply
 
     def _model(self, header: dict[str, Any]) -> tuple[str, models.TrainedModel | dp_models.DpModel]:
         model_id = _text(header, "model")
