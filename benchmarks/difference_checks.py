@@ -6,22 +6,28 @@ different record sets) goes through the vault's release engine (:func:`kernel_en
 code a vault request runs) in three ways, interleaved in a shuffled order over ``--rounds`` rounds:
 
 1. **without**: the release alone, as before the checks existed;
-2. **with**: the release with the record set of every released number (``record_sets=True``), checked against the
-   kernel's :class:`~kernel_enclave.vault.differences.ReleaseMemory` and remembered, as ``Vault._release`` does;
-3. **record sets only**: the release with its record sets and no check (reported: it splits the cost between
-   collecting the record sets and checking them; the check's own time is also taken inside each "with" call).
+2. **with**: the release with the sketch of every released number's record set (``record_sets=True,
+   sketches=True``), checked against the kernel's :class:`~kernel_enclave.vault.differences.ReleaseMemory` and
+   remembered, as ``Vault._release`` does (``ReleaseMemory.check_release`` with the vault's ``release_recipe``: a
+   set the sketches cannot rule out would be listed and compared exactly, inside the timing);
+3. **record sets listed**: the release listing its record sets, with no check (reported: what a release costs when
+   its sets must be listed, as one near an earlier set is; the check's own time is also taken inside each "with"
+   call).
 
 Every round releases new numbers: round i filters out the rows of one slot (``slot != i``, about 1/64 of them), so
 no record set repeats an earlier one and nothing is answered from the memory's deduplication. Each way walks the
 same sequence of plans. Before the rounds, the memory holds ``--remembered`` earlier releases (default 1,000):
 distinct random subsets of the table's records, each of a size within ``min_group_size - 1`` of one of the timed
-releases' record sets, so the size step of the check leaves them for the signature step to rule out. They are
+releases' record sets, so the size step of the check leaves them for the id-sum step to rule out. They are
 remembered under every comparison key the timed numbers carry (``x``, ``y`` and ``count``), so every timed number
-is compared with all of them.
+is compared with all of them, and as the vault remembers its releases: as sketches, each with a recipe that lists
+it again (here, the subset itself). How many sets had to be listed during the rounds is reported (none is the
+expected count: no timed set is near an earlier one).
 
 The figure is the ratio of the medians, with over without. Target: at most 1.10. The remembered sets' memory
-(``ReleaseMemory.memory_bytes``) is reported beside it. The released tables with and without the checks are
-compared before any timing, so both do the same work. Exit status 0 when the target holds, 1 otherwise. Run with::
+(``ReleaseMemory.memory_bytes``) is reported beside it, and what the same sets would take listed as bitmaps. The
+released tables with and without the checks, and the sketches against the listed sets, are compared before any
+timing, so both ways do the same work. Exit status 0 when the target holds, 1 otherwise. Run with::
 
     python benchmarks/difference_checks.py [--rows 1000000] [--groups 4] [--remembered 1000] [--rounds 21] [--json]
 """
@@ -132,8 +138,9 @@ def earlier_sets(
 def run(rows: int, groups: int, remembered: int, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
     from confnb.policy.output import OutputPolicy
     from kernel_enclave.vault import release
-    from kernel_enclave.vault.differences import ReleaseMemory
+    from kernel_enclave.vault.differences import Recipe, ReleaseMemory, Sketch, sketch_of, weight_bits
     from kernel_enclave.vault.plan import SourceTable
+    from kernel_enclave.vault.vault import release_recipe
 
     table = build_table(rows, groups)
     sources = {"d1": SourceTable.from_dataset(DATASET, table)}
@@ -142,21 +149,44 @@ def run(rows: int, groups: int, remembered: int, rounds: int, log: Callable[[str
     log(f"table: {rows:,} rows, {groups} groups, {table.nbytes / 1e6:.0f} MB")
 
     sizes = record_set_sizes(table, groups, rounds + 1)  # the warm-up call and the rounds
+    dataset_rows = {DATASET: rows}  # fixes the field width of the record weights, as the vault gives it
+    bits = weight_bits(rows)
+    assert bits is not None
     memory = ReleaseMemory()
+    listed = ReleaseMemory()  # the same sets listed, for the memory they would take as bitmaps
+    listings = [0]
     started = time.perf_counter()
     for i, subset in enumerate(earlier_sets(rows, sizes, remembered, np.random.default_rng(7), log)):
-        memory.admit([(DATASET, f"earlier release {i}", subset, EARLIER_KEYS)], k)
+        label = f"earlier release {i}"
+        found = (DATASET, label, subset, EARLIER_KEYS)
+
+        def again(found: Any = found) -> list[Any]:
+            listings[0] += 1
+            return [found]
+
+        recipe = Recipe(again, ("earlier", i))
+        sketch = Sketch(DATASET, label, int(subset.size), sketch_of(subset, bits), EARLIER_KEYS, 0, bits)
+        memory.remember(memory.check_release([sketch], [], {DATASET}, k, recipe=recipe, rows=dataset_rows))
+        listed.admit([found], k)
     log(f"remembered {memory.remembered():,} earlier record sets in {time.perf_counter() - started:.1f} s")
     remembered_bytes = memory.memory_bytes()
+    listed_bytes = listed.memory_bytes()
+    del listed
+    listings_before = listings[0]
 
     # A plan no round uses, to compare the two ways' results before any timing.
     check_plan = release_plan(SLOTS - 1)
     checked = release.release(check_plan, sources, policies, record_sets=True)
+    sketched = release.release(check_plan, sources, policies, record_sets=True, sketches=True)
     plain = release.release(check_plan, sources, policies)
-    if not same_result(checked.table, plain.table):
+    if not (same_result(checked.table, plain.table) and same_result(sketched.table, plain.table)):
         raise SystemExit("the release with record sets differs from the one without")
+    if sketched.sketches is None or sorted((s.label, s.size, s.total) for s in sketched.sketches) != sorted(
+        (label, ids.size, sketch_of(ids, bits)) for _, label, ids, _ in checked.record_sets
+    ):
+        raise SystemExit("the release's sketches do not describe its record sets")
     sets_per_release = len(checked.record_sets)
-    log(f"the results agree ({sets_per_release} record sets per release); timing")
+    log(f"the results agree ({sets_per_release} record sets per release, sketched alike); timing")
 
     counters = {"without": 0, "with": 0, "record_sets_only": 0}
     check_times: list[float] = []
@@ -169,9 +199,15 @@ def run(rows: int, groups: int, remembered: int, rounds: int, log: Callable[[str
         return release.release(next_plan("without"), sources, policies)
 
     def with_checks() -> Any:
-        released = release.release(next_plan("with"), sources, policies, record_sets=True)
+        plan = next_plan("with")
+        released = release.release(plan, sources, policies, record_sets=True, sketches=True)
         started = time.perf_counter()
-        memory.remember(memory.check(released.record_sets, k, grouped=True))  # a group-by, as the vault passes
+        recipe = release_recipe(plan, sources, policies)
+        # A group-by, as the vault passes it.
+        checked = memory.check_release(
+            released.sketches, released.record_sets, {DATASET}, k, grouped=True, recipe=recipe, rows=dataset_rows
+        )
+        memory.remember(checked)
         check_times.append(time.perf_counter() - started)
         return released
 
@@ -201,7 +237,10 @@ def run(rows: int, groups: int, remembered: int, rounds: int, log: Callable[[str
             "remembered_sets": remembered_bytes,
             "per_set": remembered_bytes / max(1, remembered),
             "after_rounds": memory.memory_bytes(),
+            "same_sets_listed": listed_bytes,
         },
+        "sets_listed_during_rounds": listings[0] - listings_before,
+        "listed_sets_after_rounds": memory.listed(),
         "target": TARGET,
         "met": ratio <= TARGET,
     }
@@ -229,10 +268,11 @@ def main() -> int:
     figures = run(args.rows, args.groups, args.remembered, args.rounds, log)
     figures["load_average_at_start"] = load
     megabytes = figures["memory_bytes"]["remembered_sets"] / 1e6
+    listed_megabytes = figures["memory_bytes"]["same_sets_listed"] / 1e6
     summary = {
         "figure": f"release with vs without difference checks ({figures['earlier_releases']:,} earlier releases "
         "remembered; their memory, reported)",
-        "result": f"{ratio(figures['ratio'])} ({megabytes:.0f} MB)",
+        "result": f"{ratio(figures['ratio'])} ({megabytes:.2f} MB)",
         "target": f"≤ {TARGET:g}{TIMES}",
         "met": figures["met"],
     }
@@ -246,7 +286,7 @@ def main() -> int:
             f"per release; medians of {figures['rounds']} interleaved rounds"
         )
         print(f"  without difference checks   {medians['without'] * 1000:8.1f} ms")
-        print(f"  with record sets only       {medians['record_sets_only'] * 1000:8.1f} ms")
+        print(f"  with record sets listed     {medians['record_sets_only'] * 1000:8.1f} ms")
         print(f"  with difference checks      {medians['with'] * 1000:8.1f} ms")
         print(f"    of which the check        {figures['check_s']['median'] * 1000:8.1f} ms")
         print(
@@ -254,8 +294,9 @@ def main() -> int:
             f"record sets alone {figures['record_sets_ratio']:.2f}x"
         )
         print(
-            f"remembered: {figures['remembered_sets']:,} record sets in {megabytes:.1f} MB "
-            f"({figures['memory_bytes']['per_set'] / 1e3:.1f} kB each)"
+            f"remembered: {figures['remembered_sets']:,} record sets in {megabytes:.2f} MB as sketches "
+            f"({figures['memory_bytes']['per_set']:.0f} bytes each; {listed_megabytes:.0f} MB listed as bitmaps); "
+            f"{figures['sets_listed_during_rounds']} listed again during the rounds"
         )
     return 0 if figures["met"] else 1
 

@@ -32,19 +32,37 @@ release taken whole, differs by k or more; some of a release's groups added up),
 overlapping releases. The release limits (``max_releases``) bound how many releases an analyst can draw, and the
 differential-privacy mode bounds what they reveal.
 
-The sets are kept as Roaring bitmaps (pyroaring): two bytes per record where records are sparse, one bit per record
-id of the dataset where they are dense, a few bytes per run of consecutive records. A new set is compared only with
-the remembered sets that could be close to it, in two steps that are each a lower bound of the symmetric difference
-|A Δ B|:
+The sets are screened before anything is listed. The records of a dataset are split into a few classes by a hash of
+their ids (three for up to a million records, two up to two thousand million), and each record has a fixed
+*weight*: 1 in the field of ``b`` bits of its class (``b`` = the bit length of the dataset's row count, so no
+field of a sum over its records overflows into the next). The sum of a set's weights is its *sketch*: the number
+of its records in each class. A release of the common kind (one in-memory dataset whose rows are distinct records)
+hands over only these sketches, computed in the same group-by as its numbers from a hidden weight column made once
+at load (one sum per group and contributing column, where listing the ids would gather and sort every one of them,
+and building their bitmaps costs more again). Every record in A Δ B changes one class's count by one, so the sum of
+the classes' differences is a lower bound of |A Δ B| (and so is the difference of the sizes). Two sets that differ
+by D records differ by about 0.8·√(3D) in this bound: a pair far apart is ruled out without its records, and a
+pair a few records apart never is.
 
-1. its size: |A Δ B| ≥ ||A| - |B||, so only sets whose size is within k - 1 of the new one's are looked at;
-2. a signature, the number of records in each of 64 fixed ranges of record ids: every record in A Δ B changes one
-   range's count by one, so |A Δ B| ≥ Σ |countᴬ - countᴮ| (equal to it when one set contains the other, the
-   usual shape of an attack: "everyone" and "everyone but X").
+The bounds are NumPy operations over all remembered sets at once. A pair no field puts k or more records apart
+needs the records themselves: the vault then lists the release's record sets (it runs the release again, listing
+ids) and compares them exactly, as Roaring bitmaps (``symmetric_difference_cardinality``). A remembered set kept only
+as a sketch is listed the same way when a later set comes near it: with each release the memory keeps how to run it
+again (its plan, the source tables and the output policies it ran on, which never change: record ids are the
+vault's hidden per-dataset row numbers, fixed for the kernel's lifetime, see :mod:`kernel_enclave.vault.plan`). A
+set listed again must have the size and sketch remembered for it, or the release is refused: the records behind the
+earlier number are no longer known, and the check fails closed. A set once listed stays listed. Asking the same
+question again (a cell run twice) is recognised without listing anything: the same plan over the same tables under
+the same policies gives the same record sets, so a set with the same label and sketch as one of such a release is a
+repeat.
 
-Both are NumPy operations over all remembered sets at once; only the sets left after them are compared exactly
-(``symmetric_difference_cardinality``). Record ids are the vault's hidden per-dataset row numbers, stable for the
-kernel's lifetime (see :mod:`kernel_enclave.vault.plan`).
+Releases of other kinds (joins, which can repeat a record; scanned datasets; order statistics, whose blocks of ranks
+are their own record sets; a group whose set leaves out a value k records share) hand over their record sets listed,
+and are checked exactly from the start; their sketches are computed from the ids.
+
+Sets listed are kept as Roaring bitmaps (pyroaring): two bytes per record where records are sparse, one bit per
+record id of the dataset where they are dense, a few bytes per run of consecutive records. A set kept as a sketch
+costs two numbers and a reference to its release's plan.
 
 The memory is not thread-safe: the vault calls it under its request lock.
 """
@@ -53,7 +71,7 @@ from __future__ import annotations
 
 import array
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,88 +88,163 @@ COUNT_KEY = "count"  # counts of records (row counts, counts of a column, value 
 SUM_PREFIX = "sum:"  # before a column key: the sums of that column, whose groups add up
 ALL_KEY = ""  # the key of a record set given without keys: compared with every other such set
 
-SIGNATURE_RANGES = 64  # ranges of record ids per signature: a power of two, so coarsening merges neighbours
 _U32 = 1 << 32
 _CONTAINER = 1 << 16  # record ids per Roaring container
 _ARRAY_LIMIT = 4096  # a container with more values is a bitset
 _NO_RUN_COOKIE = 12346  # the portable format's cookie for a bitmap without run containers
 _LITTLE_ENDIAN = sys.byteorder == "little"  # the portable format is written in the machine's byte order
+_SKETCH_BYTES = 64  # what a set kept as a sketch costs beside its size and sketch: its entry and label reference
+_WEIGHT_FACTOR = 0x9E3779B97F4A7C15  # SplitMix64's increment, added to an id before it is mixed
+
+
+# -- record weights ---------------------------------------------------------------------------------------------
+
+
+def weight_bits(rows: int) -> int | None:
+    """The field width of a dataset's record weights: a class's count in any set of its records (at most ``rows``)
+    fits. None when fewer than two fields fit in 63 bits (more than 2**31 records): its sets are listed."""
+    bits = max(1, int(rows).bit_length())
+    return bits if 63 // bits >= 2 else None
+
+
+def _classes(ids: npt.NDArray[np.int64], bits: int) -> npt.NDArray[np.uint64]:
+    """Each record's class: SplitMix64's finaliser of its id (neighbouring ids land in unrelated classes, so ranges
+    of ids are split as unevenly as random sets), its upper half scaled to the number of fields."""
+    mixed = ids.astype(np.uint64) + np.uint64(_WEIGHT_FACTOR)  # arithmetic wraps modulo 2**64 throughout
+    mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    mixed ^= mixed >> np.uint64(31)
+    return ((mixed >> np.uint64(32)) * np.uint64(63 // bits)) >> np.uint64(32)
+
+
+def weights_of(ids: npt.NDArray[np.int64], bits: int) -> npt.NDArray[np.int64]:
+    """The records' weights: 1 in the field of the record's class, as the vault stores them at load."""
+    return (np.uint64(1) << (_classes(ids, bits) * np.uint64(bits))).astype(np.int64)
+
+
+def sketch_of(ids: npt.NDArray[np.int64], bits: int) -> int:
+    """A listed set's sketch: the sum of its weights (every field below 2**bits, so no carry)."""
+    return _packed(_classes(ids, bits), bits)
+
+
+def _packed(classes: npt.NDArray[np.integer], bits: int) -> int:
+    """The sketch of records of these classes: each class's count in its field."""
+    if not classes.size:
+        return 0
+    counts = np.bincount(classes.astype(np.intp, copy=False), minlength=63 // bits)
+    return sum(int(count) << (i * bits) for i, count in enumerate(counts.tolist()))
+
+
+class _Classes:
+    """The class of each record id of one dataset, made once (a byte a record) so that listed sets are sketched by
+    a lookup rather than by hashing every id again."""
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.known = np.zeros(0, np.uint8)
+
+    def sketch(self, ids: npt.NDArray[np.int64]) -> int:
+        if ids.size and int(ids[-1]) >= self.known.size:
+            start, end = self.known.size, max(int(ids[-1]) + 1, 2 * self.known.size)
+            fresh = _classes(np.arange(start, end, dtype=np.int64), self.bits).astype(np.uint8)
+            self.known = np.concatenate([self.known, fresh])
+        return _packed(self.known[ids], self.bits)
+
+
+def _fields(sketches: npt.NDArray[np.uint64], bits: int) -> npt.NDArray[np.int64]:
+    """Each sketch's fields (its records per class), one column per field."""
+    shifts = np.arange(63 // bits, dtype=np.uint64) * np.uint64(bits)
+    return ((sketches[..., None] >> shifts) & np.uint64((1 << bits) - 1)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """A released number's record set, not listed: the sum of its records' weights (see the module)."""
+
+    dataset: str
+    label: str
+    size: int
+    total: int
+    keys: frozenset[str]
+    group: int  # the group of the release it belongs to: sets of different groups share no record
+    bits: int  # the field width of the weights summed
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to list the record sets of a release again (run it again), and what makes two releases' sets equal."""
+
+    rebuild: Callable[[], Sequence[RecordSet]]
+    fingerprint: Hashable  # equal for releases that give the same record sets (same plan, tables and policies)
+
+
+@dataclass(eq=False)
+class _Entry:
+    """A remembered record set: listed (its bitmap), or a sketch with the release that can list it again. One entry
+    serves every comparison key the set is remembered under, so it is listed once."""
+
+    label: str
+    size: int
+    total: int  # its sketch, in its dataset's field width (0 while that is unknown, for a listed set)
+    bitmap: BitMap | BitMap64 | None = None
+    recipe: Recipe | None = None
+    union_key: str | None = None  # the union of its release's sets under this key (a grouped release added up)
+    nbytes: int = 0
 
 
 @dataclass
 class _Dataset:
-    """One dataset's remembered record sets: bitmaps, their sizes and signatures, row i for set i.
+    """One dataset's remembered record sets under one comparison key: entry i with its size and sketch in row i.
 
     Rows from ``committed`` to ``count`` are the sets of the release being checked, tentatively: a later number of
     the same release is compared with them too, and a refusal drops them (see :meth:`ReleaseMemory.check`).
     """
 
-    bitmaps: list[BitMap | BitMap64] = field(default_factory=list)
-    nbytes: list[int] = field(default_factory=list)
+    entries: list[_Entry] = field(default_factory=list)
     sizes: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(16, np.int64))
-    signatures: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros((16, SIGNATURE_RANGES), np.int64))
+    totals: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(16, np.uint64))
     count: int = 0
     committed: int = 0
-    shift: int = 0  # a signature range is 2**shift record ids wide
-    wide: bool = False  # some record id is 2**32 or more: 64-bit bitmaps
 
     def rollback(self) -> None:
-        del self.bitmaps[self.committed :], self.nbytes[self.committed :]
+        del self.entries[self.committed :]
         self.count = self.committed
 
-    def cover(self, largest: int) -> None:
-        """Widen the ranges (merging neighbours: exact) until the signature covers record id ``largest``."""
-        while largest >= SIGNATURE_RANGES << self.shift:
-            half = SIGNATURE_RANGES // 2
-            merged = self.signatures[:, 0::2] + self.signatures[:, 1::2]
-            self.signatures[:, :half] = merged
-            self.signatures[:, half:] = 0
-            self.shift += 1
+    def near(self, size: int, total: int, k: int, bits: int | None) -> npt.NDArray[np.intp]:
+        """The rows whose sets no bound puts k or more records away from a set of this size and sketch."""
+        rows = np.flatnonzero(np.abs(self.sizes[: self.count] - size) < max(k, 1))
+        if rows.size and bits is not None:  # the classes are disjoint: their differences add up
+            apart = np.abs(_fields(self.totals[rows], bits) - _fields(np.array(total, np.uint64), bits)).sum(axis=-1)
+            rows = rows[apart < max(k, 1)]
+        return rows
 
-    def signature(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        edges = np.arange(1, SIGNATURE_RANGES + 1, dtype=np.int64) << self.shift
-        return np.diff(np.searchsorted(ids, edges), prepend=0).astype(np.int64)
-
-    def bitmap_signature(self, bitmap: BitMap | BitMap64) -> npt.NDArray[np.int64]:
-        width = 1 << self.shift
-        return np.array(
-            [bitmap.range_cardinality(i * width, (i + 1) * width) for i in range(SIGNATURE_RANGES)], np.int64
-        )
-
-    def widen(self) -> None:
-        """From here on 64-bit bitmaps (record ids of 2**32 and more): the remembered ones are converted once."""
-        self.bitmaps = [_bitmap64(np.asarray(b.to_array(), dtype=np.int64)) for b in self.bitmaps]
-        self.wide = True
-
-    def append(self, bitmap: BitMap | BitMap64, size: int, signature: npt.NDArray[np.int64]) -> None:
+    def append(self, entry: _Entry) -> None:
         if self.count == len(self.sizes):
             self.sizes = np.concatenate([self.sizes, np.zeros_like(self.sizes)])
-            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
-        self.sizes[self.count] = size
-        self.signatures[self.count] = signature
-        self.bitmaps.append(bitmap)
-        self.nbytes.append(_bitmap_bytes(bitmap))
+            self.totals = np.concatenate([self.totals, np.zeros_like(self.totals)])
+        self.sizes[self.count] = entry.size
+        self.totals[self.count] = np.uint64(entry.total)
+        self.entries.append(entry)
         self.count += 1
+
+    def refresh(self) -> None:
+        """Rewrite the sketches from the entries (after a listed set's sketch was computed)."""
+        self.totals[: self.count] = np.array([entry.total for entry in self.entries[: self.count]], np.uint64)
 
 
 @dataclass
 class _Seen:
-    """A distinct record set of the release being checked: its ids, its bitmaps, the comparison keys done."""
+    """A distinct record set of the release being checked: its ids, its entry, the comparison keys done."""
 
     ids: npt.NDArray[np.int64]
     keys: set[str] = field(default_factory=set)
-    narrow: BitMap | None = None
-    wide: BitMap64 | None = None
+    entry: _Entry | None = None
 
-    def bitmap(self, wide: bool) -> BitMap | BitMap64:
-        """One bitmap object per set and width, shared by every key it is remembered under."""
-        if wide:
-            if self.wide is None:
-                self.wide = _bitmap64(self.ids)
-            return self.wide
-        if self.narrow is None:
-            self.narrow = _bitmap32(self.ids)
-        return self.narrow
+    def listed(self, label: str, sketch: Callable[[npt.NDArray[np.int64]], int]) -> _Entry:
+        """One entry (and bitmap) per set, shared by every key it is remembered under."""
+        if self.entry is None:
+            self.entry = _Entry(label, int(self.ids.size), sketch(self.ids), _bitmap(self.ids))
+        return self.entry
 
 
 @dataclass(frozen=True)
@@ -165,15 +258,164 @@ class ReleaseMemory:
     """The record sets behind every number released in this kernel, per dataset, and the check against them.
 
     Use: ``checked = memory.check(record_sets, min_group_size)`` (raises :class:`PolicyViolation`, remembering
-    nothing), then ``memory.remember(checked)`` once the release goes out. Nothing of a refused release is kept.
+    nothing), then ``memory.remember(checked)`` once the release goes out; or ``memory.check_release(...)``, which
+    screens a release's sketches first and lists its sets only when it must. Nothing of a refused release is kept.
     """
 
     def __init__(self) -> None:
         self._datasets: dict[tuple[str, str], _Dataset] = {}  # (dataset, comparison key) -> its remembered sets
+        self._bits: dict[str, int] = {}  # dataset -> the field width of its sketches, once known
+        self._classes: dict[str, _Classes] = {}  # dataset -> its records' classes, for listed sets
         self._generation = 0
+        self._listed_again: dict[int, Sequence[RecordSet]] = {}  # a check's releases run again, by recipe
+
+    def _begin(self) -> None:
+        self._generation += 1
+        self._listed_again.clear()
+        for remembered in self._datasets.values():
+            remembered.rollback()  # a release checked earlier and never remembered
+
+    def _memory(self, dataset: str, key: str) -> _Dataset:
+        memory = self._datasets.get((dataset, key))
+        if memory is None:
+            memory = self._datasets[(dataset, key)] = _Dataset()
+        return memory
+
+    def _adopt(self, dataset: str, bits: int | None) -> bool:
+        """Fix the field width of ``dataset``'s sketches (computing those of its listed sets), or say whether
+        ``bits`` is the one fixed."""
+        if bits is None or dataset in self._bits:
+            return bits is not None and self._bits.get(dataset) == bits
+        self._bits[dataset] = bits
+        self._classes[dataset] = _Classes(bits)
+        mine = [memory for (name, _), memory in self._datasets.items() if name == dataset]
+        for entry in {id(e): e for memory in mine for e in memory.entries}.values():
+            if entry.bitmap is not None:
+                entry.total = self._sketch(dataset, np.asarray(entry.bitmap.to_array(), dtype=np.int64))
+        for memory in mine:
+            memory.refresh()
+        return True
+
+    def _sketch(self, dataset: str, ids: npt.NDArray[np.int64]) -> int:
+        """A listed set's sketch in its dataset's field width (0 while that is unknown: screened by size alone)."""
+        classes = self._classes.get(dataset)
+        return 0 if classes is None else classes.sketch(ids)
+
+    def _sketcher(self, dataset: str) -> Callable[[npt.NDArray[np.int64]], int]:
+        return lambda ids: self._sketch(dataset, ids)
+
+    def check_release(
+        self,
+        sketches: Sequence[Sketch] | None,
+        record_sets: Iterable[RecordSet],
+        checking: Set[str],
+        min_group_size: Mapping[str, int],
+        *,
+        grouped: bool = False,
+        recipe: Recipe,
+        rows: Mapping[str, int] | None = None,
+    ) -> Checked:
+        """The checks of one release, for the datasets in ``checking``: from its sketches where it gave them
+        (listing its record sets with ``recipe`` only when a set comes near another), else from ``record_sets``.
+        ``rows``: each dataset's row count, which fixes its sketches' field width."""
+        if sketches is not None:
+            chosen = [sketch for sketch in sketches if sketch.dataset in checking]
+            checked = self.screen(chosen, min_group_size, grouped=grouped, recipe=recipe)
+            if checked is not None:
+                return checked
+            record_sets = recipe.rebuild()
+        return self.check((s for s in record_sets if s[0] in checking), min_group_size, grouped=grouped, rows=rows)
+
+    def screen(
+        self,
+        sketches: Iterable[Sketch],
+        min_group_size: Mapping[str, int],
+        *,
+        grouped: bool = False,
+        recipe: Recipe,
+    ) -> Checked | None:
+        """Check a release from its sketches alone, or return None: some set may be closer than k records to another
+        (or be the same as one), and the release's sets must be listed and :meth:`check`-ed.
+
+        ``recipe`` lists the release's sets again; it is kept with the sketches for a later release that comes near
+        them. Sketches of different groups must share no record (the groups of one table whose rows are records).
+        """
+        self._begin()
+        try:
+            if self._screen_all(sketches, min_group_size, grouped, recipe):
+                return Checked(self._generation)
+        except BaseException:
+            self._abandon()
+            raise
+        self._abandon()
+        return None
+
+    def _screen_all(
+        self, sketches: Iterable[Sketch], min_group_size: Mapping[str, int], grouped: bool, recipe: Recipe
+    ) -> bool:
+        touched: dict[tuple[str, str], dict[int, Sketch]] = {}
+        for sketch in sketches:
+            stoppable.check()
+            k = _k_of(min_group_size, sketch.dataset)
+            if not self._adopt(sketch.dataset, sketch.bits):
+                return False  # sketches of another width cannot be compared: list
+            entry = _Entry(sketch.label, sketch.size, sketch.total, recipe=recipe)
+            for key in sorted(sketch.keys):
+                members = touched.setdefault((sketch.dataset, key), {})
+                if sketch.group in members and grouped and _additive(key):
+                    return False  # two sets of one group: their union is not the sum of their sketches
+                members[sketch.group] = sketch
+                if not self._screened(self._memory(sketch.dataset, key), entry, sketch.bits, k):
+                    return False
+        for (dataset, key), members in touched.items() if grouped else ():
+            if len(members) < 2 or not _additive(key):
+                continue
+            bits = self._bits[dataset]
+            union = _Entry(
+                f"the groups added up under {key!r}",
+                sum(s.size for s in members.values()),
+                sum(s.total for s in members.values()),  # disjoint groups: the fields add up without carry
+                recipe=recipe,
+                union_key=key,
+            )
+            for under in (key, key.removeprefix(SUM_PREFIX)) if key.startswith(SUM_PREFIX) else (key,):
+                if not self._screened(self._memory(dataset, under), union, bits, min_group_size[dataset]):
+                    return False
+        return True
+
+    def _abandon(self) -> None:
+        for remembered in self._datasets.values():
+            remembered.rollback()
+        self._generation += 1  # a Checked of the abandoned screen is never valid
+
+    def _screened(self, memory: _Dataset, entry: _Entry, bits: int, k: int) -> bool:
+        """Add a sketched set tentatively, unless a remembered (or this release's) set may be within k - 1 records
+        of it: then False. A repeat of a set of the same release run before is no concern (see the module)."""
+        repeat = False
+        for row in memory.near(entry.size, entry.total, k, bits).tolist():
+            other = memory.entries[row]
+            same = (
+                row < memory.committed
+                and other.recipe is not None
+                and entry.recipe is not None
+                and other.recipe.fingerprint == entry.recipe.fingerprint
+                and (other.label, other.union_key, other.size, other.total)
+                == (entry.label, entry.union_key, entry.size, entry.total)
+            )
+            if not same:
+                return False
+            repeat = True
+        if not repeat:
+            memory.append(entry)
+        return True
 
     def check(
-        self, record_sets: Iterable[RecordSet], min_group_size: Mapping[str, int], *, grouped: bool = False
+        self,
+        record_sets: Iterable[RecordSet],
+        min_group_size: Mapping[str, int],
+        *,
+        grouped: bool = False,
+        rows: Mapping[str, int] | None = None,
     ) -> Checked:
         """Compare every number's record set with the remembered ones and with the release's other numbers.
 
@@ -181,71 +423,97 @@ class ReleaseMemory:
         the output policy refuses it. ``grouped``: the numbers are of disjoint groups (a group-by, value counts),
         so their union is checked and remembered too; the columns of a ``describe`` add up to nothing. Sets equal
         to one already remembered are not kept twice. A refusal does not quote the number's label: a label can hold
-        a group's key, a data value the refused release never gave.
+        a group's key, a data value the refused release never gave. ``rows`` (each dataset's row count) fixes the
+        field width of a dataset's sketches, so that the sets are screened by them too.
         """
-        self._generation += 1
-        for remembered in self._datasets.values():
-            remembered.rollback()  # a release checked earlier and never remembered
+        self._begin()
         touched: dict[tuple[str, str], list[BitMap | BitMap64]] = {}  # this release's distinct sets, per partition
         seen: dict[tuple[str, int], list[_Seen]] = {}  # the same, by dataset and size, with the keys checked
         try:
             for record in record_sets:
                 stoppable.check()  # the release is interrupted: nothing of it is remembered (see the rollback)
-                dataset, ids = record[0], record[2]
+                dataset, label, ids = record[0], record[1], record[2]
                 keys = record[3] if len(record) > 3 else frozenset({ALL_KEY})
-                k = min_group_size.get(dataset)
-                if k is None:
-                    raise PolicyViolation(RULE, [dataset], "no output policy is known for this dataset")
+                k = _k_of(min_group_size, dataset)
+                if rows is not None and dataset in rows and dataset not in self._bits:
+                    self._adopt(dataset, weight_bits(rows[dataset]))
                 values = _checked_ids(ids)
                 same_size = seen.setdefault((dataset, int(values.size)), [])
-                entry = next((e for e in same_size if e.ids is values or np.array_equal(e.ids, values)), None)
-                if entry is None:
-                    entry = _Seen(values)
-                    same_size.append(entry)
-                for key in sorted(set(keys) - entry.keys):  # the same records as another number: once per key
-                    entry.keys.add(key)
-                    memory = self._datasets.get((dataset, key))
-                    if memory is None:
-                        memory = self._datasets[(dataset, key)] = _Dataset()
-                    if values.size:
-                        memory.cover(int(values[-1]))
-                        if not memory.wide and int(values[-1]) >= _U32:
-                            memory.widen()
-                            touched[(dataset, key)] = [
-                                _bitmap64(np.asarray(b.to_array(), np.int64)) for b in touched.get((dataset, key), [])
-                            ]
-                    bitmap = entry.bitmap(memory.wide)
-                    touched.setdefault((dataset, key), []).append(bitmap)
-                    _compare(memory, dataset, bitmap, memory.signature(values), k, _ONE_NUMBER)
+                found = next((e for e in same_size if e.ids is values or np.array_equal(e.ids, values)), None)
+                if found is None:
+                    found = _Seen(values)
+                    same_size.append(found)
+                for key in sorted(set(keys) - found.keys):  # the same records as another number: once per key
+                    found.keys.add(key)
+                    entry = found.listed(label, self._sketcher(dataset))
+                    assert entry.bitmap is not None
+                    touched.setdefault((dataset, key), []).append(entry.bitmap)
+                    self._compare(self._memory(dataset, key), dataset, entry, k, _ONE_NUMBER)
             for (dataset, key), bitmaps in touched.items() if grouped else ():
                 if len(bitmaps) > 1 and _additive(key):  # the groups added up are a number too
-                    union = _union(bitmaps)
+                    union_bitmap = _union(bitmaps)
+                    union_ids = np.asarray(union_bitmap.to_array(), dtype=np.int64)
+                    total = self._sketch(dataset, union_ids)
+                    union = _Entry("", union_ids.size, total, union_bitmap, union_key=key)
                     # A sum of groups compares with the column's other numbers too (a mean times its count).
                     for under in (key, key.removeprefix(SUM_PREFIX)) if key.startswith(SUM_PREFIX) else (key,):
-                        memory = self._datasets.setdefault((dataset, under), _Dataset())
-                        if len(union):
-                            memory.cover(int(union.max()))
-                        if isinstance(union, BitMap64) and not memory.wide:
-                            memory.widen()
-                        same_width = _bitmap64(np.asarray(union.to_array(), np.int64)) if memory.wide else union
-                        signature = memory.bitmap_signature(same_width)
-                        _compare(memory, dataset, same_width, signature, min_group_size[dataset], _ALL)
+                        self._compare(self._memory(dataset, under), dataset, union, min_group_size[dataset], _ALL)
         except BaseException:
-            for name in touched:
-                self._datasets[name].rollback()
+            for remembered in self._datasets.values():
+                remembered.rollback()
             raise
         return Checked(self._generation)
 
+    def _compare(self, memory: _Dataset, dataset: str, entry: _Entry, k: int, what: str) -> None:
+        """Refuse ``entry``'s set if it differs from a remembered set (or one of this release) by 1 to k - 1
+        records; else add it to the release's tentative sets, unless the same set is there already."""
+        assert entry.bitmap is not None
+        duplicate = False
+        for row in memory.near(entry.size, entry.total, k, self._bits.get(dataset)).tolist():
+            difference = _difference(entry.bitmap, self._listed(memory, dataset, row))
+            if difference == 0:
+                duplicate = True
+            elif difference < k:
+                raise PolicyViolation(
+                    RULE,
+                    [dataset],
+                    f"{what} a number released earlier (or another number of this result) by fewer than {k} "
+                    "records; the difference of the two would describe those records alone",
+                )
+        if not duplicate:
+            memory.append(entry)
+
+    def _listed(self, memory: _Dataset, dataset: str, row: int) -> BitMap | BitMap64:
+        """The bitmap of remembered set ``row``, listing a sketched one by running its release again (once)."""
+        entry = memory.entries[row]
+        if entry.bitmap is None:
+            if entry.recipe is None:
+                raise RuntimeError("a remembered record set has neither its records nor a way to list them")
+            key = id(entry.recipe)
+            if key not in self._listed_again:
+                try:
+                    self._listed_again[key] = entry.recipe.rebuild()
+                except PolicyViolation:
+                    raise
+                except Exception as failed:  # fail closed: the earlier number's records are unknown
+                    raise _unlisted(dataset) from failed
+            bitmap = _bitmap(_pick(self._listed_again[key], dataset, entry, self._classes[dataset].sketch))
+            bitmap.run_optimize()
+            entry.bitmap, entry.nbytes = bitmap, _bitmap_bytes(bitmap)
+        return entry.bitmap
+
     def remember(self, checked: Checked) -> None:
-        """Keep the record sets of the release that passed :meth:`check` (the latest check only)."""
+        """Keep the record sets of the release that passed :meth:`check` or :meth:`screen` (the latest only)."""
         if checked.generation != self._generation:
             raise RuntimeError("the release memory changed since this release was checked; check it again")
         for memory in self._datasets.values():
-            for bitmap in memory.bitmaps[memory.committed : memory.count]:
-                bitmap.run_optimize()  # consecutive records (a range filter, "everyone") become runs
-            memory.nbytes[memory.committed : memory.count] = map(_bitmap_bytes, memory.bitmaps[memory.committed :])
+            for entry in memory.entries[memory.committed : memory.count]:
+                if entry.bitmap is not None and not entry.nbytes:
+                    entry.bitmap.run_optimize()  # consecutive records (a range filter, "everyone") become runs
+                    entry.nbytes = _bitmap_bytes(entry.bitmap)
             memory.committed = memory.count
         self._generation += 1
+        self._listed_again.clear()
 
     def admit(
         self, record_sets: Iterable[RecordSet], min_group_size: Mapping[str, int], *, grouped: bool = False
@@ -256,49 +524,63 @@ class ReleaseMemory:
     def remembered(self, dataset: str | None = None) -> int:
         """How many distinct record sets are remembered (for one dataset, or all); a set kept under several
         comparison keys counts once."""
-        chosen = [m for (name, _), m in self._datasets.items() if dataset is None or name == dataset]
-        return len({id(bitmap) for memory in chosen for bitmap in memory.bitmaps[: memory.committed]})
+        return len(self._entries(dataset))
+
+    def listed(self, dataset: str | None = None) -> int:
+        """How many of the remembered sets are held listed (as bitmaps) rather than as sketches."""
+        return sum(1 for entry in self._entries(dataset) if entry.bitmap is not None)
 
     def memory_bytes(self) -> int:
-        """Bytes held for the remembered sets: the bitmaps' containers (each once) and the size and signature
-        arrays of every comparison key."""
-        sizes: dict[int, int] = {}
-        for memory in self._datasets.values():
-            for bitmap, nbytes in zip(memory.bitmaps[: memory.committed], memory.nbytes, strict=False):
-                sizes[id(bitmap)] = nbytes
-        arrays = sum(memory.sizes.nbytes + memory.signatures.nbytes for memory in self._datasets.values())
-        return sum(sizes.values()) + arrays
+        """Bytes held for the remembered sets: the listed sets' containers, a sketch's entry, and the size and
+        sketch arrays of every comparison key (each entry once)."""
+        entries = self._entries(None)
+        held = sum(entry.nbytes if entry.bitmap is not None else _SKETCH_BYTES for entry in entries)
+        arrays = sum(memory.sizes.nbytes + memory.totals.nbytes for memory in self._datasets.values())
+        return held + arrays
+
+    def _entries(self, dataset: str | None) -> list[_Entry]:
+        chosen = [m for (name, _), m in self._datasets.items() if dataset is None or name == dataset]
+        return list({id(entry): entry for memory in chosen for entry in memory.entries[: memory.committed]}.values())
 
 
 _ONE_NUMBER = "a number of this result is computed from records that differ from those behind"
 _ALL = "the numbers of this result, added up, are computed from records that differ from those behind"
 
 
-def _compare(
-    memory: _Dataset, dataset: str, bitmap: BitMap | BitMap64, signature: npt.NDArray[np.int64], k: int, what: str
-) -> None:
-    """Refuse ``bitmap`` if it differs from a remembered set (or one of this release) by 1 to k - 1 records; else
-    add it to the release's tentative sets, unless the same set is there already."""
-    size = len(bitmap)
-    duplicate = False
-    if memory.count:
-        near = np.flatnonzero(np.abs(memory.sizes[: memory.count] - size) < max(k, 1))
-        if near.size:
-            bound = np.abs(memory.signatures[near] - signature).sum(axis=1)
-            near = near[bound < max(k, 1)]
-        for row in near.tolist():
-            difference = _difference(bitmap, memory.bitmaps[row])
-            if difference == 0:
-                duplicate = True
-            elif difference < k:
-                raise PolicyViolation(
-                    RULE,
-                    [dataset],
-                    f"{what} a number released earlier (or another number of this result) by fewer than {k} "
-                    "records; the difference of the two would describe those records alone",
-                )
-    if not duplicate:
-        memory.append(bitmap, size, signature)
+def _k_of(min_group_size: Mapping[str, int], dataset: str) -> int:
+    k = min_group_size.get(dataset)
+    if k is None:
+        raise PolicyViolation(RULE, [dataset], "no output policy is known for this dataset")
+    return k
+
+
+def _unlisted(dataset: str) -> PolicyViolation:
+    return PolicyViolation(
+        RULE,
+        [dataset],
+        "the records behind a number released earlier could not be listed again as they were, so this result "
+        "cannot be compared with it",
+    )
+
+
+def _pick(
+    found: Sequence[RecordSet], dataset: str, entry: _Entry, sketch: Callable[[npt.NDArray[np.int64]], int]
+) -> npt.NDArray[np.int64]:
+    """The ids of a sketched set among its release's sets listed again; they must have its size and sketch."""
+    mine = [record for record in found if record[0] == dataset]
+    if entry.union_key is not None:
+        parts = [r[2] for r in mine if entry.union_key in (r[3] if len(r) > 3 else frozenset({ALL_KEY}))]
+        chosen = [np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)]
+    else:
+        same = [_checked_ids(r[2]) for r in mine if r[1] == entry.label]
+        same = same or [_checked_ids(r[2]) for r in mine]  # listed, an equal set is named after another number
+        chosen = [ids for ids in same if ids.size == entry.size and sketch(ids) == entry.total]
+    if not chosen or any(not np.array_equal(ids, chosen[0]) for ids in chosen[1:]):
+        raise _unlisted(dataset)
+    ids = chosen[0]
+    if ids.size != entry.size or sketch(ids) != entry.total:
+        raise _unlisted(dataset)
+    return ids
 
 
 def _additive(key: str) -> bool:
@@ -308,18 +590,28 @@ def _additive(key: str) -> bool:
 
 
 def _union(bitmaps: list[BitMap | BitMap64]) -> BitMap | BitMap64:
-    if all(isinstance(b, BitMap) for b in bitmaps):
-        return BitMap.union(*(b for b in bitmaps if isinstance(b, BitMap)))
-    return BitMap64.union(*(b for b in bitmaps if isinstance(b, BitMap64)))
+    narrow = [b for b in bitmaps if isinstance(b, BitMap)]
+    if len(narrow) == len(bitmaps):
+        return BitMap.union(*narrow)
+    return BitMap64.union(*(_as_wide(b) for b in bitmaps))
 
 
 def _difference(a: BitMap | BitMap64, b: BitMap | BitMap64) -> int:
-    """|a Δ b|; both are of one kind (a dataset's bitmaps are all 32-bit or all 64-bit)."""
+    """|a Δ b|, converting a 32-bit bitmap when the other is 64-bit (a dataset of more than 2**32 records)."""
     if isinstance(a, BitMap) and isinstance(b, BitMap):
         return a.symmetric_difference_cardinality(b)
-    if isinstance(a, BitMap64) and isinstance(b, BitMap64):
-        return a.symmetric_difference_cardinality(b)
-    raise TypeError("record-set bitmaps of one dataset are of one kind")
+    return _as_wide(a).symmetric_difference_cardinality(_as_wide(b))
+
+
+def _as_wide(bitmap: BitMap | BitMap64) -> BitMap64:
+    if isinstance(bitmap, BitMap64):
+        return bitmap
+    return _bitmap64(np.asarray(bitmap.to_array(), dtype=np.int64))
+
+
+def _bitmap(ids: npt.NDArray[np.int64]) -> BitMap | BitMap64:
+    """A set's bitmap: 32-bit unless a record id needs more."""
+    return _bitmap64(ids) if ids.size and int(ids[-1]) >= _U32 else _bitmap32(ids)
 
 
 def _checked_ids(ids: npt.ArrayLike) -> npt.NDArray[np.int64]:

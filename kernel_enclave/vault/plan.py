@@ -40,10 +40,12 @@ from functools import cached_property
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
+import numpy as np
 import polars as pl
 import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
 
 from kernel_enclave.vault import stoppable
+from kernel_enclave.vault.differences import weight_bits, weights_of
 from kernel_enclave.vault.protocol import VaultError
 
 MAX_DEPTH = 64
@@ -97,6 +99,7 @@ _FUNCTIONS: dict[str, tuple[int, frozenset[str], frozenset[str]]] = {
 
 _RECORD_PREFIX = "\x01record"
 _MASK_PREFIX = "\x01contributes"
+_WEIGHT_PREFIX = "\x01weight"
 
 
 class DatasetFacts:
@@ -180,6 +183,11 @@ class SourceTable:
     :meth:`contributes`); a column without one contributes exactly where it is present, the common case, which
     costs nothing.
 
+    ``weights`` maps a record-id column to the hidden column of its records' weights and their field width, which
+    the difference checks sum instead of listing ids (:mod:`kernel_enclave.vault.differences`): made once when an
+    in-memory dataset is loaded, kept through filters, selections and assignments, dropped by joins and sealing (a
+    table without them has its record sets listed).
+
     ``arrow_types`` remembers the Arrow type of each column that is still a dataset column as the vault decrypted
     it, so that schemas and materialised tables show the owner's types (Polars reads a dictionary column as
     categorical, a string column as a large string) and error messages name them.
@@ -196,6 +204,7 @@ class SourceTable:
     nan_free: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     masks: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     bound: RowBound | None = field(default=None, compare=False, repr=False)  # None: count this table's rows
+    weights: Mapping[str, tuple[str, int]] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, pa.Table):  # an Arrow table, with record ids as Arrow arrays (tests, models)
@@ -229,10 +238,18 @@ class SourceTable:
         scanned dataset numbers its rows as they stream by, before any filter.
         """
         name = fresh_names(1, set(self.schema.names()))[0]
+        weights: dict[str, tuple[str, int]] = {}
         if self.streaming:
             data = self.data.with_row_index(name).with_columns(pl.col(name).cast(pl.Int64))
         else:
-            data = self.data.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(name)).collect().lazy()
+            data = self.data.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(name))
+            rows = facts.rows()
+            bits = weight_bits(rows)
+            if bits is not None:  # 8 bytes a record more, so that a difference check lists no ids (see above)
+                weight = fresh_names(1, set(self.schema.names()) | {name}, _WEIGHT_PREFIX)[0]
+                weights[name] = (weight, bits)
+                data = data.with_columns(pl.Series(weight, weights_of(np.arange(rows, dtype=np.int64), bits)))
+            data = data.collect().lazy()
         return SourceTable(
             data,
             self.lineage,
@@ -243,6 +260,7 @@ class SourceTable:
             self.streaming,
             self.nan_free,
             bound=RowBound(facts.rows, {column: _fact(facts, column) for column in self.lineage}),
+            weights=weights,
         )
 
     @classmethod
@@ -311,8 +329,12 @@ class SourceTable:
 
     @cached_property
     def hidden(self) -> list[str]:
-        """The hidden columns of ``data``: record ids, then contribution masks."""
-        return [name for _, name in self.records or ()] + list(self.masks.values())
+        """The hidden columns of ``data``: record ids, contribution masks, then record weights."""
+        return [name for _, name in self.records or ()] + list(self.masks.values()) + self.weight_columns
+
+    @property
+    def weight_columns(self) -> list[str]:
+        return [weight for weight, _ in self.weights.values()]
 
     @cached_property
     def columns(self) -> list[str]:
@@ -338,11 +360,12 @@ class SourceTable:
         line up, and the ``(hidden column, dataset)`` and ``(hidden column, column)`` pairs that name them: what a
         sealed table keeps so that, unsealed (:meth:`from_arrow`), its records and masks still count."""
         with engine_errors("evaluation", []):
-            found = self.collect(self.data.select([*self.columns, *self.hidden]))
+            kept = [*(name for _, name in self.records or ()), *self.masks.values()]  # weights are made again
+            found = self.collect(self.data.select([*self.columns, *kept]))
         table = to_arrow(found.select(self.columns), self.arrow_types)
         record_names = fresh_names(len(self.records or ()), set(self.columns))
         names = record_names + fresh_names(len(self.masks), set(self.columns) | set(record_names), _MASK_PREFIX)
-        renamed = dict(zip(self.hidden, names, strict=True))
+        renamed = dict(zip(kept, names, strict=True))
         for old, new in renamed.items():
             table = table.append_column(new, found.get_column(old).to_arrow())
         records = [(renamed[name], dataset) for dataset, name in self.records or ()]
@@ -419,6 +442,7 @@ class SourceTable:
             self.nan_free,
             self.masks,
             self.bound,
+            self.weights,
         )
 
     def row_bound(self) -> RowBound:
@@ -818,6 +842,21 @@ def plan_datasets(plan: Mapping[str, Any], sources: Mapping[str, SourceTable]) -
     return node_datasets(parse_plan(plan), sources)
 
 
+def plan_sources(plan: Mapping[str, Any], sources: Mapping[str, SourceTable]) -> dict[str, SourceTable]:
+    """The source tables a plan reads, by handle (what running it again needs; unknown handles are refused)."""
+    found: dict[str, SourceTable] = {}
+    pending: list[Node] = [parse_plan(plan)]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, Source):
+            found[node.handle] = _source(node, sources)
+        elif isinstance(node, Join):
+            pending += [node.left, node.right]
+        else:
+            pending.append(node.input)
+    return found
+
+
 def node_datasets(node: Node, sources: Mapping[str, SourceTable]) -> frozenset[str]:
     if isinstance(node, Source):
         return _source(node, sources).datasets
@@ -914,7 +953,7 @@ def _select(frame: SourceTable, columns: tuple[str, ...]) -> SourceTable:
     masks = {name: mask for name, mask in frame.masks.items() if name in columns}
     records = [name for _, name in frame.records or ()]
     return SourceTable(
-        frame.data.select([*columns, *records, *masks.values()]),
+        frame.data.select([*columns, *records, *masks.values(), *frame.weight_columns]),
         {name: lineage_of(frame, name) for name in columns},
         frame.datasets,
         frame.records,
@@ -924,6 +963,7 @@ def _select(frame: SourceTable, columns: tuple[str, ...]) -> SourceTable:
         frame.nan_free & set(columns),
         masks,
         frame.row_bound().only(columns),
+        frame.weights,
     )
 
 
@@ -952,7 +992,8 @@ def _assign(frame: SourceTable, columns: tuple[tuple[str, Expr], ...]) -> Source
         if name in current.masks:  # the overwritten value's mask goes with it
             data = data.drop(current.masks[name])
         if name not in current.lineage and current.hidden:  # keep hidden columns last
-            data = data.select([*current.columns, name, *(c for _, c in current.records or ()), *masks.values()])
+            hidden = [*(c for _, c in current.records or ()), *masks.values(), *current.weight_columns]
+            data = data.select([*current.columns, name, *hidden])
         lineage = {**current.lineage, name: value.lineage}
         arrow_types = {k: v for k, v in current.arrow_types.items() if k != name}
         if isinstance(expr, Col) and expr.name in current.arrow_types:
@@ -971,15 +1012,20 @@ def _assign(frame: SourceTable, columns: tuple[tuple[str, Expr], ...]) -> Source
             nan_free,
             masks,
             current.row_bound().assigned(name, expr.name if isinstance(expr, Col) else None),
+            current.weights,
         )
     return current
 
 
 def _move_hidden(frame: SourceTable, name: str) -> SourceTable:
     """The table with hidden column ``name`` renamed to a name nothing uses, so a plan may take ``name``."""
-    new = fresh_names(
-        1, set(frame.schema.names()) | {name}, _MASK_PREFIX if name in frame.masks.values() else _RECORD_PREFIX
-    )[0]
+    if name in frame.masks.values():
+        prefix = _MASK_PREFIX
+    elif name in frame.weight_columns:
+        prefix = _WEIGHT_PREFIX
+    else:
+        prefix = _RECORD_PREFIX
+    new = fresh_names(1, set(frame.schema.names()) | {name}, prefix)[0]
     return SourceTable(
         frame.data.rename({name: new}),
         frame.lineage,
@@ -991,6 +1037,10 @@ def _move_hidden(frame: SourceTable, name: str) -> SourceTable:
         frame.nan_free,
         {column: new if mask == name else mask for column, mask in frame.masks.items()},
         frame.bound,
+        {
+            new if ids == name else ids: (new if weight == name else weight, bits)
+            for ids, (weight, bits) in frame.weights.items()
+        },
     )
 
 
@@ -1662,6 +1712,7 @@ def empty_sources(sources: Mapping[str, SourceTable]) -> dict[str, SourceTable]:
             source.nan_free,
             source.masks,
             source.row_bound(),  # a schema request is refused where a release would be
+            source.weights,
         )
         for handle, source in sources.items()
     }

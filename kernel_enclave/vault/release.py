@@ -37,7 +37,11 @@ Withheld values are reported one way: a released table carries, in its schema me
 
 For the vault's difference checks, a release can also hand out the record set behind each released number
 (``record_sets=True``): per dataset, the sorted ids of the contributing records; a number whose set is its group's
-rows is listed once, under its group.
+rows is listed once, under its group. Where the table's rows are distinct records of one in-memory dataset, it can
+hand out each set's *sketch* instead (``sketches=True``; see :mod:`.differences`): the sum of the records' hidden
+weights, two more sums in the group-by that computes the numbers (the group's rows, and the rows where a column
+contributes), less the weights of the records holding a value k of them share, summed apart. A sketch describes
+exactly the set the listed route gives, under the same label.
 
 Several datasets: each rule is checked against each dataset's own policy, so a violation names exactly the datasets
 whose rule failed; the released result reports the id of the combined (strictest) policy.
@@ -71,6 +75,7 @@ import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type in
 
 from confnb.policy.output import OutputPolicy, strictest
 from kernel_enclave.vault import stoppable
+from kernel_enclave.vault.differences import Sketch
 from kernel_enclave.vault.plan import (
     RELEASE_NODES,
     Aggregate,
@@ -125,6 +130,8 @@ class Released:
     withheld: Mapping[str, Any] = field(default_factory=lambda: {"groups": 0, "cells": {}})
     # (dataset, label of the released number, sorted unique record ids), with release(..., record_sets=True)
     record_sets: tuple[RecordSet, ...] = field(default=(), compare=False, repr=False)
+    # with release(..., record_sets=True, sketches=True), where the route gives them: the sets' sketches instead
+    sketches: tuple[Sketch, ...] | None = field(default=None, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,10 +220,13 @@ def release(
     policies: Mapping[str, OutputPolicy],
     *,
     record_sets: bool = False,
+    sketches: bool = False,
 ) -> Released:
     """Evaluate a release plan and apply the output policy; raises PolicyViolation when the result is withheld.
 
-    With ``record_sets`` the result also lists the records behind each released number, for difference checks.
+    With ``record_sets`` the result also lists the records behind each released number, for difference checks;
+    with ``sketches`` too, a release whose route can (see :mod:`.differences`) gives only each set's sketch
+    (``Released.sketches``), and ``release(plan, ..., record_sets=True)`` lists the same sets.
     """
     node = parse_plan(plan)
     datasets = tuple(sorted(node_datasets(node, sources)))
@@ -230,10 +240,10 @@ def release(
         sets = _all_records(frame, "all rows") if record_sets else ()
         return Released("row_count", None, frame.num_rows, (), False, 0, datasets, policy_id, record_sets=sets)
     if isinstance(node, Aggregate):
-        out = _aggregate(node, frame, policies, record_sets)
+        out = _aggregate(node, frame, policies, record_sets, record_sets and sketches)
         index, series = node.by, len(node.aggs) == 1
     elif isinstance(node, ValueCounts):
-        out = _value_counts(node, frame, policies, record_sets)
+        out = _value_counts(node, frame, policies, record_sets, record_sets and sketches)
         index, series = (node.column,), True
     else:
         out = _describe(node, frame, policies, record_sets)
@@ -245,7 +255,17 @@ def release(
     )
     suppressed = out.groups + sum(len(rows) for rows in out.cells.values())
     return Released(
-        "aggregate", table, None, index, series, suppressed, datasets, policy_id, withheld, tuple(out.record_sets)
+        "aggregate",
+        table,
+        None,
+        index,
+        series,
+        suppressed,
+        datasets,
+        policy_id,
+        withheld,
+        tuple(out.record_sets),
+        None if out.sketches is None else tuple(out.sketches),
     )
 
 
@@ -365,6 +385,17 @@ def _all_records(frame: SourceTable, label: str) -> tuple[RecordSet, ...]:
 def _union(parts: Sequence[np.ndarray]) -> np.ndarray:
     joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return np.unique(joined.astype(np.int64, copy=False))
+
+
+def _weights(frame: SourceTable) -> tuple[str, int] | None:
+    """The hidden weight column of the table's records and its field width, where the table has rows that are
+    distinct records of one dataset and kept its weights (see :mod:`.differences`): what a sketch sums."""
+    if frame.records is None or not _rows_are_records(frame):
+        return None
+    found = frame.weights.get(frame.records[0][1])
+    if found is None or found[0] in frame.lineage or found[0] not in frame.schema.names():
+        return None
+    return found
 
 
 def _rows_are_records(frame: SourceTable) -> bool:
@@ -518,9 +549,11 @@ def _streamed_off_mode(
     return aligned.get_column("\x01off").fill_null(0).to_numpy().astype(np.int64)
 
 
-def _work_frame(frame: SourceTable, exprs: list[pl.Expr]) -> pl.LazyFrame:
-    """The columns an aggregation reads, with the record ids (``r0``...) of each dataset occurrence."""
+def _work_frame(frame: SourceTable, exprs: list[pl.Expr], records_too: bool = True) -> pl.LazyFrame:
+    """The columns an aggregation reads, with the record ids (``r0``...) of each dataset occurrence (unless the
+    caller reads none: ``records_too`` false)."""
     records = [pl.col(column).alias(f"r{i}") for i, (_, column) in enumerate(frame.records or ())]
+    records = records if records_too else []
     if not exprs and not records:  # a count over no columns: something to count rows over
         return frame.data.with_row_index("\x01rows").select("\x01rows")
     return frame.data.select([*exprs, *records])
@@ -570,6 +603,7 @@ class _Numbers:
     kept: np.ndarray  # groups with at least k records of every dataset
     failing: dict[str, dict[str, np.ndarray]]  # cell -> dataset -> groups where it has fewer than k records
     record_sets: list[RecordSet]
+    sketches: list[Sketch] | None = None  # instead of the record sets, where asked for and the route gives them
 
     def withheld(self, cell: str) -> np.ndarray:
         bad = np.zeros(self.grouped.height, dtype=bool)
@@ -584,6 +618,7 @@ class _Out:
     groups: int  # groups (or described columns) dropped
     cells: dict[str, list[int]]  # column -> row positions of nulled cells
     record_sets: list[RecordSet]
+    sketches: list[Sketch] | None = None
 
 
 def _numbers(
@@ -594,10 +629,12 @@ def _numbers(
     want_sets: bool,
     what: str,
     subjects: Sequence[str],
+    sketch: bool = False,
 ) -> _Numbers:
-    """Every cell per group in one Polars group-by, with the records that contribute to each."""
+    """Every cell per group in one Polars group-by, with the records that contribute to each (or, with ``sketch``,
+    their sketches where the route gives them)."""
     if _direct_route(frame):
-        return _numbers_direct(frame, by, cells, policies, want_sets, what, subjects)
+        return _numbers_direct(frame, by, cells, policies, want_sets, what, subjects, sketch)
     ks = _min_sizes(frame, policies)
     k = max(ks.values(), default=1)
     grouped_by = bool(by)
@@ -865,8 +902,15 @@ def _numbers_direct(
     want_sets: bool,
     what: str,
     subjects: Sequence[str],
+    sketch: bool = False,
 ) -> _Numbers:
-    """:func:`_numbers` for a table whose rows are distinct records: the same numbers, rules and record sets."""
+    """:func:`_numbers` for a table whose rows are distinct records: the same numbers, rules and record sets.
+
+    With ``sketch`` the record sets are not listed but sketched: each is a group's rows, or those of them where a
+    column contributes, so its size is a count the release makes anyway and its id sum two more sums in the same
+    group-by; a value k records share, left out of a set, is summed apart and taken off. Order statistics (a block
+    of ranks) are not sketched: their sets are listed.
+    """
     ks = _min_sizes(frame, policies)
     k = max(ks.values(), default=1)
     key_names = [f"k{i}" for i in range(len(by))]
@@ -892,13 +936,18 @@ def _numbers_direct(
         spec.ordered |= cell.func in _ORDER_FUNCS
         spec.funcs.add(cell.func)
     sets = want_sets and frame.records is not None
+    weights = _weights(frame) if sets and sketch else None
+    sketching = weights is not None and not any(spec.ordered for spec in inputs.values())
+    listing = sets and not sketching
+    if weights is not None and sketching:
+        work.append(pl.col(weights[0]).alias("w0"))
     datasets = [frame.records[0][0]] if frame.records else sorted(frame.datasets)
     # Grouped order statistics alone: their counts come from the gathered values, with no pass of their own.
     tallied = not key_names or not inputs or any(not spec.ordered for spec in inputs.values())
     tallied = tallied or any(c.column is not None and c.func not in _ORDER_FUNCS for c in cells)
 
     with engine_errors(what, subjects):
-        table = frame.collect(_work_frame(frame, work))
+        table = frame.collect(_work_frame(frame, work, records_too=listing))
         if key_names and any(table.get_column(key).null_count() for key in key_names):
             table = table.drop_nulls(key_names)  # a null key forms no group (pandas' dropna)
         flags: list[pl.Expr] = []  # the indicator columns, then what is computed from them
@@ -930,6 +979,8 @@ def _numbers_direct(
                 derived.append(value.cast(pl.Int64).alias(f"{spec.v}_w"))
             if spec.funcs & {"mean", "std", "var"} and not (dtype.is_integer() or dtype == pl.Float64):
                 derived.append(value.cast(pl.Float64).alias(f"{spec.v}_f"))
+            if sketching and spec.indicator is not None:  # the contributing rows' weights (null elsewhere)
+                derived.append(pl.when(pl.col(spec.indicator)).then(pl.col("w0")).alias(f"{spec.v}_wm"))
         for stage in (flags, derived):
             table = table.with_columns(stage) if stage else table
 
@@ -942,15 +993,20 @@ def _numbers_direct(
         fast: list[pl.Expr] = [pl.len().alias("rows")]
         slow: list[pl.Expr] = []
         listed: list[pl.Expr] = []  # a group's values, for the order statistics and the record sets
+        if sketching:
+            fast.append(pl.col("w0").sum().alias("w_sum"))
         for spec in inputs.values():
-            fast.append(counted(spec.indicator).alias(f"{spec.v}_c"))
+            if not (sketching and spec.indicator is not None):  # else field 0 of its weight sum (the count)
+                fast.append(counted(spec.indicator).alias(f"{spec.v}_c"))
             if spec.moded and tallied:
                 fast.append(counted(f"{spec.v}_h").alias(f"{spec.v}_hs"))
             if spec.ordered:
                 listed.append(pl.col(f"{spec.v}_o"))
-            if sets and spec.indicator is not None:
+            if listing and spec.indicator is not None:
                 listed.append(pl.col(spec.indicator))
-        if sets:
+            if sketching and spec.indicator is not None:  # the weights of the contributing rows, summed
+                fast.append(pl.col(f"{spec.v}_wm").sum().alias(f"{spec.v}_ws"))
+        if listing:
             listed.append(pl.col("r0"))
         for cell in cells:
             if cell.column is None:
@@ -1005,6 +1061,14 @@ def _numbers_direct(
                 grouped = grouped.with_columns(_tallies_of_values(inputs, cells, segments))
         else:
             grouped = frame.collect(table.lazy().select(fast + slow))
+        if sketching and weights is not None:  # a count is its weights' fields added up
+            grouped = grouped.hstack(
+                [
+                    pl.Series(f"{spec.v}_c", _sketch_sizes(grouped.get_column(f"{spec.v}_ws").to_numpy(), weights[1]))
+                    for spec in inputs.values()
+                    if spec.indicator
+                ]
+            )
         tallies = ["rows", *(f"{spec.v}_c" for spec in inputs.values())]
         tallies += [cell.name for cell in cells if cell.column is None or cell.func == "count"]
         grouped = grouped.with_columns(pl.col(tallies).cast(pl.Int64))
@@ -1061,7 +1125,7 @@ def _numbers_direct(
             sample = _Sample(values) if len(values) > _NUMPY_BELOW else None
             for cell, (start, end) in zip(mine, ranks, strict=True):
                 if sample is not None:
-                    found = sample.block(start, end, sets)
+                    found = sample.block(start, end, listing)
                     if found is None:  # the sample's bracket missed: selected below, all at once
                         large.append((cell.name, row, values, where, start, end))
                         continue
@@ -1069,20 +1133,20 @@ def _numbers_direct(
                 elif len(values) > _SORT_BELOW:
                     # The block's values are exactly parted[start:end]; its records, with ties in row order:
                     mean, inside = float(parted[start:end].mean()), None
-                    if sets:
+                    if listing:
                         _, inside = _block_mean(values, start, end, parted[start], parted[end - 1], True)
                 else:
                     inside = np.sort(np.argsort(values, kind="stable")[start:end])  # ordinal rank: ties in row order
                     mean = float(values[inside].mean())
                 columns[cell.name][row] = mean
-                if sets and inside is not None:
+                if listing and inside is not None:
                     blocks.setdefault(cell.name, {})[row] = inside if where is None else where[inside]
         with engine_errors(what, subjects):
             bounding = _select_ranks(
                 [(values, rank) for _, _, values, _, start, end in large for rank in (start, end - 1)]
             )
         for i, (name, row, values, where, start, end) in enumerate(large):
-            mean, inside = _block_mean(values, start, end, bounding[2 * i], bounding[2 * i + 1], sets)
+            mean, inside = _block_mean(values, start, end, bounding[2 * i], bounding[2 * i + 1], listing)
             columns[name][row] = mean
             if inside is not None:
                 blocks.setdefault(name, {})[row] = inside if where is None else where[inside]
@@ -1106,10 +1170,31 @@ def _numbers_direct(
         failing[cell.name] = short
 
     numbers = _Numbers(grouped.select(*key_names, *(cell.name for cell in cells)), group_records, kept, failing, [])
-    if sets:
-        keys_of = {cell.name: _comparison_keys(frame, cell) for cell in cells}
+    keys_of = {cell.name: _comparison_keys(frame, cell) for cell in cells}
+    if listing:
         numbers.record_sets = _direct_sets(
             numbers, datasets[0], by, cells, inputs, segments, modes, blocks, table, key_names, keys_of
+        )
+    elif sketching and weights is not None:
+        held_out = {
+            spec.v: _held_sketches(frame, table, key_names, grouped, spec, modes[spec.v], what, subjects)
+            for spec in inputs.values()
+            if modes.get(spec.v)
+        }
+        sums = {spec.v: grouped.get_column(f"{spec.v}_ws").to_numpy() for spec in inputs.values() if spec.indicator}
+        numbers.sketches = _direct_sketches(
+            numbers,
+            datasets[0],
+            by,
+            cells,
+            inputs,
+            rows,
+            count,
+            grouped.get_column("w_sum").to_numpy(),
+            sums,
+            held_out,
+            keys_of,
+            weights[1],
         )
     return numbers
 
@@ -1348,6 +1433,91 @@ def _direct_sets(
     return found
 
 
+def _sketch_sizes(sketches: np.ndarray, bits: int) -> np.ndarray:
+    """The records each sketch counts: its fields (records per class) added up."""
+    values = sketches.astype(np.int64, copy=False)
+    mask = (1 << bits) - 1
+    return sum(((values >> (i * bits)) & mask for i in range(63 // bits)), np.zeros_like(values))
+
+
+def _held_sketches(
+    frame: SourceTable,
+    table: pl.DataFrame,
+    key_names: Sequence[str],
+    grouped: pl.DataFrame,
+    spec: _Input,
+    modes: Mapping[int, Any],
+    what: str,
+    subjects: Sequence[str],
+) -> dict[int, tuple[int, int]]:
+    """Per group row in ``modes``, how many contributing records hold its most common value and their weights'
+    sum (what the group's sketch leaves out, as :func:`_direct_sets` leaves the records out)."""
+    value = spec.normal().alias("\x01v")
+    rows = sorted(modes)
+    with engine_errors(what, subjects):
+        dtype = table.lazy().select(value).collect_schema()["\x01v"]
+        chosen = table.lazy().select(*key_names, value, pl.col("w0"))
+        if key_names:
+            wanted = grouped.select(key_names)[rows].with_columns(
+                pl.Series("\x01group", rows, dtype=pl.Int64), pl.Series("\x01mode", [modes[r] for r in rows], dtype)
+            )
+            chosen = chosen.join(wanted.lazy(), on=list(key_names))
+        else:
+            chosen = chosen.with_columns(
+                pl.lit(rows[0], pl.Int64).alias("\x01group"), pl.lit(modes[rows[0]], dtype).alias("\x01mode")
+            )
+        holding = chosen.filter(pl.col("\x01v") == pl.col("\x01mode")).group_by("\x01group")
+        found = frame.collect(holding.agg(pl.len().alias("\x01n"), pl.col("w0").sum().alias("\x01w")))
+    return {int(group): (int(n), int(w)) for group, n, w in found.iter_rows()}
+
+
+def _direct_sketches(
+    numbers: _Numbers,
+    dataset: str,
+    by: Sequence[str],
+    cells: Sequence[_Cell],
+    inputs: Mapping[tuple[str, str], _Input],
+    rows: np.ndarray,
+    counts: Mapping[str, np.ndarray],
+    group_sums: np.ndarray,
+    contributing_sums: Mapping[str, np.ndarray],
+    held: Mapping[str, Mapping[int, tuple[int, int]]],
+    keys_of: Mapping[str, frozenset[str]],
+    bits: int,
+) -> list[Sketch]:
+    """The sketches of the sets :func:`_direct_sets` lists, with the same labels: per released number, its group's
+    rows or the rows where its column contributes, less those holding a value k of them share (``held``: per
+    column and group, how many hold it and their weights' sum)."""
+    released = {cell.name: ~numbers.withheld(cell.name) for cell in cells}
+    found: list[Sketch] = []
+    for row in (int(r) for r in np.nonzero(numbers.kept)[0]):
+        keys = tuple(numbers.grouped.get_column(f"k{i}")[row] for i in range(len(by)))
+        group = f"group {keys!r}" if by else "all rows"
+        emitted: dict[str | None, int] = {}  # the contributing column (None: the group's rows) -> place in found
+        for cell in cells:
+            if not released[cell.name][row]:
+                continue
+            spec = None if cell.column is None else inputs[(cell.column, cell.kind)]
+            less = (0, 0) if spec is None else held.get(spec.v, {}).get(row, (0, 0))
+            if spec is None or (spec.indicator is None and not less[0]) or counts[spec.v][row] - less[0] == rows[row]:
+                bucket, label, size, total = None, group, int(rows[row]), int(group_sums[row])
+            else:
+                bucket = spec.v
+                label = f"{group} {cell.shown}" if by else cell.shown
+                size = int(counts[spec.v][row]) - less[0]
+                total = int(contributing_sums[spec.v][row] if spec.indicator else group_sums[row]) - less[1]
+            at = emitted.get(bucket)
+            if at is None:
+                emitted[bucket] = len(found)
+                found.append(Sketch(dataset, label, size, total, keys_of[cell.name], row, bits))
+            else:
+                earlier = found[at]
+                found[at] = Sketch(
+                    dataset, earlier.label, earlier.size, earlier.total, earlier.keys | keys_of[cell.name], row, bits
+                )
+    return found
+
+
 def _bucket(ids: np.ndarray) -> tuple[int, int, int]:
     """Where a set of sorted ids is looked for among the sets already emitted: its size and ends (cheap, where the
     ids' bytes as a key cost a copy and a hash of the whole set); equal sets share a bucket, and :func:`_emit`
@@ -1480,7 +1650,9 @@ def _refuse(failing: Iterable[str], policies: Mapping[str, OutputPolicy], what: 
 # aggregate
 
 
-def _aggregate(node: Aggregate, frame: SourceTable, policies: Mapping[str, OutputPolicy], want_sets: bool) -> _Out:
+def _aggregate(
+    node: Aggregate, frame: SourceTable, policies: Mapping[str, OutputPolicy], want_sets: bool, sketch: bool
+) -> _Out:
     inputs = [agg.column for agg in node.aggs if agg.column is not None]
     require_columns(frame, list(node.by) + inputs, "aggregate")
     used = {name: lineage_of(frame, name) for name in (*node.by, *inputs)}
@@ -1500,7 +1672,7 @@ def _aggregate(node: Aggregate, frame: SourceTable, policies: Mapping[str, Outpu
         func = "rows" if agg.column is None else agg.func
         q = 0.5 if agg.func == "median" else agg.q
         cells.append(_Cell(f"a{position}", f"column {quote(agg.name)}", agg.column, func, kind, q))
-    numbers = _numbers(frame, node.by, cells, policies, want_sets, "aggregate", subjects)
+    numbers = _numbers(frame, node.by, cells, policies, want_sets, "aggregate", subjects, sketch)
 
     if not node.by:
         if not numbers.kept[0]:
@@ -1520,6 +1692,7 @@ def _aggregate(node: Aggregate, frame: SourceTable, policies: Mapping[str, Outpu
         int((~numbers.kept).sum()),
         {named[name]: rows for name, rows in positions.items()},
         numbers.record_sets,
+        numbers.sketches,
     )
 
 
@@ -1527,15 +1700,23 @@ def _aggregate(node: Aggregate, frame: SourceTable, policies: Mapping[str, Outpu
 # value_counts
 
 
-def _value_counts(node: ValueCounts, frame: SourceTable, policies: Mapping[str, OutputPolicy], want_sets: bool) -> _Out:
+def _value_counts(
+    node: ValueCounts, frame: SourceTable, policies: Mapping[str, OutputPolicy], want_sets: bool, sketch: bool
+) -> _Out:
     require_columns(frame, [node.column], "value_counts")
     if node.column == "count":
         raise VaultError("value_counts: a column named 'count' would clash with the counts; rename it with assign")
     check_columns({node.column: lineage_of(frame, node.column)}, policies, "value_counts")
     sets = want_sets and frame.records is not None
-    listed = [pl.col(f"r{i}").alias(f"g_ids{i}") for i in range(len(frame.records or ()))] if sets else []
+    # Each value's records are its rows where every row is a distinct record: a count and an id sum sketch them.
+    weights = _weights(frame) if sets and sketch else None
+    if weights is not None:
+        listed = [pl.col(weights[0]).sum().alias("w_sum")]
+    else:
+        listed = [pl.col(f"r{i}").alias(f"g_ids{i}") for i in range(len(frame.records or ()))] if sets else []
     with engine_errors("value_counts", [f"column {quote(node.column)} ({frame.arrow_type(node.column)})"]):
-        lazy = _work_frame(frame, [_key_expr(frame, node.column).alias("k0")])
+        weight = [] if weights is None else [pl.col(weights[0])]
+        lazy = _work_frame(frame, [_key_expr(frame, node.column).alias("k0"), *weight])
         grouped_lazy = lazy.group_by("k0").agg(
             pl.len().cast(pl.Int64).alias("count_all"), *_count_exprs(frame, "g", None), *listed
         )
@@ -1548,6 +1729,14 @@ def _value_counts(node: ValueCounts, frame: SourceTable, policies: Mapping[str, 
         keep &= counts >= ks[dataset]
     survivors = grouped.filter(pl.Series(keep, dtype=pl.Boolean))
     found: list[RecordSet] = []
+    if weights is not None:
+        dataset = (frame.records or ())[0][0]
+        sketches = [
+            Sketch(dataset, f"value {value!r}", int(n), int(total), _COUNTED, row, weights[1])
+            for row, (value, n, total) in enumerate(survivors.select("k0", "count_all", "w_sum").iter_rows())
+        ]
+        result = survivors.select(pl.col("k0").alias(node.column), pl.col("count_all").alias("count"))
+        return _Out(to_arrow(result, {}), int((~keep).sum()), {}, [], sketches)
     if sets:
         for row in range(survivors.height):
             per: dict[str, list[np.ndarray]] = {}

@@ -19,7 +19,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,6 +86,24 @@ def digest_of(value: object) -> str:
 
 def _canonical(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def release_recipe(
+    tree: dict[str, Any], sources: Mapping[str, plan.SourceTable], policies: Mapping[str, OutputPolicy]
+) -> differences.Recipe:
+    """How the difference checks list a release's record sets again: the same plan over the same source tables
+    under the same policies (the objects it ran on, kept; the tables never change), which also makes its
+    fingerprint."""
+
+    def listed() -> Sequence[differences.RecordSet]:
+        return release.release(tree, sources, policies, record_sets=True).record_sets
+
+    fingerprint = (
+        _canonical(tree),
+        tuple(sorted((name, id(table)) for name, table in sources.items())),
+        tuple(sorted((name, id(policy)) for name, policy in policies.items())),
+    )
+    return differences.Recipe(listed, fingerprint)
 
 
 def ipc_bytes(table: pa.Table) -> bytes:
@@ -412,15 +430,27 @@ class Vault:
                 )
         self._count_release(datasets, "release")
         checking = {name for name, policy in self._policies.items() if policy.checks_differences}
+        sources = plan.plan_sources(tree, self._sources)
+        policies = {name: self._policies[name] for name in datasets if name in self._policies}
         released = release.release(
-            tree, self._sources, self._policies, record_sets=bool(checking & plan.plan_datasets(tree, self._sources))
+            tree,
+            sources,
+            policies,
+            record_sets=bool(checking & datasets),
+            sketches=True,
         )
-        k = {name: policy.min_group_size for name, policy in self._policies.items()}
-        grouped = tree.get("node") == "value_counts" or (tree.get("node") == "aggregate" and bool(tree.get("by")))
         # Refuses a number (or a group-by's groups added up) a few records away from one released before, for the
         # datasets whose owners turned the checks on.
-        checked = self._memory().check(
-            (found for found in released.record_sets if found[0] in checking), k, grouped=grouped
+        k = {name: policy.min_group_size for name, policy in policies.items()}
+        grouped = tree.get("node") == "value_counts" or (tree.get("node") == "aggregate" and bool(tree.get("by")))
+        checked = self._memory().check_release(
+            released.sketches,
+            released.record_sets,
+            checking,
+            k,
+            grouped=grouped,
+            recipe=release_recipe(tree, sources, policies),
+            rows=self._dataset_rows(policies),
         )
         operation = digest_of(tree)
         reply: dict[str, Any] = {
@@ -837,6 +867,11 @@ class Vault:
             )
         for name in names:
             self._releases[name] = self._releases.get(name, 0) + 1
+
+    def _dataset_rows(self, datasets: Iterable[str]) -> dict[str, int]:
+        """The row counts of the opened datasets among ``datasets`` (their record ids are row positions), which fix
+        the field width of their record weights in the difference checks."""
+        return {name: self._sources[self._opened[name]].row_bound().rows() for name in datasets if name in self._opened}
 
     def _memory(self) -> differences.ReleaseMemory:
         """The record sets behind the numbers released so far (made by the first release: it needs NumPy)."""

@@ -382,7 +382,7 @@ def test_hidden_columns_never_show(ward: dict[str, SourceTable]) -> None:
     plan = assign(("a", fn("where", col("who"), lit(1), lit(0))), ("b", fn("is_null", col("x"))))
     frame = evaluate(plan, ward)
     visible = ["x", "n", "who", "g", "day", "a", "b"]
-    assert len(frame.schema.names()) == len(visible) + 3  # one record id, two masks
+    assert len(frame.schema.names()) == len(visible) + 4  # one record id, two masks, the records' weights
     assert frame.columns == visible
     assert [c["name"] for c in schema_of(frame)] == visible
     assert frame.table.column_names == visible
@@ -392,9 +392,9 @@ def test_hidden_columns_never_show(ward: dict[str, SourceTable]) -> None:
     assert release.schema_table(plan, ward, policies).column_names == visible
     assert [c["name"] for c in release.preview(plan, ward, policies)["columns"]] == visible
     # A plan cannot name a hidden column.
-    hidden = frame.masks["a"]
-    with pytest.raises(Exception, match="no column"):
-        evaluate(assign(("z", col(hidden)), input_=plan), ward)
+    for hidden in (frame.masks["a"], *frame.weight_columns):
+        with pytest.raises(Exception, match="no column"):
+            evaluate(assign(("z", col(hidden)), input_=plan), ward)
 
 
 def test_a_mask_goes_with_its_column(ward: dict[str, SourceTable]) -> None:
@@ -408,7 +408,7 @@ def test_a_mask_goes_with_its_column(ward: dict[str, SourceTable]) -> None:
     assert masks(overwritten, "a")["a"] == [True, True, False, True, True, True]
     remasked = evaluate(assign(("b", lit(3)), input_=masked), ward)
     assert masks(remasked, "b")["b"] == [False] * 6
-    assert len(remasked.schema.names()) == len(remasked.columns) + 3
+    assert len(remasked.schema.names()) == len(remasked.columns) + 4  # the record id, two masks, the weights
 
 
 def test_a_plan_name_equal_to_a_hidden_one_moves_the_hidden_column(ward: dict[str, SourceTable]) -> None:

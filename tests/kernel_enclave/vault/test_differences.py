@@ -8,6 +8,7 @@ release added up, a refused release remembering nothing, several datasets.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyroaring import BitMap
 
-from kernel_enclave.vault.differences import RULE, ReleaseMemory, _bitmap32
+from kernel_enclave.vault.differences import (
+    ALL_KEY,
+    RULE,
+    Recipe,
+    ReleaseMemory,
+    Sketch,
+    _bitmap32,
+    sketch_of,
+    weight_bits,
+)
 from kernel_enclave.vault.protocol import PolicyViolation
 
 K = 10
@@ -297,3 +307,152 @@ def test_groups_of_a_sum_add_up_and_are_compared_with_the_columns_other_numbers(
         keyed(memory, *((half, frozenset({"a:cost", "sum:a:cost"})) for half in halves), grouped=True)
     # The twin: the means of the same two groups add up to no number over their union, so they are released.
     keyed(memory, *((half, frozenset({"a:cost"})) for half in halves), grouped=True)
+
+
+# -- sketches: sets screened without their records, listed only when near another --------------------------------
+
+BITS = 20  # the field width of a dataset of up to a million records: three classes
+
+
+class Releases:
+    """Releases given to the memory as sketches, each with a recipe that lists its sets again (and counts it)."""
+
+    def __init__(self, memory: ReleaseMemory) -> None:
+        self.memory = memory
+        self.listings: list[str] = []
+
+    def give(
+        self,
+        name: str,
+        *sets: np.ndarray,
+        keys: frozenset[str] = frozenset({"a:cost"}),
+        grouped: bool = False,
+        listed_as: list[np.ndarray] | None = None,
+        fingerprint: object = None,
+    ) -> None:
+        """Release ``sets`` (disjoint groups when ``grouped``); ``listed_as``: what the recipe lists instead."""
+        found = [("a", f"{name} {i}", values, keys) for i, values in enumerate(listed_as or sets)]
+
+        def again() -> list[Any]:
+            self.listings.append(name)
+            return found
+
+        sketches = [
+            Sketch("a", f"{name} {i}", int(v.size), sketch_of(v, BITS), keys, i, BITS) for i, v in enumerate(sets)
+        ]
+        recipe = Recipe(again, fingerprint if fingerprint is not None else name)
+        checked = self.memory.check_release(sketches, [], {"a"}, {"a": K}, grouped=grouped, recipe=recipe)
+        self.memory.remember(checked)
+
+
+def test_a_sketch_is_a_lower_bound_that_never_hides_a_near_set() -> None:
+    """A set a few records from a sketched one is refused (both listed to compare); far sets list nothing."""
+    memory = ReleaseMemory()
+    releases = Releases(memory)
+    releases.give("everyone", EVERYONE)
+    releases.give("women", EVERYONE[::2])
+    releases.give("men", EVERYONE[1::2])
+    assert releases.listings == [] and memory.listed() == 0  # far apart: screened by their sketches alone
+    with pytest.raises(PolicyViolation, match="differ"):
+        releases.give("everyone but one", EVERYONE[1:])
+    assert "everyone" in releases.listings and "everyone but one" in releases.listings
+    assert memory.remembered() == 3
+    releases.give("everyone but ten", EVERYONE[K:])  # a difference of k records: released
+    assert memory.remembered() == 4
+
+
+def test_asking_the_same_question_again_lists_nothing() -> None:
+    memory = ReleaseMemory()
+    releases = Releases(memory)
+    sums = frozenset({"a:cost", "sum:a:cost"})  # sums by age: their groups add up to a number too
+    releases.give("ages", EVERYONE[:2000], EVERYONE[2000:], keys=sums, grouped=True, fingerprint="plan 1")
+    releases.give("ages", EVERYONE[:2000], EVERYONE[2000:], keys=sums, grouped=True, fingerprint="plan 1")
+    assert releases.listings == []
+    assert memory.remembered() == 3  # two groups and their union, once
+    # The same records under another plan: listed to be sure they are the same, then not kept twice.
+    releases.give("ages", EVERYONE[:2000], EVERYONE[2000:], keys=sums, grouped=True, fingerprint="plan 2")
+    assert releases.listings and memory.remembered() == 3
+
+
+def test_a_set_that_cannot_be_listed_as_it_was_fails_closed() -> None:
+    for listed_as in ([EVERYONE[3:]], None):
+        memory = ReleaseMemory()
+        releases = Releases(memory)
+        releases.give("everyone", EVERYONE, listed_as=listed_as)  # remembered from its sketch alone
+        if listed_as is None:  # a recipe that raises: the earlier records are unknown
+            memory._entries(None)[0].recipe = Recipe(lambda: 1 / 0, "broken")  # type: ignore[misc]
+        with pytest.raises(PolicyViolation, match="could not be listed again"):
+            releases.give("everyone but two", EVERYONE[2:])
+        assert memory.remembered() == 1
+
+
+def test_the_groups_of_a_sketched_release_added_up_are_compared() -> None:
+    memory = ReleaseMemory()
+    releases = Releases(memory)
+    releases.give("everyone", EVERYONE)
+    but_one = EVERYONE[1:]
+    with pytest.raises(PolicyViolation, match="added up"):
+        releases.give("by sex", but_one[::2], but_one[1::2], keys=frozenset({"a:cost", "sum:a:cost"}), grouped=True)
+    # The means of the two groups add up to nothing: released, and their union is not remembered.
+    releases.give("means by sex", but_one[::2], but_one[1::2], grouped=True)
+    assert memory.remembered() == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    first=st.frozensets(st.integers(0, 2000), max_size=300),
+    out=st.integers(0, 40),
+    added=st.frozensets(st.integers(0, 2000), max_size=20),
+)
+def test_the_bound_of_two_sketches_never_exceeds_their_difference(
+    first: frozenset[int], out: int, added: frozenset[int]
+) -> None:
+    a = ids(sorted(first))
+    b = ids(sorted((set(first) - set(sorted(first)[:out])) | set(added)))
+    difference = len(set(a.tolist()) ^ set(b.tolist()))
+    for bits in (BITS, 11, 31):
+        fields_a = [(sketch_of(a, bits) >> (i * bits)) & ((1 << bits) - 1) for i in range(63 // bits)]
+        fields_b = [(sketch_of(b, bits) >> (i * bits)) & ((1 << bits) - 1) for i in range(63 // bits)]
+        assert sum(fields_a) == a.size and sum(fields_b) == b.size  # the classes count every record once
+        assert sum(abs(x - y) for x, y in zip(fields_a, fields_b, strict=True)) <= difference
+
+
+def test_weights_give_every_class_its_share() -> None:
+    """About a third of the records in each class (a skewed hash would weaken the bound, never break it)."""
+    counts = [(sketch_of(ids(range(300_000)), BITS) >> (i * BITS)) & ((1 << BITS) - 1) for i in range(3)]
+    assert all(abs(c - 100_000) < 2_000 for c in counts), counts
+    assert weight_bits(10**6) == BITS and weight_bits(2**31) is None  # beyond two fields: sets are listed
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(releases=sets_strategy, k=st.integers(1, 6), grouping=st.lists(st.booleans(), min_size=12, max_size=12))
+def test_sketched_releases_agree_with_listed_ones(
+    releases: list[list[tuple[str, frozenset[int]]]], k: int, grouping: list[bool]
+) -> None:
+    """The same releases, once listed and once as sketches with recipes: the same refusals, the same memory."""
+    listed, sketched = ReleaseMemory(), ReleaseMemory()
+    for n, (numbers, grouped) in enumerate(zip(releases, grouping, strict=False)):
+        sets = [(d, f"n{i}", np.array(sorted(r), dtype=np.int64)) for i, (d, r) in enumerate(numbers)]
+        # Sketches of one release add up to its union only for disjoint groups; else they share a group (listed).
+        disjoint = all(not (a & b) for i, (_, a) in enumerate(numbers) for _, b in numbers[i + 1 :])
+        sketches = [
+            Sketch(d, label, int(v.size), sketch_of(v, 7), frozenset({ALL_KEY}), i if disjoint else 0, 7)
+            for i, (d, label, v) in enumerate(sets)
+        ]
+        recipe = Recipe(lambda sets=sets: sets, n)
+        outcomes = []
+        for memory in (listed, sketched):
+            try:
+                if memory is listed:
+                    checked = memory.check(sets, {"a": k, "b": k}, grouped=grouped)
+                else:
+                    checked = memory.check_release(
+                        sketches, [], {"a", "b"}, {"a": k, "b": k}, grouped=grouped, recipe=recipe
+                    )
+                memory.remember(checked)
+                outcomes.append("released")
+            except PolicyViolation:
+                outcomes.append("refused")
+        assert outcomes[0] == outcomes[1]
+        for dataset in ("a", "b"):
+            assert listed.remembered(dataset) == sketched.remembered(dataset)

@@ -19,6 +19,7 @@ import pytest
 
 from confnb.policy.output import RELEASE_KINDS, OutputPolicy
 from kernel_enclave.vault import release as engine
+from kernel_enclave.vault.differences import sketch_of
 from kernel_enclave.vault.plan import SourceTable
 from kernel_enclave.vault.protocol import PolicyViolation, VaultError
 
@@ -145,3 +146,53 @@ def test_large_groups_bracketed_from_a_sample_give_exact_blocks() -> None:
         end = n if block == n // 10 - 1 else (block + 1) * 10
         expected = float(ordered[block * 10 : end].mean())
         assert released.table.column(name)[0].as_py() == pytest.approx(expected, rel=1e-12)
+
+
+def sketches_and_sets(plan: dict[str, Any], sources: dict[str, SourceTable], k: int) -> tuple[Any, Any] | None:
+    """The same release asked for sketches and for listed record sets, or None where it is refused."""
+    try:
+        sketched = engine.release(plan, sources, policy(k), record_sets=True, sketches=True)
+    except (PolicyViolation, VaultError):
+        with pytest.raises((PolicyViolation, VaultError)):  # refused alike when its sets are listed
+            engine.release(plan, sources, policy(k), record_sets=True)
+        return None
+    listed = engine.release(plan, sources, policy(k), record_sets=True)
+    assert sketched.table is not None and listed.table is not None
+    same(
+        ("released", sketched.table.to_pylist(), sketched.withheld),
+        ("released", listed.table.to_pylist(), listed.withheld),
+    )
+    return sketched.sketches, listed.record_sets
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sketches_describe_the_record_sets_the_release_lists(seed: int) -> None:
+    """Each sketch is its listed set's size and weight sum, under the same label and keys (a set two numbers share
+    is listed once, under the first number's label, and may be sketched once per column)."""
+    rng = np.random.default_rng(100 + seed)
+    sketched_releases = 0
+    for _ in range(40):
+        n = int(rng.choice([0, 1, 5, 30, 200, 1500]))
+        sources = table(rng, n)
+        plan = (
+            request(rng, n)
+            if rng.random() < 0.8
+            else {"node": "value_counts", "input": {"node": "source", "handle": "t"}, "column": "i", "dropna": True}
+        )
+        found = sketches_and_sets(plan, sources, int(rng.choice([1, 3, 5, 10])))
+        if found is None or found[0] is None:
+            continue
+        sketched_releases += 1
+        sketches, listed = found
+        bits = next(iter(sources["t"].weights.values()))[1]
+        by_label = {label: (ids.size, sketch_of(ids, bits), keys) for _, label, ids, keys in listed}
+        shapes = {(ids.size, sketch_of(ids, bits)) for _, _, ids, _ in listed}
+        for sketch in sketches:
+            assert sketch.bits == bits
+            if sketch.label in by_label:
+                assert (sketch.size, sketch.total) == by_label[sketch.label][:2], sketch.label
+                assert sketch.keys <= by_label[sketch.label][2] | {k for s in sketches for k in s.keys}
+            else:
+                assert (sketch.size, sketch.total) in shapes, sketch.label
+        assert {label for _, label, _, _ in listed} <= {sketch.label for sketch in sketches}
+    assert sketched_releases >= 10  # most of these releases are sketched: the comparison is not vacuous
