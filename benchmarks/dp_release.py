@@ -12,7 +12,7 @@ shuffled order over ``--rounds`` rounds:
    ``[privacy]`` table in canonical form); prepare and run are also timed apart inside each call;
 2. **exact**: :func:`kernel_enclave.vault.release.release` alone, the plain exact release (the baseline);
 3. **exact, checked**: the exact release as ``Vault._release`` runs it for a policy with default settings: with the
-   record set of every released number, checked against a fresh kernel's
+   sketch of every released number's record set, checked against a fresh kernel's
    :class:`~kernel_enclave.vault.differences.ReleaseMemory` and remembered (reported; ``difference_checks.py``
    measures the check against many remembered releases).
 
@@ -123,6 +123,7 @@ def group_by(rows: int, groups: int, rounds: int, epsilon: float, log: Callable[
     from kernel_enclave.vault import dp, release
     from kernel_enclave.vault.differences import ReleaseMemory
     from kernel_enclave.vault.plan import SourceTable
+    from kernel_enclave.vault.vault import release_recipe
 
     table = build_table(rows, groups)
     sources = {"d1": SourceTable.from_dataset(DATASET, table)}
@@ -160,10 +161,15 @@ def group_by(rows: int, groups: int, rounds: int, epsilon: float, log: Callable[
         return release.release(PLAN, sources, exact_policies)
 
     def checked() -> Any:
-        released = release.release(PLAN, sources, exact_policies, record_sets=True)
+        released = release.release(PLAN, sources, exact_policies, record_sets=True, sketches=True)
         started = time.perf_counter()
         memory = ReleaseMemory()
-        memory.remember(memory.check(released.record_sets, k, grouped=True))  # a group-by, as the vault passes
+        recipe = release_recipe(PLAN, sources, exact_policies)
+        rows = {DATASET: sources["d1"].row_bound().rows()}
+        checked = memory.check_release(  # a group-by, as the vault passes it
+            released.sketches, released.record_sets, set(k), k, grouped=True, recipe=recipe, rows=rows
+        )
+        memory.remember(checked)
         check_times.append(time.perf_counter() - started)
         return released
 

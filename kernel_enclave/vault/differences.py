@@ -32,14 +32,15 @@ release taken whole, differs by k or more; some of a release's groups added up),
 overlapping releases. The release limits (``max_releases``) bound how many releases an analyst can draw, and the
 differential-privacy mode bounds what they reveal.
 
-The sets are screened before anything is listed. The records of a dataset are split into a few classes by a hash of
-their ids (three for up to a million records, two up to two thousand million), and each record has a fixed
-*weight*: 1 in the field of ``b`` bits of its class (``b`` = the bit length of the dataset's row count, so no
-field of a sum over its records overflows into the next). The sum of a set's weights is its *sketch*: the number
-of its records in each class. A release of the common kind (one in-memory dataset whose rows are distinct records)
-hands over only these sketches, computed in the same group-by as its numbers from a hidden weight column made once
-at load (one sum per group and contributing column, where listing the ids would gather and sort every one of them,
-and building their bitmaps costs more again). Every record in A Δ B changes one class's count by one, so the sum of
+The sets are screened before anything is listed. The records of a dataset are split into a few classes by a hash
+of their ids (three for up to two million records, more for fewer, two up to two thousand million), and each record
+has a fixed *weight*: 1 in the field of ``b`` bits of its class (``b`` = the bit length of the dataset's row count,
+so no field of a sum over its records overflows into the next). The sum of a set's weights is its *sketch*: the number
+of its records in each class. A release of the common kind (an in-memory dataset whose rows are distinct records,
+or a join of such datasets on keys that meet each record at most once) hands over only these sketches, per
+dataset, computed in the same group-by as its numbers from a hidden weight column made once at load (one sum per
+group and contributing column, where listing the ids would gather and sort every one of them, and building their
+bitmaps costs more again). Every record in A Δ B changes one class's count by one, so the sum of
 the classes' differences is a lower bound of |A Δ B| (and so is the difference of the sizes). Two sets that differ
 by D records differ by about 0.8·√(3D) in this bound: a pair far apart is ruled out without its records, and a
 pair a few records apart never is.
@@ -56,9 +57,10 @@ question again (a cell run twice) is recognised without listing anything: the sa
 the same policies gives the same record sets, so a set with the same label and sketch as one of such a release is a
 repeat.
 
-Releases of other kinds (joins, which can repeat a record; scanned datasets; order statistics, whose blocks of ranks
-are their own record sets; a group whose set leaves out a value k records share) hand over their record sets listed,
-and are checked exactly from the start; their sketches are computed from the ids.
+Releases of other kinds (joins that can repeat a record, self-joins, scanned datasets, order statistics, whose
+blocks of ranks are their own record sets; after a join, a group whose set leaves out a value k records share) hand
+over their record sets listed, and are checked exactly from the start; a listed set's sketch is computed from its
+ids when a sketched set comes near it.
 
 Sets listed are kept as Roaring bitmaps (pyroaring): two bytes per record where records are sparse, one bit per
 record id of the dataset where they are dense, a few bytes per run of consecutive records. A set kept as a sketch
@@ -185,7 +187,7 @@ class _Entry:
 
     label: str
     size: int
-    total: int  # its sketch, in its dataset's field width (0 while that is unknown, for a listed set)
+    total: int | None  # its sketch, in its dataset's field width; None for a listed set until one is needed
     bitmap: BitMap | BitMap64 | None = None
     recipe: Recipe | None = None
     union_key: str | None = None  # the union of its release's sets under this key (a grouped release added up)
@@ -203,6 +205,7 @@ class _Dataset:
     entries: list[_Entry] = field(default_factory=list)
     sizes: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(16, np.int64))
     totals: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(16, np.uint64))
+    known: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(16, np.bool_))  # the sketch is in totals
     count: int = 0
     committed: int = 0
 
@@ -210,10 +213,21 @@ class _Dataset:
         del self.entries[self.committed :]
         self.count = self.committed
 
-    def near(self, size: int, total: int, k: int, bits: int | None) -> npt.NDArray[np.intp]:
-        """The rows whose sets no bound puts k or more records away from a set of this size and sketch."""
+    def near(
+        self, size: int, total: int | None, k: int, bits: int | None, fill: Callable[[_Entry], int] | None = None
+    ) -> npt.NDArray[np.intp]:
+        """The rows whose sets no bound puts k or more records away from a set of this size and sketch (of this
+        size alone without a sketch). A listed set's sketch is made by ``fill`` when first needed."""
         rows = np.flatnonzero(np.abs(self.sizes[: self.count] - size) < max(k, 1))
-        if rows.size and bits is not None:  # the classes are disjoint: their differences add up
+        if rows.size and bits is not None and total is not None and fill is not None:
+            for row in rows[~self.known[rows]].tolist():
+                entry = self.entries[row]
+                if entry.total is None:
+                    entry.total = fill(entry)
+                self.totals[row], self.known[row] = (
+                    np.uint64(entry.total),
+                    True,
+                )  # the classes are disjoint: their differences add up
             apart = np.abs(_fields(self.totals[rows], bits) - _fields(np.array(total, np.uint64), bits)).sum(axis=-1)
             rows = rows[apart < max(k, 1)]
         return rows
@@ -222,14 +236,12 @@ class _Dataset:
         if self.count == len(self.sizes):
             self.sizes = np.concatenate([self.sizes, np.zeros_like(self.sizes)])
             self.totals = np.concatenate([self.totals, np.zeros_like(self.totals)])
+            self.known = np.concatenate([self.known, np.zeros_like(self.known)])
         self.sizes[self.count] = entry.size
-        self.totals[self.count] = np.uint64(entry.total)
+        self.totals[self.count] = np.uint64(entry.total or 0)
+        self.known[self.count] = entry.total is not None
         self.entries.append(entry)
         self.count += 1
-
-    def refresh(self) -> None:
-        """Rewrite the sketches from the entries (after a listed set's sketch was computed)."""
-        self.totals[: self.count] = np.array([entry.total for entry in self.entries[: self.count]], np.uint64)
 
 
 @dataclass
@@ -240,10 +252,10 @@ class _Seen:
     keys: set[str] = field(default_factory=set)
     entry: _Entry | None = None
 
-    def listed(self, label: str, sketch: Callable[[npt.NDArray[np.int64]], int]) -> _Entry:
-        """One entry (and bitmap) per set, shared by every key it is remembered under."""
+    def listed(self, label: str) -> _Entry:
+        """One entry (and bitmap) per set, shared by every key it is remembered under (sketched when needed)."""
         if self.entry is None:
-            self.entry = _Entry(label, int(self.ids.size), sketch(self.ids), _bitmap(self.ids))
+            self.entry = _Entry(label, int(self.ids.size), None, _bitmap(self.ids))
         return self.entry
 
 
@@ -288,12 +300,6 @@ class ReleaseMemory:
             return bits is not None and self._bits.get(dataset) == bits
         self._bits[dataset] = bits
         self._classes[dataset] = _Classes(bits)
-        mine = [memory for (name, _), memory in self._datasets.items() if name == dataset]
-        for entry in {id(e): e for memory in mine for e in memory.entries}.values():
-            if entry.bitmap is not None:
-                entry.total = self._sketch(dataset, np.asarray(entry.bitmap.to_array(), dtype=np.int64))
-        for memory in mine:
-            memory.refresh()
         return True
 
     def _sketch(self, dataset: str, ids: npt.NDArray[np.int64]) -> int:
@@ -301,8 +307,14 @@ class ReleaseMemory:
         classes = self._classes.get(dataset)
         return 0 if classes is None else classes.sketch(ids)
 
-    def _sketcher(self, dataset: str) -> Callable[[npt.NDArray[np.int64]], int]:
-        return lambda ids: self._sketch(dataset, ids)
+    def _sketcher(self, dataset: str) -> Callable[[_Entry], int]:
+        """A listed set's sketch, made when a sketched set first comes near it."""
+
+        def sketch(entry: _Entry) -> int:
+            assert entry.bitmap is not None
+            return self._sketch(dataset, np.asarray(entry.bitmap.to_array(), dtype=np.int64))
+
+        return sketch
 
     def check_release(
         self,
@@ -365,7 +377,7 @@ class ReleaseMemory:
                 if sketch.group in members and grouped and _additive(key):
                     return False  # two sets of one group: their union is not the sum of their sketches
                 members[sketch.group] = sketch
-                if not self._screened(self._memory(sketch.dataset, key), entry, sketch.bits, k):
+                if not self._screened(sketch.dataset, self._memory(sketch.dataset, key), entry, sketch.bits, k):
                     return False
         for (dataset, key), members in touched.items() if grouped else ():
             if len(members) < 2 or not _additive(key):
@@ -379,7 +391,8 @@ class ReleaseMemory:
                 union_key=key,
             )
             for under in (key, key.removeprefix(SUM_PREFIX)) if key.startswith(SUM_PREFIX) else (key,):
-                if not self._screened(self._memory(dataset, under), union, bits, min_group_size[dataset]):
+                memory = self._memory(dataset, under)
+                if not self._screened(dataset, memory, union, bits, min_group_size[dataset]):
                     return False
         return True
 
@@ -388,11 +401,11 @@ class ReleaseMemory:
             remembered.rollback()
         self._generation += 1  # a Checked of the abandoned screen is never valid
 
-    def _screened(self, memory: _Dataset, entry: _Entry, bits: int, k: int) -> bool:
+    def _screened(self, dataset: str, memory: _Dataset, entry: _Entry, bits: int, k: int) -> bool:
         """Add a sketched set tentatively, unless a remembered (or this release's) set may be within k - 1 records
         of it: then False. A repeat of a set of the same release run before is no concern (see the module)."""
         repeat = False
-        for row in memory.near(entry.size, entry.total, k, bits).tolist():
+        for row in memory.near(entry.size, entry.total, k, bits, self._sketcher(dataset)).tolist():
             other = memory.entries[row]
             same = (
                 row < memory.committed
@@ -445,7 +458,7 @@ class ReleaseMemory:
                     same_size.append(found)
                 for key in sorted(set(keys) - found.keys):  # the same records as another number: once per key
                     found.keys.add(key)
-                    entry = found.listed(label, self._sketcher(dataset))
+                    entry = found.listed(label)
                     assert entry.bitmap is not None
                     touched.setdefault((dataset, key), []).append(entry.bitmap)
                     self._compare(self._memory(dataset, key), dataset, entry, k, _ONE_NUMBER)
@@ -453,8 +466,7 @@ class ReleaseMemory:
                 if len(bitmaps) > 1 and _additive(key):  # the groups added up are a number too
                     union_bitmap = _union(bitmaps)
                     union_ids = np.asarray(union_bitmap.to_array(), dtype=np.int64)
-                    total = self._sketch(dataset, union_ids)
-                    union = _Entry("", union_ids.size, total, union_bitmap, union_key=key)
+                    union = _Entry("", union_ids.size, None, union_bitmap, union_key=key)
                     # A sum of groups compares with the column's other numbers too (a mean times its count).
                     for under in (key, key.removeprefix(SUM_PREFIX)) if key.startswith(SUM_PREFIX) else (key,):
                         self._compare(self._memory(dataset, under), dataset, union, min_group_size[dataset], _ALL)
@@ -469,7 +481,14 @@ class ReleaseMemory:
         records; else add it to the release's tentative sets, unless the same set is there already."""
         assert entry.bitmap is not None
         duplicate = False
-        for row in memory.near(entry.size, entry.total, k, self._bits.get(dataset)).tolist():
+        bits = self._bits.get(dataset)
+        rows = memory.near(entry.size, None, k, bits)  # listed sets compare exactly, at little cost
+        if bits is not None and any(memory.entries[row].bitmap is None for row in rows.tolist()):
+            # A sketched set is listed only when the sketches too leave it near: this set is sketched first.
+            if entry.total is None:
+                entry.total = self._sketch(dataset, np.asarray(entry.bitmap.to_array(), dtype=np.int64))
+            rows = memory.near(entry.size, entry.total, k, bits, self._sketcher(dataset))
+        for row in rows.tolist():
             difference = _difference(entry.bitmap, self._listed(memory, dataset, row))
             if difference == 0:
                 duplicate = True

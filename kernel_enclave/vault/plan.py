@@ -248,7 +248,7 @@ class SourceTable:
             if bits is not None:  # 8 bytes a record more, so that a difference check lists no ids (see above)
                 weight = fresh_names(1, set(self.schema.names()) | {name}, _WEIGHT_PREFIX)[0]
                 weights[name] = (weight, bits)
-                data = data.with_columns(pl.Series(weight, weights_of(np.arange(rows, dtype=np.int64), bits)))
+                data = data.with_columns(pl.Series(weight, _record_weights(rows, bits)))
             data = data.collect().lazy()
         return SourceTable(
             data,
@@ -451,6 +451,14 @@ class SourceTable:
 
 def _fact(facts: DatasetFacts, column: str) -> Callable[[], bool]:
     return lambda: facts.unique(column)
+
+
+def _record_weights(rows: int, bits: int, chunk: int = 1 << 16) -> np.ndarray:
+    """The weights of record ids 0..rows-1, made a chunk at a time so that loading holds no large temporaries."""
+    found = np.empty(rows, dtype=np.int64)
+    for start in range(0, rows, chunk):
+        found[start : start + chunk] = weights_of(np.arange(start, min(start + chunk, rows), dtype=np.int64), bits)
+    return found
 
 
 def fresh_names(count: int, taken: set[str], prefix: str = _RECORD_PREFIX) -> list[str]:
@@ -1083,6 +1091,20 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
         len(left_masked) + len(right_masked) + 2 * len(masked_keys), taken | set(hidden), _MASK_PREFIX
     )
     masked = [renamed(n, left_suffix) for n in left_masked] + [renamed(n, right_suffix) for n in right_masked]
+    # Record weights ride along with their ids (null where a side did not match, as the ids are).
+    left_weighted = [(old, new) for (_, old), new in zip(left_records, left_hidden, strict=True) if old in left.weights]
+    right_weighted = [
+        (old, new) for (_, old), new in zip(right_records, right_hidden, strict=True) if old in right.weights
+    ]
+    weight_names = fresh_names(
+        len(left_weighted) + len(right_weighted), taken | set(hidden) | set(mask_names), _WEIGHT_PREFIX
+    )
+    weights = {
+        new: (name, (left.weights if side == 0 else right.weights)[old][1])
+        for (side, (old, new)), name in zip(
+            [(0, pair) for pair in left_weighted] + [(1, pair) for pair in right_weighted], weight_names, strict=True
+        )
+    }
     column_masks = dict(zip(masked, mask_names[: len(masked)], strict=True))
     key_sides = mask_names[len(masked) :]
     left_keys, right_keys = key_sides[: len(masked_keys)], key_sides[len(masked_keys) :]
@@ -1093,6 +1115,7 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
         *(pl.col(old).alias(new) for (_, old), new in zip(left_records, left_hidden, strict=True)),
         *(pl.col(left.masks[n]).alias(column_masks[renamed(n, left_suffix)]) for n in left_masked),
         *(left.contributes(k).alias(name) for k, name in zip(masked_keys, left_keys, strict=True)),
+        *(pl.col(left.weights[old][0]).alias(weights[new][0]) for old, new in left_weighted),
     )
     right_frame = right_data.select(
         *(_key_expr(k, cast) for k, cast in zip(node.on, key_casts, strict=True)),
@@ -1100,6 +1123,7 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
         *(pl.col(old).alias(new) for (_, old), new in zip(right_records, right_hidden, strict=True)),
         *(pl.col(right.masks[n]).alias(column_masks[renamed(n, right_suffix)]) for n in right_masked),
         *(right.contributes(k).alias(name) for k, name in zip(masked_keys, right_keys, strict=True)),
+        *(pl.col(right.weights[old][0]).alias(weights[new][0]) for old, new in right_weighted),
     )
     masks = {**column_masks, **dict(zip(masked_keys, left_keys, strict=True))}
 
@@ -1111,7 +1135,7 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
             for mine, theirs in zip(left_keys, right_keys, strict=True)
         )
         own = (pl.col(mask).fill_null(False) for mask in column_masks.values())
-        return joined.select([*out_names, *hidden, *own, *either])
+        return joined.select([*out_names, *hidden, *own, *either, *(name for name, _ in weights.values())])
 
     with engine_errors("join", [f"keys {key_types}"]):
         empty_left = pl.LazyFrame(schema=left_frame.collect_schema())
@@ -1140,7 +1164,17 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
     nan_free |= {renamed(n, right_suffix) for n in right_rest if n in right.nan_free}
     nan_free |= {k for k in node.on if k in left.nan_free and k in right.nan_free}
     return SourceTable(
-        joined, lineage, datasets, records, arrow_types, frozenset(unique), streaming, frozenset(nan_free), masks, bound
+        joined,
+        lineage,
+        datasets,
+        records,
+        arrow_types,
+        frozenset(unique),
+        streaming,
+        frozenset(nan_free),
+        masks,
+        bound,
+        weights,
     )
 
 

@@ -37,11 +37,12 @@ Withheld values are reported one way: a released table carries, in its schema me
 
 For the vault's difference checks, a release can also hand out the record set behind each released number
 (``record_sets=True``): per dataset, the sorted ids of the contributing records; a number whose set is its group's
-rows is listed once, under its group. Where the table's rows are distinct records of one in-memory dataset, it can
-hand out each set's *sketch* instead (``sketches=True``; see :mod:`.differences`): the sum of the records' hidden
-weights, two more sums in the group-by that computes the numbers (the group's rows, and the rows where a column
-contributes), less the weights of the records holding a value k of them share, summed apart. A sketch describes
-exactly the set the listed route gives, under the same label.
+rows is listed once, under its group. Where the table's rows are distinct records of one in-memory dataset, or of
+several after a join that meets each record at most once, it can hand out each set's *sketch* instead
+(``sketches=True``; see :mod:`.differences`): the sum of the records' hidden weights, two more sums per dataset in
+the group-by that computes the numbers (the group's rows, and the rows where a column contributes), less, on a
+single table, the weights of the records holding a value k of them share, summed apart. A sketch describes exactly
+the set the listed route gives, under the same label.
 
 Several datasets: each rule is checked against each dataset's own policy, so a violation names exactly the datasets
 whose rule failed; the released result reports the id of the combined (strictest) policy.
@@ -240,7 +241,10 @@ def release(
         sets = _all_records(frame, "all rows") if record_sets else ()
         return Released("row_count", None, frame.num_rows, (), False, 0, datasets, policy_id, record_sets=sets)
     if isinstance(node, Aggregate):
-        out = _aggregate(node, frame, policies, record_sets, record_sets and sketches)
+        try:
+            out = _aggregate(node, frame, policies, record_sets, record_sets and sketches)
+        except _ListedError:
+            out = _aggregate(node, frame, policies, record_sets, False)
         index, series = node.by, len(node.aggs) == 1
     elif isinstance(node, ValueCounts):
         out = _value_counts(node, frame, policies, record_sets, record_sets and sketches)
@@ -659,6 +663,11 @@ def _numbers(
     simple = _rows_are_records(frame)
     screen = simple and not sets  # the most-common-value rule screened from a few values per group
     occurrences = list(enumerate(frame.records or ()))
+    weights = _joined_weights(frame) if sets and sketch and not any(c.func in _ORDER_FUNCS for c in cells) else None
+    sketching = weights is not None
+    listing = sets and not sketching
+    for i, (weight, _) in enumerate(weights or ()):
+        work.append(pl.col(weight).alias(f"w{i}"))
     moded = {values[(c.column, c.kind)] for c in cells if c.column is not None and c.func in _MODE_RULE}
 
     def mode_exprs(column: str, kind: str, v: str) -> list[pl.Expr]:
@@ -670,7 +679,7 @@ def _numbers(
             *_count_exprs(frame, f"{v}_nm", mask & ~holders),
             value.filter(mask).unique_counts().max().cast(pl.Int64).alias(f"{v}_fmax"),
         ]
-        if sets:
+        if listing:
             listed.extend(
                 _listed(pl.col(f"r{i}").filter(holders), grouped_by).alias(f"{v}_hold{i}") for i, _ in occurrences
             )
@@ -681,12 +690,16 @@ def _numbers(
     # which Polars sees between operators, is not kept waiting by both at once.
     listed: list[pl.Expr] = []
     sorted_ids: set[str] = set()
-    if sets:
+    if listing:
         listed += [_listed(pl.col(f"r{i}"), grouped_by).alias(f"g_ids{i}") for i, _ in occurrences]
+    if sketching:  # each occurrence's weights (null where its side did not match) over the group's rows
+        exprs += [pl.col(f"w{i}").sum().alias(f"g_w{i}") for i, _ in occurrences]
     for (column, kind), v in values.items():
         mask = mask_of(column, v)
         exprs += _count_exprs(frame, f"{v}_c", mask)
-        if sets:
+        if sketching:
+            exprs += [pl.when(mask).then(pl.col(f"w{i}")).sum().alias(f"{v}_w{i}") for i, _ in occurrences]
+        if listing:
             for i, (_, hidden) in occurrences:
                 # Records known unique: the few rows left out are cheaper to gather than the many counted.
                 left_out = hidden in frame.unique
@@ -740,7 +753,7 @@ def _numbers(
                 ids = pl.col(f"r{i}").filter(mask).sort_by(contributing, maintain_order=True).slice(start, length)
                 if not simple:  # a join can repeat a record within a block: count the block's records
                     exprs.append(_distinct(ids).alias(f"{cell.name}_b{i}"))
-                if sets and f"{v}_sorted{i}" not in sorted_ids:  # one sort per column: each block is a slice of it
+                if listing and f"{v}_sorted{i}" not in sorted_ids:  # one sort per column: each block is a slice of it
                     sorted_ids.add(f"{v}_sorted{i}")
                     by_value = pl.col(f"r{i}").filter(mask).sort_by(contributing, maintain_order=True)
                     listed.append(_listed(by_value, grouped_by).alias(f"{v}_sorted{i}"))
@@ -836,8 +849,10 @@ def _numbers(
         failing[cell.name] = short
 
     numbers = _Numbers(grouped, group_records, kept, failing, [])
-    if sets:
+    if listing:
         numbers.record_sets = _number_sets(frame, numbers, by, cells, values, moded, k)
+    elif sketching and weights is not None:
+        numbers.sketches = _joined_sketches(frame, numbers, by, cells, values, moded, k, [b for _, b in weights])
     return numbers
 
 
@@ -887,6 +902,77 @@ def _screen_bit(value: pl.Expr, dtype: Any) -> pl.Expr:
     if dtype.is_integer() or dtype.is_float():
         return value > value.mean()
     return (value.hash(_SCREEN_SEED) % 2) == 1
+
+
+def _joined_weights(frame: SourceTable) -> list[tuple[str, int]] | None:
+    """Each dataset occurrence's weight column and field width, where every occurrence holds each of its records at
+    most once (a join on keys unique on the other side), no dataset occurs twice and every one kept its weights;
+    else None (the record sets are listed)."""
+    if frame.records is None or frame.streaming:
+        return None
+    datasets = [dataset for dataset, _ in frame.records]
+    if len(set(datasets)) != len(datasets) or any(hidden not in frame.unique for _, hidden in frame.records):
+        return None
+    names = set(frame.schema.names())
+    found = [frame.weights.get(hidden) for _, hidden in frame.records]
+    if any(w is None or w[0] not in names or w[0] in frame.lineage for w in found):
+        return None
+    return [w for w in found if w is not None]
+
+
+def _joined_sketches(
+    frame: SourceTable,
+    numbers: _Numbers,
+    by: Sequence[str],
+    cells: Sequence[_Cell],
+    values: Mapping[tuple[str, str], str],
+    moded: set[str],
+    k: int,
+    bits: Sequence[int],
+) -> list[Sketch]:
+    """The sketches of the sets :func:`_number_sets` lists, per dataset, where each record is on one row at most: a
+    group's records of a dataset are its rows with that dataset's id, a number's those where its column contributes.
+    A value k records share, left out of a set, is not sketched: the sets are then listed (:class:`_ListedError`)."""
+    grouped = numbers.grouped
+    for v in moded:
+        common = grouped.get_column(f"{v}_fmax").fill_null(0).to_numpy()
+        if ((common >= k) & numbers.kept).any():
+            raise _ListedError
+    occurrences = list(enumerate(frame.records or ()))
+    released = {cell.name: ~numbers.withheld(cell.name) for cell in cells}
+    found: list[Sketch] = []
+    emitted: dict[tuple[int, str, str | None], int] = {}
+    for row in (int(r) for r in np.nonzero(numbers.kept)[0]):
+        keys = tuple(grouped.get_column(f"k{i}")[row] for i in range(len(by)))
+        group = f"group {keys!r}" if by else "all rows"
+        for cell in cells:
+            if not released[cell.name][row]:
+                continue
+            for i, (dataset, _) in occurrences:
+                whole = int(grouped.get_column(f"g{i}")[row] or 0), int(grouped.get_column(f"g_w{i}")[row] or 0)
+                if cell.column is None:
+                    size, total = whole
+                else:
+                    v = values[(cell.column, cell.kind)]
+                    size = int(grouped.get_column(f"{v}_c{i}")[row] or 0)
+                    total = int(grouped.get_column(f"{v}_w{i}")[row] or 0)
+                bucket = None if size == whole[0] else values.get((cell.column or "", cell.kind))
+                label = group if bucket is None else (f"{group} {cell.shown}" if by else cell.shown)
+                if bucket is None:
+                    size, total = whole
+                key = _comparison_keys(frame, cell, dataset)
+                at = emitted.get((row, dataset, bucket))
+                if at is None:
+                    emitted[(row, dataset, bucket)] = len(found)
+                    found.append(Sketch(dataset, label, size, total, key, row, bits[i]))
+                else:
+                    earlier = found[at]
+                    found[at] = Sketch(dataset, earlier.label, size, total, earlier.keys | key, row, bits[i])
+    return found
+
+
+class _ListedError(Exception):
+    """A release asked for sketches turns out to need its record sets listed (see :func:`_joined_sketches`)."""
 
 
 def _direct_route(frame: SourceTable) -> bool:

@@ -456,3 +456,16 @@ def test_sketched_releases_agree_with_listed_ones(
         assert outcomes[0] == outcomes[1]
         for dataset in ("a", "b"):
             assert listed.remembered(dataset) == sketched.remembered(dataset)
+
+
+def test_a_listed_set_lists_a_sketched_one_only_when_their_sketches_are_near() -> None:
+    """A release whose sets come listed (a join, a quantile) meets sketched ones: only a near one is listed again."""
+    memory = ReleaseMemory()
+    releases = Releases(memory)
+    releases.give("women", EVERYONE[::2])
+    releases.give("men", EVERYONE[1::2])  # the same size as the women
+    memory.admit([("a", "middle", EVERYONE[1000:3000], frozenset({"a:cost"}))], {"a": K})  # same size, far apart
+    assert releases.listings == []
+    with pytest.raises(PolicyViolation, match="differ"):
+        memory.admit([("a", "women but one", EVERYONE[::2][1:], frozenset({"a:cost"}))], {"a": K})
+    assert releases.listings == ["women"]

@@ -196,3 +196,86 @@ def test_sketches_describe_the_record_sets_the_release_lists(seed: int) -> None:
                 assert (sketch.size, sketch.total) in shapes, sketch.label
         assert {label for _, label, _, _ in listed} <= {sketch.label for sketch in sketches}
     assert sketched_releases >= 10  # most of these releases are sketched: the comparison is not vacuous
+
+
+def joined_tables(rng: np.random.Generator, n: int) -> dict[str, SourceTable]:
+    """People and their accounts, one account per person at most (a join meets each record once), some unmatched."""
+    people = {
+        "id": pa.array(np.arange(n), pa.int64()),
+        "g": pa.array([("a", "b", "c")[i] for i in rng.choice(3, n, p=[0.6, 0.3, 0.1])], pa.string()),
+        "x": pa.array([None if rng.random() < 0.1 else float(v) for v in rng.integers(0, 4, n)], pa.float64()),
+    }
+    holders = rng.permutation(n)[: int(0.8 * n)]
+    accounts = {
+        "id": pa.array(holders, pa.int64()),
+        "balance": pa.array(rng.normal(size=holders.size), pa.float64()),
+        "kind": pa.array([("s", "c")[i] for i in rng.integers(0, 2, holders.size)], pa.string()),
+    }
+    return {
+        "p": SourceTable.from_dataset("d", pa.table(people)),
+        "q": SourceTable.from_dataset("e", pa.table(accounts)),
+    }
+
+
+def joined_request(rng: np.random.Generator) -> dict[str, Any]:
+    joined: dict[str, Any] = {
+        "node": "join",
+        "left": {"node": "source", "handle": "p"},
+        "right": {"node": "source", "handle": "q"},
+        "on": ["id"],
+        "how": str(rng.choice(["inner", "left"])),
+    }
+    if rng.random() < 0.5:  # a mask: balances of one kind only
+        kept = {"fn": "eq", "args": [{"col": "kind"}, {"lit": "s"}]}
+        where = {"fn": "where", "args": [kept, {"col": "balance"}, {"lit": None}]}
+        joined = {"node": "assign", "input": joined, "columns": [["balance", where]]}
+    aggs = [{"name": "b", "column": "balance", "func": str(rng.choice(["mean", "sum", "count", "std"]))}]
+    if rng.random() < 0.5:
+        aggs.append({"name": "n", "column": None, "func": "count"})
+    if rng.random() < 0.5:
+        aggs.append({"name": "x", "column": "x", "func": str(rng.choice(["mean", "sum", "max"]))})
+    return {"node": "aggregate", "input": joined, "by": [] if rng.random() < 0.3 else ["g"], "aggs": aggs}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sketches_of_a_join_describe_the_record_sets_it_lists(seed: int) -> None:
+    """After a join that meets each record once, each dataset's sets are sketched from its own weights."""
+    rng = np.random.default_rng(200 + seed)
+    policies = {
+        name: OutputPolicy(
+            id=name, allow=frozenset(RELEASE_KINDS), min_group_size=5, never_release=frozenset(), sources=(name,)
+        )
+        for name in ("d", "e")
+    }
+    sketched_releases = 0
+    for _ in range(15):
+        sources = joined_tables(rng, int(rng.choice([40, 300, 2000])))
+        bits = {
+            table.records[0][0]: next(iter(table.weights.values()))[1] for table in sources.values() if table.records
+        }
+        plan = joined_request(rng)
+        try:
+            sketched = engine.release(plan, sources, policies, record_sets=True, sketches=True)
+        except (PolicyViolation, VaultError):
+            continue
+        listed = engine.release(plan, sources, policies, record_sets=True)
+        assert sketched.table is not None and listed.table is not None
+        same(
+            ("released", sketched.table.to_pylist(), sketched.withheld),
+            ("released", listed.table.to_pylist(), listed.withheld),
+        )
+        if sketched.sketches is None:
+            continue
+        sketched_releases += 1
+        shapes = {(d, ids.size, sketch_of(ids, bits[d])) for d, _, ids, _ in listed.record_sets}
+        by_label = {(d, label): (ids.size, sketch_of(ids, bits[d])) for d, label, ids, _ in listed.record_sets}
+        for sketch in sketched.sketches:
+            assert sketch.bits == bits[sketch.dataset]
+            if (sketch.dataset, sketch.label) in by_label:
+                assert (sketch.size, sketch.total) == by_label[(sketch.dataset, sketch.label)], sketch.label
+            else:
+                assert (sketch.dataset, sketch.size, sketch.total) in shapes, sketch.label
+        assert {(d, label) for d, label, _, _ in listed.record_sets} <= {
+            (s.dataset, s.label) for s in sketched.sketches
+        }
+    assert sketched_releases >= 5
