@@ -81,7 +81,9 @@ def test_interrupt_and_restart(confnb_kernel_env: Path) -> None:
     manager = _start(KERNEL_NAME)
     try:
         client = manager.client()
-        client.start_channels()
+        # No heartbeat channel: this test does not use it, and its thread can block in a send while the kernel is
+        # interrupted, which leaves stop_channels() waiting for it.
+        client.start_channels(hb=False)
         client.wait_for_ready(timeout=60)
         msg_id = client.execute("import time; time.sleep(60)")
         time.sleep(1)
