@@ -37,10 +37,11 @@ def scripts() -> list[str]:
 
 
 def commit() -> str:
-    """The commit the code was checked out at, ``-dirty`` if tracked files differ, or ``unknown`` outside git."""
+    """The commit the code was checked out at, ``-dirty`` if tracked files differ (results written by an earlier
+    benchmark of the same session do not count: they are outputs), or ``unknown`` outside git."""
     try:
         head = _git("rev-parse", "HEAD")
-        changed = _git("status", "--porcelain", "--untracked-files=no")
+        changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if changed else "")
