@@ -1410,7 +1410,9 @@ def _none_held_k_times(
     table: pl.DataFrame, key_names: Sequence[str], spec: _Input, k: int, what: str, subjects: Sequence[str]
 ) -> bool:
     """Whether no value of work column ``v`` is held by k or more contributing records of one group, shown by
-    counting (group, value) pairs into hash bins: equal pairs share a bin, so no bin of fewer than k rules it out."""
+    counting (group, value) pairs into hash bins: equal pairs share a bin, so no bin of fewer than k rules it out.
+    Where a bin holds k or more (chance, in a large table: the bins are capped), the pairs in such bins are counted
+    by their whole 64-bit hash: equal pairs share it, so no hash held k times rules it out too."""
     value = spec.normal()
     hashed = value.hash(_SCREEN_SEED)
     for i, name in enumerate(key_names):
@@ -1418,8 +1420,16 @@ def _none_held_k_times(
     with engine_errors(what, subjects):
         found = table.select(hashed.filter(value.is_not_null())).to_series().to_numpy()
     bits = min(max(int(2 * len(found)).bit_length(), 8), 21)  # 2 to 4 bins a pair: k share one only by rare chance
-    bins = np.bincount((found >> np.uint64(64 - bits)).astype(np.intp), minlength=1 << bits)
-    return int(bins.max(initial=0)) < k
+    slots = (found >> np.uint64(64 - bits)).astype(np.intp)
+    bins = np.bincount(slots, minlength=1 << bits)
+    crowded = bins >= k
+    if not crowded.any():
+        return True
+    suspects = found[crowded[slots]]
+    if suspects.size > max(len(found) // 2, 4096):  # most bins crowded: values repeat, as in a flag; count exactly
+        return False
+    _, held = np.unique(suspects, return_counts=True)
+    return int(held.max(initial=0)) < k
 
 
 def _most_common(

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa  # type: ignore[import-untyped]
 import pytest
 
@@ -279,3 +280,27 @@ def test_sketches_of_a_join_describe_the_record_sets_it_lists(seed: int) -> None
             (s.dataset, s.label) for s in sketched.sketches
         }
     assert sketched_releases >= 5
+
+
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_no_value_held_k_times_is_decided_exactly_where_hash_bins_crowd(repeats: int) -> None:
+    """With k = 2 many bins hold two pairs by chance: the pairs in them are counted by their whole hash instead, so
+    distinct values are still found held once, and one value held twice in a group is still found."""
+    rng = np.random.default_rng(11)
+    values = rng.permutation(200_000).astype(float)
+    if repeats == 2:
+        values[1] = values[0]  # one value held by two records of group 0
+    groups = np.zeros(values.size, dtype=np.int64)
+    groups[values.size // 2 :] = 1
+    table = pl.DataFrame({"k0": groups, "v0": values})
+    spec = engine._Input("v0", floating=True, masked=False)
+    slots_crowd = np.bincount(
+        (
+            table.select(pl.col("v0").hash(engine._SCREEN_SEED) ^ pl.col("k0").hash(engine._SCREEN_SEED + 1))
+            .to_series()
+            .to_numpy()
+            >> np.uint64(64 - 19)
+        ).astype(np.intp)
+    ).max()
+    assert slots_crowd >= 2  # the bins alone would not settle it
+    assert engine._none_held_k_times(table, ["k0"], spec, 2, "aggregate", []) is (repeats == 1)
