@@ -55,7 +55,8 @@ set listed again must have the size and sketch remembered for it, or the release
 earlier number are no longer known, and the check fails closed. A set once listed stays listed. Asking the same
 question again (a cell run twice) is recognised without listing anything: the same plan over the same tables under
 the same policies gives the same record sets, so a set with the same label and sketch as one of such a release is a
-repeat.
+repeat, whether that release's sets were kept as sketches or had to be listed (a listed set keeps its release's
+recipe too). A repeat needs no comparison at all: the set it repeats was compared with everything remembered.
 
 Releases of other kinds (joins that can repeat a record, self-joins, scanned datasets, order statistics, whose
 blocks of ranks are their own record sets; after a join, a group whose set leaves out a value k records share) hand
@@ -252,10 +253,10 @@ class _Seen:
     keys: set[str] = field(default_factory=set)
     entry: _Entry | None = None
 
-    def listed(self, label: str) -> _Entry:
+    def listed(self, label: str, recipe: Recipe | None) -> _Entry:
         """One entry (and bitmap) per set, shared by every key it is remembered under (sketched when needed)."""
         if self.entry is None:
-            self.entry = _Entry(label, int(self.ids.size), None, _bitmap(self.ids))
+            self.entry = _Entry(label, int(self.ids.size), None, _bitmap(self.ids), recipe=recipe)
         return self.entry
 
 
@@ -336,7 +337,8 @@ class ReleaseMemory:
             if checked is not None:
                 return checked
             record_sets = recipe.rebuild()
-        return self.check((s for s in record_sets if s[0] in checking), min_group_size, grouped=grouped, rows=rows)
+        chosen_sets = (s for s in record_sets if s[0] in checking)
+        return self.check(chosen_sets, min_group_size, grouped=grouped, rows=rows, recipe=recipe)
 
     def screen(
         self,
@@ -384,7 +386,7 @@ class ReleaseMemory:
                 continue
             bits = self._bits[dataset]
             union = _Entry(
-                f"the groups added up under {key!r}",
+                _union_label(key),
                 sum(s.size for s in members.values()),
                 sum(s.total for s in members.values()),  # disjoint groups: the fields add up without carry
                 recipe=recipe,
@@ -403,23 +405,27 @@ class ReleaseMemory:
 
     def _screened(self, dataset: str, memory: _Dataset, entry: _Entry, bits: int, k: int) -> bool:
         """Add a sketched set tentatively, unless a remembered (or this release's) set may be within k - 1 records
-        of it: then False. A repeat of a set of the same release run before is no concern (see the module)."""
-        repeat = False
-        for row in memory.near(entry.size, entry.total, k, bits, self._sketcher(dataset)).tolist():
+        of it: then False.
+
+        A repeat of a set of the same release run before is no concern (see the module), and nor is anything near
+        it: that set was compared with every set remembered before it, and every set remembered since was compared
+        with it, so the repeat's differences are all known to be 0 or at least k.
+        """
+        near = memory.near(entry.size, entry.total, k, bits, self._sketcher(dataset)).tolist()
+        for row in near:
             other = memory.entries[row]
-            same = (
+            if (
                 row < memory.committed
                 and other.recipe is not None
                 and entry.recipe is not None
                 and other.recipe.fingerprint == entry.recipe.fingerprint
                 and (other.label, other.union_key, other.size, other.total)
                 == (entry.label, entry.union_key, entry.size, entry.total)
-            )
-            if not same:
-                return False
-            repeat = True
-        if not repeat:
-            memory.append(entry)
+            ):
+                return True
+        if near:
+            return False
+        memory.append(entry)
         return True
 
     def check(
@@ -429,6 +435,7 @@ class ReleaseMemory:
         *,
         grouped: bool = False,
         rows: Mapping[str, int] | None = None,
+        recipe: Recipe | None = None,
     ) -> Checked:
         """Compare every number's record set with the remembered ones and with the release's other numbers.
 
@@ -437,7 +444,8 @@ class ReleaseMemory:
         so their union is checked and remembered too; the columns of a ``describe`` add up to nothing. Sets equal
         to one already remembered are not kept twice. A refusal does not quote the number's label: a label can hold
         a group's key, a data value the refused release never gave. ``rows`` (each dataset's row count) fixes the
-        field width of a dataset's sketches, so that the sets are screened by them too.
+        field width of a dataset's sketches, so that the sets are screened by them too. ``recipe``, the release's
+        (when it has one), is kept with its sets: a repeat of the release is then recognised from its sketches.
         """
         self._begin()
         touched: dict[tuple[str, str], list[BitMap | BitMap64]] = {}  # this release's distinct sets, per partition
@@ -458,7 +466,7 @@ class ReleaseMemory:
                     same_size.append(found)
                 for key in sorted(set(keys) - found.keys):  # the same records as another number: once per key
                     found.keys.add(key)
-                    entry = found.listed(label)
+                    entry = found.listed(label, recipe)
                     assert entry.bitmap is not None
                     touched.setdefault((dataset, key), []).append(entry.bitmap)
                     self._compare(self._memory(dataset, key), dataset, entry, k, _ONE_NUMBER)
@@ -466,7 +474,7 @@ class ReleaseMemory:
                 if len(bitmaps) > 1 and _additive(key):  # the groups added up are a number too
                     union_bitmap = _union(bitmaps)
                     union_ids = np.asarray(union_bitmap.to_array(), dtype=np.int64)
-                    union = _Entry("", union_ids.size, None, union_bitmap, union_key=key)
+                    union = _Entry(_union_label(key), union_ids.size, None, union_bitmap, recipe, union_key=key)
                     # A sum of groups compares with the column's other numbers too (a mean times its count).
                     for under in (key, key.removeprefix(SUM_PREFIX)) if key.startswith(SUM_PREFIX) else (key,):
                         self._compare(self._memory(dataset, under), dataset, union, min_group_size[dataset], _ALL)
@@ -600,6 +608,10 @@ def _pick(
     if ids.size != entry.size or sketch(ids) != entry.total:
         raise _unlisted(dataset)
     return ids
+
+
+def _union_label(key: str) -> str:
+    return f"the groups added up under {key!r}"
 
 
 def _additive(key: str) -> bool:

@@ -1065,8 +1065,9 @@ def _numbers_direct(
                 derived.append(value.cast(pl.Int64).alias(f"{spec.v}_w"))
             if spec.funcs & {"mean", "std", "var"} and not (dtype.is_integer() or dtype == pl.Float64):
                 derived.append(value.cast(pl.Float64).alias(f"{spec.v}_f"))
-            if sketching and spec.indicator is not None:  # the contributing rows' weights (null elsewhere)
-                derived.append(pl.when(pl.col(spec.indicator)).then(pl.col("w0")).alias(f"{spec.v}_wm"))
+            if sketching and spec.indicator is not None:  # the contributing rows' weights (0 elsewhere: a sum
+                # over a column without nulls stays on Polars' fastest route)
+                derived.append(pl.when(pl.col(spec.indicator)).then(pl.col("w0")).otherwise(0).alias(f"{spec.v}_wm"))
         for stage in (flags, derived):
             table = table.with_columns(stage) if stage else table
 

@@ -374,6 +374,40 @@ def test_asking_the_same_question_again_lists_nothing() -> None:
     assert releases.listings and memory.remembered() == 3
 
 
+def swapped(base: np.ndarray, count: int) -> np.ndarray:
+    """``base`` with ``count`` records exchanged for others of the same classes: its size and sketch unchanged."""
+    outside = ids(range(int(base[-1]) + 1, int(base[-1]) + 1 + 20 * count))
+    out: list[int] = []
+    into: list[int] = []
+    for record in base.tolist():
+        same_class = [
+            r for r in outside.tolist() if r not in into and sketch_of(ids([r]), BITS) == sketch_of(ids([record]), BITS)
+        ]
+        out.append(record)
+        into.append(same_class[0])
+        if len(out) == count:
+            break
+    return ids(sorted(set(base.tolist()) - set(out) | set(into)))
+
+
+def test_a_release_listed_once_is_recognised_when_asked_again() -> None:
+    """A release whose sets had to be listed (near another by their sketches) keeps its plan's fingerprint with
+    them: asking it again lists nothing, as for a release that was never listed."""
+    memory = ReleaseMemory()
+    releases = Releases(memory)
+    releases.give("everyone", EVERYONE)
+    other = swapped(EVERYONE, K)  # k records exchanged: the sketches cannot tell it from everyone, the records can
+    assert other.size == EVERYONE.size and sketch_of(other, BITS) == sketch_of(EVERYONE, BITS)
+    releases.give("ten exchanged", other, fingerprint="plan t")
+    assert "ten exchanged" in releases.listings and memory.listed() == 2  # compared record by record: released
+    listed_before = len(releases.listings)
+    for _ in range(3):
+        releases.give("ten exchanged", other, fingerprint="plan t")
+    assert len(releases.listings) == listed_before and memory.remembered() == 2
+    with pytest.raises(PolicyViolation, match="differ"):  # and a set near both is still refused
+        releases.give("nine exchanged", swapped(EVERYONE, K - 1), fingerprint="plan n")
+
+
 def test_a_set_that_cannot_be_listed_as_it_was_fails_closed() -> None:
     for listed_as in ([EVERYONE[3:]], None):
         memory = ReleaseMemory()
