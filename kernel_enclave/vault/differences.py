@@ -37,8 +37,9 @@ of their ids (three for up to two million records, more for fewer, two up to two
 has a fixed *weight*: 1 in the field of ``b`` bits of its class (``b`` = the bit length of the dataset's row count,
 so no field of a sum over its records overflows into the next). The sum of a set's weights is its *sketch*: the number
 of its records in each class. A release of the common kind (an in-memory dataset whose rows are distinct records,
-or a join of such datasets on keys that meet each record at most once) hands over only these sketches, per
-dataset, computed in the same group-by as its numbers from a hidden weight column made once at load (one sum per
+or a join of such datasets on keys that meet each record at most once, or a dataset scanned from disk) hands
+over only these sketches, per dataset, computed in the same group-by as its numbers from a hidden weight column
+made once at load (by the reader as each row is read, for a scanned dataset; one sum per
 group and contributing column, where listing the ids would gather and sort every one of them, and building their
 bitmaps costs more again). Every record in A Δ B changes one class's count by one, so the sum of
 the classes' differences is a lower bound of |A Δ B| (and so is the difference of the sizes). Two sets that differ
@@ -58,10 +59,10 @@ the same policies gives the same record sets, so a set with the same label and s
 repeat, whether that release's sets were kept as sketches or had to be listed (a listed set keeps its release's
 recipe too). A repeat needs no comparison at all: the set it repeats was compared with everything remembered.
 
-Releases of other kinds (joins that can repeat a record, self-joins, scanned datasets, order statistics, whose
-blocks of ranks are their own record sets; after a join, a group whose set leaves out a value k records share) hand
-over their record sets listed, and are checked exactly from the start; a listed set's sketch is computed from its
-ids when a sketched set comes near it.
+Releases of other kinds (joins that can repeat a record, self-joins, order statistics, whose blocks of ranks are
+their own record sets; after a join or over a scanned dataset, a group whose set leaves out a value k records
+share) hand over their record sets listed, and are checked exactly from the start; a listed set's sketch is
+computed from its ids when a sketched set comes near it.
 
 Sets listed are kept as Roaring bitmaps (pyroaring): two bytes per record where records are sparse, one bit per
 record id of the dataset where they are dense, a few bytes per run of consecutive records. A set kept as a sketch
@@ -79,6 +80,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+import polars as pl
 from pyroaring import BitMap, BitMap64
 
 from kernel_enclave.vault import stoppable
@@ -123,6 +125,23 @@ def _classes(ids: npt.NDArray[np.int64], bits: int) -> npt.NDArray[np.uint64]:
 def weights_of(ids: npt.NDArray[np.int64], bits: int) -> npt.NDArray[np.int64]:
     """The records' weights: 1 in the field of the record's class, as the vault stores them at load."""
     return (np.uint64(1) << (_classes(ids, bits) * np.uint64(bits))).astype(np.int64)
+
+
+def weight_expression(ids: pl.Expr, bits: int) -> pl.Expr:
+    """:func:`weights_of` as a Polars expression over a column of record ids, for a dataset scanned as queries run
+    (its rows are numbered as they stream by, so their weights are made there too). UInt64 arithmetic wraps modulo
+    2**64 in Polars as in NumPy, and a division by a power of two is the shift."""
+
+    def shifted(value: pl.Expr, by: int) -> pl.Expr:
+        return value // pl.lit(1 << by, pl.UInt64)
+
+    mixed = ids.cast(pl.UInt64) + pl.lit(_WEIGHT_FACTOR, pl.UInt64)
+    mixed = (mixed ^ shifted(mixed, 30)) * pl.lit(0xBF58476D1CE4E5B9, pl.UInt64)
+    mixed = (mixed ^ shifted(mixed, 27)) * pl.lit(0x94D049BB133111EB, pl.UInt64)
+    mixed = mixed ^ shifted(mixed, 31)
+    classes = shifted(shifted(mixed, 32) * pl.lit(63 // bits, pl.UInt64), 32)
+    by_class = pl.Series([1 << (c * bits) for c in range(63 // bits)], dtype=pl.Int64)
+    return pl.lit(by_class).gather(classes)
 
 
 def sketch_of(ids: npt.NDArray[np.int64], bits: int) -> int:

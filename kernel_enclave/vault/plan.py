@@ -45,7 +45,7 @@ import polars as pl
 import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
 
 from kernel_enclave.vault import stoppable
-from kernel_enclave.vault.differences import weight_bits, weights_of
+from kernel_enclave.vault.differences import weight_bits, weight_expression, weights_of
 from kernel_enclave.vault.protocol import VaultError
 
 MAX_DEPTH = 64
@@ -100,6 +100,7 @@ _FUNCTIONS: dict[str, tuple[int, frozenset[str], frozenset[str]]] = {
 _RECORD_PREFIX = "\x01record"
 _MASK_PREFIX = "\x01contributes"
 _WEIGHT_PREFIX = "\x01weight"
+MAX_HELD_OFTEN = 4096  # values held by k records of a dataset column that a scanned release counts per group
 
 
 class DatasetFacts:
@@ -115,7 +116,12 @@ class DatasetFacts:
         self._streaming = streaming
         self._rows = rows
         self._unique: dict[str, bool] = {}
+        self._held_often: dict[tuple[str, int], pl.Series | None] = {}
         self._lock = threading.Lock()
+
+    def rows_known(self) -> bool:
+        """Whether the row count is known without reading the dataset (given at load, or counted already)."""
+        return self._rows is not None
 
     def rows(self) -> int:
         with self._lock:
@@ -131,6 +137,38 @@ class DatasetFacts:
                 counted = self._data.select(values.n_unique() == values.len())
                 self._unique[column] = bool(stoppable.collect(counted, streaming=self._streaming).item())
             return self._unique[column]
+
+    def held_often(self, column: str, times: int) -> pl.Series | None:
+        """The values of ``column`` that ``times`` or more records hold (floats with -0.0 as 0.0, as the
+        most-common-value rule compares them), or None when there are more than :data:`MAX_HELD_OFTEN` of them.
+
+        No subset of the records holds any other value ``times`` times, so a release over a scanned dataset learns
+        whether some group's most common value is held by k records by counting these values alone.
+        """
+        with self._lock:
+            if (column, times) not in self._held_often:
+                value = pl.col(column)
+                value = value + 0.0 if self._data.collect_schema()[column].is_float() else value
+                counted = self._data.select(value.alias("value")).drop_nulls().group_by("value").len()
+                often = counted.filter(pl.col("len") >= times).select("value").head(MAX_HELD_OFTEN + 1)
+                found = stoppable.collect(often, streaming=self._streaming).get_column("value")
+                self._held_often[(column, times)] = found if found.len() <= MAX_HELD_OFTEN else None
+            return self._held_often[(column, times)]
+
+
+class ColumnFact:
+    """A dataset column's load-time facts, as a table derived from the dataset still holds them for the column: a
+    call says whether its values are unique (what a join's size bound needs)."""
+
+    def __init__(self, facts: DatasetFacts, column: str) -> None:
+        self._facts = facts
+        self._column = column
+
+    def __call__(self) -> bool:
+        return self._facts.unique(self._column)
+
+    def held_often(self, times: int) -> pl.Series | None:
+        return self._facts.held_often(self._column, times)
 
 
 @dataclass(frozen=True)
@@ -185,8 +223,9 @@ class SourceTable:
 
     ``weights`` maps a record-id column to the hidden column of its records' weights and their field width, which
     the difference checks sum instead of listing ids (:mod:`kernel_enclave.vault.differences`): made once when an
-    in-memory dataset is loaded, kept through filters, selections and assignments, dropped by joins and sealing (a
-    table without them has its record sets listed).
+    in-memory dataset is loaded (by the reader as it reads, for a scanned one), kept through filters, selections,
+    assignments and joins that meet each record once, dropped by sealing (a table without them has its record sets
+    listed).
 
     ``arrow_types`` remembers the Arrow type of each column that is still a dataset column as the vault decrypted
     it, so that schemas and materialised tables show the owner's types (Polars reads a dictionary column as
@@ -237,16 +276,19 @@ class SourceTable:
         In memory the ids are one column made once (8 bytes a record), which each query reads without copying; a
         scanned dataset numbers its rows as they stream by, before any filter.
         """
-        name = fresh_names(1, set(self.schema.names()))[0]
+        name, weight = _hidden_names(self.schema.names())
         weights: dict[str, tuple[str, int]] = {}
         if self.streaming:
             data = self.data.with_row_index(name).with_columns(pl.col(name).cast(pl.Int64))
+            bits = weight_bits(facts.rows()) if facts.rows_known() else None
+            if bits is not None:  # computed as the rows stream by, only by the queries that read them
+                weights[name] = (weight, bits)
+                data = data.with_columns(weight_expression(pl.col(name), bits).alias(weight))
         else:
             data = self.data.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(name))
             rows = facts.rows()
             bits = weight_bits(rows)
             if bits is not None:  # 8 bytes a record more, so that a difference check lists no ids (see above)
-                weight = fresh_names(1, set(self.schema.names()) | {name}, _WEIGHT_PREFIX)[0]
                 weights[name] = (weight, bits)
                 data = data.with_columns(pl.Series(weight, _record_weights(rows, bits)))
             data = data.collect().lazy()
@@ -303,15 +345,44 @@ class SourceTable:
         )
 
     @classmethod
-    def from_scan(cls, dataset_id: str, scan: pl.LazyFrame, arrow_schema: pa.Schema) -> SourceTable:
-        """A dataset too large for memory, read segment by segment as queries run (:mod:`.scan`)."""
+    def from_scan(
+        cls,
+        dataset_id: str,
+        scan: pl.LazyFrame | Callable[[str, tuple[str, int] | None], pl.LazyFrame],
+        arrow_schema: pa.Schema,
+        rows: int | None = None,
+    ) -> SourceTable:
+        """A dataset too large for memory, read segment by segment as queries run (:mod:`.scan`).
+
+        ``scan`` is the lazy frame, or a function that makes it given the names of the hidden record-id column and
+        weight column (with the weights' field width), which the reader then fills as it reads (faster than Polars
+        numbering the rows as they stream by). ``rows``: the row count as the signed manifest gives it (the reader
+        fails a query over a file with any other count); without it the rows are counted when first needed, and
+        the dataset's releases list their record sets.
+        """
         names = list(arrow_schema.names)
         if len(set(names)) != len(names) or any("\x00" in name for name in names):
             raise VaultError(f"dataset {quote(dataset_id)} has duplicate column names or names with NUL characters")
         lineage = {name: frozenset({(dataset_id, name)}) for name in names}
         arrow_types = {f.name: f.type for f in arrow_schema}
-        scanned = cls(scan, lineage, frozenset({dataset_id}), None, arrow_types, frozenset(), True)
-        return scanned._with_record_ids(dataset_id, DatasetFacts(scan, True))
+        if isinstance(scan, pl.LazyFrame):
+            scanned = cls(scan, lineage, frozenset({dataset_id}), None, arrow_types, frozenset(), True)
+            return scanned._with_record_ids(dataset_id, DatasetFacts(scan, True, rows))
+        record, weight = _hidden_names(names)
+        bits = weight_bits(rows) if rows is not None else None
+        numbered = scan(record, None if bits is None else (weight, bits))
+        facts = DatasetFacts(numbered, True, rows)
+        return cls(
+            numbered,
+            lineage,
+            frozenset({dataset_id}),
+            ((dataset_id, record),),
+            arrow_types,
+            frozenset({record}),
+            True,
+            bound=RowBound(facts.rows, {column: _fact(facts, column) for column in lineage}),
+            weights={} if bits is None else {record: (weight, bits)},
+        )
 
     def collect(self, query: pl.LazyFrame) -> pl.DataFrame:
         """Run a query over this table: on Polars' streaming engine when a scanned dataset is behind it."""
@@ -450,7 +521,7 @@ class SourceTable:
 
 
 def _fact(facts: DatasetFacts, column: str) -> Callable[[], bool]:
-    return lambda: facts.unique(column)
+    return ColumnFact(facts, column)
 
 
 def _record_weights(rows: int, bits: int, chunk: int = 1 << 16) -> np.ndarray:
@@ -459,6 +530,12 @@ def _record_weights(rows: int, bits: int, chunk: int = 1 << 16) -> np.ndarray:
     for start in range(0, rows, chunk):
         found[start : start + chunk] = weights_of(np.arange(start, min(start + chunk, rows), dtype=np.int64), bits)
     return found
+
+
+def _hidden_names(columns: Sequence[str]) -> tuple[str, str]:
+    """The names of a dataset's hidden record-id and weight columns, given its columns."""
+    record = fresh_names(1, set(columns))[0]
+    return record, fresh_names(1, set(columns) | {record}, _WEIGHT_PREFIX)[0]
 
 
 def fresh_names(count: int, taken: set[str], prefix: str = _RECORD_PREFIX) -> list[str]:

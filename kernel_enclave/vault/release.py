@@ -80,6 +80,7 @@ from kernel_enclave.vault.differences import Sketch
 from kernel_enclave.vault.plan import (
     RELEASE_NODES,
     Aggregate,
+    ColumnFact,
     Count,
     Describe,
     Lineage,
@@ -661,11 +662,13 @@ def _numbers(
 
     sets = want_sets and frame.records is not None
     simple = _rows_are_records(frame)
-    screen = simple and not sets  # the most-common-value rule screened from a few values per group
     occurrences = list(enumerate(frame.records or ()))
     weights = _joined_weights(frame) if sets and sketch and not any(c.func in _ORDER_FUNCS for c in cells) else None
     sketching = weights is not None
     listing = sets and not sketching
+    # The most-common-value rule screened from a few values per group, unless the record sets are listed (then the
+    # holders of a value k records share are listed too): sketches ask only whether there is such a value.
+    screen = simple and not listing
     for i, (weight, _) in enumerate(weights or ()):
         work.append(pl.col(weight).alias(f"w{i}"))
     moded = {values[(c.column, c.kind)] for c in cells if c.column is not None and c.func in _MODE_RULE}
@@ -852,8 +855,67 @@ def _numbers(
     if listing:
         numbers.record_sets = _number_sets(frame, numbers, by, cells, values, moded, k)
     elif sketching and weights is not None:
-        numbers.sketches = _joined_sketches(frame, numbers, by, cells, values, moded, k, [b for _, b in weights])
+        for (column, kind), v in values.items():
+            mask = mask_of(column, v)
+            if v in moded and _held_k_times(frame, work, key_names, grouped, kept, mask, v, (column, kind), k):
+                raise _ListedError  # the sets leave out the records holding that value: listed
+        numbers.sketches = _joined_sketches(frame, numbers, by, cells, values, k, [b for _, b in weights])
     return numbers
+
+
+def _held_k_times(
+    frame: SourceTable,
+    work: list[pl.Expr],
+    key_names: list[str],
+    grouped: pl.DataFrame,
+    kept: np.ndarray[Any, Any],
+    mask: pl.Expr,
+    v: str,
+    source: tuple[str, str],
+    k: int,
+) -> bool:
+    """Whether k or more contributing records of a kept group may hold one value of work column ``v``.
+
+    From the group's largest value count where the release computed it; else from the values k records of the
+    whole dataset hold (a load-time fact: no group holds any other value k times), counted per group in one more
+    query that keeps only the rows holding them, so that a scanned dataset streams through it. Where neither is
+    known, True: the sets are then listed.
+    """
+    if f"{v}_fmax" in grouped.columns:
+        common = grouped.get_column(f"{v}_fmax").fill_null(0).to_numpy()
+        return bool(((common >= k) & kept).any())
+    column, kind = source
+    often = _held_often(frame, column, kind, k)
+    if often is None:
+        return True
+    if often.is_empty() or not kept.any():
+        return False
+    value = _normal(pl.col(v), _floating(frame, column, kind)).alias("\x01value")
+    lazy = _work_frame(frame, work, records_too=False)
+    often = often.cast(lazy.collect_schema()[v], strict=False).drop_nulls()  # the work column's type, same values
+    rows = lazy.filter(mask & value.is_in(often.implode()))
+    tallies = rows.group_by([*key_names, value]).agg(pl.len().cast(pl.Int64).alias("\x01n"))
+    with engine_errors("aggregate", []):
+        if not key_names:
+            found = frame.collect(tallies.select(pl.col("\x01n").max()))
+            return bool(kept[0] and (found.item() or 0) >= k)
+        most = frame.collect(tallies.group_by(key_names).agg(pl.col("\x01n").max()))
+    aligned = grouped.select(key_names).join(most, on=key_names, how="left", nulls_equal=True, maintain_order="left")
+    return bool(((aligned.get_column("\x01n").fill_null(0).to_numpy() >= k) & kept).any())
+
+
+def _held_often(frame: SourceTable, column: str, kind: str, k: int) -> pl.Series | None:
+    """The values k or more records of ``column``'s dataset hold, where a load-time fact gives them for the column
+    as the table holds it (see :func:`_held_once`); else None."""
+    if k < 2 or frame.bound is None or column not in frame.bound.unique:
+        return None
+    fact = frame.bound.unique[column]
+    dtype = frame.dtype(column)
+    if not isinstance(fact, ColumnFact) or kind not in ("number", "plain", "float") or isinstance(dtype, pl.Decimal):
+        return None
+    if kind == "float" and not dtype.is_float():
+        return None
+    return fact.held_often(k)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -908,7 +970,7 @@ def _joined_weights(frame: SourceTable) -> list[tuple[str, int]] | None:
     """Each dataset occurrence's weight column and field width, where every occurrence holds each of its records at
     most once (a join on keys unique on the other side), no dataset occurs twice and every one kept its weights;
     else None (the record sets are listed)."""
-    if frame.records is None or frame.streaming:
+    if frame.records is None:
         return None
     datasets = [dataset for dataset, _ in frame.records]
     if len(set(datasets)) != len(datasets) or any(hidden not in frame.unique for _, hidden in frame.records):
@@ -926,18 +988,13 @@ def _joined_sketches(
     by: Sequence[str],
     cells: Sequence[_Cell],
     values: Mapping[tuple[str, str], str],
-    moded: set[str],
     k: int,
     bits: Sequence[int],
 ) -> list[Sketch]:
     """The sketches of the sets :func:`_number_sets` lists, per dataset, where each record is on one row at most: a
     group's records of a dataset are its rows with that dataset's id, a number's those where its column contributes.
-    A value k records share, left out of a set, is not sketched: the sets are then listed (:class:`_ListedError`)."""
+    No value k records share may be left out of a set (see :func:`_held_k_times`): such sets are listed."""
     grouped = numbers.grouped
-    for v in moded:
-        common = grouped.get_column(f"{v}_fmax").fill_null(0).to_numpy()
-        if ((common >= k) & numbers.kept).any():
-            raise _ListedError
     occurrences = list(enumerate(frame.records or ()))
     released = {cell.name: ~numbers.withheld(cell.name) for cell in cells}
     found: list[Sketch] = []

@@ -5,7 +5,9 @@ IO source (``polars.io.plugins.register_io_source``) whose reader decrypts each 
 (:func:`confnb.datasets.ipc.iter_encrypted_ipc_batches`), keeps only the columns the query needs (projection
 pushdown) and the rows its pushed-down filter keeps (predicate pushdown), and hands Polars' streaming engine one
 record batch at a time. Filters, group-bys and aggregates over such a dataset run in memory bounded by the batch
-and the aggregation state, not by the dataset.
+and the aggregation state, not by the dataset. The reader also gives each row its record id (its position in the
+dataset, counted across segments and files before any filter) and its weight for the difference checks, so that a
+checked release sums its records' weights as it streams instead of listing their ids.
 
 The reader is the vault's own code: nothing of a plan is a Python callable, and the predicate Polars passes in is an
 expression the vault compiled. Every batch is authenticated before Polars sees it, and a file is checked complete
@@ -23,8 +25,10 @@ import contextlib
 import os
 import resource
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
 
@@ -32,6 +36,7 @@ from confnb.datasets.errors import IntegrityError
 from confnb.datasets.ipc import iter_encrypted_ipc_batches
 from confnb.datasets.manifest import VerifiedDataset
 from confnb.datasets.reader import ARROW_FORMAT, file_associated_data
+from kernel_enclave.vault.differences import weights_of
 
 MEMORY_BUDGET_VARIABLE = "CONFNB_VAULT_MEMORY_BUDGET"
 # The share of the vault's memory limit a decrypted dataset may take; the rest is for the queries over it.
@@ -81,8 +86,26 @@ def polars_schema(schema: pa.Schema) -> pl.Schema:
     return frame.schema
 
 
-def scan_dataset(verified: VerifiedDataset, key: bytes) -> pl.LazyFrame:
-    """A lazy frame over an encrypted Arrow IPC dataset, read segment by segment when a query runs."""
+@dataclass(frozen=True)
+class Numbering:
+    """The hidden columns a scan adds to each row: its record id (its position in the dataset, across the files in
+    the manifest's order) and, with ``bits``, its weight for the difference checks (:mod:`.differences`)."""
+
+    record_column: str
+    weight_column: str | None = None
+    bits: int | None = None
+
+    def columns(self, start: int, rows: int) -> dict[str, np.ndarray]:
+        ids = np.arange(start, start + rows, dtype=np.int64)
+        found = {self.record_column: ids}
+        if self.weight_column is not None and self.bits is not None:
+            found[self.weight_column] = weights_of(ids, self.bits)
+        return found
+
+
+def scan_dataset(verified: VerifiedDataset, key: bytes, numbering: Numbering | None = None) -> pl.LazyFrame:
+    """A lazy frame over an encrypted Arrow IPC dataset, read segment by segment when a query runs; with
+    ``numbering``, each row also carries its record id and weight, made as it is read."""
     manifest = verified.manifest
     arrow_schema = manifest.schema.to_arrow()
     files = [
@@ -90,6 +113,9 @@ def scan_dataset(verified: VerifiedDataset, key: bytes) -> pl.LazyFrame:
         for entry in manifest.files
     ]
     schema = polars_schema(arrow_schema)
+    hidden = {} if numbering is None else numbering.columns(0, 0)
+    for name in hidden:
+        schema[name] = pl.Int64
     share = memory_share()  # what the process may hold, whatever the configured budget for decrypting up front
     frame_bytes = FRAME_BYTES if share is None else max(2**20, min(FRAME_BYTES, share // FRAMES_PER_BUDGET))
 
@@ -97,29 +123,48 @@ def scan_dataset(verified: VerifiedDataset, key: bytes) -> pl.LazyFrame:
         with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, batch_size: int | None
     ) -> Iterator[pl.DataFrame]:
         # n_rows is a hint: every file is read to its end, so its completeness is checked before the query ends.
+        wanted = list(schema) if with_columns is None else with_columns
+        needed = set(wanted) | (set(predicate.meta.root_names()) if predicate is not None else set())
+        read_columns = [name for name in arrow_schema.names if name in needed] or arrow_schema.names[:1]
+        numbered = {name for name in hidden if name in needed}
+        position = 0  # the record id of the next row: rows are numbered across the files, before any filter
+
+        def frame(batches: list[Any], rows: int) -> pl.DataFrame:
+            found = _frame(batches)
+            if numbered:
+                assert numbering is not None
+                made = numbering.columns(position, rows)
+                found = found.with_columns(pl.Series(name, made[name]) for name in numbered)
+            found = found if predicate is None else found.filter(predicate)
+            return found.select(wanted)
+
         for path, associated_data, rows in files:
             seen = 0
             pending: list[Any] = []
             pending_bytes = 0
+            pending_rows = 0
             for batch in iter_encrypted_ipc_batches(path, key, associated_data):
                 seen += batch.num_rows
                 if not batch.schema.equals(arrow_schema):
                     raise IntegrityError(f"{manifest.dataset_id}: a file's schema is not the signed manifest's")
-                pending.append(batch if with_columns is None else batch.select(with_columns))
+                pending.append(batch.select(read_columns))
                 pending_bytes += pending[-1].nbytes
+                pending_rows += batch.num_rows
                 if pending_bytes >= frame_bytes:
-                    yield _frame(pending, predicate)
-                    pending, pending_bytes = [], 0
+                    yield frame(pending, pending_rows)
+                    position += pending_rows
+                    pending, pending_bytes, pending_rows = [], 0, 0
             if pending:
-                yield _frame(pending, predicate)
+                yield frame(pending, pending_rows)
+                position += pending_rows
             if seen != rows:
                 raise IntegrityError(f"{manifest.dataset_id}: a file holds {seen} rows, its manifest says {rows}")
 
     return pl.io.plugins.register_io_source(io_source=read, schema=schema)
 
 
-def _frame(batches: list[Any], predicate: pl.Expr | None) -> pl.DataFrame:
-    """A few record batches as one Polars frame (fewer, larger morsels for the engine), filtered if asked."""
+def _frame(batches: list[Any]) -> pl.DataFrame:
+    """A few record batches as one Polars frame (fewer, larger morsels for the engine)."""
     frame = pl.from_arrow(pa.Table.from_batches(batches), rechunk=False)
     assert isinstance(frame, pl.DataFrame)
-    return frame if predicate is None else frame.filter(predicate)
+    return frame

@@ -41,6 +41,7 @@ from kernel_enclave.vault.warmup import VAULT_WARMUP, Deferred, deferred_functio
 # Arrow, scikit-learn, pandas and Parquet take seconds to import: the vault answers before they are loaded, and its
 # requests wait for them (see warmup).
 if TYPE_CHECKING:
+    import polars as pl
     import pyarrow as pa  # type: ignore[import-untyped]
 
     from confnb.datasets.reader import read_verified
@@ -311,8 +312,14 @@ class Vault:
         if policy.digest() != manifest.output_policy_digest:
             raise VaultError(f"{dataset_id!r}: the released output policy is not the one the signed manifest names")
         if scan.should_scan(verified):  # larger than the vault's memory budget: read segment by segment per query
-            lazy = scan.scan_dataset(verified, released.key)
-            frame = plan.SourceTable.from_scan(dataset_id, lazy, manifest.schema.to_arrow())
+            key = released.key
+
+            def scanned(record: str, weight: tuple[str, int] | None) -> pl.LazyFrame:
+                numbering = scan.Numbering(record, *(weight or (None, None)))
+                return scan.scan_dataset(verified, key, numbering)
+
+            rows = sum(entry.rows for entry in manifest.files)
+            frame = plan.SourceTable.from_scan(dataset_id, scanned, manifest.schema.to_arrow(), rows)
         else:
             try:
                 table = read_verified(verified, released.key)

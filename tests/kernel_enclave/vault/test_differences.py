@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,6 +26,8 @@ from kernel_enclave.vault.differences import (
     _bitmap32,
     sketch_of,
     weight_bits,
+    weight_expression,
+    weights_of,
 )
 from kernel_enclave.vault.protocol import PolicyViolation
 
@@ -503,3 +506,18 @@ def test_a_listed_set_lists_a_sketched_one_only_when_their_sketches_are_near() -
     with pytest.raises(PolicyViolation, match="differ"):
         memory.admit([("a", "women but one", EVERYONE[::2][1:], frozenset({"a:cost"}))], {"a": K})
     assert releases.listings == ["women"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, 2**63 - 1), max_size=50) | st.just(list(range(5000))),
+    rows=st.sampled_from([2, 1_000, 2**20, 2**31 - 1]),
+)
+def test_weights_made_by_polars_as_rows_stream_are_the_numpy_ones(ids: list[int], rows: int) -> None:
+    """A dataset scanned without a reader that numbers its rows has its weights made by Polars from the row index;
+    they must be exactly the weights NumPy gives the same ids (UInt64 arithmetic wraps alike in both)."""
+    bits = weight_bits(rows)
+    assert bits is not None
+    values = np.asarray(ids, dtype=np.int64)
+    made = pl.DataFrame({"id": values}).select(weight_expression(pl.col("id"), bits)).to_series().to_numpy()
+    assert np.array_equal(made, weights_of(values, bits))

@@ -304,3 +304,80 @@ def test_no_value_held_k_times_is_decided_exactly_where_hash_bins_crowd(repeats:
     ).max()
     assert slots_crowd >= 2  # the bins alone would not settle it
     assert engine._none_held_k_times(table, ["k0"], spec, 2, "aggregate", []) is (repeats == 1)
+
+
+def scanned(sources: dict[str, SourceTable]) -> dict[str, SourceTable]:
+    """The same datasets as scanned ones (Polars' streaming engine, rows numbered and weighted as they stream)."""
+    twins = {}
+    for handle, source in sources.items():
+        visible = source.data.select(source.columns).collect()
+        assert source.records is not None
+        dataset = source.records[0][0]
+        schema = visible.to_arrow().schema
+        twins[handle] = SourceTable.from_scan(dataset, visible.lazy(), schema, rows=visible.height)
+    return twins
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_scanned_dataset_sketches_the_record_sets_its_in_memory_twin_lists(seed: int) -> None:
+    """A scanned dataset's releases go the streaming route: the same tables, and each sketch is that of the set the
+    in-memory dataset lists under the same label (record ids are positions in both)."""
+    rng = np.random.default_rng(300 + seed)
+    sketched_releases = 0
+    for _ in range(30):
+        n = int(rng.choice([0, 5, 200, 1500]))
+        sources = table(rng, n)
+        twins = scanned(sources)
+        assert twins["t"].streaming and twins["t"].weights
+        plan = request(rng, n)
+        if rng.random() < 0.7:  # order statistics and describe list their sets by design: fewer of them
+            for spec in plan.get("aggs", []):
+                if spec["func"] in ("median", "quantile"):
+                    spec["func"] = "mean"
+                    spec.pop("q", None)
+        k = int(rng.choice([3, 5, 10]))
+        found = sketches_and_sets(plan, twins, k)
+        in_memory = outcome(plan, sources, k, True)
+        if found is None:
+            assert in_memory[0] == "refused"
+            continue
+        same(in_memory, outcome(plan, twins, k, True))
+        sketches, listed = found
+        if sketches is None:
+            continue
+        sketched_releases += 1
+        bits = next(iter(twins["t"].weights.values()))[1]
+        by_label = {label: (ids.size, sketch_of(ids, bits)) for _, label, ids, _ in listed}
+        shapes = set(by_label.values())
+        for sketch in sketches:
+            assert (sketch.size, sketch.total) == by_label.get(sketch.label, (sketch.size, sketch.total))
+            assert (sketch.size, sketch.total) in shapes, sketch.label
+        assert {label for _, label, _, _ in listed} <= {sketch.label for sketch in sketches}
+    assert sketched_releases >= 5
+
+
+def test_a_value_k_records_share_is_found_in_a_scanned_group_and_its_sets_listed() -> None:
+    """The values k records of the whole dataset share are counted per group: where a group holds one k times its
+    sets leave those records out and are listed; where the dataset does but no group does, they are sketched."""
+    k = 5
+    values = np.concatenate([np.arange(100, 600, dtype=float), [7.0] * 8])  # 7.0: held by 8 records, 4 a group
+    groups = np.array(["a"] * 250 + ["b"] * 250 + ["a"] * 4 + ["b"] * 4)
+    for extra, listed_expected in (([], False), ([7.0], True)):  # one more 7.0 in group "a": held 5 times there
+        columns = {
+            "g": pa.array(list(groups) + ["a"] * len(extra)),
+            "x": pa.array(list(values) + extra, pa.float64()),
+        }
+        sources = scanned({"t": SourceTable.from_dataset("d", pa.table(columns))})
+        plan = {
+            "node": "aggregate",
+            "input": {"node": "source", "handle": "t"},
+            "by": ["g"],
+            "aggs": [{"name": "m", "column": "x", "func": "mean"}],
+        }
+        found = sketches_and_sets(plan, sources, k)
+        assert found is not None
+        sketches, listed = found
+        assert (sketches is None) is listed_expected
+        if listed_expected:  # the group's records holding 7.0 are not in its set
+            group_a = next(ids for _, label, ids, _ in listed if "'a'" in label)
+            assert group_a.size == 250 + 4 + 1 - 5

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pytest
 
 from confnb.policy.output import OutputPolicy
+from kernel_enclave.vault.differences import weights_of
 
 POLICY = """
 [policy]
@@ -34,8 +35,10 @@ id = "scan-test-v1"
 [release]
 allow = ["schema", "aggregate", "row_count"]
 min_group_size = 5
-# The difference checks keep every released number's record ids in the vault's memory (8 bytes a record): over a
-# dataset several times that memory they cannot run, and the release fails closed. This test is about the scan.
+# The difference checks of this test's sums would list their record sets (every value of x is held by many records
+# of a group, and a sum's set leaves out the records holding its group's most common value): 8 bytes a record, more
+# than this vault's memory, so the release would fail closed. This test is about the scan; the checks over a scan
+# are tested below, on sets that are sketched.
 difference_checks = false
 """
 GROUPS = 50
@@ -308,3 +311,52 @@ def outcome(plan: dict[str, Any], vault: Any) -> tuple[Any, Any]:
     except VaultError as exc:
         return "refused", str(exc)
     return (released.table.to_pylist() if released.table is not None else released.value), released.suppressed
+
+
+def test_a_scanned_dataset_numbers_and_weighs_its_records_as_the_decrypted_one(
+    make_dataset: Callable[[int], tuple[str, dict[str, Any]]],
+    tmp_path: Path,
+    simulated_backend: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reader gives each row its position in the dataset (across segments, before a pushed-down filter) and the
+    weight the decrypted dataset's row has; a release's sketches are then the same over both."""
+    import polars as pl
+
+    from kernel_enclave.vault import release
+    from kernel_enclave.vault.keys import VaultKeys
+    from kernel_enclave.vault.vault import Vault
+
+    url, _ = make_dataset(3 * BATCH_ROWS + 123)  # several segments, the last one short
+    hidden, sketches = [], []
+    for budget in ("0", str(2**40)):
+        monkeypatch.setenv("CONFNB_VAULT_MEMORY_BUDGET", budget)
+        vault = Vault(
+            backend=simulated_backend,
+            keys=VaultKeys.generate(),
+            broker_url=url,
+            dataset_path=str(tmp_path / "datasets"),
+        )
+        reply, _ = vault.handle({"op": "open", "source": "big"}, [])
+        assert reply["ok"], reply
+        source = vault._sources[reply["handle"]]
+        assert source.streaming is (budget == "0") and source.records is not None
+        record = source.records[0][1]
+        weight, bits = source.weights[record]
+        picked = source.data.filter(pl.col("x") > 500).select(record, weight, "x")
+        hidden.append(source.collect(picked))
+        plan = {
+            "node": "aggregate",
+            "input": {"node": "source", "handle": reply["handle"]},
+            "by": ["g"],
+            "aggs": [{"name": "n", "column": "x", "func": "count"}, {"name": "rows", "column": None, "func": "count"}],
+        }
+        released = release.release(plan, vault._sources, vault._policies, record_sets=True, sketches=True)
+        assert released.sketches is not None  # sketched over the scan too: no record id listed
+        sketches.append(sorted((s.label, s.size, s.total) for s in released.sketches))
+    scanned, decrypted = hidden
+    assert scanned.height > 1000 and scanned.equals(decrypted)
+    ids = scanned.get_column(record).to_numpy()
+    assert np.all(np.diff(ids) > 0) and ids[-1] > 3 * BATCH_ROWS  # positions in the whole dataset, not per segment
+    assert np.array_equal(scanned.get_column(weight).to_numpy(), weights_of(ids, bits))
+    assert sketches[0] == sketches[1]
