@@ -74,6 +74,7 @@ The memory is not thread-safe: the vault calls it under its request lock.
 from __future__ import annotations
 
 import array
+import hashlib
 import sys
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ _CONTAINER = 1 << 16  # record ids per Roaring container
 _ARRAY_LIMIT = 4096  # a container with more values is a bitset
 _NO_RUN_COOKIE = 12346  # the portable format's cookie for a bitmap without run containers
 _LITTLE_ENDIAN = sys.byteorder == "little"  # the portable format is written in the machine's byte order
+SMALL_SET = 4096  # listed sets up to this size are indexed by their records, to be compared only with those sharing one
 _SKETCH_BYTES = 64  # what a set kept as a sketch costs beside its size and sketch: its entry and label reference
 _WEIGHT_FACTOR = 0x9E3779B97F4A7C15  # SplitMix64's increment, added to an id before it is mixed
 
@@ -215,6 +217,62 @@ class _Entry:
 
 
 @dataclass
+class _Members:
+    """The records of the small listed sets of one key, to find the sets a new small set shares a record with:
+    (record id, row) pairs, most sorted by id, the latest in a short unsorted tail merged in as it grows."""
+
+    ids: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    rows: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    tail_ids: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    tail_rows: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    tail_size: int = 0
+    member: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(16, np.bool_))  # row is in the index
+
+    def add(self, row: int, ids: npt.NDArray[np.int64]) -> None:
+        if row >= self.member.size:
+            self.member = np.concatenate([self.member, np.zeros(max(row + 1, self.member.size), np.bool_)])
+        self.member[row] = True
+        self.tail_ids.append(ids)
+        self.tail_rows.append(np.full(ids.size, row, dtype=np.int64))
+        self.tail_size += ids.size
+
+    def indexed(self, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+        inside = rows < self.member.size
+        found = np.zeros(rows.size, dtype=np.bool_)
+        found[inside] = self.member[rows[inside]]
+        return found
+
+    def rows_holding(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """The rows of the indexed sets holding any of ``ids`` (sorted, unique)."""
+        if self.tail_size > max(4096, self.ids.size // 4):
+            self._merge()
+        low = np.searchsorted(self.ids, ids, side="left")
+        high = np.searchsorted(self.ids, ids, side="right")
+        hits = [self.rows[a:b] for a, b in zip(low.tolist(), high.tolist(), strict=True) if b > a]
+        hits += [rows[np.isin(tail, ids)] for tail, rows in zip(self.tail_ids, self.tail_rows, strict=True)]
+        return np.unique(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
+
+    def forget_from(self, row: int) -> None:
+        """Drop the sets of rows ``row`` and later (a refused release's)."""
+        self._merge()
+        kept = self.rows < row
+        self.ids, self.rows = self.ids[kept], self.rows[kept]
+        self.member[row:] = False
+
+    def nbytes(self) -> int:
+        return self.ids.nbytes + self.rows.nbytes + 16 * self.tail_size + self.member.nbytes
+
+    def _merge(self) -> None:
+        if not self.tail_size:
+            return
+        ids = np.concatenate([self.ids, *self.tail_ids])
+        rows = np.concatenate([self.rows, *self.tail_rows])
+        order = np.argsort(ids, kind="stable")
+        self.ids, self.rows = ids[order], rows[order]
+        self.tail_ids, self.tail_rows, self.tail_size = [], [], 0
+
+
+@dataclass
 class _Dataset:
     """One dataset's remembered record sets under one comparison key: entry i with its size and sketch in row i.
 
@@ -228,10 +286,22 @@ class _Dataset:
     known: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(16, np.bool_))  # the sketch is in totals
     count: int = 0
     committed: int = 0
+    small: _Members = field(default_factory=_Members)
 
     def rollback(self) -> None:
         del self.entries[self.committed :]
         self.count = self.committed
+        self.small.forget_from(self.committed)
+
+    def sharing_or_unknown(self, rows: npt.NDArray[np.intp], entry: _Entry, k: int) -> npt.NDArray[np.intp]:
+        """Of ``rows`` (near ``entry``'s listed set by size), those that may be within k - 1 records of it: the sets
+        sharing a record with it, any set not in the members index, and sets so small that even disjoint ones are
+        near. Two sets with |A| + |B| >= k that share no record differ by |A| + |B| records: k or more."""
+        if entry.bitmap is None or entry.size > SMALL_SET or rows.size < 2:
+            return rows
+        sharing = self.small.rows_holding(np.asarray(entry.bitmap.to_array(), dtype=np.int64))
+        kept = ~self.small.indexed(rows) | np.isin(rows, sharing) | (self.sizes[rows] + entry.size < k)
+        return rows[kept]
 
     def near(
         self, size: int, total: int | None, k: int, bits: int | None, fill: Callable[[_Entry], int] | None = None
@@ -252,6 +322,36 @@ class _Dataset:
             rows = rows[apart < max(k, 1)]
         return rows
 
+    def near_each(
+        self, entries: Sequence[_Entry], k: int, bits: int, fill: Callable[[_Entry], int]
+    ) -> list[npt.NDArray[np.intp]]:
+        """:meth:`near` for several sketched sets at once (the sets of one release under one key): the rows
+        remembered so far near each, found by sorting the sizes once rather than scanning them per set."""
+        count, limit = self.count, max(k, 1)
+        sizes = np.array([entry.size for entry in entries], dtype=np.int64)
+        order = np.argsort(self.sizes[:count], kind="stable")
+        ordered = self.sizes[:count][order]
+        low = np.searchsorted(ordered, sizes - (limit - 1), side="left")
+        high = np.searchsorted(ordered, sizes + (limit - 1), side="right")
+        spans = high - low
+        which = np.repeat(np.arange(len(entries)), spans)
+        rows = (
+            order[np.concatenate([np.arange(a, b) for a, b in zip(low.tolist(), high.tolist(), strict=True)])]
+            if spans.sum()
+            else np.zeros(0, np.intp)
+        )
+        if rows.size:
+            for row in np.unique(rows[~self.known[rows]]).tolist():
+                entry = self.entries[row]
+                if entry.total is None:
+                    entry.total = fill(entry)
+                self.totals[row], self.known[row] = np.uint64(entry.total), True
+            totals = np.array([entries[i].total or 0 for i in which.tolist()], dtype=np.uint64)
+            apart = np.abs(_fields(self.totals[rows], bits) - _fields(totals, bits)).sum(axis=-1)
+            close = apart < limit
+            rows, which = rows[close], which[close]
+        return [rows[which == i] for i in range(len(entries))]
+
     def append(self, entry: _Entry) -> None:
         if self.count == len(self.sizes):
             self.sizes = np.concatenate([self.sizes, np.zeros_like(self.sizes)])
@@ -261,6 +361,8 @@ class _Dataset:
         self.totals[self.count] = np.uint64(entry.total or 0)
         self.known[self.count] = entry.total is not None
         self.entries.append(entry)
+        if entry.bitmap is not None and entry.size <= SMALL_SET:
+            self.small.add(self.count, np.asarray(entry.bitmap.to_array(), dtype=np.int64))
         self.count += 1
 
 
@@ -387,9 +489,9 @@ class ReleaseMemory:
         self, sketches: Iterable[Sketch], min_group_size: Mapping[str, int], grouped: bool, recipe: Recipe
     ) -> bool:
         touched: dict[tuple[str, str], dict[int, Sketch]] = {}
+        keyed: dict[tuple[str, str], list[_Entry]] = {}  # the release's sets under each key, screened together
         for sketch in sketches:
             stoppable.check()
-            k = _k_of(min_group_size, sketch.dataset)
             if not self._adopt(sketch.dataset, sketch.bits):
                 return False  # sketches of another width cannot be compared: list
             entry = _Entry(sketch.label, sketch.size, sketch.total, recipe=recipe)
@@ -398,8 +500,12 @@ class ReleaseMemory:
                 if sketch.group in members and grouped and _additive(key):
                     return False  # two sets of one group: their union is not the sum of their sketches
                 members[sketch.group] = sketch
-                if not self._screened(sketch.dataset, self._memory(sketch.dataset, key), entry, sketch.bits, k):
-                    return False
+                keyed.setdefault((sketch.dataset, key), []).append(entry)
+        for (dataset, key), entries in keyed.items():
+            stoppable.check()
+            memory = self._memory(dataset, key)
+            if not self._screened_together(dataset, memory, entries, _k_of(min_group_size, dataset)):
+                return False
         for (dataset, key), members in touched.items() if grouped else ():
             if len(members) < 2 or not _additive(key):
                 continue
@@ -422,6 +528,41 @@ class ReleaseMemory:
             remembered.rollback()
         self._generation += 1  # a Checked of the abandoned screen is never valid
 
+    def _screened_together(self, dataset: str, memory: _Dataset, entries: list[_Entry], k: int) -> bool:
+        """:meth:`_screened` for each of ``entries`` in turn, with the remembered rows near each found at once and
+        the entries compared with each other by NumPy (an entry is compared with those before it that were added)."""
+        bits = self._bits[dataset]
+        limit = max(k, 1)
+        near = memory.near_each(entries, k, bits, self._sketcher(dataset))
+        sizes = np.array([entry.size for entry in entries], dtype=np.int64)
+        fields = _fields(np.array([entry.total or 0 for entry in entries], dtype=np.uint64), bits)
+        within = np.abs(sizes[:, None] - sizes[None, :]) < limit
+        pairs = np.nonzero(within)
+        apart = np.abs(fields[pairs[0]] - fields[pairs[1]]).sum(axis=-1)
+        within[pairs[0][apart >= limit], pairs[1][apart >= limit]] = False
+        added = np.zeros(len(entries), dtype=bool)
+        for i, (entry, rows) in enumerate(zip(entries, near, strict=True)):
+            if any(self._repeats(memory, row, entry) for row in rows.tolist()):
+                continue  # a repeat: compared with everything already, and not added again
+            if rows.size or (within[i, :i] & added[:i]).any():
+                return False
+            memory.append(entry)
+            added[i] = True
+        return True
+
+    @staticmethod
+    def _repeats(memory: _Dataset, row: int, entry: _Entry) -> bool:
+        """Whether remembered row ``row`` is ``entry``'s set, by the same release run before (see :meth:`_screened`)."""
+        other = memory.entries[row]
+        return (
+            row < memory.committed
+            and other.recipe is not None
+            and entry.recipe is not None
+            and other.recipe.fingerprint == entry.recipe.fingerprint
+            and (other.label, other.union_key, other.size, other.total)
+            == (entry.label, entry.union_key, entry.size, entry.total)
+        )
+
     def _screened(self, dataset: str, memory: _Dataset, entry: _Entry, bits: int, k: int) -> bool:
         """Add a sketched set tentatively, unless a remembered (or this release's) set may be within k - 1 records
         of it: then False.
@@ -431,17 +572,8 @@ class ReleaseMemory:
         with it, so the repeat's differences are all known to be 0 or at least k.
         """
         near = memory.near(entry.size, entry.total, k, bits, self._sketcher(dataset)).tolist()
-        for row in near:
-            other = memory.entries[row]
-            if (
-                row < memory.committed
-                and other.recipe is not None
-                and entry.recipe is not None
-                and other.recipe.fingerprint == entry.recipe.fingerprint
-                and (other.label, other.union_key, other.size, other.total)
-                == (entry.label, entry.union_key, entry.size, entry.total)
-            ):
-                return True
+        if any(self._repeats(memory, row, entry) for row in near):
+            return True
         if near:
             return False
         memory.append(entry)
@@ -468,7 +600,7 @@ class ReleaseMemory:
         """
         self._begin()
         touched: dict[tuple[str, str], list[BitMap | BitMap64]] = {}  # this release's distinct sets, per partition
-        seen: dict[tuple[str, int], list[_Seen]] = {}  # the same, by dataset and size, with the keys checked
+        seen: dict[tuple[str, int, bytes], list[_Seen]] = {}  # the same, by dataset, size and digest of the ids
         try:
             for record in record_sets:
                 stoppable.check()  # the release is interrupted: nothing of it is remembered (see the rollback)
@@ -478,7 +610,8 @@ class ReleaseMemory:
                 if rows is not None and dataset in rows and dataset not in self._bits:
                     self._adopt(dataset, weight_bits(rows[dataset]))
                 values = _checked_ids(ids)
-                same_size = seen.setdefault((dataset, int(values.size)), [])
+                digest = hashlib.blake2b(values.tobytes(), digest_size=16).digest()
+                same_size = seen.setdefault((dataset, int(values.size), digest), [])
                 found = next((e for e in same_size if e.ids is values or np.array_equal(e.ids, values)), None)
                 if found is None:
                     found = _Seen(values)
@@ -510,6 +643,7 @@ class ReleaseMemory:
         duplicate = False
         bits = self._bits.get(dataset)
         rows = memory.near(entry.size, None, k, bits)  # listed sets compare exactly, at little cost
+        rows = memory.sharing_or_unknown(rows, entry, k)  # a small set: only those sharing a record with it
         if bits is not None and any(memory.entries[row].bitmap is None for row in rows.tolist()):
             # A sketched set is listed only when the sketches too leave it near: this set is sketched first.
             if entry.total is None:
@@ -581,7 +715,9 @@ class ReleaseMemory:
         sketch arrays of every comparison key (each entry once)."""
         entries = self._entries(None)
         held = sum(entry.nbytes if entry.bitmap is not None else _SKETCH_BYTES for entry in entries)
-        arrays = sum(memory.sizes.nbytes + memory.totals.nbytes for memory in self._datasets.values())
+        arrays = sum(
+            memory.sizes.nbytes + memory.totals.nbytes + memory.small.nbytes() for memory in self._datasets.values()
+        )
         return held + arrays
 
     def _entries(self, dataset: str | None) -> list[_Entry]:

@@ -769,8 +769,10 @@ def _numbers(
         with engine_errors(what, subjects):
             lazy = _work_frame(frame, work)
             if key_names:
-                # Rows with a null key form groups of their own, dropped afterwards: cheaper than filtering rows.
-                return frame.collect(lazy.group_by(key_names).agg(aggregations).drop_nulls(key_names).sort(key_names))
+                # Rows with a null key form groups of their own, dropped afterwards: cheaper than filtering rows
+                # (dropped from the collected groups, or Polars would push the filter down to the rows).
+                found = frame.collect(lazy.group_by(key_names).agg(aggregations).sort(key_names, nulls_last=True))
+                return found.drop_nulls(key_names)
             try:
                 return frame.collect(lazy.select(aggregations))
             except pl.exceptions.ShapeError:
@@ -1238,6 +1240,7 @@ def _numbers_direct(
         if (
             sets
             and not _held_once(frame, spec, k)
+            and not _none_often_held_k_times(frame, table, key_names, spec, k, what, subjects)
             and not _none_held_k_times(table, key_names, spec, k, what, subjects)
         ):
             open_ = kept & (n > 0)  # the record sets leave out a value k records share: find it exactly
@@ -1462,6 +1465,33 @@ def _held_once(frame: SourceTable, spec: _Input, k: int) -> bool:
     if spec.kind == "float" and not dtype.is_float():
         return False
     return frame.bound.unique[spec.column]()
+
+
+def _none_often_held_k_times(
+    frame: SourceTable,
+    table: pl.DataFrame,
+    key_names: Sequence[str],
+    spec: _Input,
+    k: int,
+    what: str,
+    subjects: Sequence[str],
+) -> bool:
+    """Whether no value of ``spec``'s column is held by k or more contributing records of one group, shown from the
+    values k records of the whole dataset hold (a load-time fact, usually none or a few: no group holds another
+    value k times), counted per group over the rows holding them. False where the fact is not known."""
+    if spec.column is None:
+        return False
+    often = _held_often(frame, spec.column, spec.kind, k)
+    if often is None:
+        return False
+    if often.is_empty():
+        return True
+    value = spec.normal()
+    often = often.cast(table.schema[spec.v], strict=False).drop_nulls()
+    with engine_errors(what, subjects):
+        holding = table.lazy().filter(value.is_in(often.implode())).select(*key_names, value.alias("\x01value"))
+        most = holding.group_by([*key_names, "\x01value"]).len().select(pl.col("len").max()).collect()
+    return int(most.item() or 0) < k
 
 
 def _none_held_k_times(
@@ -1870,13 +1900,14 @@ def _value_counts(
         listed = [pl.col(f"r{i}").alias(f"g_ids{i}") for i in range(len(frame.records or ()))] if sets else []
     with engine_errors("value_counts", [f"column {quote(node.column)} ({frame.arrow_type(node.column)})"]):
         weight = [] if weights is None else [pl.col(weights[0])]
-        lazy = _work_frame(frame, [_key_expr(frame, node.column).alias("k0"), *weight])
-        grouped_lazy = lazy.group_by("k0").agg(
-            pl.len().cast(pl.Int64).alias("count_all"), *_count_exprs(frame, "g", None), *listed
-        )
-        if node.dropna:
-            grouped_lazy = grouped_lazy.drop_nulls("k0")
+        # Rows that are distinct records of one dataset: a value's records are counted by its rows, ids unread.
+        by_rows = _rows_are_records(frame) and not (sets and weights is None)
+        lazy = _work_frame(frame, [_key_expr(frame, node.column).alias("k0"), *weight], records_too=not by_rows)
+        counted = [pl.len().cast(pl.Int64).alias("g0")] if by_rows else _count_exprs(frame, "g", None)
+        grouped_lazy = lazy.group_by("k0").agg(pl.len().cast(pl.Int64).alias("count_all"), *counted, *listed)
         grouped = frame.collect(grouped_lazy.sort(["count_all", "k0"], descending=[True, False], nulls_last=True))
+        if node.dropna:  # after the group-by: Polars would filter every row for a non-null key before it
+            grouped = grouped.drop_nulls("k0")
     ks = _min_sizes(frame, policies)
     keep = np.ones(grouped.height, dtype=bool)
     for dataset, counts in _counts(frame, grouped, "g").items():

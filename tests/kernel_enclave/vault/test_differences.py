@@ -521,3 +521,36 @@ def test_weights_made_by_polars_as_rows_stream_are_the_numpy_ones(ids: list[int]
     values = np.asarray(ids, dtype=np.int64)
     made = pl.DataFrame({"id": values}).select(weight_expression(pl.col("id"), bits)).to_series().to_numpy()
     assert np.array_equal(made, weights_of(values, bits))
+
+
+def test_small_sets_are_compared_only_with_those_sharing_a_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of k records (an order statistic's) all have the same size: each new one is compared record by record
+    only with the remembered blocks it shares a record with, and still refused when near one."""
+    from kernel_enclave.vault import differences
+
+    compared = [0]
+    exact = differences._difference
+
+    def counting(a: Any, b: Any) -> int:
+        compared[0] += 1
+        return exact(a, b)
+
+    monkeypatch.setattr(differences, "_difference", counting)
+    memory = ReleaseMemory()
+    blocks = [ids(range(start, start + K)) for start in range(0, 500 * K, K)]
+    admit(memory, *(("a", block) for block in blocks))
+    assert memory.remembered("a") == len(blocks)
+    compared[0] = 0
+    admit(memory, ("a", ids(range(500 * K, 501 * K))))  # a new block sharing no record: compared with none
+    assert compared[0] == 0
+    near = ids([*range(3, K), *range(10**6, 10**6 + 3)])  # block 0 with three records exchanged
+    assert "differ" in str(refused(memory, ("a", near)))
+    assert compared[0] == 1
+    straddling = ids(range(K // 2, K // 2 + K))  # half of block 0, half of block 1: k records from each
+    admit(memory, ("a", straddling))
+    assert compared[0] == 3
+    # A refused release's sets leave the index too: a set near only the refused one is then released.
+    assert "differ" in str(
+        refused(memory, ("a", ids(range(10**7, 10**7 + K))), ("a", ids(range(10**7 + 1, 10**7 + K + 1))))
+    )
+    admit(memory, ("a", ids(range(10**7 + 2, 10**7 + K + 2))))
