@@ -147,13 +147,31 @@ class DatasetFacts:
         """
         with self._lock:
             if (column, times) not in self._held_often:
-                value = pl.col(column)
-                value = value + 0.0 if self._data.collect_schema()[column].is_float() else value
-                counted = self._data.select(value.alias("value")).drop_nulls().group_by("value").len()
-                often = counted.filter(pl.col("len") >= times).select("value").head(MAX_HELD_OFTEN + 1)
-                found = stoppable.collect(often, streaming=self._streaming).get_column("value")
+                dtype = self._data.collect_schema()[column]
+                value = (pl.col(column) + 0.0 if dtype.is_float() else pl.col(column)).alias("value")
+                found = None if self._streaming else self._held_often_in_memory(value, dtype, times)
+                if found is None:  # a hash table of the distinct values (streams over a scanned dataset)
+                    counted = self._data.select(value).drop_nulls().group_by("value").len()
+                    often = counted.filter(pl.col("len") >= times).select("value").head(MAX_HELD_OFTEN + 1)
+                    found = stoppable.collect(often, streaming=self._streaming).get_column("value")
                 self._held_often[(column, times)] = found if found.len() <= MAX_HELD_OFTEN else None
             return self._held_often[(column, times)]
+
+    def _held_often_in_memory(self, value: pl.Expr, dtype: Any, times: int) -> pl.Series | None:
+        """:meth:`held_often` for a numeric column in memory, by sorting a copy of its values: a few bytes a record
+        at its peak, where a hash table of a million distinct values takes tens of megabytes. None for other
+        columns, and for floats holding NaN (which a sort does not put side by side as equal)."""
+        if not (dtype.is_integer() or dtype.is_float()):
+            return None
+        present = stoppable.collect(self._data.select(value.drop_nulls()), streaming=False).to_series()
+        if dtype.is_float() and present.is_nan().any():
+            return None
+        ordered = np.sort(present.to_numpy())
+        if ordered.size < times:
+            return present.head(0)
+        starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+        lengths = np.diff(np.append(starts, ordered.size))
+        return pl.Series("value", ordered[starts[lengths >= times]], dtype=present.dtype)
 
 
 class ColumnFact:

@@ -17,11 +17,13 @@ import numpy as np
 import polars as pl
 import pyarrow as pa  # type: ignore[import-untyped]
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from confnb.policy.output import RELEASE_KINDS, OutputPolicy
 from kernel_enclave.vault import release as engine
 from kernel_enclave.vault.differences import sketch_of
-from kernel_enclave.vault.plan import SourceTable
+from kernel_enclave.vault.plan import DatasetFacts, SourceTable
 from kernel_enclave.vault.protocol import PolicyViolation, VaultError
 
 FUNCS = ("count", "sum", "mean", "std", "var", "min", "max", "nunique", "median", "quantile")
@@ -381,3 +383,36 @@ def test_a_value_k_records_share_is_found_in_a_scanned_group_and_its_sets_listed
         if listed_expected:  # the group's records holding 7.0 are not in its set
             group_a = next(ids for _, label, ids, _ in listed if "'a'" in label)
             assert group_a.size == 250 + 4 + 1 - 5
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.none(), st.sampled_from([0.0, -0.0, 1.5, 2.0, -3.0]), st.floats(allow_nan=True, width=64)),
+        max_size=60,
+    ),
+    times=st.integers(1, 6),
+    as_int=st.booleans(),
+)
+def test_the_values_k_records_hold_are_found_alike_in_memory_and_streaming(
+    values: list[float | None], times: int, as_int: bool
+) -> None:
+    """The load-time fact that decides whether a group may hold a value k times: a sort of the values in memory, a
+    hash table over a scan; both must name the same values (-0.0 is 0.0, NaN falls back to the hash table)."""
+    if as_int:
+        values = [None if v is None or v != v or abs(v) > 2**40 else float(int(v)) for v in values]
+    arrow = pa.array(
+        [None if v is None else (int(v) if as_int else v) for v in values], pa.int64() if as_int else pa.float64()
+    )
+    facts = []
+    for streaming in (False, True):
+        frame = pl.DataFrame({"x": arrow}).lazy()
+        found = DatasetFacts(frame, streaming, len(values)).held_often("x", times)
+        assert found is not None
+        facts.append(sorted((v + 0.0 for v in found.to_list()), key=repr))  # either zero may stand for both
+    assert facts[0] == facts[1]
+    counts: dict[float, int] = {}
+    for v in values:
+        if v is not None and v == v:
+            counts[v + 0.0] = counts.get(v + 0.0, 0) + 1
+    assert {v for v in facts[0] if v == v} == {v for v, n in counts.items() if n >= times}
