@@ -98,6 +98,7 @@ _CONTAINER = 1 << 16  # record ids per Roaring container
 _ARRAY_LIMIT = 4096  # a container with more values is a bitset
 _NO_RUN_COOKIE = 12346  # the portable format's cookie for a bitmap without run containers
 _LITTLE_ENDIAN = sys.byteorder == "little"  # the portable format is written in the machine's byte order
+_ONE_BY_ONE = 8  # a release's sets under one key screened one by one up to this many, together beyond
 SMALL_SET = 4096  # listed sets up to this size are indexed by their records, to be compared only with those sharing one
 _SKETCH_BYTES = 64  # what a set kept as a sketch costs beside its size and sketch: its entry and label reference
 _WEIGHT_FACTOR = 0x9E3779B97F4A7C15  # SplitMix64's increment, added to an id before it is mixed
@@ -502,8 +503,11 @@ class ReleaseMemory:
                 keyed.setdefault((sketch.dataset, key), []).append(entry)
         for (dataset, key), entries in keyed.items():
             stoppable.check()
-            memory = self._memory(dataset, key)
-            if not self._screened_together(dataset, memory, entries, _k_of(min_group_size, dataset)):
+            memory, k = self._memory(dataset, key), _k_of(min_group_size, dataset)
+            if len(entries) > _ONE_BY_ONE:
+                if not self._screened_together(dataset, memory, entries, k):
+                    return False
+            elif not all(self._screened(dataset, memory, entry, self._bits[dataset], k) for entry in entries):
                 return False
         for (dataset, key), members in touched.items() if grouped else ():
             if len(members) < 2 or not _additive(key):

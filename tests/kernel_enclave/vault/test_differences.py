@@ -467,6 +467,30 @@ def test_sketched_releases_agree_with_listed_ones(
     releases: list[list[tuple[str, frozenset[int]]]], k: int, grouping: list[bool]
 ) -> None:
     """The same releases, once listed and once as sketches with recipes: the same refusals, the same memory."""
+    listed_and_sketched_agree(releases, k, grouping)
+
+
+# Releases of many numbers, whose sketches under one key are screened together rather than one by one.
+many_sets_strategy = st.lists(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b"]), st.frozensets(st.integers(0, 60), max_size=25)),
+        min_size=9,
+        max_size=20,
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(releases=many_sets_strategy, k=st.integers(1, 6), grouping=st.lists(st.booleans(), min_size=5, max_size=5))
+def test_releases_of_many_sketched_numbers_agree_with_listed_ones(
+    releases: list[list[tuple[str, frozenset[int]]]], k: int, grouping: list[bool]
+) -> None:
+    listed_and_sketched_agree(releases, k, grouping)
+
+
+def listed_and_sketched_agree(releases: list[list[tuple[str, frozenset[int]]]], k: int, grouping: list[bool]) -> None:
     listed, sketched = ReleaseMemory(), ReleaseMemory()
     for n, (numbers, grouped) in enumerate(zip(releases, grouping, strict=False)):
         sets = [(d, f"n{i}", np.array(sorted(r), dtype=np.int64)) for i, (d, r) in enumerate(numbers)]
