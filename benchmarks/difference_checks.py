@@ -29,7 +29,7 @@ The figure is the ratio of the medians, with over without. Target: at most 1.10.
 released tables with and without the checks, and the sketches against the listed sets, are compared before any
 timing, so both ways do the same work. Exit status 0 when the target holds, 1 otherwise. Run with::
 
-    python benchmarks/difference_checks.py [--rows 1000000] [--groups 4] [--remembered 1000] [--rounds 21] [--json]
+    python benchmarks/difference_checks.py [--rows 1000000] [--groups 4] [--remembered 1000] [--rounds 61] [--json]
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000, help="table rows (default 1,000,000)")
     parser.add_argument("--groups", type=int, default=4, help="groups of the release (default 4)")
     parser.add_argument("--remembered", type=int, default=1000, help="earlier releases remembered (default 1,000)")
-    parser.add_argument("--rounds", type=int, default=21, help="interleaved rounds (default 21)")
+    parser.add_argument("--rounds", type=int, default=61, help="interleaved rounds (default 61)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     add_output_argument(parser, "difference_checks")
     args = parser.parse_args()
