@@ -259,3 +259,58 @@ def test_previews_count_rows_under_the_same_checks(hospital: Any) -> None:
     assert "rows" not in without and "release.difference" in without["withheld"]["rows"]
     younger = t[t["age"] < 40].preview()  # far from every earlier count: shown
     assert younger["rows"] == int((hospital.frame.age < 40).sum())
+
+
+# -- the same attacks on a dataset scanned from disk (its record sets sketched in the streaming query) ----------------
+
+
+@pytest.fixture
+def scanned_hospital(hospital: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The hospital's dataset opened over the vault's memory budget: read segment by segment per query."""
+    monkeypatch.setenv("CONFNB_VAULT_MEMORY_BUDGET", "0")
+    return hospital
+
+
+def opened_scanned(hospital: Any) -> Any:
+    t = hospital.open()
+    assert all(source.streaming for source in hospital.vault._sources.values())
+    return t
+
+
+def test_over_a_scanned_dataset_everyone_minus_everyone_but_the_target_is_refused(
+    scanned_hospital: Any, recovered: Recovered
+) -> None:
+    hospital = scanned_hospital
+    t = opened_scanned(hospital)
+    frame, target = hospital.frame, hospital.target
+    numbers: list[float] = []
+    everyone = released_or_refused(lambda: t.agg(s=("cost", "sum")).release()["s"], numbers)
+    assert everyone == pytest.approx(frame.cost.sum())
+    assert hospital.vault._memory().listed() == 0  # remembered from its sketch: no record id listed
+    but_one = released_or_refused(
+        lambda: t[t["patient_id"] != hospital.target_id].agg(s=("cost", "sum")).release()["s"], numbers
+    )
+    assert but_one is None
+    by_sex = released_or_refused(  # the groups of everyone but the target, added up
+        lambda: t[t["patient_id"] != hospital.target_id].group_by("sex").agg(s=("cost", "sum")).release()["s"],
+        numbers,
+    )
+    assert by_sex is None
+    nothing_recovers(numbers, target.cost, recovered)
+    assert len(refusals(hospital)) == 2
+
+
+def test_over_a_scanned_dataset_differing_by_k_records_and_asking_again_are_released(scanned_hospital: Any) -> None:
+    hospital = scanned_hospital
+    t = opened_scanned(hospital)
+    frame = hospital.frame
+    left_out = frame.patient_id.iloc[:K].tolist()
+    everyone = t["cost"].sum().release()
+    but_k = t[~t["patient_id"].isin(left_out)]["cost"].sum().release()
+    again = t[~t["patient_id"].isin(left_out)]["cost"].sum().release()
+    assert everyone == pytest.approx(frame.cost.sum())
+    assert but_k == again == pytest.approx(frame.cost[~frame.patient_id.isin(left_out)].sum())
+    by_sex = t.group_by("sex").agg(m=("length_of_stay", "mean")).release()
+    expected = frame.groupby("sex").length_of_stay.mean()
+    assert by_sex["m"].to_numpy() == pytest.approx(expected.to_numpy())
+    assert refusals(hospital) == []

@@ -253,23 +253,11 @@ def test_a_scanned_dataset_answers_as_the_decrypted_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same plans over the same dataset, scanned (budget 0) and decrypted whole: identical releases."""
-    from kernel_enclave.vault.keys import VaultKeys
-    from kernel_enclave.vault.vault import Vault
 
     url, truths = make_dataset(30_000)
     results = []
     for budget in ("0", str(2**40)):
-        monkeypatch.setenv("CONFNB_VAULT_MEMORY_BUDGET", budget)
-        vault = Vault(
-            backend=simulated_backend,
-            keys=VaultKeys.generate(),
-            broker_url=url,
-            dataset_path=str(tmp_path / "datasets"),
-        )
-        reply, _ = vault.handle({"op": "open", "source": "big"}, [])
-        assert reply["ok"], reply
-        source = vault._sources[reply["handle"]]
-        assert source.streaming is (budget == "0")
+        vault, reply, _ = opened_big(url, budget, tmp_path, simulated_backend, monkeypatch)
         plans = [
             {
                 "node": "aggregate",
@@ -301,6 +289,22 @@ def test_a_scanned_dataset_answers_as_the_decrypted_one(
     assert [row["t"] for row in results[0][0][0]] == truths["sums"].tolist()
 
 
+def opened_big(
+    url: str, budget: str, tmp_path: Path, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, dict[str, Any], Any]:
+    """A new vault that opened the dataset ``big`` under this memory budget ("0": scanned), its reply and source."""
+    from kernel_enclave.vault.keys import VaultKeys
+    from kernel_enclave.vault.vault import Vault
+
+    monkeypatch.setenv("CONFNB_VAULT_MEMORY_BUDGET", budget)
+    vault = Vault(backend=backend, keys=VaultKeys.generate(), broker_url=url, dataset_path=str(tmp_path / "datasets"))
+    reply, _ = vault.handle({"op": "open", "source": "big"}, [])
+    assert reply["ok"], reply
+    source = vault._sources[reply["handle"]]
+    assert source.streaming is (budget == "0")
+    return vault, reply, source
+
+
 def outcome(plan: dict[str, Any], vault: Any) -> tuple[Any, Any]:
     """A release as the analyst would see it: the released rows (or value) and suppression, or the refusal."""
     from kernel_enclave.vault import release
@@ -324,23 +328,12 @@ def test_a_scanned_dataset_numbers_and_weighs_its_records_as_the_decrypted_one(
     import polars as pl
 
     from kernel_enclave.vault import release
-    from kernel_enclave.vault.keys import VaultKeys
-    from kernel_enclave.vault.vault import Vault
 
     url, _ = make_dataset(3 * BATCH_ROWS + 123)  # several segments, the last one short
     hidden, sketches = [], []
     for budget in ("0", str(2**40)):
-        monkeypatch.setenv("CONFNB_VAULT_MEMORY_BUDGET", budget)
-        vault = Vault(
-            backend=simulated_backend,
-            keys=VaultKeys.generate(),
-            broker_url=url,
-            dataset_path=str(tmp_path / "datasets"),
-        )
-        reply, _ = vault.handle({"op": "open", "source": "big"}, [])
-        assert reply["ok"], reply
-        source = vault._sources[reply["handle"]]
-        assert source.streaming is (budget == "0") and source.records is not None
+        vault, reply, source = opened_big(url, budget, tmp_path, simulated_backend, monkeypatch)
+        assert source.records is not None
         record = source.records[0][1]
         weight, bits = source.weights[record]
         picked = source.data.filter(pl.col("x") > 500).select(record, weight, "x")
