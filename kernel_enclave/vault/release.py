@@ -541,17 +541,31 @@ def _streamed_off_mode(
     if key_names:  # only the groups the bins left undecided: few distinct values each, so few pairs to count
         keys = grouped.filter(pl.Series(undecided, dtype=pl.Boolean)).select(key_names).lazy()
         rows = rows.join(keys, on=key_names, how="semi", nulls_equal=True)
-    tallies = rows.group_by([*key_names, value]).agg(pl.len().cast(pl.Int64).alias("\x01n"))
-    off = (pl.col("\x01n").sum() - pl.col("\x01n").max()).alias("\x01off")
+    off = pl.col(_COUNT).sum() - pl.col(_COUNT).max()
+    return _per_group_of_values(frame, rows, key_names, grouped, value, off)
+
+
+_COUNT = "\x01n"  # a (group, value) pair's records, in the tallies of _per_group_of_values
+
+
+def _per_group_of_values(
+    frame: SourceTable,
+    rows: pl.LazyFrame,
+    key_names: Sequence[str],
+    grouped: pl.DataFrame,
+    value: pl.Expr,
+    per_group: pl.Expr,
+) -> np.ndarray[Any, Any]:
+    """``per_group`` over each group's value counts (column ``_COUNT``: the rows holding each value), in the order
+    of ``grouped``'s groups (0 for a group with no rows): two group-bys, which stream over a scanned dataset."""
+    tallies = rows.group_by([*key_names, value]).agg(pl.len().cast(pl.Int64).alias(_COUNT))
     with engine_errors("aggregate", []):
         if not key_names:
-            found = frame.collect(tallies.select(off))
+            found = frame.collect(tallies.select(per_group.alias("\x01found")))
             return np.array([int(found.item() or 0)] * grouped.height, dtype=np.int64)
-        per_group = frame.collect(tallies.group_by(key_names).agg(off))
-    aligned = grouped.select(key_names).join(
-        per_group, on=key_names, how="left", nulls_equal=True, maintain_order="left"
-    )
-    return aligned.get_column("\x01off").fill_null(0).to_numpy().astype(np.int64)
+        counted = frame.collect(tallies.group_by(key_names).agg(per_group.alias("\x01found")))
+    aligned = grouped.select(key_names).join(counted, on=key_names, how="left", nulls_equal=True, maintain_order="left")
+    return aligned.get_column("\x01found").fill_null(0).to_numpy().astype(np.int64)
 
 
 def _work_frame(frame: SourceTable, exprs: list[pl.Expr], records_too: bool = True) -> pl.LazyFrame:
@@ -896,14 +910,8 @@ def _held_k_times(
     lazy = _work_frame(frame, work, records_too=False)
     often = often.cast(lazy.collect_schema()[v], strict=False).drop_nulls()  # the work column's type, same values
     rows = lazy.filter(mask & value.is_in(often.implode()))
-    tallies = rows.group_by([*key_names, value]).agg(pl.len().cast(pl.Int64).alias("\x01n"))
-    with engine_errors("aggregate", []):
-        if not key_names:
-            found = frame.collect(tallies.select(pl.col("\x01n").max()))
-            return bool(kept[0] and (found.item() or 0) >= k)
-        most = frame.collect(tallies.group_by(key_names).agg(pl.col("\x01n").max()))
-    aligned = grouped.select(key_names).join(most, on=key_names, how="left", nulls_equal=True, maintain_order="left")
-    return bool(((aligned.get_column("\x01n").fill_null(0).to_numpy() >= k) & kept).any())
+    most = _per_group_of_values(frame, rows, key_names, grouped, value, pl.col(_COUNT).max())
+    return bool(((most >= k) & kept).any())
 
 
 def _held_often(frame: SourceTable, column: str, kind: str, k: int) -> pl.Series | None:

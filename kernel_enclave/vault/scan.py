@@ -95,6 +95,9 @@ class Numbering:
     weight_column: str | None = None
     bits: int | None = None
 
+    def names(self) -> list[str]:
+        return [self.record_column] + ([self.weight_column] if self.weight_column and self.bits else [])
+
     def columns(self, start: int, rows: int) -> dict[str, np.ndarray]:
         ids = np.arange(start, start + rows, dtype=np.int64)
         found = {self.record_column: ids}
@@ -113,7 +116,7 @@ def scan_dataset(verified: VerifiedDataset, key: bytes, numbering: Numbering | N
         for entry in manifest.files
     ]
     schema = polars_schema(arrow_schema)
-    hidden = {} if numbering is None else numbering.columns(0, 0)
+    hidden = [] if numbering is None else numbering.names()
     for name in hidden:
         schema[name] = pl.Int64
     share = memory_share()  # what the process may hold, whatever the configured budget for decrypting up front
