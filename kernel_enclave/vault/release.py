@@ -58,15 +58,16 @@ mean) bounds from below those differing from the most common value; only groups 
 category) get an exact count. Order statistics are selections on each group's gathered values, bracketed from a
 sorted sample for large groups. Whether k records share a value (record sets) is ruled out by counting (group,
 value) pairs into hash bins; only a column where that fails gets the exact count. After a join, or on a scanned
-dataset, every aggregation runs as one Polars query that counts distinct records, with the rule screened from the
-first ``2k - 1`` contributing values of each group and decided exactly where that is inconclusive. Both routes
+dataset, every aggregation runs as one Polars query that counts distinct records, with the rule screened (from the
+first ``2k - 1`` contributing values of each group on a scanned dataset; by the split of the values, per dataset,
+after a join that meets each record at most once) and decided exactly where that is inconclusive. Both routes
 release the same numbers and record sets.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -661,6 +662,7 @@ def _numbers(
     work = [_key_expr(frame, name).alias(key) for key, name in zip(key_names, by, strict=True)]
     masks: dict[str, str] = {}  # column -> its contributing-rows work column
     values: dict[tuple[str, str], str] = {}  # (column, kind) -> work column
+    value_exprs: dict[str, pl.Expr] = {}  # work column -> its expression
     for cell in cells:
         if cell.column is None:
             continue
@@ -669,7 +671,8 @@ def _numbers(
             work.append(frame.contributes(cell.column).alias(masks[cell.column]))
         if (cell.column, cell.kind) not in values:
             values[(cell.column, cell.kind)] = f"v{len(values)}"
-            work.append(_work_expr(frame, cell.column, cell.kind, cell.func).alias(values[(cell.column, cell.kind)]))
+            value_exprs[values[(cell.column, cell.kind)]] = _work_expr(frame, cell.column, cell.kind, cell.func)
+            work.append(value_exprs[values[(cell.column, cell.kind)]].alias(values[(cell.column, cell.kind)]))
 
     def mask_of(column: str, v: str) -> pl.Expr:
         return pl.col(masks[column]) & pl.col(v).is_not_null()
@@ -686,6 +689,13 @@ def _numbers(
     for i, (weight, _) in enumerate(weights or ()):
         work.append(pl.col(weight).alias(f"w{i}"))
     moded = {values[(c.column, c.kind)] for c in cells if c.column is not None and c.func in _MODE_RULE}
+    split = _split_screened(frame, values, moded, k, simple or listing, sketching)
+    if split:
+        schema = _work_frame(frame, work, records_too=False).collect_schema()
+        for (column, kind), v in values.items():
+            if v in split:
+                normal = _normal(value_exprs[v], _floating(frame, column, kind))
+                work.append(_screen_bit(normal, schema[v]).fill_null(False).alias(f"{v}_b"))
 
     def mode_exprs(column: str, kind: str, v: str) -> list[pl.Expr]:
         mask = mask_of(column, v)
@@ -740,6 +750,8 @@ def _numbers(
                 contributing.len().cast(pl.Int64).alias(f"{v}_len"),
                 head.unique_counts().max().cast(pl.Int64).alias(f"{v}_head"),
             ]
+        elif v in split:
+            exprs += _count_exprs(frame, f"{v}_h", mask & pl.col(f"{v}_b"))
         else:
             exprs += mode_exprs(column, kind, v)
     for cell in cells:
@@ -844,8 +856,30 @@ def _numbers(
                 counted = _counts(frame, exact, f"{v}_nm")
                 nonmode[v] = {d: np.where(was < 0, counted[d], was) for d, was in nonmode[v].items()}
     else:
-        for v in moded:
-            nonmode[v] = _counts(frame, grouped, f"{v}_nm")
+        inconclusive = []
+        for (column, kind), v in values.items():
+            if v in split:
+                # min(h, n - h) records on the smaller side of the split differ from the most common value
+                screened_of: dict[str, np.ndarray] = {}
+                for i, (dataset, _) in occurrences:
+                    n = grouped.get_column(f"{v}_c{i}").fill_null(0).to_numpy()
+                    high = grouped.get_column(f"{v}_h{i}").fill_null(0).to_numpy()
+                    # a number short of records is withheld whatever its most common value
+                    screened = np.where((np.minimum(high, n - high) >= k) | (n < ks[dataset]), n, -1)
+                    was = screened_of.get(dataset)
+                    screened_of[dataset] = (
+                        screened if was is None else np.where(was < 0, was, np.minimum(was, screened))
+                    )
+                nonmode[v] = screened_of
+                if any(((screened < 0) & kept).any() for screened in screened_of.values()):
+                    inconclusive.append((column, kind, v))
+            elif v in moded:
+                nonmode[v] = _counts(frame, grouped, f"{v}_nm")
+        if inconclusive:
+            exact = run([e for column, kind, v in inconclusive for e in mode_exprs(column, kind, v)])
+            for _, _, v in inconclusive:
+                counted = _counts(frame, exact, f"{v}_nm")
+                nonmode[v] = {d: np.where(was < 0, counted[d], was) for d, was in nonmode[v].items()}
 
     failing: dict[str, dict[str, np.ndarray]] = {}
     for cell in cells:
@@ -877,6 +911,36 @@ def _numbers(
                 raise _ListedError  # the sets leave out the records holding that value: listed
         numbers.sketches = _joined_sketches(frame, numbers, by, cells, values, k, [b for _, b in weights])
     return numbers
+
+
+def _split_screened(
+    frame: SourceTable,
+    values: Mapping[tuple[str, str], str],
+    moded: Set[str],
+    k: int,
+    screened_otherwise: bool,
+    sketching: bool,
+) -> set[str]:
+    """The work columns whose most-common-value rule :func:`_numbers` screens by a split of their values.
+
+    After a join that meets each record at most once (in memory), a dataset's contributing records in a group are
+    its rows where it is present and the column contributes, so the records on the smaller side of a split of the
+    values (:func:`_screen_bit`) differ from the most common value, as on the direct route; the groups that bound
+    leaves open are counted exactly. Not where the rule is screened otherwise (one table) or decided with the
+    record sets listed (the holders of a value k records share are then listed too); with sketches, only for a
+    column whose values held k times are a load-time fact (how :func:`_held_k_times` then asks whether a group
+    holds one k times).
+    """
+    occurrences = frame.records or ()
+    if screened_otherwise or frame.streaming or not occurrences:
+        return set()
+    if any(hidden not in frame.unique for _, hidden in occurrences):
+        return set()
+    return {
+        v
+        for (column, kind), v in values.items()
+        if v in moded and not (sketching and _held_often(frame, column, kind, k) is None)
+    }
 
 
 def _held_k_times(

@@ -416,3 +416,77 @@ def test_the_values_k_records_hold_are_found_alike_in_memory_and_streaming(
         if v is not None and v == v:
             counts[v + 0.0] = counts.get(v + 0.0, 0) + 1
     assert {v for v in facts[0] if v != "nan"} == {repr(v) for v, n in counts.items() if n >= times}
+
+
+def repeating_joined_tables(rng: np.random.Generator, n: int) -> dict[str, SourceTable]:
+    """:func:`joined_tables` whose balances are often one value (a default), or few, so that the split of the values
+    leaves groups open and the exact count decides them."""
+    sources = joined_tables(rng, n)
+    accounts = sources["q"].data.select(sources["q"].columns).collect()
+    holders = accounts.height
+    balance = np.round(rng.normal(size=holders), int(rng.choice([0, 1, 6])))
+    balance[rng.random(holders) < rng.choice([0.0, 0.5, 0.9])] = 0.0
+    accounts = accounts.with_columns(pl.Series("balance", balance))
+    sources["q"] = SourceTable.from_dataset("e", accounts.to_arrow())
+    return sources
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_join_meeting_each_record_once_screens_the_most_common_value_rule_as_the_exact_count_decides(
+    seed: int,
+) -> None:
+    """After a join that meets each record at most once, the most-common-value rule is screened by a split of the
+    values per dataset; the same requests with the exact count per group release the same numbers, withhold the
+    same cells and list (or sketch) the same record sets."""
+    rng = np.random.default_rng(400 + seed)
+    policies = {
+        name: OutputPolicy(
+            id=name, allow=frozenset(RELEASE_KINDS), min_group_size=5, never_release=frozenset(), sources=(name,)
+        )
+        for name in ("d", "e")
+    }
+    screened = {"split": 0, "opened": 0}
+    counting = engine._split_screened
+
+    def split_screened(*args: Any, **kwargs: Any) -> set[str]:
+        found = counting(*args, **kwargs)
+        screened["split"] += bool(found)
+        return found
+
+    def outcome_of(plan: dict[str, Any], sources: dict[str, SourceTable], sets: bool) -> tuple[Any, ...]:
+        try:
+            released = engine.release(plan, sources, policies, record_sets=sets, sketches=sets)
+        except (PolicyViolation, VaultError) as exc:
+            return ("refused", type(exc).__name__, str(exc))
+        assert released.table is not None
+        listed = sorted((d, label, tuple(ids.tolist())) for d, label, ids, _ in released.record_sets)
+        sketches = sorted((s.dataset, s.label, s.size, s.total) for s in released.sketches or ())
+        return ("released", released.table.to_pylist(), (released.withheld, listed, sketches))
+
+    exact_mode = engine._numbers.__globals__["_count_exprs"]
+    for _ in range(20):
+        sources = repeating_joined_tables(rng, int(rng.choice([40, 300, 2000])))
+        plan = joined_request(rng)
+        if rng.random() < 0.5:  # a constant fill derived from the data: one value held by many records
+            derived = {"fn": "mul", "args": [{"col": "balance"}, {"lit": 0}]}
+            kept = {"fn": "eq", "args": [{"col": "kind"}, {"lit": "s"}]}
+            filled = {"fn": "where", "args": [kept, {"col": "balance"}, derived]}
+            plan["input"] = {"node": "assign", "input": plan["input"], "columns": [["balance", filled]]}
+        sets = bool(rng.random() < 0.5)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine, "_split_screened", split_screened)
+            opened = []
+            patch.setattr(
+                engine,
+                "_count_exprs",
+                lambda frame, prefix, mask: opened.append(prefix) or exact_mode(frame, prefix, mask),
+            )
+            fast = outcome_of(plan, sources, sets)
+            screened["opened"] += any(prefix.endswith("_nm") for prefix in opened)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine, "_split_screened", lambda *args, **kwargs: set())
+            exact = outcome_of(plan, sources, sets)
+        same(fast[:2] if fast[0] == "released" else fast, exact[:2] if exact[0] == "released" else exact)
+        if fast[0] == "released":
+            assert fast[2] == exact[2]
+    assert screened["split"] >= 5 and screened["opened"] >= 1  # both the bound and its exact fallback were reached
