@@ -57,12 +57,16 @@ earlier number are no longer known, and the check fails closed. A set once liste
 question again (a cell run twice) is recognised without listing anything: the same plan over the same tables under
 the same policies gives the same record sets, so a set with the same label and sketch as one of such a release is a
 repeat, whether that release's sets were kept as sketches or had to be listed (a listed set keeps its release's
-recipe too). A repeat needs no comparison at all: the set it repeats was compared with everything remembered.
+recipe too). A repeat needs no comparison at all: the set it repeats was compared with everything remembered. So is
+a set that, the first time its release ran, was found equal to one another release had given (not kept twice, but
+remembered as that release's label and sketch): asked again, it lists nothing either.
 
-Releases of other kinds (joins that can repeat a record, self-joins, order statistics, whose blocks of ranks are
-their own record sets; after a join or over a scanned dataset, a group whose set leaves out a value k records
-share) hand over their record sets listed, and are checked exactly from the start; a listed set's sketch is
-computed from its ids when a sketched set comes near it.
+Releases of other kinds (joins that can repeat a record, self-joins; after a join or over a scanned dataset, a
+group whose set leaves out a value k records share) hand over their record sets listed, and are checked exactly from
+the start; a listed set's sketch is computed from its ids when a sketched set comes near it. Order statistics,
+whose blocks of ranks are their own record sets, hand over those blocks listed, beside the sketches of the
+release's other numbers (a ``describe``): the sketches are screened, then the blocks compared exactly with
+everything remembered and with the release's sketched sets.
 
 Sets listed are kept as Roaring bitmaps (pyroaring): two bytes per record where records are sparse, one bit per
 record id of the dataset where they are dense, a few bytes per run of consecutive records. A set kept as a sketch
@@ -287,11 +291,25 @@ class _Dataset:
     count: int = 0
     committed: int = 0
     small: _Members = field(default_factory=_Members)
+    # Sets of a release found equal to a remembered set of another (so not kept again), as (fingerprint, label,
+    # union key, size, sketch): asked again, they are repeats too. Those of the release being checked: pending.
+    aliases: set[tuple[Hashable, str, str | None, int, int]] = field(default_factory=set)
+    pending: list[tuple[Hashable, str, str | None, int, int]] = field(default_factory=list)
 
     def rollback(self) -> None:
         del self.entries[self.committed :]
         self.count = self.committed
         self.small.forget_from(self.committed)
+        self.pending.clear()
+
+    def commit(self) -> None:
+        self.committed = self.count
+        self.aliases.update(self.pending)
+        self.pending.clear()
+
+    def aliased(self, entry: _Entry) -> bool:
+        """Whether ``entry`` is a set its release gave before, found then equal to a remembered set."""
+        return entry.recipe is not None and entry.total is not None and _alias(entry, entry.total) in self.aliases
 
     def sharing_or_unknown(self, rows: npt.NDArray[np.intp], entry: _Entry, k: int) -> npt.NDArray[np.intp]:
         """Of ``rows`` (near ``entry``'s listed set by size), those that may be within k - 1 records of it: the sets
@@ -451,10 +469,12 @@ class ReleaseMemory:
     ) -> Checked:
         """The checks of one release, for the datasets in ``checking``: from its sketches where it gave them
         (listing its record sets with ``recipe`` only when a set comes near another), else from ``record_sets``.
+        A release may give both: sketches, and the sets it lists anyway (the blocks of its order statistics).
         ``rows``: each dataset's row count, which fixes its sketches' field width."""
         if sketches is not None:
             chosen = [sketch for sketch in sketches if sketch.dataset in checking]
-            checked = self.screen(chosen, min_group_size, grouped=grouped, recipe=recipe)
+            beside = [s for s in record_sets if s[0] in checking]
+            checked = self.screen(chosen, min_group_size, grouped=grouped, recipe=recipe, listed=beside, rows=rows)
             if checked is not None:
                 return checked
             record_sets = recipe.rebuild()
@@ -468,16 +488,25 @@ class ReleaseMemory:
         *,
         grouped: bool = False,
         recipe: Recipe,
+        listed: Sequence[RecordSet] = (),
+        rows: Mapping[str, int] | None = None,
     ) -> Checked | None:
         """Check a release from its sketches alone, or return None: some set may be closer than k records to another
         (or be the same as one), and the release's sets must be listed and :meth:`check`-ed.
 
         ``recipe`` lists the release's sets again; it is kept with the sketches for a later release that comes near
         them. Sketches of different groups must share no record (the groups of one table whose rows are records).
+        ``listed``: the release's other sets, listed (its order statistics' blocks), checked exactly after the
+        sketches, against them too. None of them may be compared under a key whose numbers add up over groups in a
+        grouped release (their union would be split between the two kinds): such a release is listed whole.
         """
+        if grouped and any(_additive(key) for record in listed for key in _keys_of(record)):
+            return None
         self._begin()
         try:
             if self._screen_all(sketches, min_group_size, grouped, recipe):
+                if listed:
+                    self._check_sets(listed, min_group_size, grouped, rows, recipe)
                 return Checked(self._generation)
         except BaseException:
             self._abandon()
@@ -545,7 +574,7 @@ class ReleaseMemory:
         within[pairs[0][apart >= limit], pairs[1][apart >= limit]] = False
         added = np.zeros(len(entries), dtype=bool)
         for i, (entry, rows) in enumerate(zip(entries, near, strict=True)):
-            if any(self._repeats(memory, row, entry) for row in rows.tolist()):
+            if memory.aliased(entry) or any(self._repeats(memory, row, entry) for row in rows.tolist()):
                 continue  # a repeat: compared with everything already, and not added again
             if rows.size or (within[i, :i] & added[:i]).any():
                 return False
@@ -574,6 +603,8 @@ class ReleaseMemory:
         it: that set was compared with every set remembered before it, and every set remembered since was compared
         with it, so the repeat's differences are all known to be 0 or at least k.
         """
+        if memory.aliased(entry):
+            return True
         near = memory.near(entry.size, entry.total, k, bits, self._sketcher(dataset)).tolist()
         if any(self._repeats(memory, row, entry) for row in near):
             return True
@@ -602,42 +633,53 @@ class ReleaseMemory:
         (when it has one), is kept with its sets: a repeat of the release is then recognised from its sketches.
         """
         self._begin()
-        touched: dict[tuple[str, str], list[BitMap | BitMap64]] = {}  # this release's distinct sets, per partition
-        seen: dict[tuple[str, int, bytes], list[_Seen]] = {}  # the same, by dataset, size and a sample of the ids
         try:
-            for record in record_sets:
-                stoppable.check()  # the release is interrupted: nothing of it is remembered (see the rollback)
-                dataset, label, ids = record[0], record[1], record[2]
-                keys = record[3] if len(record) > 3 else frozenset({ALL_KEY})
-                k = _k_of(min_group_size, dataset)
-                if rows is not None and dataset in rows and dataset not in self._bits:
-                    self._adopt(dataset, weight_bits(rows[dataset]))
-                values = _checked_ids(ids)
-                sample = values[:: max(1, values.size // 32)].tobytes()  # equal sets have equal samples
-                same_size = seen.setdefault((dataset, int(values.size), sample), [])
-                found = next((e for e in same_size if e.ids is values or np.array_equal(e.ids, values)), None)
-                if found is None:
-                    found = _Seen(values)
-                    same_size.append(found)
-                for key in sorted(set(keys) - found.keys):  # the same records as another number: once per key
-                    found.keys.add(key)
-                    entry = found.listed(label, recipe)
-                    assert entry.bitmap is not None
-                    touched.setdefault((dataset, key), []).append(entry.bitmap)
-                    self._compare(self._memory(dataset, key), dataset, entry, k, _ONE_NUMBER)
-            for (dataset, key), bitmaps in touched.items() if grouped else ():
-                if len(bitmaps) > 1 and _additive(key):  # the groups added up are a number too
-                    union_bitmap = _union(bitmaps)
-                    union_ids = np.asarray(union_bitmap.to_array(), dtype=np.int64)
-                    union = _Entry(_union_label(key), union_ids.size, None, union_bitmap, recipe, union_key=key)
-                    # A sum of groups compares with the column's other numbers too (a mean times its count).
-                    for under in (key, key.removeprefix(SUM_PREFIX)) if key.startswith(SUM_PREFIX) else (key,):
-                        self._compare(self._memory(dataset, under), dataset, union, min_group_size[dataset], _ALL)
+            self._check_sets(record_sets, min_group_size, grouped, rows, recipe)
         except BaseException:
             for remembered in self._datasets.values():
                 remembered.rollback()
             raise
         return Checked(self._generation)
+
+    def _check_sets(
+        self,
+        record_sets: Iterable[RecordSet],
+        min_group_size: Mapping[str, int],
+        grouped: bool,
+        rows: Mapping[str, int] | None,
+        recipe: Recipe | None,
+    ) -> None:
+        """:meth:`check`'s comparisons, adding the sets tentatively (the caller rolls back on a refusal)."""
+        touched: dict[tuple[str, str], list[BitMap | BitMap64]] = {}  # this release's distinct sets, per partition
+        seen: dict[tuple[str, int, bytes], list[_Seen]] = {}  # the same, by dataset, size and a sample of the ids
+        for record in record_sets:
+            stoppable.check()  # the release is interrupted: nothing of it is remembered (see the rollback)
+            dataset, label, ids = record[0], record[1], record[2]
+            keys = _keys_of(record)
+            k = _k_of(min_group_size, dataset)
+            if rows is not None and dataset in rows and dataset not in self._bits:
+                self._adopt(dataset, weight_bits(rows[dataset]))
+            values = _checked_ids(ids)
+            sample = values[:: max(1, values.size // 32)].tobytes()  # equal sets have equal samples
+            same_size = seen.setdefault((dataset, int(values.size), sample), [])
+            found = next((e for e in same_size if e.ids is values or np.array_equal(e.ids, values)), None)
+            if found is None:
+                found = _Seen(values)
+                same_size.append(found)
+            for key in sorted(set(keys) - found.keys):  # the same records as another number: once per key
+                found.keys.add(key)
+                entry = found.listed(label, recipe)
+                assert entry.bitmap is not None
+                touched.setdefault((dataset, key), []).append(entry.bitmap)
+                self._compare(self._memory(dataset, key), dataset, entry, k, _ONE_NUMBER)
+        for (dataset, key), bitmaps in touched.items() if grouped else ():
+            if len(bitmaps) > 1 and _additive(key):  # the groups added up are a number too
+                union_bitmap = _union(bitmaps)
+                union_ids = np.asarray(union_bitmap.to_array(), dtype=np.int64)
+                union = _Entry(_union_label(key), union_ids.size, None, union_bitmap, recipe, union_key=key)
+                # A sum of groups compares with the column's other numbers too (a mean times its count).
+                for under in (key, key.removeprefix(SUM_PREFIX)) if key.startswith(SUM_PREFIX) else (key,):
+                    self._compare(self._memory(dataset, under), dataset, union, min_group_size[dataset], _ALL)
 
     def _compare(self, memory: _Dataset, dataset: str, entry: _Entry, k: int, what: str) -> None:
         """Refuse ``entry``'s set if it differs from a remembered set (or one of this release) by 1 to k - 1
@@ -656,6 +698,10 @@ class ReleaseMemory:
             difference = _difference(entry.bitmap, self._listed(memory, dataset, row))
             if difference == 0:
                 duplicate = True
+                if entry.recipe is not None and bits is not None:  # asked again, a repeat (see _screened)
+                    if entry.total is None:
+                        entry.total = self._sketch(dataset, np.asarray(entry.bitmap.to_array(), dtype=np.int64))
+                    memory.pending.append(_alias(entry, entry.total))
             elif difference < k:
                 raise PolicyViolation(
                     RULE,
@@ -694,7 +740,7 @@ class ReleaseMemory:
                 if entry.bitmap is not None and not entry.nbytes:
                     entry.bitmap.run_optimize()  # consecutive records (a range filter, "everyone") become runs
                     entry.nbytes = _bitmap_bytes(entry.bitmap)
-            memory.committed = memory.count
+            memory.commit()
         self._generation += 1
         self._listed_again.clear()
 
@@ -719,7 +765,8 @@ class ReleaseMemory:
         entries = self._entries(None)
         held = sum(entry.nbytes if entry.bitmap is not None else _SKETCH_BYTES for entry in entries)
         arrays = sum(
-            memory.sizes.nbytes + memory.totals.nbytes + memory.small.nbytes() for memory in self._datasets.values()
+            memory.sizes.nbytes + memory.totals.nbytes + memory.small.nbytes() + _SKETCH_BYTES * len(memory.aliases)
+            for memory in self._datasets.values()
         )
         return held + arrays
 
@@ -772,6 +819,16 @@ def _union_label(key: str) -> str:
     return f"the groups added up under {key!r}"
 
 
+def _alias(entry: _Entry, total: int) -> tuple[Hashable, str, str | None, int, int]:
+    assert entry.recipe is not None
+    return (entry.recipe.fingerprint, entry.label, entry.union_key, entry.size, total)
+
+
+def _keys_of(record: RecordSet) -> frozenset[str]:
+    """A record set's comparison keys (a set given without keys is compared with every other such set)."""
+    return record[3] if len(record) > 3 else frozenset({ALL_KEY})
+
+
 def _additive(key: str) -> bool:
     """Whether the numbers under ``key`` add up over groups (counts, sums): only theirs make a number of the union.
     Means, spreads and order statistics of disjoint groups combine into no number of their union's records."""
@@ -821,15 +878,16 @@ def _bitmap64(ids: npt.NDArray[np.int64]) -> BitMap64:
 def _bitmap32(ids: npt.NDArray[np.int64]) -> BitMap:
     """A bitmap of sorted unique ids below 2**32, written in Roaring's portable format by NumPy and read back.
 
-    Several times faster than adding the ids one by one (``BitMap(array)``), because the containers are laid out
-    with vector operations; pyroaring validates what it reads (sorted arrays, bitset cardinalities), and the tests
-    compare the result with ``BitMap(ids)`` on many shapes.
+    Several times faster than adding the ids one by one (``BitMap(array)``) for large sets, because the containers
+    are laid out with vector operations (below a few thousand ids adding them is faster); pyroaring validates what
+    it reads (sorted arrays, bitset cardinalities), and the tests compare the result with ``BitMap(ids)`` on many
+    shapes.
     """
     if not ids.size:
         return BitMap()
     if int(ids[-1]) - int(ids[0]) == ids.size - 1:  # one run of consecutive records ("everyone"): runs
         return BitMap(range(int(ids[0]), int(ids[-1]) + 1))
-    if not _LITTLE_ENDIAN:
+    if not _LITTLE_ENDIAN or ids.size <= SMALL_SET:  # a few ids: adding them costs less than laying out containers
         return BitMap(array.array("I", ids.astype(np.uint32).tobytes()))
     first, last = int(ids[0]) >> 16, int(ids[-1]) >> 16
     bounds = np.searchsorted(ids, np.arange(first, last + 2, dtype=np.int64) << 16)

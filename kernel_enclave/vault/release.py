@@ -252,7 +252,7 @@ def release(
         out = _value_counts(node, frame, policies, record_sets, record_sets and sketches)
         index, series = (node.column,), True
     else:
-        out = _describe(node, frame, policies, record_sets)
+        out = _describe(node, frame, policies, record_sets, record_sets and sketches)
         index, series = ("statistic",), False
     _check_rows(out.table.num_rows, datasets, policies, "the result")
     withheld = {"groups": out.groups, "cells": out.cells}
@@ -1154,17 +1154,20 @@ def _numbers_direct(
         spec.funcs.add(cell.func)
     sets = want_sets and frame.records is not None
     weights = _weights(frame) if sets and sketch else None
-    sketching = weights is not None and not any(spec.ordered for spec in inputs.values())
-    listing = sets and not sketching
-    if weights is not None and sketching:
-        work.append(pl.col(weights[0]).alias("w0"))
-    datasets = [frame.records[0][0]] if frame.records else sorted(frame.datasets)
     # Grouped order statistics alone: their counts come from the gathered values, with no pass of their own.
     tallied = not key_names or not inputs or any(not spec.ordered for spec in inputs.values())
     tallied = tallied or any(c.column is not None and c.func not in _ORDER_FUNCS for c in cells)
+    ordered = any(spec.ordered for spec in inputs.values())
+    sketching = weights is not None and (not ordered or (tallied and _blocks_apart(frame, cells)))
+    listing = sets and not sketching
+    # With sketches, the order statistics' blocks are still listed (a block's records are no column's or group's)
+    blocks_listed = sketching and ordered
+    if weights is not None and sketching:
+        work.append(pl.col(weights[0]).alias("w0"))
+    datasets = [frame.records[0][0]] if frame.records else sorted(frame.datasets)
 
     with engine_errors(what, subjects):
-        table = frame.collect(_work_frame(frame, work, records_too=listing))
+        table = frame.collect(_work_frame(frame, work, records_too=listing or blocks_listed))
         if key_names and any(table.get_column(key).null_count() for key in key_names):
             table = table.drop_nulls(key_names)  # a null key forms no group (pandas' dropna)
         flags: list[pl.Expr] = []  # the indicator columns, then what is computed from them
@@ -1224,7 +1227,7 @@ def _numbers_direct(
                 listed.append(pl.col(spec.indicator))
             if sketching and spec.indicator is not None:  # the weights of the contributing rows, summed
                 fast.append(pl.col(f"{spec.v}_wm").sum().alias(f"{spec.v}_ws"))
-        if listing:
+        if listing or blocks_listed:
             listed.append(pl.col("r0"))
         for cell in cells:
             if cell.column is None:
@@ -1344,7 +1347,7 @@ def _numbers_direct(
             sample = _Sample(values) if len(values) > _NUMPY_BELOW else None
             for cell, (start, end) in zip(mine, ranks, strict=True):
                 if sample is not None:
-                    found = sample.block(start, end, listing)
+                    found = sample.block(start, end, listing or blocks_listed)
                     if found is None:  # the sample's bracket missed: selected below, all at once
                         large.append((cell.name, row, values, where, start, end))
                         continue
@@ -1352,20 +1355,22 @@ def _numbers_direct(
                 elif len(values) > _SORT_BELOW:
                     # The block's values are exactly parted[start:end]; its records, with ties in row order:
                     mean, inside = float(parted[start:end].mean()), None
-                    if listing:
+                    if listing or blocks_listed:
                         _, inside = _block_mean(values, start, end, parted[start], parted[end - 1], True)
                 else:
                     inside = np.sort(np.argsort(values, kind="stable")[start:end])  # ordinal rank: ties in row order
                     mean = float(values[inside].mean())
                 columns[cell.name][row] = mean
-                if listing and inside is not None:
+                if (listing or blocks_listed) and inside is not None:
                     blocks.setdefault(cell.name, {})[row] = inside if where is None else where[inside]
         with engine_errors(what, subjects):
             bounding = _select_ranks(
                 [(values, rank) for _, _, values, _, start, end in large for rank in (start, end - 1)]
             )
         for i, (name, row, values, where, start, end) in enumerate(large):
-            mean, inside = _block_mean(values, start, end, bounding[2 * i], bounding[2 * i + 1], listing)
+            mean, inside = _block_mean(
+                values, start, end, bounding[2 * i], bounding[2 * i + 1], listing or blocks_listed
+            )
             columns[name][row] = mean
             if inside is not None:
                 blocks.setdefault(name, {})[row] = inside if where is None else where[inside]
@@ -1405,7 +1410,7 @@ def _numbers_direct(
             numbers,
             datasets[0],
             by,
-            cells,
+            [cell for cell in cells if cell.func not in _ORDER_FUNCS],
             inputs,
             rows,
             count,
@@ -1415,6 +1420,11 @@ def _numbers_direct(
             keys_of,
             weights[1],
         )
+        if blocks_listed:
+            order_cells = [cell for cell in cells if cell.func in _ORDER_FUNCS]
+            numbers.record_sets = _direct_sets(
+                numbers, datasets[0], by, order_cells, inputs, segments, {}, blocks, table, key_names, keys_of
+            )
     return numbers
 
 
@@ -1642,7 +1652,12 @@ def _direct_sets(
     listed once, as the group."""
     ids, bounds = segments("r0")
     ids = ids.astype(np.int64, copy=False)
-    flags = {spec.v: segments(spec.indicator)[0] for spec in inputs.values() if spec.indicator is not None}
+    flags = {
+        spec.v: segments(spec.indicator)[0]
+        for (column, kind), spec in inputs.items()
+        if spec.indicator is not None
+        and any(c.column == column and c.kind == kind and c.func not in _ORDER_FUNCS for c in cells)
+    }
     # The values of each column whose most common value some group leaves out, in the same order as the ids.
     shared = {spec.v: spec.normal().alias(spec.v) for spec in inputs.values() if modes.get(spec.v)}
     if shared and key_names:
@@ -1725,6 +1740,18 @@ def _held_sketches(
         holding = chosen.filter(pl.col("\x01v") == pl.col("\x01mode")).group_by("\x01group")
         found = frame.collect(holding.agg(pl.len().alias("\x01n"), pl.col("w0").sum().alias("\x01w")))
     return {int(group): (int(n), int(w)) for group, n, w in found.iter_rows()}
+
+
+def _blocks_apart(frame: SourceTable, cells: Sequence[_Cell]) -> bool:
+    """Whether a release's order statistics can have their blocks listed while its other numbers are sketched: no
+    block is compared under a key whose numbers add up over groups (counts, sums; their groups' union is checked
+    from the numbers of one kind, all sketched or all listed, see :mod:`.differences`)."""
+    return not any(
+        key == COUNT_KEY or key.startswith(SUM_PREFIX)
+        for cell in cells
+        if cell.func in _ORDER_FUNCS
+        for key in _comparison_keys(frame, cell)
+    )
 
 
 def _direct_sketches(
@@ -2013,7 +2040,9 @@ def _value_counts(
 _QUARTILES = (("25%", 0.25), ("50%", 0.5), ("75%", 0.75))
 
 
-def _describe(node: Describe, frame: SourceTable, policies: Mapping[str, OutputPolicy], want_sets: bool) -> _Out:
+def _describe(
+    node: Describe, frame: SourceTable, policies: Mapping[str, OutputPolicy], want_sets: bool, sketch: bool = False
+) -> _Out:
     if node.columns is None:
         columns = [
             name
@@ -2042,7 +2071,7 @@ def _describe(node: Describe, frame: SourceTable, policies: Mapping[str, OutputP
             shown = f"column {quote(name)} statistic {quote(statistic)}"
             cells.append(_Cell(f"c{i}_{DESCRIBE_STATISTICS.index(statistic)}", shown, name, func, "float", q))
     subjects = [f"column {quote(name)} ({frame.arrow_type(name)})" for name in columns]
-    numbers = _numbers(frame, (), cells, policies, want_sets, "describe", subjects)
+    numbers = _numbers(frame, (), cells, policies, want_sets, "describe", subjects, sketch)
     if not numbers.kept[0]:
         _check_records({d: int(c[0]) for d, c in numbers.group_records.items()}, policies, "describe")
 
@@ -2068,11 +2097,14 @@ def _describe(node: Describe, frame: SourceTable, policies: Mapping[str, OutputP
     if not kept:
         raise _refuse(failing, policies, "describe: every column")
     described = {name for name in kept}
-    sets = [
-        s for s in numbers.record_sets if any(f"column {quote(n)} " in s[1] or s[1] == "all rows" for n in described)
-    ]
+
+    def of_described(label: str) -> bool:
+        return any(f"column {quote(n)} " in label or label == "all rows" for n in described)
+
+    sets = [s for s in numbers.record_sets if of_described(s[1])]
+    sketches = None if numbers.sketches is None else [s for s in numbers.sketches if of_described(s.label)]
     arrays = [pa.array(DESCRIBE_STATISTICS, pa.string())] + [pa.array(v, pa.float64()) for v in kept.values()]
-    return _Out(pa.table(arrays, names=["statistic", *kept]), dropped, positions, sets)
+    return _Out(pa.table(arrays, names=["statistic", *kept]), dropped, positions, sets, sketches)
 
 
 def _describable(dtype: Any) -> bool:

@@ -183,6 +183,30 @@ def test_the_groups_first_then_everyone_but_the_target_is_refused(hospital: Any,
 # -- legitimate twins ----------------------------------------------------------------------------------------------
 
 
+def test_describe_of_everyone_minus_everyone_but_the_target_is_refused(hospital: Any, recovered: Recovered) -> None:
+    """describe's counts, means, spreads and extremes are remembered from sketches, its quartiles' blocks listed
+    beside them: everyone's description, then everyone but the target's, is refused; its twin, k patients apart,
+    is released."""
+    t = hospital.open()
+    frame, target = hospital.frame, hospital.target
+    numbers: list[float] = []
+    everyone = released_or_refused(lambda: t.describe(["cost"]).release()["cost"], numbers)
+    assert everyone["count"] == len(frame) and everyone["mean"] == pytest.approx(frame.cost.mean())
+    memory = hospital.vault._memory()
+    assert 0 < memory.listed() < memory.remembered()  # the quartiles' blocks listed, the other numbers sketched
+    but_one = released_or_refused(
+        lambda: t[t["patient_id"] != hospital.target_id].describe(["cost"]).release()["cost"], numbers
+    )
+    assert but_one is None
+    nothing_recovers(numbers, target.cost, recovered)
+    assert len(refusals(hospital)) == 1
+    left_out = frame.patient_id.iloc[:K].tolist()
+    but_k = t[~t["patient_id"].isin(left_out)].describe(["cost"]).release()["cost"]
+    kept = frame.cost[~frame.patient_id.isin(left_out)]
+    assert but_k["count"] == len(kept) and but_k["mean"] == pytest.approx(kept.mean())
+    assert but_k["std"] == pytest.approx(kept.std())
+
+
 def test_disjoint_halves_and_their_whole_are_released(hospital: Any) -> None:
     t = hospital.open()
     frame = hospital.frame

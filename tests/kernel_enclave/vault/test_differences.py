@@ -19,6 +19,7 @@ from pyroaring import BitMap
 
 from kernel_enclave.vault.differences import (
     ALL_KEY,
+    COUNT_KEY,
     RULE,
     Recipe,
     ReleaseMemory,
@@ -332,9 +333,13 @@ class Releases:
         grouped: bool = False,
         listed_as: list[np.ndarray] | None = None,
         fingerprint: object = None,
+        beside: list[tuple[np.ndarray, frozenset[str]]] = [],  # noqa: B006 (never changed)
     ) -> None:
-        """Release ``sets`` (disjoint groups when ``grouped``); ``listed_as``: what the recipe lists instead."""
+        """Release ``sets`` (disjoint groups when ``grouped``); ``listed_as``: what the recipe lists instead;
+        ``beside``: sets the release lists beside its sketches (the blocks of order statistics), with their keys."""
         found = [("a", f"{name} {i}", values, keys) for i, values in enumerate(listed_as or sets)]
+        listed = [("a", f"{name} block {i}", values, block_keys) for i, (values, block_keys) in enumerate(beside)]
+        found += listed
 
         def again() -> list[Any]:
             self.listings.append(name)
@@ -344,7 +349,7 @@ class Releases:
             Sketch("a", f"{name} {i}", int(v.size), sketch_of(v, BITS), keys, i, BITS) for i, v in enumerate(sets)
         ]
         recipe = Recipe(again, fingerprint if fingerprint is not None else name)
-        checked = self.memory.check_release(sketches, [], {"a"}, {"a": K}, grouped=grouped, recipe=recipe)
+        checked = self.memory.check_release(sketches, listed, {"a"}, {"a": K}, grouped=grouped, recipe=recipe)
         self.memory.remember(checked)
 
 
@@ -391,6 +396,58 @@ def swapped(base: np.ndarray, count: int) -> np.ndarray:
         if len(out) == count:
             break
     return ids(sorted(set(base.tolist()) - set(out) | set(into)))
+
+
+def test_sets_listed_beside_sketches_are_compared_exactly_with_both_kinds() -> None:
+    """A release of sketched numbers whose order statistics' blocks come listed beside them (a describe): each block
+    is compared record by record with the remembered sets and with the release's own sketched ones."""
+    memory = ReleaseMemory()
+    releases = Releases(memory)
+    cost = frozenset({"a:cost"})
+    releases.give("everyone", EVERYONE)
+    releases.give("described", EVERYONE[::2], beside=[(EVERYONE[100 : 100 + K], cost)])
+    assert releases.listings == [] and memory.remembered() == 3 and memory.listed() == 1
+    # A block two records from the earlier block: refused, and nothing of that release is remembered.
+    with pytest.raises(PolicyViolation, match="differ"):
+        releases.give("again", EVERYONE[1::2], beside=[(EVERYONE[101 : 101 + K], cost)])
+    assert memory.remembered() == 3 and memory.listed() == 1
+    # Its twin, a block k records away: released, the block listed and the number sketched.
+    releases.give("again", EVERYONE[1::2], beside=[(EVERYONE[100 + K : 100 + 2 * K], cost)])
+    assert releases.listings == [] and memory.remembered() == 5 and memory.listed() == 2
+    # A block one record from a sketched number of its own release: compared exactly (the release listed again).
+    small = EVERYONE[3000 : 3000 + K + 1]
+    with pytest.raises(PolicyViolation, match="differ"):
+        releases.give("own", small, beside=[(small[1:], cost)])
+    assert "own" in releases.listings and memory.remembered() == 5
+    # A grouped release whose block is compared under a key that adds up over groups is listed whole.
+    releases.give(
+        "by age",
+        EVERYONE[:2000],
+        EVERYONE[2000:],
+        grouped=True,
+        beside=[(EVERYONE[4000 : 4000 + K], frozenset({COUNT_KEY}))],
+    )
+    assert releases.listings[-1] == "by age"
+
+
+def test_a_set_found_equal_to_another_release_s_is_a_repeat_when_asked_again() -> None:
+    """A release whose set is the same as one another plan released (a value count's groups added up, and the count
+    of everyone) is listed once to be sure, and not kept twice; asked again it lists nothing. A refused release
+    teaches nothing of the kind: its sets are compared again."""
+    memory = ReleaseMemory()
+    releases = Releases(memory)
+    releases.give("everyone", EVERYONE)
+    releases.give("same records", EVERYONE, fingerprint="plan 2")
+    assert sorted(releases.listings) == ["everyone", "same records"] and memory.remembered() == 1
+    for _ in range(3):
+        releases.give("same records", EVERYONE, fingerprint="plan 2")
+    assert sorted(releases.listings) == ["everyone", "same records"] and memory.remembered() == 1
+    with pytest.raises(PolicyViolation, match="differ"):  # the same set beside one a record away: refused whole
+        releases.give("with one less", EVERYONE, EVERYONE[1:], fingerprint="plan 3")
+    releases.give("women", EVERYONE[::2])  # another release remembered meanwhile
+    listed_before = len(releases.listings)
+    releases.give("with one less", EVERYONE, fingerprint="plan 3")
+    assert len(releases.listings) > listed_before  # compared again: the refused release's equality was not kept
 
 
 def test_a_release_listed_once_is_recognised_when_asked_again() -> None:

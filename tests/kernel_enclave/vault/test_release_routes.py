@@ -151,8 +151,9 @@ def test_large_groups_bracketed_from_a_sample_give_exact_blocks() -> None:
         assert released.table.column(name)[0].as_py() == pytest.approx(expected, rel=1e-12)
 
 
-def sketches_and_sets(plan: dict[str, Any], sources: dict[str, SourceTable], k: int) -> tuple[Any, Any] | None:
-    """The same release asked for sketches and for listed record sets, or None where it is refused."""
+def sketches_and_sets(plan: dict[str, Any], sources: dict[str, SourceTable], k: int) -> tuple[Any, Any, Any] | None:
+    """The same release asked for sketches (with the sets it lists beside them: its order statistics' blocks) and
+    for listed record sets, or None where it is refused."""
     try:
         sketched = engine.release(plan, sources, policy(k), record_sets=True, sketches=True)
     except (PolicyViolation, VaultError):
@@ -165,15 +166,16 @@ def sketches_and_sets(plan: dict[str, Any], sources: dict[str, SourceTable], k: 
         ("released", sketched.table.to_pylist(), sketched.withheld),
         ("released", listed.table.to_pylist(), listed.withheld),
     )
-    return sketched.sketches, listed.record_sets
+    return sketched.sketches, listed.record_sets, sketched.record_sets
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_sketches_describe_the_record_sets_the_release_lists(seed: int) -> None:
     """Each sketch is its listed set's size and weight sum, under the same label and keys (a set two numbers share
-    is listed once, under the first number's label, and may be sketched once per column)."""
+    is listed once, under the first number's label, and may be sketched once per column); the blocks of order
+    statistics listed beside the sketches are the listed release's sets under the same labels."""
     rng = np.random.default_rng(100 + seed)
-    sketched_releases = 0
+    sketched_releases = mixed_releases = 0
     for _ in range(40):
         n = int(rng.choice([0, 1, 5, 30, 200, 1500]))
         sources = table(rng, n)
@@ -186,7 +188,8 @@ def test_sketches_describe_the_record_sets_the_release_lists(seed: int) -> None:
         if found is None or found[0] is None:
             continue
         sketched_releases += 1
-        sketches, listed = found
+        sketches, listed, beside = found
+        mixed_releases += bool(beside)
         bits = next(iter(sources["t"].weights.values()))[1]
         by_label = {label: (ids.size, sketch_of(ids, bits), keys) for _, label, ids, keys in listed}
         shapes = {(ids.size, sketch_of(ids, bits)) for _, _, ids, _ in listed}
@@ -197,8 +200,14 @@ def test_sketches_describe_the_record_sets_the_release_lists(seed: int) -> None:
                 assert sketch.keys <= by_label[sketch.label][2] | {k for s in sketches for k in s.keys}
             else:
                 assert (sketch.size, sketch.total) in shapes, sketch.label
-        assert {label for _, label, _, _ in listed} <= {sketch.label for sketch in sketches}
+        by_ids = {(label, tuple(ids.tolist())) for _, label, ids, _ in listed}
+        shapes_listed = {tuple(ids.tolist()) for _, _, ids, _ in listed}
+        for _, label, ids, _ in beside:  # a block, listed under its label (or as a set another number has)
+            assert (label, tuple(ids.tolist())) in by_ids or tuple(ids.tolist()) in shapes_listed, label
+        besides = {label for _, label, _, _ in beside}
+        assert {label for _, label, _, _ in listed} <= {sketch.label for sketch in sketches} | besides
     assert sketched_releases >= 10  # most of these releases are sketched: the comparison is not vacuous
+    assert mixed_releases >= 3  # and some have order statistics, whose blocks are listed beside the sketches
 
 
 def joined_tables(rng: np.random.Generator, n: int) -> dict[str, SourceTable]:
@@ -344,9 +353,10 @@ def test_a_scanned_dataset_sketches_the_record_sets_its_in_memory_twin_lists(see
             assert in_memory[0] == "refused"
             continue
         same(in_memory, outcome(plan, twins, k, True))
-        sketches, listed = found
+        sketches, listed, beside = found
         if sketches is None:
             continue
+        assert not beside  # a scanned release lists its order statistics' blocks with every other set
         sketched_releases += 1
         bits = next(iter(twins["t"].weights.values()))[1]
         by_label = {label: (ids.size, sketch_of(ids, bits)) for _, label, ids, _ in listed}
@@ -378,7 +388,7 @@ def test_a_value_k_records_share_is_found_in_a_scanned_group_and_its_sets_listed
         }
         found = sketches_and_sets(plan, sources, k)
         assert found is not None
-        sketches, listed = found
+        sketches, listed, _ = found
         assert (sketches is None) is listed_expected
         if listed_expected:  # the group's records holding 7.0 are not in its set
             group_a = next(ids for _, label, ids, _ in listed if "'a'" in label)
@@ -463,7 +473,13 @@ def test_a_join_meeting_each_record_once_screens_the_most_common_value_rule_as_t
         sketches = sorted((s.dataset, s.label, s.size, s.total) for s in released.sketches or ())
         return ("released", released.table.to_pylist(), (released.withheld, listed, sketches))
 
-    exact_mode = engine._numbers.__globals__["_count_exprs"]
+    exact_mode = engine._count_exprs
+    opened: list[str] = []  # the counts asked for in one release (the exact fallback asks for "v0_nm")
+
+    def count_exprs(frame: SourceTable, prefix: str, mask: Any) -> Any:
+        opened.append(prefix)
+        return exact_mode(frame, prefix, mask)
+
     for _ in range(20):
         sources = repeating_joined_tables(rng, int(rng.choice([40, 300, 2000])))
         plan = joined_request(rng)
@@ -475,12 +491,8 @@ def test_a_join_meeting_each_record_once_screens_the_most_common_value_rule_as_t
         sets = bool(rng.random() < 0.5)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(engine, "_split_screened", split_screened)
-            opened = []
-            patch.setattr(
-                engine,
-                "_count_exprs",
-                lambda frame, prefix, mask: opened.append(prefix) or exact_mode(frame, prefix, mask),
-            )
+            opened.clear()
+            patch.setattr(engine, "_count_exprs", count_exprs)
             fast = outcome_of(plan, sources, sets)
             screened["opened"] += any(prefix.endswith("_nm") for prefix in opened)
         with pytest.MonkeyPatch.context() as patch:
