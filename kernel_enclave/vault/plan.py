@@ -117,6 +117,7 @@ class DatasetFacts:
         self._rows = rows
         self._unique: dict[str, bool] = {}
         self._held_often: dict[tuple[str, int], pl.Series | None] = {}
+        self._floats_exact: dict[str, bool] = {}
         self._lock = threading.Lock()
 
     def rows_known(self) -> bool:
@@ -137,6 +138,20 @@ class DatasetFacts:
                 counted = self._data.select(values.n_unique() == values.len())
                 self._unique[column] = bool(stoppable.collect(counted, streaming=self._streaming).item())
             return self._unique[column]
+
+    def floats_exact(self, column: str) -> bool:
+        """Whether an integer ``column``'s values are all exact as floats (within 2**53 of zero): then two records
+        share a value as floats exactly when they share it as integers, and its facts hold for its floats too."""
+        with self._lock:
+            if column not in self._floats_exact:
+                dtype = self._data.collect_schema()[column]
+                exact = False
+                if dtype.is_integer():  # compared as integers (as floats, 2**53 + 1 would pass)
+                    ends = self._data.select(pl.col(column).min().alias("low"), pl.col(column).max().alias("high"))
+                    low, high = stoppable.collect(ends, streaming=self._streaming).row(0)
+                    exact = low is None or (low >= -(2**53) and high <= 2**53)
+                self._floats_exact[column] = exact
+            return self._floats_exact[column]
 
     def held_often(self, column: str, times: int) -> pl.Series | None:
         """The values of ``column`` that ``times`` or more records hold (floats with -0.0 as 0.0, as the
@@ -187,6 +202,9 @@ class ColumnFact:
 
     def held_often(self, times: int) -> pl.Series | None:
         return self._facts.held_often(self._column, times)
+
+    def floats_exact(self) -> bool:
+        return self._facts.floats_exact(self._column)
 
 
 @dataclass(frozen=True)

@@ -987,8 +987,8 @@ def _held_often(frame: SourceTable, column: str, kind: str, k: int) -> pl.Series
     dtype = frame.dtype(column)
     if not isinstance(fact, ColumnFact) or kind not in ("number", "plain", "float") or isinstance(dtype, pl.Decimal):
         return None
-    if kind == "float" and not dtype.is_float():
-        return None
+    if kind == "float" and not dtype.is_float() and not (dtype.is_integer() and fact.floats_exact()):
+        return None  # a cast to float can merge two large integers
     return fact.held_often(k)
 
 
@@ -1312,13 +1312,12 @@ def _numbers_direct(
         high = grouped.get_column(f"{spec.v}_hs").to_numpy()
         screened = np.where(np.minimum(high, n - high) >= k, n, -1)
         open_ = kept & (screened < 0) & (n >= k)
-        if (
-            sets
-            and not _held_once(frame, spec, k)
-            and not _none_often_held_k_times(frame, table, key_names, spec, k, what, subjects)
-            and not _none_held_k_times(table, key_names, spec, k, what, subjects)
-        ):
-            open_ = kept & (n > 0)  # the record sets leave out a value k records share: find it exactly
+        if sets and not _held_once(frame, spec, k):
+            none_held = _none_often_held_k_times(frame, table, key_names, spec, k, what, subjects)
+            if none_held is None:  # the load-time fact does not settle it: hash bins
+                none_held = _none_held_k_times(table, key_names, spec, k, what, subjects)
+            if not none_held:
+                open_ = kept & (n > 0)  # the record sets leave out a value k records share: find it exactly
         if open_.any():
             most, common = _most_common(frame, table, grouped, key_names, spec, open_, what, subjects)
             screened = np.where(open_, n - most, screened)
@@ -1544,9 +1543,11 @@ def _held_once(frame: SourceTable, spec: _Input, k: int) -> bool:
     dtype = frame.dtype(spec.column)
     if spec.kind not in ("number", "plain", "float") or isinstance(dtype, pl.Decimal):
         return False  # a presence flag repeats; a cast to float can merge two large integers or decimals
-    if spec.kind == "float" and not dtype.is_float():
-        return False
-    return frame.bound.unique[spec.column]()
+    fact = frame.bound.unique[spec.column]
+    exact = dtype.is_float() or (dtype.is_integer() and isinstance(fact, ColumnFact) and fact.floats_exact())
+    if spec.kind == "float" and not exact:
+        return False  # a cast to float can merge two large integers
+    return fact()
 
 
 def _none_often_held_k_times(
@@ -1557,17 +1558,20 @@ def _none_often_held_k_times(
     k: int,
     what: str,
     subjects: Sequence[str],
-) -> bool:
+) -> bool | None:
     """Whether no value of ``spec``'s column is held by k or more contributing records of one group, shown from the
     values k records of the whole dataset hold (a load-time fact, usually none or a few: no group holds another
-    value k times), counted per group over the rows holding them. False where the fact is not known."""
+    value k times), counted per group over the rows holding them; False without counting for a table taken whole
+    (one group: counting its most common value exactly costs no more). None where the fact is not known."""
     if spec.column is None:
-        return False
+        return None
     often = _held_often(frame, spec.column, spec.kind, k)
     if often is None:
-        return False
+        return None
     if often.is_empty():
         return True
+    if not key_names:
+        return False
     value = spec.normal()
     often = often.cast(table.schema[spec.v], strict=False).drop_nulls()
     with engine_errors(what, subjects):

@@ -428,6 +428,25 @@ def test_the_values_k_records_hold_are_found_alike_in_memory_and_streaming(
     assert {v for v in facts[0] if v != "nan"} == {repr(v) for v, n in counts.items() if n >= times}
 
 
+def test_an_integer_column_s_facts_decide_for_its_floats_only_within_2_to_the_53() -> None:
+    """describe reads integers as floats: 2**53 and 2**53 + 1 are then one value. Neither integer is held by k
+    records, their float by 2k, so the mean's record set must leave those records out, as for a column whose
+    integers are exact as floats the load-time fact of the integers decides it."""
+    k = 5
+    assert DatasetFacts(pl.LazyFrame({"x": [1, -(2**53), 2**53]}), False).floats_exact("x")
+    assert not DatasetFacts(pl.LazyFrame({"x": [1, 2**53 + 1]}), False).floats_exact("x")
+    assert not DatasetFacts(pl.LazyFrame({"x": [-(2**53) - 1, 1]}), False).floats_exact("x")
+    for big, merged in ((2**53, 2**53 + 1), (7, 7)):
+        values = [big] * 3 + [merged] * 3 + list(range(100, 130))
+        sources = {"t": SourceTable.from_dataset("d", pa.table({"x": pa.array(values, pa.int64())}))}
+        plan = {"node": "describe", "input": {"node": "source", "handle": "t"}, "columns": ["x"]}
+        for sketches in (False, True):
+            released = engine.release(plan, sources, policy(k), record_sets=True, sketches=sketches)
+            sizes = [ids.size for _, _, ids, _ in released.record_sets]
+            sizes += [sketch.size for sketch in released.sketches or ()]
+            assert len(values) - 6 in sizes and len(values) not in sizes, (big, sketches, sizes)
+
+
 def repeating_joined_tables(rng: np.random.Generator, n: int) -> dict[str, SourceTable]:
     """:func:`joined_tables` whose balances are often one value (a default), or few, so that the split of the values
     leaves groups open and the exact count decides them."""
