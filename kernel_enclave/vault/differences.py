@@ -671,7 +671,9 @@ class ReleaseMemory:
                 entry = found.listed(label, recipe)
                 assert entry.bitmap is not None
                 touched.setdefault((dataset, key), []).append(entry.bitmap)
-                self._compare(self._memory(dataset, key), dataset, entry, k, _ONE_NUMBER)
+                memory = self._memory(dataset, key)
+                if not self._listed_repeat(memory, dataset, entry, values):
+                    self._compare(memory, dataset, entry, k, _ONE_NUMBER)
         for (dataset, key), bitmaps in touched.items() if grouped else ():
             if len(bitmaps) > 1 and _additive(key):  # the groups added up are a number too
                 union_bitmap = _union(bitmaps)
@@ -680,6 +682,15 @@ class ReleaseMemory:
                 # A sum of groups compares with the column's other numbers too (a mean times its count).
                 for under in (key, key.removeprefix(SUM_PREFIX)) if key.startswith(SUM_PREFIX) else (key,):
                     self._compare(self._memory(dataset, under), dataset, union, min_group_size[dataset], _ALL)
+
+    def _listed_repeat(self, memory: _Dataset, dataset: str, entry: _Entry, ids: npt.NDArray[np.int64]) -> bool:
+        """Whether a small listed set is one its release gave before under this key (the blocks of a quantile asked
+        again): a repeat, compared with everything then, as for sketched sets (see :meth:`_screened`)."""
+        if entry.recipe is None or entry.size > SMALL_SET or dataset not in self._classes:
+            return False
+        if entry.total is None:
+            entry.total = self._sketch(dataset, ids)
+        return memory.aliased(entry)
 
     def _compare(self, memory: _Dataset, dataset: str, entry: _Entry, k: int, what: str) -> None:
         """Refuse ``entry``'s set if it differs from a remembered set (or one of this release) by 1 to k - 1
@@ -735,11 +746,16 @@ class ReleaseMemory:
         """Keep the record sets of the release that passed :meth:`check` or :meth:`screen` (the latest only)."""
         if checked.generation != self._generation:
             raise RuntimeError("the release memory changed since this release was checked; check it again")
-        for memory in self._datasets.values():
+        for (dataset, _), memory in self._datasets.items():
             for entry in memory.entries[memory.committed : memory.count]:
                 if entry.bitmap is not None and not entry.nbytes:
                     entry.bitmap.run_optimize()  # consecutive records (a range filter, "everyone") become runs
                     entry.nbytes = _bitmap_bytes(entry.bitmap)
+                if entry.bitmap is not None and entry.recipe is not None and entry.size <= SMALL_SET:
+                    if entry.total is None and dataset in self._classes:
+                        entry.total = self._sketch(dataset, np.asarray(entry.bitmap.to_array(), dtype=np.int64))
+                    if entry.total is not None:  # asked again, a repeat (see _listed_repeat)
+                        memory.pending.append(_alias(entry, entry.total))
             memory.commit()
         self._generation += 1
         self._listed_again.clear()

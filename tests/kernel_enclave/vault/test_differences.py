@@ -635,3 +635,36 @@ def test_small_sets_are_compared_only_with_those_sharing_a_record(monkeypatch: p
         refused(memory, ("a", ids(range(10**7, 10**7 + K))), ("a", ids(range(10**7 + 1, 10**7 + K + 1))))
     )
     admit(memory, ("a", ids(range(10**7 + 2, 10**7 + K + 2))))
+
+
+def test_the_blocks_of_a_release_asked_again_are_not_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release's small listed sets (the blocks of its quantiles) asked again by the same release are repeats: not
+    compared record by record. The same blocks from another release are compared (and kept once), and a block of
+    the same release a record away is still refused."""
+    from kernel_enclave.vault import differences
+
+    compared = [0]
+    exact = differences._difference
+
+    def counting(a: Any, b: Any) -> int:
+        compared[0] += 1
+        return exact(a, b)
+
+    monkeypatch.setattr(differences, "_difference", counting)
+    memory = ReleaseMemory()
+    blocks = [("a", f"block {i}", ids(range(i * K, (i + 1) * K)), frozenset({"a:cost"})) for i in range(50)]
+
+    def release(sets: list[Any], fingerprint: str) -> None:
+        recipe = Recipe(lambda: sets, fingerprint)
+        memory.remember(memory.check(sets, {"a": K}, rows={"a": 10_000}, recipe=recipe))
+
+    release(blocks, "quantiles")
+    compared[0] = 0
+    for _ in range(3):
+        release(blocks, "quantiles")
+    assert compared[0] == 0 and memory.remembered("a") == len(blocks)
+    release(blocks, "other quantiles")  # the same records from another plan: compared, found equal, kept once
+    assert compared[0] == len(blocks) and memory.remembered("a") == len(blocks)
+    moved = [*blocks[:-1], ("a", "block 49", ids(range(49 * K + 1, 50 * K + 1)), frozenset({"a:cost"}))]
+    with pytest.raises(PolicyViolation, match="differ"):
+        release(moved, "quantiles")  # the same release's label, other records: compared, and a record away
