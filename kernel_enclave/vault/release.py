@@ -42,7 +42,9 @@ several after a join that meets each record at most once, it can hand out each s
 (``sketches=True``; see :mod:`.differences`): the sum of the records' hidden weights, two more sums per dataset in
 the group-by that computes the numbers (the group's rows, and the rows where a column contributes), less, on a
 single table, the weights of the records holding a value k of them share, summed apart. A sketch describes exactly
-the set the listed route gives, under the same label.
+the set the listed route gives, under the same label. On a single table the blocks of order statistics (a
+``describe``'s quartiles) are listed beside the sketches of the release's other numbers, unless a block would be
+compared under a key whose numbers add up over groups (then every set is listed).
 
 Several datasets: each rule is checked against each dataset's own policy, so a violation names exactly the datasets
 whose rule failed; the released result reports the id of the combined (strictest) policy.
