@@ -1321,7 +1321,7 @@ def _numbers_direct(
             if not none_held:
                 open_ = kept & (n > 0)  # the record sets leave out a value k records share: find it exactly
         if open_.any():
-            most, common = _most_common(frame, table, grouped, key_names, spec, open_, what, subjects)
+            most, common = _most_common(frame, table, grouped, key_names, spec, open_, what, subjects, n, k)
             screened = np.where(open_, n - most, screened)
             if sets:
                 modes[spec.v] = {int(r): common[int(r)] for r in np.nonzero(open_ & (most >= k))[0]}
@@ -1617,12 +1617,26 @@ def _most_common(
     open_: np.ndarray,
     what: str,
     subjects: Sequence[str],
+    counts: np.ndarray | None = None,
+    k: int = 0,
 ) -> tuple[np.ndarray, list[Any]]:
     """Per group (where ``open_``), how many contributing records hold the most common value, and that value (the
-    least of the most common ones)."""
+    least of the most common ones).
+
+    Given the groups' contributing ``counts`` and ``k``, and where the values k records of the whole dataset hold
+    are a load-time fact, only the rows holding those are counted (usually few; a large table taken whole costs a
+    hash table of every distinct value otherwise). No other value is held k times, so a group whose most common of
+    them is held fewer than k times has its most common value held fewer than k times: the count found is then a
+    lower bound that decides the rule as the exact one would (both leave at least k records off it) where the group
+    has 2k - 1 contributing records or more; smaller groups are counted in full.
+    """
     value = f"{spec.v}_n"
+    often = None if counts is None or spec.column is None else _held_often(frame, spec.column, spec.kind, k)
     with engine_errors(what, subjects):
         lazy = table.lazy().with_columns(spec.normal().alias(value))
+        if often is not None:
+            often = often.cast(lazy.collect_schema()[value], strict=False).drop_nulls()
+            lazy = lazy.filter(pl.col(value).is_in(often.implode()))
         tallies = lazy.drop_nulls(value).group_by(*key_names, value).agg(pl.len().alias("\x01n"))
         top = pl.col("\x01n").max()
         common = pl.col(value).filter(pl.col("\x01n") == top).min()
@@ -1638,6 +1652,12 @@ def _most_common(
         if n is not None and open_[int(group)]:
             most[int(group)] = int(n)
             modes[int(group)] = mode
+    if often is not None and counts is not None:
+        small = open_ & (most < k) & (counts < 2 * k - 1)
+        if small.any():
+            exact, exact_modes = _most_common(frame, table, grouped, key_names, spec, small, what, subjects)
+            most = np.where(small, exact, most)
+            modes = [exact_modes[i] if small[i] else mode for i, mode in enumerate(modes)]
     return most, modes
 
 
