@@ -46,11 +46,12 @@ the classes' differences is a lower bound of |A Δ B| (and so is the difference 
 by D records differ by about 0.8·√(3D) in this bound: a pair far apart is ruled out without its records, and a
 pair a few records apart never is.
 
-The bounds are NumPy operations over all remembered sets at once. A pair no field puts k or more records apart
+The bounds are NumPy operations over all remembered sets at once. Two sets of different groups of one release share
+no record, so they differ by their sizes added up and are not compared. A pair no field puts k or more records apart
 needs the records themselves: the vault then lists the release's record sets (it runs the release again, listing
-ids) and compares them exactly, as Roaring bitmaps (``symmetric_difference_cardinality``). A remembered set kept only
-as a sketch is listed the same way when a later set comes near it: with each release the memory keeps how to run it
-again (its plan, the source tables and the output policies it ran on, which never change: record ids are the
+ids) and compares them exactly, as Roaring bitmaps (``symmetric_difference_cardinality``). A remembered set kept
+only as a sketch is listed the same way when a later set comes near it: with each release the memory keeps how to
+run it again (its plan, the source tables and the output policies it ran on, which never change: record ids are the
 vault's hidden per-dataset row numbers, fixed for the kernel's lifetime, see :mod:`kernel_enclave.vault.plan`). A
 set listed again must have the size and sketch remembered for it, or the release is refused: the records behind the
 earlier number are no longer known, and the check fails closed. A set once listed stays listed. Asking the same
@@ -217,6 +218,7 @@ class _Entry:
     bitmap: BitMap | BitMap64 | None = None
     recipe: Recipe | None = None
     union_key: str | None = None  # the union of its release's sets under this key (a grouped release added up)
+    group: int | None = None  # while its release is checked: its group (sets of different groups share no record)
     nbytes: int = 0
 
 
@@ -306,6 +308,18 @@ class _Dataset:
         self.committed = self.count
         self.aliases.update(self.pending)
         self.pending.clear()
+
+    def other_group(self, row: int, entry: _Entry, k: int) -> bool:
+        """Whether row ``row`` is a set of another group of the release being checked than ``entry``'s: the two
+        share no record, so they differ by their sizes added up (k or more, unless both are tiny)."""
+        other = self.entries[row]
+        return (
+            row >= self.committed
+            and other.group is not None
+            and entry.group is not None
+            and other.group != entry.group
+            and other.size + entry.size >= max(k, 1)
+        )
 
     def aliased(self, entry: _Entry) -> bool:
         """Whether ``entry`` is a set its release gave before, found then equal to a remembered set."""
@@ -523,7 +537,7 @@ class ReleaseMemory:
             stoppable.check()
             if not self._adopt(sketch.dataset, sketch.bits):
                 return False  # sketches of another width cannot be compared: list
-            entry = _Entry(sketch.label, sketch.size, sketch.total, recipe=recipe)
+            entry = _Entry(sketch.label, sketch.size, sketch.total, recipe=recipe, group=sketch.group)
             for key in sorted(sketch.keys):
                 members = touched.setdefault((sketch.dataset, key), {})
                 if sketch.group in members and grouped and _additive(key):
@@ -569,6 +583,14 @@ class ReleaseMemory:
         sizes = np.array([entry.size for entry in entries], dtype=np.int64)
         fields = _fields(np.array([entry.total or 0 for entry in entries], dtype=np.uint64), bits)
         within = np.abs(sizes[:, None] - sizes[None, :]) < limit
+        groups = np.array([-1 if entry.group is None else entry.group for entry in entries], dtype=np.int64)
+        # Sets of two groups share no record: they differ by both sizes added up, k or more unless both are tiny.
+        within &= ~(
+            (groups[:, None] != groups[None, :])
+            & (groups[:, None] >= 0)
+            & (groups[None, :] >= 0)
+            & (sizes[:, None] + sizes[None, :] >= limit)
+        )
         pairs = np.nonzero(within)
         apart = np.abs(fields[pairs[0]] - fields[pairs[1]]).sum(axis=-1)
         within[pairs[0][apart >= limit], pairs[1][apart >= limit]] = False
@@ -608,6 +630,7 @@ class ReleaseMemory:
         near = memory.near(entry.size, entry.total, k, bits, self._sketcher(dataset)).tolist()
         if any(self._repeats(memory, row, entry) for row in near):
             return True
+        near = [row for row in near if not memory.other_group(row, entry, k)]
         if near:
             return False
         memory.append(entry)

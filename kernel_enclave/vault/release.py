@@ -413,8 +413,11 @@ def _rows_are_records(frame: SourceTable) -> bool:
     return len(frame.records) == 1 and frame.records[0][1] in frame.unique
 
 
-def _count_exprs(frame: SourceTable, prefix: str, mask: pl.Expr | None) -> list[pl.Expr]:
-    """Per dataset occurrence, the distinct records among a group's rows where ``mask`` (null-free) holds."""
+def _count_exprs(frame: SourceTable, prefix: str, mask: pl.Expr | None, present_in: str = "r") -> list[pl.Expr]:
+    """Per dataset occurrence, the distinct records among a group's rows where ``mask`` (null-free) holds.
+
+    ``present_in``: the work columns (``r0``... the record ids; ``w0``... the weights, where the ids are not read)
+    that are null exactly where an occurrence had no match; an occurrence whose records may repeat reads its ids."""
     if frame.records is None:
         rows = pl.len() if mask is None else mask.sum()
         return [rows.cast(pl.Int64).alias(f"{prefix}0")]
@@ -422,7 +425,7 @@ def _count_exprs(frame: SourceTable, prefix: str, mask: pl.Expr | None) -> list[
     for i, (_, hidden) in enumerate(frame.records):
         ids = pl.col(f"r{i}")
         if hidden in frame.unique:
-            present = ids.is_not_null()
+            present = pl.col(f"{present_in}{i}").is_not_null()
             counted = (present if mask is None else present & mask).sum()
         else:
             counted = _distinct(ids if mask is None else ids.filter(mask))
@@ -685,6 +688,8 @@ def _numbers(
     weights = _joined_weights(frame) if sets and sketch and not any(c.func in _ORDER_FUNCS for c in cells) else None
     sketching = weights is not None
     listing = sets and not sketching
+    # Sketching, every occurrence holds each record once and its weights mark where it matched: no id is read.
+    present_in = "w" if sketching else "r"
     # The most-common-value rule screened from a few values per group, unless the record sets are listed (then the
     # holders of a value k records share are listed too): sketches ask only whether there is such a value.
     screen = simple and not listing
@@ -705,7 +710,7 @@ def _numbers(
         common = value.filter(mask).mode().min()
         holders = mask & (value == common).fill_null(False)
         exprs = [
-            *_count_exprs(frame, f"{v}_nm", mask & ~holders),
+            *_count_exprs(frame, f"{v}_nm", mask & ~holders, present_in),
             value.filter(mask).unique_counts().max().cast(pl.Int64).alias(f"{v}_fmax"),
         ]
         if listing:
@@ -714,7 +719,7 @@ def _numbers(
             )
         return exprs
 
-    exprs: list[pl.Expr] = [pl.len().cast(pl.Int64).alias("rows"), *_count_exprs(frame, "g", None)]
+    exprs: list[pl.Expr] = [pl.len().cast(pl.Int64).alias("rows"), *_count_exprs(frame, "g", None, present_in)]
     # The record sets' id lists: gathered by a group-by of their own after the numbers', so that an interrupt,
     # which Polars sees between operators, is not kept waiting by both at once.
     listed: list[pl.Expr] = []
@@ -725,7 +730,7 @@ def _numbers(
         exprs += [pl.col(f"w{i}").sum().alias(f"g_w{i}") for i, _ in occurrences]
     for (column, kind), v in values.items():
         mask = mask_of(column, v)
-        exprs += _count_exprs(frame, f"{v}_c", mask)
+        exprs += _count_exprs(frame, f"{v}_c", mask, present_in)
         if sketching:
             exprs += [pl.when(mask).then(pl.col(f"w{i}")).sum().alias(f"{v}_w{i}") for i, _ in occurrences]
         if listing:
@@ -753,7 +758,7 @@ def _numbers(
                 head.unique_counts().max().cast(pl.Int64).alias(f"{v}_head"),
             ]
         elif v in split:
-            exprs += _count_exprs(frame, f"{v}_h", mask & pl.col(f"{v}_b"))
+            exprs += _count_exprs(frame, f"{v}_h", mask & pl.col(f"{v}_b"), present_in)
         else:
             exprs += mode_exprs(column, kind, v)
     for cell in cells:
@@ -791,11 +796,11 @@ def _numbers(
         else:  # min, max: also the records that hold the extreme, so a lone one is withheld
             extreme = value.min() if func == "min" else value.max()
             exprs.append(extreme.alias(cell.name))
-            exprs += _count_exprs(frame, f"{cell.name}_t", mask & (value == extreme).fill_null(False))
+            exprs += _count_exprs(frame, f"{cell.name}_t", mask & (value == extreme).fill_null(False), present_in)
 
     def run(aggregations: list[pl.Expr]) -> pl.DataFrame:
         with engine_errors(what, subjects):
-            lazy = _work_frame(frame, work)
+            lazy = _work_frame(frame, work, records_too=present_in == "r")
             if key_names:
                 # Rows with a null key form groups of their own, dropped afterwards: cheaper than filtering rows
                 # (dropped from the collected groups, or Polars would push the filter down to the rows).

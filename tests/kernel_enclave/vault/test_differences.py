@@ -450,6 +450,49 @@ def test_a_set_found_equal_to_another_release_s_is_a_repeat_when_asked_again() -
     assert len(releases.listings) > listed_before  # compared again: the refused release's equality was not kept
 
 
+def twin(base: np.ndarray) -> np.ndarray:
+    """Records outside ``base``, as many of each class as ``base`` holds: a disjoint set with the same sketch."""
+    outside = iter(range(int(base[-1]) + 1, int(base[-1]) + 1 + 100 * base.size))
+    chosen: list[int] = []
+    for record in base.tolist():
+        wanted = sketch_of(ids([record]), BITS)
+        chosen.append(next(r for r in outside if sketch_of(ids([r]), BITS) == wanted))
+    return ids(chosen)
+
+
+def test_the_groups_of_one_release_are_not_near_each_other_even_when_their_sketches_are() -> None:
+    """Two groups of one release share no record: sets of the same size and sketch in different groups differ by
+    both sizes added up, and nothing is listed; the same two sets as numbers of one group are compared exactly."""
+    memory = ReleaseMemory()
+    releases = Releases(memory)
+    first = EVERYONE[:100]
+    second = twin(first)
+    assert second.size == first.size and sketch_of(second, BITS) == sketch_of(first, BITS)
+    assert not set(first.tolist()) & set(second.tolist())
+    releases.give("by region", first, second, grouped=True)  # two groups
+    assert releases.listings == [] and memory.remembered() == 2
+    base = ids(range(10**6, 10**6 + 100))
+    others = [ids(range(2 * 10**6 + 1000 * i, 2 * 10**6 + 1000 * i + 100 + 7 * i)) for i in range(8)]
+    releases.give("by age", base, *others, twin(base), keys=frozenset({"a:y"}), grouped=True)  # screened together
+    assert releases.listings == [] and memory.remembered() == 12
+    # Had both been one group's (two numbers of it), the sketches could not tell them apart: listed, and released.
+    checked = memory.check_release(
+        [
+            Sketch("a", f"one group {i}", int(v.size), sketch_of(v, BITS), frozenset({"a:x"}), 0, BITS)
+            for i, v in enumerate((first, second))
+        ],
+        [],
+        {"a"},
+        {"a": K},
+        recipe=Recipe(
+            lambda: [("a", "one group 0", first, frozenset({"a:x"})), ("a", "one group 1", second, frozenset({"a:x"}))],
+            "one group",
+        ),
+    )
+    memory.remember(checked)
+    assert memory.listed() == 2
+
+
 def test_a_release_listed_once_is_recognised_when_asked_again() -> None:
     """A release whose sets had to be listed (near another by their sketches) keeps its plan's fingerprint with
     them: asking it again lists nothing, as for a release that was never listed."""

@@ -495,9 +495,9 @@ def test_a_join_meeting_each_record_once_screens_the_most_common_value_rule_as_t
     exact_mode = engine._count_exprs
     opened: list[str] = []  # the counts asked for in one release (the exact fallback asks for "v0_nm")
 
-    def count_exprs(frame: SourceTable, prefix: str, mask: Any) -> Any:
+    def count_exprs(frame: SourceTable, prefix: str, mask: Any, present_in: str = "r") -> Any:
         opened.append(prefix)
-        return exact_mode(frame, prefix, mask)
+        return exact_mode(frame, prefix, mask, present_in)
 
     for _ in range(20):
         sources = repeating_joined_tables(rng, int(rng.choice([40, 300, 2000])))
