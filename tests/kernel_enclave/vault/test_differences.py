@@ -647,19 +647,25 @@ def test_weights_made_by_polars_as_rows_stream_are_the_numpy_ones(ids: list[int]
     assert np.array_equal(made, weights_of(values, bits))
 
 
-def test_small_sets_are_compared_only_with_those_sharing_a_record(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks of k records (an order statistic's) all have the same size: each new one is compared record by record
-    only with the remembered blocks it shares a record with, and still refused when near one."""
+@pytest.fixture
+def compared(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many pairs of listed sets are compared record by record (a one-item list, reset at will)."""
     from kernel_enclave.vault import differences
 
-    compared = [0]
+    counted = [0]
     exact = differences._difference
 
     def counting(a: Any, b: Any) -> int:
-        compared[0] += 1
+        counted[0] += 1
         return exact(a, b)
 
     monkeypatch.setattr(differences, "_difference", counting)
+    return counted
+
+
+def test_small_sets_are_compared_only_with_those_sharing_a_record(compared: list[int]) -> None:
+    """Blocks of k records (an order statistic's) all have the same size: each new one is compared record by record
+    only with the remembered blocks it shares a record with, and still refused when near one."""
     memory = ReleaseMemory()
     blocks = [ids(range(start, start + K)) for start in range(0, 500 * K, K)]
     admit(memory, *(("a", block) for block in blocks))
@@ -680,20 +686,10 @@ def test_small_sets_are_compared_only_with_those_sharing_a_record(monkeypatch: p
     admit(memory, ("a", ids(range(10**7 + 2, 10**7 + K + 2))))
 
 
-def test_the_blocks_of_a_release_asked_again_are_not_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_blocks_of_a_release_asked_again_are_not_compared(compared: list[int]) -> None:
     """A release's small listed sets (the blocks of its quantiles) asked again by the same release are repeats: not
     compared record by record. The same blocks from another release are compared (and kept once), and a block of
     the same release a record away is still refused."""
-    from kernel_enclave.vault import differences
-
-    compared = [0]
-    exact = differences._difference
-
-    def counting(a: Any, b: Any) -> int:
-        compared[0] += 1
-        return exact(a, b)
-
-    monkeypatch.setattr(differences, "_difference", counting)
     memory = ReleaseMemory()
     blocks = [("a", f"block {i}", ids(range(i * K, (i + 1) * K)), frozenset({"a:cost"})) for i in range(50)]
 
