@@ -420,7 +420,7 @@ def _count_exprs(frame: SourceTable, prefix: str, mask: pl.Expr | None, present_
     that are null exactly where an occurrence had no match; an occurrence whose records may repeat reads its ids."""
     if frame.records is None:
         rows = pl.len() if mask is None else mask.sum()
-        return [rows.cast(pl.Int64).alias(f"{prefix}0")]
+        return [rows.alias(f"{prefix}0")]
     exprs = []
     for i, (_, hidden) in enumerate(frame.records):
         ids = pl.col(f"r{i}")
@@ -429,7 +429,7 @@ def _count_exprs(frame: SourceTable, prefix: str, mask: pl.Expr | None, present_
             counted = (present if mask is None else present & mask).sum()
         else:
             counted = _distinct(ids if mask is None else ids.filter(mask))
-        exprs.append(counted.cast(pl.Int64).alias(f"{prefix}{i}"))
+        exprs.append(counted.alias(f"{prefix}{i}"))
     return exprs
 
 
@@ -668,6 +668,7 @@ def _numbers(
     masks: dict[str, str] = {}  # column -> its contributing-rows work column
     values: dict[tuple[str, str], str] = {}  # (column, kind) -> work column
     value_exprs: dict[str, pl.Expr] = {}  # work column -> its expression
+    counted_in: set[str] = set()  # work columns of presence (a count sums them: Polars' fastest route)
     for cell in cells:
         if cell.column is None:
             continue
@@ -678,6 +679,10 @@ def _numbers(
             values[(cell.column, cell.kind)] = f"v{len(values)}"
             value_exprs[values[(cell.column, cell.kind)]] = _work_expr(frame, cell.column, cell.kind, cell.func)
             work.append(value_exprs[values[(cell.column, cell.kind)]].alias(values[(cell.column, cell.kind)]))
+        if cell.func == "count" and f"{values[(cell.column, cell.kind)]}_n" not in counted_in:
+            v = values[(cell.column, cell.kind)]
+            counted_in.add(f"{v}_n")
+            work.append(value_exprs[v].is_not_null().alias(f"{v}_n"))
 
     def mask_of(column: str, v: str) -> pl.Expr:
         return pl.col(masks[column]) & pl.col(v).is_not_null()
@@ -719,7 +724,7 @@ def _numbers(
             )
         return exprs
 
-    exprs: list[pl.Expr] = [pl.len().cast(pl.Int64).alias("rows"), *_count_exprs(frame, "g", None, present_in)]
+    exprs: list[pl.Expr] = [pl.len().alias("rows"), *_count_exprs(frame, "g", None, present_in)]
     # The record sets' id lists: gathered by a group-by of their own after the numbers', so that an interrupt,
     # which Polars sees between operators, is not kept waiting by both at once.
     listed: list[pl.Expr] = []
@@ -731,8 +736,8 @@ def _numbers(
     for (column, kind), v in values.items():
         mask = mask_of(column, v)
         exprs += _count_exprs(frame, f"{v}_c", mask, present_in)
-        if sketching:
-            exprs += [pl.when(mask).then(pl.col(f"w{i}")).sum().alias(f"{v}_w{i}") for i, _ in occurrences]
+        if sketching:  # (0 where not: a sum over a column with no nulls added stays on Polars' fastest route)
+            exprs += [pl.when(mask).then(pl.col(f"w{i}")).otherwise(0).sum().alias(f"{v}_w{i}") for i, _ in occurrences]
         if listing:
             for i, (_, hidden) in occurrences:
                 # Records known unique: the few rows left out are cheaper to gather than the many counted.
@@ -763,13 +768,13 @@ def _numbers(
             exprs += mode_exprs(column, kind, v)
     for cell in cells:
         if cell.column is None:
-            exprs.append(pl.len().cast(pl.Int64).alias(cell.name))
+            exprs.append(pl.len().alias(cell.name))
             continue
         v = values[(cell.column, cell.kind)]
         value, mask = pl.col(v), mask_of(cell.column, v)
         func = cell.func
         if func == "count":
-            exprs.append(value.count().cast(pl.Int64).alias(cell.name))
+            exprs.append(pl.col(f"{v}_n").sum().alias(cell.name))
         elif func == "nunique":
             exprs.append(_distinct(value).alias(cell.name))
         elif func == "sum":
@@ -805,9 +810,9 @@ def _numbers(
                 # Rows with a null key form groups of their own, dropped afterwards: cheaper than filtering rows
                 # (dropped from the collected groups, or Polars would push the filter down to the rows).
                 found = frame.collect(lazy.group_by(key_names).agg(aggregations).sort(key_names, nulls_last=True))
-                return found.drop_nulls(key_names)
+                return tallied(found.drop_nulls(key_names))
             try:
-                return frame.collect(lazy.select(aggregations))
+                return tallied(frame.collect(lazy.select(aggregations)))
             except pl.exceptions.ShapeError:
                 if not frame.streaming:
                     raise
@@ -818,7 +823,16 @@ def _numbers(
             whole = "\x01whole"
             key = (pl.first().hash(0) * 0).alias(whole)
             found = frame.collect(lazy.with_columns(key).group_by(whole).agg(aggregations).drop(whole))
-            return found if found.height else frame.collect(lazy.head(0).select(aggregations))
+            return tallied(found if found.height else frame.collect(lazy.head(0).select(aggregations)))
+
+    released = {cell.name for cell in cells if cell.column is not None and cell.func != "count"}
+
+    def tallied(found: pl.DataFrame) -> pl.DataFrame:
+        """Counts as Int64, cast after the group-by: a cast inside an aggregation takes Polars off its fastest
+        route (a released number keeps its type)."""
+        index = pl.get_index_type()
+        counts = [name for name, dtype in found.schema.items() if dtype == index and name not in released]
+        return found.with_columns(pl.col(counts).cast(pl.Int64))
 
     grouped = run(exprs)
     if listed:
@@ -1206,9 +1220,6 @@ def _numbers_direct(
                 derived.append(value.cast(pl.Int64).alias(f"{spec.v}_w"))
             if spec.funcs & {"mean", "std", "var"} and not (dtype.is_integer() or dtype == pl.Float64):
                 derived.append(value.cast(pl.Float64).alias(f"{spec.v}_f"))
-            if sketching and spec.indicator is not None:  # the contributing rows' weights (0 elsewhere: a sum
-                # over a column without nulls stays on Polars' fastest route)
-                derived.append(pl.when(pl.col(spec.indicator)).then(pl.col("w0")).otherwise(0).alias(f"{spec.v}_wm"))
         for stage in (flags, derived):
             table = table.with_columns(stage) if stage else table
 
@@ -1232,8 +1243,10 @@ def _numbers_direct(
                 listed.append(pl.col(f"{spec.v}_o"))
             if listing and spec.indicator is not None:
                 listed.append(pl.col(spec.indicator))
-            if sketching and spec.indicator is not None:  # the weights of the contributing rows, summed
-                fast.append(pl.col(f"{spec.v}_wm").sum().alias(f"{spec.v}_ws"))
+            if sketching and spec.indicator is not None:  # the weights of the contributing rows, summed (0 elsewhere:
+                # a sum with no nulls added stays on Polars' fastest route)
+                contributing_weight = pl.when(pl.col(spec.indicator)).then(pl.col("w0")).otherwise(0)
+                fast.append(contributing_weight.sum().alias(f"{spec.v}_ws"))
         if listing or blocks_listed:
             listed.append(pl.col("r0"))
         for cell in cells:
@@ -2033,11 +2046,15 @@ def _value_counts(
         # Rows that are distinct records of one dataset: a value's records are counted by its rows, ids unread.
         by_rows = _rows_are_records(frame) and not (sets and weights is None)
         lazy = _work_frame(frame, [_key_expr(frame, node.column).alias("k0"), *weight], records_too=not by_rows)
-        counted = [pl.len().cast(pl.Int64).alias("g0")] if by_rows else _count_exprs(frame, "g", None)
-        grouped_lazy = lazy.group_by("k0").agg(pl.len().cast(pl.Int64).alias("count_all"), *counted, *listed)
+        # Counts cast to Int64 after the group-by (a cast inside an aggregation takes Polars off its fastest route)
+        counted = [] if by_rows else _count_exprs(frame, "g", None)
+        grouped_lazy = lazy.group_by("k0").agg(pl.len().alias("count_all"), *counted, *listed)
         grouped = frame.collect(grouped_lazy.sort(["count_all", "k0"], descending=[True, False], nulls_last=True))
         if node.dropna:  # after the group-by: Polars would filter every row for a non-null key before it
             grouped = grouped.drop_nulls("k0")
+        tallies = [pl.col("count_all").cast(pl.Int64)]
+        tallies += [pl.col("count_all").cast(pl.Int64).alias("g0")] if by_rows else [pl.col("^g[0-9]+$").cast(pl.Int64)]
+        grouped = grouped.with_columns(tallies)
     ks = _min_sizes(frame, policies)
     keep = np.ones(grouped.height, dtype=bool)
     for dataset, counts in _counts(frame, grouped, "g").items():
