@@ -32,22 +32,31 @@ release taken whole, differs by k or more; some of a release's groups added up),
 overlapping releases. The release limits (``max_releases``) bound how many releases an analyst can draw, and the
 differential-privacy mode bounds what they reveal.
 
-The sets are screened before anything is listed. The records of a dataset are split into a few classes by a hash
-of their ids (three for up to two million records, more for fewer, two up to two thousand million), and each record
-has a fixed *weight*: 1 in the field of ``b`` bits of its class (``b`` = the bit length of the dataset's row count,
-so no field of a sum over its records overflows into the next). The sum of a set's weights is its *sketch*: the number
-of its records in each class. A release of the common kind (an in-memory dataset whose rows are distinct records,
-or a join of such datasets on keys that meet each record at most once, or a dataset scanned from disk) hands
+The sets are screened before anything is listed. The records of a dataset are split into classes by a hash of
+their ids, and each record has a fixed 64-bit *weight*: 1, plus 1 in the 8-bit digit of its class. The 1s are the
+low ``b`` bits (``b`` = the bit length of the dataset's row count); the digits take the top bits, as many as fit
+above them (five classes up to 16 million records, four up to 4,000 million; a dataset of more than 2**48 records
+has its sets listed). The sum of a set's weights modulo 2**64 is its *sketch*: its size in the low bits, which never
+carry, and above them each class's count modulo 256, carries and all. It is a plain sum of a column, wrapping as
+Polars' and NumPy's integer sums do. A release of the common kind (an in-memory dataset whose rows are distinct
+records, or a join of such datasets on keys that meet each record at most once, or a dataset scanned from disk) hands
 over only these sketches, per dataset, computed in the same group-by as its numbers from a hidden weight column
 made once at load (by the reader as each row is read, for a scanned dataset; one sum per
 group and contributing column, where listing the ids would gather and sort every one of them, and building their
-bitmaps costs more again). Every record in A Δ B changes one class's count by one, so the sum of
-the classes' differences is a lower bound of |A Δ B| (and so is the difference of the sizes). Two sets that differ
-by D records differ by about 0.8·√(3D) in this bound: a pair far apart is ruled out without its records, and a
-pair a few records apart never is.
+bitmaps costs more again).
+
+A sketch is linear: the difference of two sets' sketches, less that of their sizes, is the sum of d_c·256**c
+modulo 2**(8·classes), where d_c is the first set's records of class c less the second's. Every record in A Δ B
+changes one d_c by one, so the |d_c| add up to at most |A Δ B|; and when |A Δ B| < 128, every d_c lies between
+-127 and 127 and is read back exactly: with 128 added in every digit, each byte is d_c + 128, with no carry. So
+the digits read back, added up in absolute value, are at most |A Δ B| for every pair fewer than k records apart
+(``MAX_SCREENED_K``: k up to 128), and a pair they put k or more apart is not near: a pair a few records apart is
+never ruled out, and one far apart is ruled out without its records, but for chance (with five classes and k = 10:
+about 1 pair in 150 of those 500 records apart, fewer than 1 in 10,000 of those 8,000 apart). A larger k is screened
+by sizes alone: sets of sizes within k - 1 are then listed.
 
 The bounds are NumPy operations over all remembered sets at once. Two sets of different groups of one release share
-no record, so they differ by their sizes added up and are not compared. A pair no field puts k or more records apart
+no record, so they differ by their sizes added up and are not compared. A pair no bound puts k or more records apart
 needs the records themselves: the vault then lists the release's record sets (it runs the release again, listing
 ids) and compares them exactly, as Roaring bitmaps (``symmetric_difference_cardinality``). A remembered set kept
 only as a sketch is listed the same way when a later set comes near it: with each release the memory keeps how to
@@ -107,31 +116,52 @@ _ONE_BY_ONE = 8  # a release's sets under one key screened one by one up to this
 SMALL_SET = 4096  # listed sets up to this size are indexed by their records, to be compared only with those sharing one
 _SKETCH_BYTES = 64  # what a set kept as a sketch costs beside its size and sketch: its entry and label reference
 _WEIGHT_FACTOR = 0x9E3779B97F4A7C15  # SplitMix64's increment, added to an id before it is mixed
+_WRAP = 1 << 64  # sketches are sums modulo 2**64
+DIGIT_BITS = 8  # a class's records are counted modulo 2**8 in a sketch: a byte
+_DIGIT = 1 << DIGIT_BITS
+_BIAS = int.from_bytes(bytes([_DIGIT // 2] * 8), "little")  # 128 in every byte
+_OFF_BIAS = np.abs(np.arange(_DIGIT, dtype=np.int64) - _DIGIT // 2)  # a byte's digit |d_c|: |byte - 128|
+MAX_SCREENED_K = _DIGIT // 2  # differences of fewer records than this are read back exactly from two sketches
 
 
 # -- record weights ---------------------------------------------------------------------------------------------
 
 
 def weight_bits(rows: int) -> int | None:
-    """The field width of a dataset's record weights: a class's count in any set of its records (at most ``rows``)
-    fits. None when fewer than two fields fit in 63 bits (more than 2**31 records): its sets are listed."""
+    """The width of the count in a dataset's sketches: a count of any set of its records (at most ``rows``) fits.
+    None when fewer than two class digits fit above it (more than 2**48 records): its sets are listed."""
     bits = max(1, int(rows).bit_length())
-    return bits if 63 // bits >= 2 else None
+    return bits if _class_count(bits) >= 2 else None
+
+
+def _class_count(bits: int) -> int:
+    """How many classes (digits of ``DIGIT_BITS``) fit in 64 bits above a count of ``bits`` bits."""
+    return (64 - bits) // DIGIT_BITS
+
+
+def _digits_at(bits: int) -> int:
+    """Where the digits start: they take the top bits, so the last one's carries leave the 64 bits."""
+    return 64 - DIGIT_BITS * _class_count(bits)
+
+
+def _class_weights(bits: int) -> list[int]:
+    """The weight of a record of each class: 1 (the count) plus 1 in the class's digit."""
+    return [1 + (1 << (_digits_at(bits) + DIGIT_BITS * c)) for c in range(_class_count(bits))]
 
 
 def _classes(ids: npt.NDArray[np.int64], bits: int) -> npt.NDArray[np.uint64]:
     """Each record's class: SplitMix64's finaliser of its id (neighbouring ids land in unrelated classes, so ranges
-    of ids are split as unevenly as random sets), its upper half scaled to the number of fields."""
+    of ids are split as unevenly as random sets), its upper half scaled to the number of classes."""
     mixed = ids.astype(np.uint64) + np.uint64(_WEIGHT_FACTOR)  # arithmetic wraps modulo 2**64 throughout
     mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     mixed ^= mixed >> np.uint64(31)
-    return ((mixed >> np.uint64(32)) * np.uint64(63 // bits)) >> np.uint64(32)
+    return ((mixed >> np.uint64(32)) * np.uint64(_class_count(bits))) >> np.uint64(32)
 
 
 def weights_of(ids: npt.NDArray[np.int64], bits: int) -> npt.NDArray[np.int64]:
-    """The records' weights: 1 in the field of the record's class, as the vault stores them at load."""
-    return (np.uint64(1) << (_classes(ids, bits) * np.uint64(bits))).astype(np.int64)
+    """The records' weights (see the module), as the vault stores them at load."""
+    return np.array(_class_weights(bits), dtype=np.int64)[_classes(ids, bits)]
 
 
 def weight_expression(ids: pl.Expr, bits: int) -> pl.Expr:
@@ -146,22 +176,54 @@ def weight_expression(ids: pl.Expr, bits: int) -> pl.Expr:
     mixed = (mixed ^ shifted(mixed, 30)) * pl.lit(0xBF58476D1CE4E5B9, pl.UInt64)
     mixed = (mixed ^ shifted(mixed, 27)) * pl.lit(0x94D049BB133111EB, pl.UInt64)
     mixed = mixed ^ shifted(mixed, 31)
-    classes = shifted(shifted(mixed, 32) * pl.lit(63 // bits, pl.UInt64), 32)
-    by_class = pl.Series([1 << (c * bits) for c in range(63 // bits)], dtype=pl.Int64)
+    classes = shifted(shifted(mixed, 32) * pl.lit(_class_count(bits), pl.UInt64), 32)
+    by_class = pl.Series(_class_weights(bits), dtype=pl.Int64)
     return pl.lit(by_class).gather(classes)
 
 
 def sketch_of(ids: npt.NDArray[np.int64], bits: int) -> int:
-    """A listed set's sketch: the sum of its weights (every field below 2**bits, so no carry)."""
+    """A listed set's sketch: the sum of its weights, modulo 2**64 (as a sum of the weight column wraps)."""
     return _packed(_classes(ids, bits), bits)
 
 
 def _packed(classes: npt.NDArray[np.integer], bits: int) -> int:
-    """The sketch of records of these classes: each class's count in its field."""
+    """The sketch of records of these classes: their count, plus each class's count in its digit."""
     if not classes.size:
         return 0
-    counts = np.bincount(classes.astype(np.intp, copy=False), minlength=63 // bits)
-    return sum(int(count) << (i * bits) for i, count in enumerate(counts.tolist()))
+    counts = np.bincount(classes.astype(np.intp, copy=False), minlength=_class_count(bits))
+    at = _digits_at(bits)
+    return (int(classes.size) + sum(int(n) << (at + DIGIT_BITS * c) for c, n in enumerate(counts.tolist()))) % _WRAP
+
+
+def sizes_of(sketches: npt.NDArray[np.int64], bits: int) -> npt.NDArray[np.int64]:
+    """The records each sketch counts (a sum of weights as Polars gives it, wrapped to a signed integer)."""
+    return sketches.astype(np.int64, copy=False) & np.int64((1 << bits) - 1)
+
+
+def _apart(
+    totals: npt.NDArray[np.uint64],
+    sizes: npt.NDArray[np.int64],
+    other_totals: npt.NDArray[np.uint64],
+    other_sizes: npt.NDArray[np.int64],
+    bits: int,
+    k: int,
+) -> npt.NDArray[np.int64]:
+    """For each pair of sets, a number of records that is at most |A Δ B| whenever |A Δ B| < k (so a pair it puts
+    k or more apart is not near): the classes' differences read back from the sketches, see the module."""
+    by_size: npt.NDArray[np.int64] = np.abs(sizes - other_sizes)  # (arrays of one dimension, broadcast)
+    if k > MAX_SCREENED_K:
+        return by_size
+    # The digits' part of the difference: the sketches' less the counts' (uint64 arithmetic wraps, as the sums did),
+    # plus 128 in every digit: each byte is then d_c + 128 with no carry wherever every |d_c| < 128
+    classes = _class_count(bits)
+    rest = (totals - other_totals - (sizes - other_sizes).astype(np.uint64)) >> np.uint64(_digits_at(bits))
+    biased = (rest + np.uint64(_BIAS & ((1 << (DIGIT_BITS * classes)) - 1))).astype("<u8")
+    digits = biased.view(np.uint8).reshape(-1, 8)
+    found = np.zeros(len(digits), dtype=np.int64)
+    for c in range(classes):
+        found += _OFF_BIAS[digits[:, c]]
+    bound: npt.NDArray[np.int64] = np.maximum(found, by_size)
+    return bound
 
 
 class _Classes:
@@ -180,12 +242,6 @@ class _Classes:
         return _packed(self.known[ids], self.bits)
 
 
-def _fields(sketches: npt.NDArray[np.uint64], bits: int) -> npt.NDArray[np.int64]:
-    """Each sketch's fields (its records per class), one column per field."""
-    shifts = np.arange(63 // bits, dtype=np.uint64) * np.uint64(bits)
-    return ((sketches[..., None] >> shifts) & np.uint64((1 << bits) - 1)).astype(np.int64)
-
-
 @dataclass(frozen=True)
 class Sketch:
     """A released number's record set, not listed: the sum of its records' weights (see the module)."""
@@ -196,7 +252,10 @@ class Sketch:
     total: int
     keys: frozenset[str]
     group: int  # the group of the release it belongs to: sets of different groups share no record
-    bits: int  # the field width of the weights summed
+    bits: int  # the width of the count in the weights summed
+
+    def __post_init__(self) -> None:  # one form of a sum modulo 2**64 (Polars gives it as a signed integer)
+        object.__setattr__(self, "total", int(self.total) % _WRAP)
 
 
 @dataclass(frozen=True)
@@ -214,7 +273,7 @@ class _Entry:
 
     label: str
     size: int
-    total: int | None  # its sketch, in its dataset's field width; None for a listed set until one is needed
+    total: int | None  # its sketch, in its dataset's count width; None for a listed set until one is needed
     bitmap: BitMap | BitMap64 | None = None
     recipe: Recipe | None = None
     union_key: str | None = None  # the union of its release's sets under this key (a grouped release added up)
@@ -346,11 +405,10 @@ class _Dataset:
                 entry = self.entries[row]
                 if entry.total is None:
                     entry.total = fill(entry)
-                self.totals[row], self.known[row] = (
-                    np.uint64(entry.total),
-                    True,
-                )  # the classes are disjoint: their differences add up
-            apart = np.abs(_fields(self.totals[rows], bits) - _fields(np.array(total, np.uint64), bits)).sum(axis=-1)
+                self.totals[row], self.known[row] = np.uint64(entry.total), True
+            apart = _apart(
+                self.totals[rows], self.sizes[rows], np.array([total], np.uint64), np.array([size], np.int64), bits, k
+            )
             rows = rows[apart < max(k, 1)]
         return rows
 
@@ -379,7 +437,7 @@ class _Dataset:
                     entry.total = fill(entry)
                 self.totals[row], self.known[row] = np.uint64(entry.total), True
             totals = np.array([entries[i].total or 0 for i in which.tolist()], dtype=np.uint64)
-            apart = np.abs(_fields(self.totals[rows], bits) - _fields(totals, bits)).sum(axis=-1)
+            apart = _apart(self.totals[rows], self.sizes[rows], totals, sizes[which], bits, k)
             close = apart < limit
             rows, which = rows[close], which[close]
         return [rows[which == i] for i in range(len(entries))]
@@ -430,7 +488,7 @@ class ReleaseMemory:
 
     def __init__(self) -> None:
         self._datasets: dict[tuple[str, str], _Dataset] = {}  # (dataset, comparison key) -> its remembered sets
-        self._bits: dict[str, int] = {}  # dataset -> the field width of its sketches, once known
+        self._bits: dict[str, int] = {}  # dataset -> the count width of its sketches, once known
         self._classes: dict[str, _Classes] = {}  # dataset -> its records' classes, for listed sets
         self._generation = 0
         self._listed_again: dict[int, Sequence[RecordSet]] = {}  # a check's releases run again, by recipe
@@ -448,7 +506,7 @@ class ReleaseMemory:
         return memory
 
     def _adopt(self, dataset: str, bits: int | None) -> bool:
-        """Fix the field width of ``dataset``'s sketches (computing those of its listed sets), or say whether
+        """Fix the count width of ``dataset``'s sketches (computing those of its listed sets), or say whether
         ``bits`` is the one fixed."""
         if bits is None or dataset in self._bits:
             return bits is not None and self._bits.get(dataset) == bits
@@ -457,7 +515,7 @@ class ReleaseMemory:
         return True
 
     def _sketch(self, dataset: str, ids: npt.NDArray[np.int64]) -> int:
-        """A listed set's sketch in its dataset's field width (0 while that is unknown: screened by size alone)."""
+        """A listed set's sketch in its dataset's count width (0 while that is unknown: screened by size alone)."""
         classes = self._classes.get(dataset)
         return 0 if classes is None else classes.sketch(ids)
 
@@ -484,7 +542,7 @@ class ReleaseMemory:
         """The checks of one release, for the datasets in ``checking``: from its sketches where it gave them
         (listing its record sets with ``recipe`` only when a set comes near another), else from ``record_sets``.
         A release may give both: sketches, and the sets it lists anyway (the blocks of its order statistics).
-        ``rows``: each dataset's row count, which fixes its sketches' field width."""
+        ``rows``: each dataset's row count, which fixes its sketches' count width."""
         if sketches is not None:
             chosen = [sketch for sketch in sketches if sketch.dataset in checking]
             beside = [s for s in record_sets if s[0] in checking]
@@ -559,7 +617,7 @@ class ReleaseMemory:
             union = _Entry(
                 _union_label(key),
                 sum(s.size for s in members.values()),
-                sum(s.total for s in members.values()),  # disjoint groups: the fields add up without carry
+                sum(s.total for s in members.values()) % _WRAP,  # disjoint groups: their weights add up
                 recipe=recipe,
                 union_key=key,
             )
@@ -581,7 +639,7 @@ class ReleaseMemory:
         limit = max(k, 1)
         near = memory.near_each(entries, k, bits, self._sketcher(dataset))
         sizes = np.array([entry.size for entry in entries], dtype=np.int64)
-        fields = _fields(np.array([entry.total or 0 for entry in entries], dtype=np.uint64), bits)
+        totals = np.array([entry.total or 0 for entry in entries], dtype=np.uint64)
         within = np.abs(sizes[:, None] - sizes[None, :]) < limit
         groups = np.array([-1 if entry.group is None else entry.group for entry in entries], dtype=np.int64)
         # Sets of two groups share no record: they differ by both sizes added up, k or more unless both are tiny.
@@ -592,7 +650,7 @@ class ReleaseMemory:
             & (sizes[:, None] + sizes[None, :] >= limit)
         )
         pairs = np.nonzero(within)
-        apart = np.abs(fields[pairs[0]] - fields[pairs[1]]).sum(axis=-1)
+        apart = _apart(totals[pairs[0]], sizes[pairs[0]], totals[pairs[1]], sizes[pairs[1]], bits, k)
         within[pairs[0][apart >= limit], pairs[1][apart >= limit]] = False
         added = np.zeros(len(entries), dtype=bool)
         for i, (entry, rows) in enumerate(zip(entries, near, strict=True)):
@@ -652,7 +710,7 @@ class ReleaseMemory:
         so their union is checked and remembered too; the columns of a ``describe`` add up to nothing. Sets equal
         to one already remembered are not kept twice. A refusal does not quote the number's label: a label can hold
         a group's key, a data value the refused release never gave. ``rows`` (each dataset's row count) fixes the
-        field width of a dataset's sketches, so that the sets are screened by them too. ``recipe``, the release's
+        count width of a dataset's sketches, so that the sets are screened by them too. ``recipe``, the release's
         (when it has one), is kept with its sets: a repeat of the release is then recognised from its sketches.
         """
         self._begin()

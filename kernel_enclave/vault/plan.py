@@ -257,7 +257,7 @@ class SourceTable:
     :meth:`contributes`); a column without one contributes exactly where it is present, the common case, which
     costs nothing.
 
-    ``weights`` maps a record-id column to the hidden column of its records' weights and their field width, which
+    ``weights`` maps a record-id column to the hidden column of its records' weights and their count width, which
     the difference checks sum instead of listing ids (:mod:`kernel_enclave.vault.differences`): made once when an
     in-memory dataset is loaded (by the reader as it reads, for a scanned one), kept through filters, selections,
     assignments and joins that meet each record once, dropped by sealing (a table without them has its record sets
@@ -391,7 +391,7 @@ class SourceTable:
         """A dataset too large for memory, read segment by segment as queries run (:mod:`.scan`).
 
         ``scan`` is the lazy frame, or a function that makes it given the names of the hidden record-id column and
-        weight column (with the weights' field width), which the reader then fills as it reads (faster than Polars
+        weight column (with the weights' count width), which the reader then fills as it reads (faster than Polars
         numbering the rows as they stream by). ``rows``: the row count as the signed manifest gives it (the reader
         fails a query over a file with any other count); without it the rows are counted when first needed, and
         the dataset's releases list their record sets.

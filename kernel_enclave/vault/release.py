@@ -79,7 +79,7 @@ import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type in
 
 from confnb.policy.output import OutputPolicy, strictest
 from kernel_enclave.vault import stoppable
-from kernel_enclave.vault.differences import Sketch
+from kernel_enclave.vault.differences import Sketch, sizes_of
 from kernel_enclave.vault.plan import (
     RELEASE_NODES,
     Aggregate,
@@ -396,7 +396,7 @@ def _union(parts: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _weights(frame: SourceTable) -> tuple[str, int] | None:
-    """The hidden weight column of the table's records and its field width, where the table has rows that are
+    """The hidden weight column of the table's records and its count width, where the table has rows that are
     distinct records of one dataset and kept its weights (see :mod:`.differences`): what a sketch sums."""
     if frame.records is None or not _rows_are_records(frame):
         return None
@@ -1062,7 +1062,7 @@ def _screen_bit(value: pl.Expr, dtype: Any) -> pl.Expr:
 
 
 def _joined_weights(frame: SourceTable) -> list[tuple[str, int]] | None:
-    """Each dataset occurrence's weight column and field width, where every occurrence holds each of its records at
+    """Each dataset occurrence's weight column and count width, where every occurrence holds each of its records at
     most once (a join on keys unique on the other side), no dataset occurs twice and every one kept its weights;
     else None (the record sets are listed)."""
     if frame.records is None:
@@ -1235,7 +1235,7 @@ def _numbers_direct(
         if sketching:
             fast.append(pl.col("w0").sum().alias("w_sum"))
         for spec in inputs.values():
-            if not (sketching and spec.indicator is not None):  # else field 0 of its weight sum (the count)
+            if not (sketching and spec.indicator is not None):  # else the low bits of its weight sum
                 fast.append(counted(spec.indicator).alias(f"{spec.v}_c"))
             if spec.moded and tallied:
                 fast.append(counted(f"{spec.v}_h").alias(f"{spec.v}_hs"))
@@ -1302,10 +1302,10 @@ def _numbers_direct(
                 grouped = grouped.with_columns(_tallies_of_values(inputs, cells, segments))
         else:
             grouped = frame.collect(table.lazy().select(fast + slow))
-        if sketching and weights is not None:  # a count is its weights' fields added up
+        if sketching and weights is not None:  # a count is the low bits of its weights' sum
             grouped = grouped.hstack(
                 [
-                    pl.Series(f"{spec.v}_c", _sketch_sizes(grouped.get_column(f"{spec.v}_ws").to_numpy(), weights[1]))
+                    pl.Series(f"{spec.v}_c", sizes_of(grouped.get_column(f"{spec.v}_ws").to_numpy(), weights[1]))
                     for spec in inputs.values()
                     if spec.indicator
                 ]
@@ -1746,13 +1746,6 @@ def _direct_sets(
             key = None if whole_group else _bucket(chosen)
             _emit(found, emitted, key, (dataset, label, whole if whole_group else chosen, keys_of[cell.name]))
     return found
-
-
-def _sketch_sizes(sketches: np.ndarray, bits: int) -> np.ndarray:
-    """The records each sketch counts: its fields (records per class) added up."""
-    values = sketches.astype(np.int64, copy=False)
-    mask = (1 << bits) - 1
-    return sum(((values >> (i * bits)) & mask for i in range(63 // bits)), np.zeros_like(values))
 
 
 def _held_sketches(

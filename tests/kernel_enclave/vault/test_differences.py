@@ -24,7 +24,10 @@ from kernel_enclave.vault.differences import (
     Recipe,
     ReleaseMemory,
     Sketch,
+    _apart,
     _bitmap32,
+    _classes,
+    sizes_of,
     sketch_of,
     weight_bits,
     weight_expression,
@@ -315,7 +318,7 @@ def test_groups_of_a_sum_add_up_and_are_compared_with_the_columns_other_numbers(
 
 # -- sketches: sets screened without their records, listed only when near another --------------------------------
 
-BITS = 20  # the field width of a dataset of up to a million records: three classes
+BITS = 20  # the count width of a dataset of up to a million records: five classes
 
 
 class Releases:
@@ -535,30 +538,83 @@ def test_the_groups_of_a_sketched_release_added_up_are_compared() -> None:
     assert memory.remembered() == 3
 
 
+def bound(a: np.ndarray, b: np.ndarray, bits: int, k: int) -> int:
+    """What the screen takes as the least difference of two listed sets, from their sizes and sketches."""
+    sketches = [np.array([sketch_of(s, bits)], dtype=np.uint64) for s in (a, b)]
+    return int(_apart(sketches[0], np.array([a.size]), sketches[1], np.array([b.size]), bits, k)[0])
+
+
+# Sets small and scattered, or long runs whose class counts pass 256 (a digit's carry) and wrap the 64 bits.
+record_sets = st.frozensets(st.integers(0, 2000), max_size=300) | st.builds(
+    lambda start, length: frozenset(range(start, start + length)), st.integers(0, 2**40), st.integers(0, 40_000)
+)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
-    first=st.frozensets(st.integers(0, 2000), max_size=300),
-    out=st.integers(0, 40),
-    added=st.frozensets(st.integers(0, 2000), max_size=20),
+    first=record_sets,
+    out=st.integers(0, 200),
+    added=st.frozensets(st.integers(0, 2**41), max_size=150),
+    k=st.integers(1, 300),
 )
-def test_the_bound_of_two_sketches_never_exceeds_their_difference(
-    first: frozenset[int], out: int, added: frozenset[int]
+def test_the_bound_of_two_sketches_never_exceeds_a_difference_under_k(
+    first: frozenset[int], out: int, added: frozenset[int], k: int
 ) -> None:
+    """Whenever two sets are fewer than k records apart, the bound is at most their difference: a near pair is
+    never ruled out (for any k; above 128 the bound is the sizes' difference)."""
     a = ids(sorted(first))
     b = ids(sorted((set(first) - set(sorted(first)[:out])) | set(added)))
     difference = len(set(a.tolist()) ^ set(b.tolist()))
-    for bits in (BITS, 11, 31):
-        fields_a = [(sketch_of(a, bits) >> (i * bits)) & ((1 << bits) - 1) for i in range(63 // bits)]
-        fields_b = [(sketch_of(b, bits) >> (i * bits)) & ((1 << bits) - 1) for i in range(63 // bits)]
-        assert sum(fields_a) == a.size and sum(fields_b) == b.size  # the classes count every record once
-        assert sum(abs(x - y) for x, y in zip(fields_a, fields_b, strict=True)) <= difference
+    for bits in (width for width in (7, BITS, 31, 48) if max(a.size, b.size) < 1 << width):  # counts fit
+        assert sizes_of(np.array([sketch_of(a, bits)], dtype=np.uint64).astype(np.int64), bits)[0] == a.size
+        if difference < k:
+            assert bound(a, b, bits, k) <= difference
+        assert bound(a, b, bits, k) >= abs(a.size - b.size)
+
+
+def test_the_bound_rules_out_sets_far_apart_and_keeps_those_close() -> None:
+    """Pairs of the same size 8,000 records apart are ruled out (all but a few in 10,000 by chance); pairs up to
+    127 records apart are read back exactly, so the bound is their difference when no class gains what another
+    loses."""
+    rng = np.random.default_rng(5)
+    everyone = ids(range(1_000_000))
+    base = everyone[:300_000]
+    ruled_out = 0
+    for _ in range(100):
+        gone = rng.choice(base.size, 4_000, replace=False)
+        kept = np.delete(base, gone)
+        other = np.union1d(kept, rng.choice(everyone[300_000:], 4_000, replace=False))
+        ruled_out += bound(base, other, BITS, K) >= K
+    assert ruled_out == 100
+    for removed in (1, 5, 9, 60, 127):
+        assert bound(base, base[removed:], BITS, K) == removed
+    assert bound(base, base[1:], BITS, 200) == 1  # a k above 128: the sizes alone
 
 
 def test_weights_give_every_class_its_share() -> None:
-    """About a third of the records in each class (a skewed hash would weaken the bound, never break it)."""
-    counts = [(sketch_of(ids(range(300_000)), BITS) >> (i * BITS)) & ((1 << BITS) - 1) for i in range(3)]
-    assert all(abs(c - 100_000) < 2_000 for c in counts), counts
-    assert weight_bits(10**6) == BITS and weight_bits(2**31) is None  # beyond two fields: sets are listed
+    """About a fifth of the records in each class at a million records (a skewed hash would weaken the bound, never
+    break it), four classes up to 4,000 million, and sets listed beyond 2**48 records."""
+    counts = np.bincount(_classes(ids(range(300_000)), BITS).astype(np.intp))
+    assert counts.size == 5 and all(abs(c - 60_000) < 1_500 for c in counts.tolist()), counts
+    assert weight_bits(10**6) == BITS and weight_bits(2**32 - 1) == 32 and weight_bits(2**48) is None
+    assert np.bincount(_classes(ids(range(1000)), 32).astype(np.intp)).size == 4
+
+
+def test_a_sum_of_the_weight_column_in_polars_is_the_sketch() -> None:
+    """Polars' sums wrap modulo 2**64, in a group-by, a select and the streaming engine alike: each is the sketch of
+    its rows (and a Sketch takes a negative sum as the same number modulo 2**64)."""
+    rows = 200_000
+    bits = weight_bits(rows)
+    assert bits is not None
+    record = np.arange(rows, dtype=np.int64)
+    frame = pl.DataFrame({"g": record % 3, "w": weights_of(record, bits)})
+    grouped = frame.group_by("g").agg(pl.col("w").sum()).sort("g")
+    wholly = frame.lazy().select(pl.col("w").sum()).collect(engine="streaming").item()
+    for g, total in grouped.iter_rows():
+        group = record[record % 3 == g]
+        assert Sketch("a", "n", group.size, total, frozenset(), 0, bits).total == sketch_of(group, bits)
+    assert Sketch("a", "n", rows, wholly, frozenset(), 0, bits).total == sketch_of(record, bits)
+    assert any(total < 0 for total in grouped.get_column("w").to_list()) or wholly < 0  # the sums did wrap
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
