@@ -117,6 +117,7 @@ class DatasetFacts:
         self._rows = rows
         self._unique: dict[str, bool] = {}
         self._held_often: dict[tuple[str, int], pl.Series | None] = {}
+        self._every_value_held_often: set[tuple[str, int]] = set()
         self._floats_exact: dict[str, bool] = {}
         self._lock = threading.Lock()
 
@@ -164,7 +165,7 @@ class DatasetFacts:
             if (column, times) not in self._held_often:
                 dtype = self._data.collect_schema()[column]
                 value = (pl.col(column) + 0.0 if dtype.is_float() else pl.col(column)).alias("value")
-                found = None if self._streaming else self._held_often_in_memory(value, dtype, times)
+                found = None if self._streaming else self._held_often_in_memory(column, value, dtype, times)
                 if found is None:  # a hash table of the distinct values (streams over a scanned dataset)
                     counted = self._data.select(value).drop_nulls().group_by("value").len()
                     often = counted.filter(pl.col("len") >= times).select("value").head(MAX_HELD_OFTEN + 1)
@@ -172,7 +173,13 @@ class DatasetFacts:
                 self._held_often[(column, times)] = found if found.len() <= MAX_HELD_OFTEN else None
             return self._held_often[(column, times)]
 
-    def _held_often_in_memory(self, value: pl.Expr, dtype: Any, times: int) -> pl.Series | None:
+    def every_value_held_often(self, column: str, times: int) -> bool:
+        """Whether every value of ``column`` is one of :meth:`held_often`'s (a column of a few values, each held by
+        many records: a count restricted to those values counts every row). False where not known."""
+        self.held_often(column, times)
+        return (column, times) in self._every_value_held_often
+
+    def _held_often_in_memory(self, column: str, value: pl.Expr, dtype: Any, times: int) -> pl.Series | None:
         """:meth:`held_often` for a numeric column in memory, by sorting a copy of its values: a few bytes a record
         at its peak, where a hash table of a million distinct values takes tens of megabytes. None for other
         columns, and for floats holding NaN (which a sort does not put side by side as equal)."""
@@ -186,6 +193,8 @@ class DatasetFacts:
             return present.head(0)
         starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
         lengths = np.diff(np.append(starts, ordered.size))
+        if (lengths >= times).all():
+            self._every_value_held_often.add((column, times))
         return pl.Series("value", ordered[starts[lengths >= times]], dtype=present.dtype)
 
 
@@ -202,6 +211,9 @@ class ColumnFact:
 
     def held_often(self, times: int) -> pl.Series | None:
         return self._facts.held_often(self._column, times)
+
+    def every_value_held_often(self, times: int) -> bool:
+        return self._facts.every_value_held_often(self._column, times)
 
     def floats_exact(self) -> bool:
         return self._facts.floats_exact(self._column)

@@ -1002,6 +1002,19 @@ def _held_k_times(
 def _held_often(frame: SourceTable, column: str, kind: str, k: int) -> pl.Series | None:
     """The values k or more records of ``column``'s dataset hold, where a load-time fact gives them for the column
     as the table holds it (see :func:`_held_once`); else None."""
+    fact = _value_fact(frame, column, kind, k)
+    return None if fact is None else fact.held_often(k)
+
+
+def _every_value_held_often(frame: SourceTable, column: str, kind: str, k: int) -> bool:
+    """Whether every value of ``column``, as the table holds it, is among those k or more of its records hold."""
+    fact = _value_fact(frame, column, kind, k)
+    return fact is not None and fact.every_value_held_often(k)
+
+
+def _value_fact(frame: SourceTable, column: str, kind: str, k: int) -> ColumnFact | None:
+    """The load-time facts of the dataset column ``column`` still is, where they hold for its values as read for
+    ``kind`` (a cast to float can merge two large integers); else None."""
     if k < 2 or frame.bound is None or column not in frame.bound.unique:
         return None
     fact = frame.bound.unique[column]
@@ -1009,8 +1022,8 @@ def _held_often(frame: SourceTable, column: str, kind: str, k: int) -> pl.Series
     if not isinstance(fact, ColumnFact) or kind not in ("number", "plain", "float") or isinstance(dtype, pl.Decimal):
         return None
     if kind == "float" and not dtype.is_float() and not (dtype.is_integer() and fact.floats_exact()):
-        return None  # a cast to float can merge two large integers
-    return fact.held_often(k)
+        return None
+    return fact
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1500,7 +1513,8 @@ class _Sample:
             below, inside = 0, np.ones(n, dtype=bool)
         if high_at < m - 1:
             inside &= values <= self.sorted[high_at]
-        found = values[inside]
+        where = np.flatnonzero(inside)  # then a take: cheaper than a gather by a mask over every value
+        found = values[where]
         if not (below <= start and end <= below + len(found)):
             return None
         first, last = start - below, end - below
@@ -1509,7 +1523,7 @@ class _Sample:
         if not want_ids:
             return mean, None
         _, chosen = _block_mean(found, first, last, float(parted[first]), float(parted[last - 1]), True)
-        return mean, None if chosen is None else np.nonzero(inside)[0][chosen]
+        return mean, None if chosen is None else where[chosen]
 
 
 def _block_ranks(n: int, k: int, q: float) -> tuple[int, int]:
@@ -1650,6 +1664,8 @@ def _most_common(
     """
     value = f"{spec.v}_n"
     often = None if counts is None or spec.column is None else _held_often(frame, spec.column, spec.kind, k)
+    if often is not None and spec.column is not None and _every_value_held_often(frame, spec.column, spec.kind, k):
+        often = None  # the restriction would keep every row: the count is exact
     with engine_errors(what, subjects):
         lazy = table.lazy().with_columns(spec.normal().alias(value))
         if often is not None:

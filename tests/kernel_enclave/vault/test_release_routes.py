@@ -415,17 +415,24 @@ def test_the_values_k_records_hold_are_found_alike_in_memory_and_streaming(
         [None if v is None else (int(v) if as_int else v) for v in values], pa.int64() if as_int else pa.float64()
     )
     facts = []
+    every = []
     for streaming in (False, True):
         frame = pl.DataFrame({"x": arrow}).lazy()
-        found = DatasetFacts(frame, streaming, len(values)).held_often("x", times)
+        dataset = DatasetFacts(frame, streaming, len(values))
+        found = dataset.held_often("x", times)
         assert found is not None
         facts.append(sorted(repr(v + 0.0) for v in found.to_list()))  # either zero may stand for both; NaN is NaN
+        every.append(dataset.every_value_held_often("x", times))
     assert facts[0] == facts[1]
     counts: dict[float, int] = {}
     for v in values:
         if v is not None and v == v:
             counts[v + 0.0] = counts.get(v + 0.0, 0) + 1
     assert {v for v in facts[0] if v != "nan"} == {repr(v) for v, n in counts.items() if n >= times}
+    # Every value held often (what lets a count skip restricting itself to them): known from the sort, never assumed
+    has_nan = any(v is not None and v != v for v in values)
+    assert every[0] == (not has_nan and bool(counts) and all(n >= times for n in counts.values()))
+    assert not every[1]
 
 
 def test_an_integer_column_s_facts_decide_for_its_floats_only_within_2_to_the_53() -> None:
