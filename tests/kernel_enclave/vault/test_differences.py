@@ -20,6 +20,7 @@ from pyroaring import BitMap
 from kernel_enclave.vault.differences import (
     ALL_KEY,
     COUNT_KEY,
+    MAX_SCREENED_K,
     RULE,
     Recipe,
     ReleaseMemory,
@@ -203,7 +204,11 @@ sets_strategy = st.lists(
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(releases=sets_strategy, k=st.integers(1, 6), grouping=st.lists(st.booleans(), min_size=12, max_size=12))
+@given(
+    releases=sets_strategy,
+    k=st.integers(1, 6) | st.just(MAX_SCREENED_K + 1),  # above it, screened by sizes alone
+    grouping=st.lists(st.booleans(), min_size=12, max_size=12),
+)
 def test_agrees_with_comparing_every_pair(
     releases: list[list[tuple[str, frozenset[int]]]], k: int, grouping: list[bool]
 ) -> None:
@@ -618,7 +623,11 @@ def test_a_sum_of_the_weight_column_in_polars_is_the_sketch() -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(releases=sets_strategy, k=st.integers(1, 6), grouping=st.lists(st.booleans(), min_size=12, max_size=12))
+@given(
+    releases=sets_strategy,
+    k=st.integers(1, 6) | st.just(MAX_SCREENED_K + 1),  # above it, screened by sizes alone
+    grouping=st.lists(st.booleans(), min_size=12, max_size=12),
+)
 def test_sketched_releases_agree_with_listed_ones(
     releases: list[list[tuple[str, frozenset[int]]]], k: int, grouping: list[bool]
 ) -> None:
