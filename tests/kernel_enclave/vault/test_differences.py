@@ -614,6 +614,8 @@ def test_a_sum_of_the_weight_column_in_polars_is_the_sketch() -> None:
     record = np.arange(rows, dtype=np.int64)
     frame = pl.DataFrame({"g": record % 3, "w": weights_of(record, bits)})
     grouped = frame.group_by("g").agg(pl.col("w").sum()).sort("g")
+    streamed = frame.lazy().group_by("g").agg(pl.col("w").sum()).sort("g").collect(engine="streaming")
+    assert streamed.equals(grouped)
     wholly = frame.lazy().select(pl.col("w").sum()).collect(engine="streaming").item()
     for g, total in grouped.iter_rows():
         group = record[record % 3 == g]
