@@ -321,11 +321,14 @@ class SourceTable:
     def _with_record_ids(self, dataset_id: str, facts: DatasetFacts) -> SourceTable:
         """This table with a hidden id per row, its position, as the records of ``dataset_id`` (unique).
 
-        In memory the ids are one column made once (8 bytes a record), which each query reads without copying; a
-        scanned dataset numbers its rows as they stream by, before any filter.
+        The ids are numbered as each query reads the rows, before any filter (Polars' row index, which costs a query
+        that reads no id nothing measurable): a record has the same id in every query, and memory holds no column of
+        them. In memory the weights are one column made once (8 bytes a record), which each query reads without
+        copying; a scanned dataset makes them as its rows stream by.
         """
         name, weight = _hidden_names(self.schema.names())
         weights: dict[str, tuple[str, int]] = {}
+        order = [*self.schema.names(), name]
         if self.streaming:
             data = self.data.with_row_index(name).with_columns(pl.col(name).cast(pl.Int64))
             bits = weight_bits(facts.rows()) if facts.rows_known() else None
@@ -333,13 +336,14 @@ class SourceTable:
                 weights[name] = (weight, bits)
                 data = data.with_columns(weight_expression(pl.col(name), bits).alias(weight))
         else:
-            data = self.data.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(name))
+            data = self.data
             rows = facts.rows()
             bits = weight_bits(rows)
             if bits is not None:  # 8 bytes a record more, so that a difference check lists no ids (see above)
                 weights[name] = (weight, bits)
                 data = data.with_columns(pl.Series(weight, _record_weights(rows, bits)))
-            data = data.collect().lazy()
+            data = data.collect().lazy().with_row_index(name).with_columns(pl.col(name).cast(pl.Int64))
+        data = data.select([*order, *(w for w, _ in weights.values())])
         return SourceTable(
             data,
             self.lineage,
