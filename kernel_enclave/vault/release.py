@@ -668,7 +668,7 @@ def _numbers(
     masks: dict[str, str] = {}  # column -> its contributing-rows work column
     values: dict[tuple[str, str], str] = {}  # (column, kind) -> work column
     value_exprs: dict[str, pl.Expr] = {}  # work column -> its expression
-    counted_in: set[str] = set()  # work columns of presence (a count sums them: Polars' fastest route)
+    present: set[str] = set()  # the work columns counted by a flag of their presence (Polars' fastest route)
     for cell in cells:
         if cell.column is None:
             continue
@@ -679,10 +679,10 @@ def _numbers(
             values[(cell.column, cell.kind)] = f"v{len(values)}"
             value_exprs[values[(cell.column, cell.kind)]] = _work_expr(frame, cell.column, cell.kind, cell.func)
             work.append(value_exprs[values[(cell.column, cell.kind)]].alias(values[(cell.column, cell.kind)]))
-        if cell.func == "count" and f"{values[(cell.column, cell.kind)]}_n" not in counted_in:
-            v = values[(cell.column, cell.kind)]
-            counted_in.add(f"{v}_n")
-            work.append(value_exprs[v].is_not_null().alias(f"{v}_n"))
+        in_work = values[(cell.column, cell.kind)]
+        if cell.func == "count" and in_work not in present:
+            present.add(in_work)
+            work.append(value_exprs[in_work].is_not_null().alias(f"{in_work}_n"))
 
     def mask_of(column: str, v: str) -> pl.Expr:
         return pl.col(masks[column]) & pl.col(v).is_not_null()
@@ -803,6 +803,15 @@ def _numbers(
             exprs.append(extreme.alias(cell.name))
             exprs += _count_exprs(frame, f"{cell.name}_t", mask & (value == extreme).fill_null(False), present_in)
 
+    released = {cell.name for cell in cells if cell.column is not None and cell.func != "count"}
+
+    def tallied(found: pl.DataFrame) -> pl.DataFrame:
+        """Counts as Int64, cast after the group-by: a cast inside an aggregation takes Polars off its fastest
+        route (a released number keeps its type)."""
+        index = pl.get_index_type()
+        counts = [name for name, dtype in found.schema.items() if dtype == index and name not in released]
+        return found.with_columns(pl.col(counts).cast(pl.Int64))
+
     def run(aggregations: list[pl.Expr]) -> pl.DataFrame:
         with engine_errors(what, subjects):
             lazy = _work_frame(frame, work, records_too=present_in == "r")
@@ -824,15 +833,6 @@ def _numbers(
             key = (pl.first().hash(0) * 0).alias(whole)
             found = frame.collect(lazy.with_columns(key).group_by(whole).agg(aggregations).drop(whole))
             return tallied(found if found.height else frame.collect(lazy.head(0).select(aggregations)))
-
-    released = {cell.name for cell in cells if cell.column is not None and cell.func != "count"}
-
-    def tallied(found: pl.DataFrame) -> pl.DataFrame:
-        """Counts as Int64, cast after the group-by: a cast inside an aggregation takes Polars off its fastest
-        route (a released number keeps its type)."""
-        index = pl.get_index_type()
-        counts = [name for name, dtype in found.schema.items() if dtype == index and name not in released]
-        return found.with_columns(pl.col(counts).cast(pl.Int64))
 
     grouped = run(exprs)
     if listed:
