@@ -9,6 +9,7 @@ the secret it must not reveal.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -63,21 +64,27 @@ class HospitalOwner:
     frame: pd.DataFrame
 
 
-@pytest.fixture(scope="session")
-def hospital_owner(tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path) -> Iterator[HospitalOwner]:
+@contextlib.contextmanager
+def serve_admissions(root: Path, policy_text: str) -> Iterator[HospitalOwner]:
+    """The owner's admissions encrypted under ``policy_text`` and served by their broker on loopback."""
     from confnb.broker.local import serve_locally
     from confnb.broker.store import OwnerStore
     from confnb.datasets.owner import encrypt_dataset
     from kernel_enclave.measurement import simulated_measurement
 
-    root = tmp_path_factory.mktemp("hospital")
     store = OwnerStore.create(root / "store")
     attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
     frame = admissions_frame()
-    policy = OutputPolicy.from_toml(ADMISSIONS_POLICY)
+    policy = OutputPolicy.from_toml(policy_text)
     encrypt_dataset(frame, root / "datasets" / "admissions", store, "admissions", policy, attestation)
     with serve_locally(store) as url:
         yield HospitalOwner(root / "datasets", url, frame)
+
+
+@pytest.fixture(scope="session")
+def hospital_owner(tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path) -> Iterator[HospitalOwner]:
+    with serve_admissions(tmp_path_factory.mktemp("hospital"), ADMISSIONS_POLICY) as owner:
+        yield owner
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,13 @@ class Hospital:
 def hospital(
     hospital_owner: HospitalOwner, simulated_backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Hospital]:
+    with kernel(hospital_owner, simulated_backend, monkeypatch) as fresh:
+        yield fresh
+
+
+@contextlib.contextmanager
+def kernel(owner: HospitalOwner, simulated_backend: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hospital]:
+    """A fresh vault serving ``owner``'s admissions, with the analyst API of this process pointed at it."""
     from confnb.analyst.session import current_session
     from kernel_enclave.vault.service import VaultServer
     from kernel_enclave.vault.vault import Vault, VaultKeys
@@ -112,15 +126,15 @@ def hospital(
     vault = Vault(
         backend=simulated_backend,
         keys=VaultKeys.generate(),
-        broker_url=hospital_owner.broker_url,
-        dataset_path=str(hospital_owner.datasets),
+        broker_url=owner.broker_url,
+        dataset_path=str(owner.datasets),
     )
     server = VaultServer(vault, socket_path)
     server.start()
     monkeypatch.delenv("CONFNB_BROKER_URL", raising=False)
     monkeypatch.setenv("CONFNB_VAULT_SOCKET", str(socket_path))
     try:
-        yield Hospital(hospital_owner.frame, vault)
+        yield Hospital(owner.frame, vault)
     finally:
         current_session().close()
         server.close()

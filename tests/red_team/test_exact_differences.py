@@ -338,3 +338,80 @@ def test_over_a_scanned_dataset_differing_by_k_records_and_asking_again_are_rele
     expected = frame.groupby("sex").length_of_stay.mean()
     assert by_sex["m"].to_numpy() == pytest.approx(expected.to_numpy())
     assert refusals(hospital) == []
+
+
+# -- record ids and sketches: one id per record whatever the filter; k above what the sketches screen ---------------
+
+
+def test_leaving_out_one_patient_then_another_is_refused(hospital: Any, recovered: Recovered) -> None:
+    """Everyone but patient Z, then everyone but the target: two sets of the same size two records apart, whose
+    difference is the target's cost less Z's (which the analyst may know). Record ids are numbered before any filter:
+    were they numbered after it, both sets would be the same ids, the second a repeat of the first, and released."""
+    t = hospital.open()
+    frame, target = hospital.frame, hospital.target
+    same_sex = frame.sex == target.sex
+    other = int(frame.patient_id[same_sex & (frame.patient_id != hospital.target_id)].iloc[0])
+    secret = float(target.cost) - float(frame.cost[frame.patient_id == other].iloc[0])
+    numbers: list[float] = []
+    for rows, kept in ((t[t["sex"] == target.sex], same_sex), (t, frame.sex == frame.sex)):  # after a filter, too
+        but_other = released_or_refused(
+            lambda rows=rows: rows[rows["patient_id"] != other]["cost"].sum().release(), numbers
+        )
+        assert but_other == pytest.approx(frame.cost[kept & (frame.patient_id != other)].sum())
+        but_target = rows[rows["patient_id"] != hospital.target_id]["cost"].sum()
+        assert released_or_refused(but_target.release, numbers) is None
+    assert len(refusals(hospital)) == 2
+    nothing_recovers(numbers, secret, recovered)
+    nothing_recovers(numbers, float(target.cost), recovered)
+    # The twin: two sets that each leave out k patients of their own, 2k apart, are both released.
+    ids = frame.patient_id[frame.patient_id != hospital.target_id].tolist()
+    first, second = ids[100 : 100 + K], ids[200 : 200 + K]
+    a = t[~t["patient_id"].isin(first)]["age"].sum().release()
+    b = t[~t["patient_id"].isin(second)]["age"].sum().release()
+    assert a == frame.age[~frame.patient_id.isin(first)].sum() and b == frame.age[~frame.patient_id.isin(second)].sum()
+
+
+STRICT_K = 200  # above what two sketches can screen (128 records): sets of close sizes are compared record by record
+
+
+@pytest.fixture(scope="module")
+def strict_owner(tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Any) -> Any:
+    from tests.red_team.conftest import ADMISSIONS_POLICY, serve_admissions
+
+    policy = ADMISSIONS_POLICY.replace("min_group_size = 10", f"min_group_size = {STRICT_K}")
+    policy = policy.replace('id = "admissions-red-team-v1"', 'id = "admissions-red-team-strict-v1"')
+    assert f"min_group_size = {STRICT_K}" in policy
+    with serve_admissions(tmp_path_factory.mktemp("strict"), policy) as owner:
+        yield owner
+
+
+@pytest.fixture
+def strict_hospital(strict_owner: Any, simulated_backend: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from tests.red_team.conftest import kernel
+
+    with kernel(strict_owner, simulated_backend, monkeypatch) as fresh:
+        yield fresh
+
+
+def test_with_min_group_size_above_what_sketches_screen_one_record_apart_is_refused(
+    strict_hospital: Any, recovered: Recovered
+) -> None:
+    """k = 200: two sketches are not read for differences that large, so sets within 199 records of each other by
+    size are compared exactly. Everyone then everyone but the target is refused, and so is everyone but 150; a set
+    k records away is released."""
+    t = strict_hospital.open()
+    frame = strict_hospital.frame
+    numbers: list[float] = []
+    everyone = released_or_refused(lambda: t["cost"].sum().release(), numbers)
+    assert everyone == pytest.approx(frame.cost.sum())
+    target_id = strict_hospital.target_id
+    assert released_or_refused(lambda: t[t["patient_id"] != target_id]["cost"].sum().release(), numbers) is None
+    others = frame.patient_id[frame.patient_id != target_id].tolist()
+    few = [target_id, *others[:149]]
+    assert released_or_refused(lambda: t[~t["patient_id"].isin(few)]["cost"].sum().release(), numbers) is None
+    nothing_recovers(numbers, float(strict_hospital.target.cost), recovered)
+    nothing_recovers(numbers, float(frame.cost[frame.patient_id.isin(few)].sum()), recovered)
+    # The twin: everyone but k patients, whose difference is a sum over k records, is released.
+    many = others[:STRICT_K]
+    but_k = t[~t["patient_id"].isin(many)]["cost"].sum().release()
+    assert but_k == pytest.approx(frame.cost[~frame.patient_id.isin(many)].sum())

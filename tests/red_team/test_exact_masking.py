@@ -80,3 +80,36 @@ def test_legitimate_masks_are_released_with_pandas_values(hospital: Any) -> None
         frame.groupby("sex")["readmitted"].mean(),
         check_names=False,
     )
+
+
+def test_a_masked_column_after_a_join_reveals_neither_the_value_nor_membership(
+    hospital: Any, recovered: Recovered
+) -> None:
+    """The same mask on the join route (each side's records counted through the join): ``count`` and ``mean`` of a
+    column non-null in the target's row only are withheld in every group, and refused ungrouped."""
+    t = hospital.open()
+    secret = float(hospital.target["length_of_stay"])
+    joined = t.join(t.select(["patient_id", "cost"]).rename({"cost": "cost_again"}), on="patient_id")
+    who = joined["cost_again"] == float(hospital.target["cost"])
+    masked = joined.assign(x=cn.where(who, joined["length_of_stay"], None))
+    with pytest.raises(cn.PolicyViolation) as caught:
+        masked.agg(n=("x", "count"), v=("x", "mean")).release()
+    assert "release.min_group_size" in str(caught.value) and str(secret) not in str(caught.value)
+    grouped = masked.group_by("sex").agg(rows=("age", "count"), n=("x", "count"), v=("x", "mean")).release()
+    assert grouped["n"].isna().all() and grouped["v"].isna().all()
+    for number in _numbers(grouped[["n", "v"]]):
+        assert not recovered(number, secret)
+    # The twin: the unmasked column's count and mean over the same join are released, equal to pandas'.
+    frame = hospital.frame
+    plain = joined.group_by("sex").agg(
+        rows=("age", "count"), n=("length_of_stay", "count"), v=("length_of_stay", "mean")
+    )
+    released = plain.release()
+    expected = frame.groupby("sex")
+    pd.testing.assert_series_equal(released["rows"], expected["age"].count(), check_names=False, check_dtype=False)
+    pd.testing.assert_series_equal(
+        released["n"], expected["length_of_stay"].count(), check_names=False, check_dtype=False
+    )
+    np.testing.assert_allclose(
+        released["v"].to_numpy(), expected["length_of_stay"].mean().loc[released.index].to_numpy()
+    )
