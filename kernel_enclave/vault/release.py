@@ -60,9 +60,11 @@ mean) bounds from below those differing from the most common value; only groups 
 category) get an exact count. Order statistics are selections on each group's gathered values, bracketed from a
 sorted sample for large groups. Whether k records share a value (record sets) is ruled out by counting (group,
 value) pairs into hash bins; only a column where that fails gets the exact count. After a join, or on a scanned
-dataset, every aggregation runs as one Polars query that counts distinct records, with the rule screened (from the
-first ``2k - 1`` contributing values of each group on a scanned dataset; by the split of the values, per dataset,
-after a join that meets each record at most once) and decided exactly where that is inconclusive. Both routes
+dataset, every aggregation runs as one Polars query that counts distinct records, with the rule screened (from
+the first ``2k - 1`` contributing values of each group where rows are records in memory; on a scanned dataset, by
+the group's values hashed into a few bins, or, where the release is sketched, by counting in the same pass the rows
+holding the values k records of the dataset hold; by the split of the values, per dataset, after a join that meets
+each record at most once) and decided exactly where that is inconclusive. Both routes
 release the same numbers and record sets.
 """
 
@@ -528,6 +530,7 @@ def _normal(value: pl.Expr, floating: bool) -> pl.Expr:
 
 _BINS = 8
 _BIN_SEED = 0x636E62  # fixed: a group's bins depend on its values only
+_BIN_BITS = 64 // _BINS  # a bin's count in a packed sum of bins
 
 
 def _streamed_off_mode(
@@ -549,6 +552,19 @@ def _streamed_off_mode(
         rows = rows.join(keys, on=key_names, how="semi", nulls_equal=True)
     off = pl.col(_COUNT).sum() - pl.col(_COUNT).max()
     return _per_group_of_values(frame, rows, key_names, grouped, value, off)
+
+
+def _often_most(grouped: pl.DataFrame, v: str, bins: int) -> np.ndarray[Any, Any]:
+    """Per group, at least the records holding any one of the values k records of the dataset hold, from the counts
+    a scanned release made (see :func:`_numbers`): its largest bin, or all its rows holding them where a bin may
+    have carried."""
+    if not bins:
+        return np.zeros(grouped.height, dtype=np.int64)
+    rows = grouped.get_column(f"{v}_often").fill_null(0).to_numpy().astype(np.int64)
+    packed = grouped.get_column(f"{v}_often_bins").fill_null(0).to_numpy().astype(np.uint64)
+    shifts = (np.arange(bins) * _BIN_BITS).astype(np.uint64)
+    largest = ((packed[:, None] >> shifts) & np.uint64((1 << _BIN_BITS) - 1)).max(axis=1).astype(np.int64)
+    return np.where(rows < 1 << _BIN_BITS, largest, rows)
 
 
 _COUNT = "\x01n"  # a (group, value) pair's records, in the tallies of _per_group_of_values
@@ -669,6 +685,7 @@ def _numbers(
     values: dict[tuple[str, str], str] = {}  # (column, kind) -> work column
     value_exprs: dict[str, pl.Expr] = {}  # work column -> its expression
     present: set[str] = set()  # the work columns counted by a flag of their presence (Polars' fastest route)
+    often_bins: dict[str, int] = {}  # scanned: work column -> bins of the values k records hold, counted per group
     for cell in cells:
         if cell.column is None:
             continue
@@ -724,7 +741,8 @@ def _numbers(
             )
         return exprs
 
-    exprs: list[pl.Expr] = [pl.len().alias("rows"), *_count_exprs(frame, "g", None, present_in)]
+    # Sketching, the records counted are the low bits of their weights' sum (see .differences): no count of its own.
+    exprs: list[pl.Expr] = [pl.len().alias("rows"), *([] if sketching else _count_exprs(frame, "g", None, present_in))]
     # The record sets' id lists: gathered by a group-by of their own after the numbers', so that an interrupt,
     # which Polars sees between operators, is not kept waiting by both at once.
     listed: list[pl.Expr] = []
@@ -735,7 +753,7 @@ def _numbers(
         exprs += [pl.col(f"w{i}").sum().alias(f"g_w{i}") for i, _ in occurrences]
     for (column, kind), v in values.items():
         mask = mask_of(column, v)
-        exprs += _count_exprs(frame, f"{v}_c", mask, present_in)
+        exprs += [] if sketching else _count_exprs(frame, f"{v}_c", mask, present_in)
         if sketching:  # (0 where not: a sum over a column with no nulls added stays on Polars' fastest route)
             exprs += [pl.when(mask).then(pl.col(f"w{i}")).otherwise(0).sum().alias(f"{v}_w{i}") for i, _ in occurrences]
         if listing:
@@ -748,13 +766,38 @@ def _numbers(
             continue
         if screen and frame.streaming:
             # A group's first values would take the streaming engine off its streaming path (the whole dataset in
-            # memory); its distinct values stream: u distinct values put at least u - 1 records off any one value.
-            # Sums of elementwise inputs only (a distinct count or a filter inside an aggregation would make the
-            # streaming engine hold the dataset in memory): the group's values hashed into a few bins. The most
-            # common value's records all fall into one bin, so the records outside the largest bin are off it.
-            hashed = _normal(pl.col(v), _floating(frame, column, kind)).hash(_BIN_SEED) % _BINS
+            # memory). Sums of elementwise inputs only (a distinct count or a filter inside an aggregation would
+            # make the streaming engine hold the dataset in memory).
+            normal = _normal(pl.col(v), _floating(frame, column, kind))
             exprs += [mask.sum().cast(pl.Int64).alias(f"{v}_len")]
-            exprs += [(mask & (hashed == b)).sum().cast(pl.Int64).alias(f"{v}_bin{b}") for b in range(_BINS)]
+            often = _held_often(frame, column, kind, k) if sketching else None
+            if often is not None:
+                # The values k records of the dataset hold (found for the sketches anyway, and kept): no group holds
+                # any other value k times. A group's rows holding them are counted, and counted again in a few bins
+                # of these values (one value a bin where there are few), 8 bits a bin in one 64-bit sum: where a
+                # group has fewer than 256 such rows no bin carries into the next. Its most common value is then
+                # held by at most its largest bin's rows (else all of them), or k - 1; the same counts tell the
+                # sketches whether a value k records share is left out of a set (see _held_k_times), with no
+                # second pass over the dataset. Each row's bin is a work column: inside the aggregation, the lookup
+                # and the mask would cost the streaming engine far more.
+                often_bins[v] = min(often.len(), _BINS)
+                if often_bins[v]:
+                    dtype = _work_frame(frame, work, False).collect_schema()[v]
+                    often = often.cast(dtype, strict=False).drop_nulls().unique(maintain_order=True)
+                    fields = [1 << (_BIN_BITS * (i % _BINS)) for i in range(often.len())]
+                    normal_value = _normal(value_exprs[v], _floating(frame, column, kind))
+                    binned = normal_value.replace_strict(often, fields, default=0, return_dtype=pl.UInt64)
+                    held = frame.contributes(column) & value_exprs[v].is_not_null()
+                    work.append(pl.when(held).then(binned).otherwise(0).fill_null(0).alias(f"{v}_of"))
+                    exprs += [
+                        (pl.col(f"{v}_of") > 0).sum().cast(pl.Int64).alias(f"{v}_often"),
+                        pl.col(f"{v}_of").sum().alias(f"{v}_often_bins"),
+                    ]
+            else:
+                # The group's values hashed into a few bins. The most common value's records all fall into one bin,
+                # so the records outside the largest bin are off it.
+                hashed = normal.hash(_BIN_SEED) % _BINS
+                exprs += [(mask & (hashed == b)).sum().cast(pl.Int64).alias(f"{v}_bin{b}") for b in range(_BINS)]
         elif screen:
             contributing = pl.col(v).filter(mask)
             head = _normal(contributing.head(2 * k - 1), _floating(frame, column, kind))
@@ -835,6 +878,14 @@ def _numbers(
             return tallied(found if found.height else frame.collect(lazy.head(0).select(aggregations)))
 
     grouped = run(exprs)
+    if sketching and weights is not None:
+        grouped = grouped.hstack(
+            [
+                pl.Series(f"{prefix}{i}", sizes_of(grouped.get_column(f"{total}{i}").to_numpy(), bits))
+                for i, (_, bits) in enumerate(weights)
+                for prefix, total in [("g", "g_w"), *((f"{v}_c", f"{v}_w") for v in values.values())]
+            ]
+        )
     if listed:
         stoppable.check()
         gathered = run(listed)
@@ -853,7 +904,10 @@ def _numbers(
             if v not in moded:
                 continue
             n = grouped.get_column(f"{v}_len").fill_null(0).to_numpy()
-            if frame.streaming:
+            if frame.streaming and v in often_bins:
+                most = _often_most(grouped, v, often_bins[v])
+                screened = np.where(n - np.maximum(most, k - 1) >= k, n, -1)
+            elif frame.streaming:
                 bins = [grouped.get_column(f"{v}_bin{b}").fill_null(0).to_numpy() for b in range(_BINS)]
                 screened = np.where(n - np.max(bins, axis=0) >= k, n, -1)
             else:
@@ -928,7 +982,10 @@ def _numbers(
     elif sketching and weights is not None:
         for (column, kind), v in values.items():
             mask = mask_of(column, v)
-            if v in moded and _held_k_times(frame, work, key_names, grouped, kept, mask, v, (column, kind), k):
+            often_most = _often_most(grouped, v, often_bins[v]) if v in often_bins else None
+            if v in moded and _held_k_times(
+                frame, work, key_names, grouped, kept, mask, v, (column, kind), k, often_most
+            ):
                 raise _ListedError  # the sets leave out the records holding that value: listed
         numbers.sketches = _joined_sketches(frame, numbers, by, cells, values, k, [b for _, b in weights])
     return numbers
@@ -974,17 +1031,21 @@ def _held_k_times(
     v: str,
     source: tuple[str, str],
     k: int,
+    often_most: np.ndarray[Any, Any] | None = None,
 ) -> bool:
     """Whether k or more contributing records of a kept group may hold one value of work column ``v``.
 
     From the group's largest value count where the release computed it; else from the values k records of the
-    whole dataset hold (a load-time fact: no group holds any other value k times), counted per group in one more
-    query that keeps only the rows holding them, so that a scanned dataset streams through it. Where neither is
-    known, True: the sets are then listed.
+    whole dataset hold (a load-time fact: no group holds any other value k times): a group with fewer than k rows
+    holding any of them (a scanned release counts those rows as it streams) holds none k times; else they are
+    counted per value and group in one more query that keeps only the rows holding them, so that a scanned dataset
+    streams through it. Where neither is known, True: the sets are then listed.
     """
     if f"{v}_fmax" in grouped.columns:
         common = grouped.get_column(f"{v}_fmax").fill_null(0).to_numpy()
         return bool(((common >= k) & kept).any())
+    if often_most is not None and not ((often_most >= k) & kept).any():
+        return False  # no kept group holds k rows in any bin of the values k records hold: none held k times
     column, kind = source
     often = _held_often(frame, column, kind, k)
     if often is None:

@@ -113,3 +113,46 @@ def test_a_masked_column_after_a_join_reveals_neither_the_value_nor_membership(
     np.testing.assert_allclose(
         released["v"].to_numpy(), expected["length_of_stay"].mean().loc[released.index].to_numpy()
     )
+
+
+def test_over_a_scanned_dataset_one_record_among_many_of_one_value_does_not_count(
+    hospital: Any, recovered: Recovered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target beside every patient of one age: a sum or mean of ages is the target's age plus a known multiple.
+
+    Scanned from disk, the most-common-value rule is screened as the query streams, from the rows holding the ages
+    k patients of the dataset share, counted per group in bins of those ages; the bins must never pass a group in
+    which all but the target hold one value. The twin (two common ages) is released, from its sketches."""
+    monkeypatch.setenv("CONFNB_VAULT_MEMORY_BUDGET", "0")
+    t = hospital.open()
+    assert all(source.streaming for source in hospital.vault._sources.values())
+    frame, target = hospital.frame, hospital.target
+    secret = float(target.age)
+    ages = frame.age[frame.age != target.age].value_counts()
+    common, other = int(ages.index[0]), int(ages.index[1])
+    picked = t[(t.age == common) | (t.patient_id == hospital.target_id)]
+    rows = int(((frame.age == common) | (frame.patient_id == hospital.target_id)).sum())
+    refusals: list[str] = []
+    for func in ("sum", "mean", "std"):
+        try:
+            value = float(getattr(picked["age"], func)().release())
+        except cn.PolicyViolation as refused:
+            refusals.append(str(refused))
+            continue
+        total = value if func == "sum" else value * rows  # the target's age: the total less the others'
+        assert not recovered(total - common * (rows - 1), secret), func
+        pytest.fail(f"the {func} of the target and {rows - 1} patients of one age was released")
+    assert len(refusals) == 3 and all("release.min_group_size" in text for text in refusals)
+    # Grouped, beside a count per group: refused whole (the difference rule), or the sums and means withheld.
+    try:
+        grouped = picked.group_by("sex").agg(n=("age", "count"), s=("age", "sum"), v=("age", "mean")).release()
+    except cn.PolicyViolation:
+        grouped = None
+    if grouped is not None:
+        assert grouped["s"].isna().all() and grouped["v"].isna().all()
+        for sex, row in grouped.iterrows():  # what a sum would give: the target's age as s - common * (n - 1)
+            assert not recovered(row["n"], secret)
+            assert pd.isna(row["s"]) or not recovered(row["s"] - common * (row["n"] - 1), secret), sex
+    twin = t[t.age.isin([common, other])].group_by("sex").agg(v=("age", "mean")).release()
+    expected = frame[frame.age.isin([common, other])].groupby("sex")["age"].mean()
+    np.testing.assert_allclose(twin["v"].to_numpy(), expected.to_numpy())

@@ -395,6 +395,65 @@ def test_a_value_k_records_share_is_found_in_a_scanned_group_and_its_sets_listed
             assert group_a.size == 250 + 4 + 1 - 5
 
 
+@pytest.mark.parametrize(
+    ("often", "per_group", "crowd", "listed_expected", "second_pass"),
+    [
+        (6, 4, 0, False, False),  # a value a bin: no group holds one k times, decided as the scan streams
+        (6, 4, 1, True, False),  # one value held k times in group "a": its sets are listed
+        (40, 4, 0, False, True),  # several values a bin crowd the bins past k: counted per value, none held k times
+        (1, 4, 252, True, False),  # 256 rows of one value in a group: its packed bin carries, its rows decide
+    ],
+)
+def test_a_scan_counts_the_values_k_records_hold_in_bins_as_it_streams(
+    often: int, per_group: int, crowd: int, listed_expected: bool, second_pass: bool
+) -> None:
+    """On a scanned dataset the rows holding the values k records of the dataset hold are counted per group, in
+    bins of those values packed into one sum, within the release's own pass: the release's numbers, withheld cells
+    and record sets are its in-memory twin's, and a second pass over the dataset runs only where the bins crowd."""
+    k = 5
+    rng = np.random.default_rng(often + crowd)
+    shared = [1000.5 + i for i in range(often)]  # each held by per_group records of both groups: 2 * per_group >= k
+    values = [float(v) for v in range(600)] + shared * per_group * 2 + [shared[0]] * crowd
+    groups = ["a"] * 300 + ["b"] * 300 + (["a"] * often + ["b"] * often) * per_group + ["a"] * crowd
+    order = rng.permutation(len(values))
+    columns = {
+        "g": pa.array([groups[i] for i in order]),
+        "x": pa.array([values[i] for i in order], pa.float64()),
+    }
+    in_memory = {"t": SourceTable.from_dataset("d", pa.table(columns))}
+    sources = scanned(in_memory)
+    plan = {
+        "node": "aggregate",
+        "input": {"node": "source", "handle": "t"},
+        "by": ["g"],
+        "aggs": [{"name": "m", "column": "x", "func": "mean"}, {"name": "n", "column": "x", "func": "count"}],
+    }
+    passes = []
+    counted_per_value = engine._per_group_of_values
+
+    def counting(*args: Any) -> Any:
+        passes.append(args)
+        return counted_per_value(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "_per_group_of_values", counting)
+        found = sketches_and_sets(plan, sources, k)
+    assert found is not None
+    sketches, listed, _ = found
+    assert (sketches is None) is listed_expected
+    assert bool(passes) is second_pass or listed_expected
+    same(outcome(plan, in_memory, k, True), outcome(plan, sources, k, True))
+    if sketches is not None:
+        bits = next(iter(sources["t"].weights.values()))[1]
+        by_label = {label: (ids.size, sketch_of(ids, bits)) for _, label, ids, _ in listed}
+        for sketch in sketches:  # each sketch is its listed set's (a set two numbers share is listed once)
+            assert (sketch.size, sketch.total) in set(by_label.values()), sketch.label
+            assert (sketch.size, sketch.total) == by_label.get(sketch.label, (sketch.size, sketch.total))
+    else:  # the records holding group a's most common value are left out of its mean's set
+        mean_a = next(ids for _, label, ids, _ in listed if "'a'" in label and "m" in label)
+        assert mean_a.size == 300 + often * per_group + crowd - (per_group + crowd)
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     values=st.lists(
