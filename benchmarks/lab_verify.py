@@ -4,7 +4,9 @@ Each round opens a notebook on a fresh ``confnb-snp`` kernel in Debian's Chromiu
 the notebook's kernel first shows "idle" (what JupyterLab gives anyway: the baseline) and when the attestation panel
 reaches ``data-status="verified"`` (server verification plus the browser's own WebCrypto verification). Figures:
 
-1. **verification after ready**: panel verified minus kernel ready. Target: under 1 s on the simulated TEE.
+1. **verification after ready**: panel verified minus kernel ready. Target: under 1 s on the simulated TEE. It can
+   be slightly negative: the panel asks for evidence as soon as the kernel is connected, and JupyterLab's
+   execution indicator may show "idle" a few tens of milliseconds after the answer came.
 2. **open to verified / open to ready**: the ratio of the two medians, i.e. what the panel adds to opening a notebook.
 3. **verify again**: the panel's own request-to-verdict time (``data-verify-ms``) for fresh evidence on a warm kernel.
 

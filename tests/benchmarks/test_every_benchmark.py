@@ -197,7 +197,13 @@ def test_lab_verify_runs(run_benchmark: RunBenchmark) -> None:
     if not (BENCHMARKS.parent / "confnb" / "server" / "labextension" / "package.json").is_file():
         pytest.skip("lab_verify needs the built JupyterLab extension (jlpm build)")
     result = run_benchmark("lab_verify.py", "--rounds", "1", "--again", "1")
-    assert result["verified_after_ready_ms"] > 0
+    # Both moments were seen, in the page, after the notebook opened (verification may precede JupyterLab's idle
+    # indicator by a few tens of milliseconds, see the benchmark); the figures are consistent with them.
+    assert result["open_to_kernel_ready_ms"] > 0 and result["open_to_verified_ms"] > 0
+    after_ready = result["open_to_verified_ms"] - result["open_to_kernel_ready_ms"]
+    assert result["verified_after_ready_ms"] == pytest.approx(after_ready, abs=0.11)
+    assert result["target_met"] == (result["verified_after_ready_ms"] < result["target_verified_after_ready_ms"])
+    assert result["verify_again_p50_ms"] > 0
 
 
 def test_soak_runs_and_every_answer_is_right(run_benchmark: RunBenchmark) -> None:
