@@ -780,10 +780,11 @@ def _numbers(
                 # sketches whether a value k records share is left out of a set (see _held_k_times), with no
                 # second pass over the dataset. Each row's bin is a work column: inside the aggregation, the lookup
                 # and the mask would cost the streaming engine far more.
+                if not often.is_empty():  # as the work column holds them (_value_fact: a cast to float merges none)
+                    dtype = _work_frame(frame, work, records_too=False).collect_schema()[v]
+                    often = often.cast(dtype, strict=False).drop_nulls().unique(maintain_order=True)
                 often_bins[v] = min(often.len(), _BINS)
                 if often_bins[v]:
-                    dtype = _work_frame(frame, work, False).collect_schema()[v]
-                    often = often.cast(dtype, strict=False).drop_nulls().unique(maintain_order=True)
                     fields = [1 << (_BIN_BITS * (i % _BINS)) for i in range(often.len())]
                     normal_value = _normal(value_exprs[v], _floating(frame, column, kind))
                     binned = normal_value.replace_strict(often, fields, default=0, return_dtype=pl.UInt64)
