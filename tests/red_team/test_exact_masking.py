@@ -122,7 +122,7 @@ def test_over_a_scanned_dataset_one_record_among_many_of_one_value_does_not_coun
 
     Scanned from disk, the most-common-value rule is screened as the query streams, from the rows holding the ages
     k patients of the dataset share, counted per group in bins of those ages; the bins must never pass a group in
-    which all but the target hold one value. The twin (two common ages) is released, from its sketches."""
+    which all but the target hold one value. The twin (two common ages) is released."""
     monkeypatch.setenv("CONFNB_VAULT_MEMORY_BUDGET", "0")
     t = hospital.open()
     assert all(source.streaming for source in hospital.vault._sources.values())
