@@ -54,10 +54,12 @@ does in pandas.
 
 Cost. Where each row is a distinct record (no join has repeated records) and the table is in memory, the common
 case, the work columns are read once and every statistic and count is a plain column aggregation (Polars' fastest
-group-by); a contribution mask costs only where a column has one, or nulls. The most-common-value rule is screened
-by a bound: counting the contributing records on each side of a split of the values (a number against the column's
-mean) bounds from below those differing from the most common value; only groups the bound leaves open (a flag, a
-category) get an exact count. Order statistics are selections on each group's gathered values, bracketed from a
+group-by); a contribution mask costs only where a column has one, or nulls. The most-common-value rule costs
+nothing on a column no two records of its dataset share a value of (a load-time fact, kept through filters and
+copies): each group's most common value is held by one record. Elsewhere it is screened by a bound: counting the
+contributing records on each side of a split of the values (a number against the column's mean) bounds from below
+those differing from the most common value; only groups the bound leaves open (a flag, a category) get an exact
+count. Order statistics are selections on each group's gathered values, bracketed from a
 sorted sample for large groups. Whether k records share a value (record sets) is ruled out by counting (group,
 value) pairs into hash bins; only a column where that fails gets the exact count. After a join, or on a scanned
 dataset, every aggregation runs as one Polars query that counts distinct records, with the rule screened (from
@@ -1111,6 +1113,7 @@ class _Input:
     indicator: str | None = None  # bool work column: the record contributes (None: every row contributes)
     present: str | None = None  # bool work column: the value is present (None: every row)
     moded: bool = False  # a cell on it follows the most-common-value rule
+    held_once: bool = False  # moded, and no two records of its dataset hold one value (see _held_once)
     ordered: bool = False  # a cell on it is an order statistic
     funcs: set[str] = field(default_factory=set)
     column: str | None = None  # the column it reads, and in which form ("number", "present", "plain", "float")
@@ -1248,6 +1251,10 @@ def _numbers_direct(
         spec.moded |= cell.func in _MODE_RULE
         spec.ordered |= cell.func in _ORDER_FUNCS
         spec.funcs.add(cell.func)
+    for spec in inputs.values():
+        # A column no two records hold one value of (a load-time fact): each group's most common value is held once,
+        # so the rule's count is known without screening or counting anything (see the rule below).
+        spec.held_once = spec.moded and _held_once(frame, spec, k)
     sets = want_sets and frame.records is not None
     weights = _weights(frame) if sets and sketch else None
     # Grouped order statistics alone: their counts come from the gathered values, with no pass of their own.
@@ -1281,7 +1288,7 @@ def _numbers_direct(
                 spec.indicator = spec.present = f"{spec.v}_i"
                 flags.append(value.is_not_null().alias(spec.indicator))
             contributing = value if spec.indicator is None else pl.when(pl.col(spec.indicator)).then(value)
-            if spec.moded and tallied:
+            if spec.moded and tallied and not spec.held_once:
                 bit = _screen_bit(value, table.schema[spec.v]).fill_null(False)
                 on = bit if spec.indicator is None else bit & pl.col(spec.indicator)
                 derived.append(on.alias(f"{spec.v}_h"))
@@ -1312,7 +1319,7 @@ def _numbers_direct(
         for spec in inputs.values():
             if not (sketching and spec.indicator is not None):  # else the low bits of its weight sum
                 fast.append(counted(spec.indicator).alias(f"{spec.v}_c"))
-            if spec.moded and tallied:
+            if spec.moded and tallied and not spec.held_once:
                 fast.append(counted(f"{spec.v}_h").alias(f"{spec.v}_hs"))
             if spec.ordered:
                 listed.append(pl.col(f"{spec.v}_o"))
@@ -1404,10 +1411,13 @@ def _numbers_direct(
         if not spec.moded:
             continue
         n = count[spec.v]
+        if spec.held_once:  # the most common value is held by one record: all the others differ from it
+            nonmode[spec.v] = np.where(kept & (n >= k), n - 1, -1)
+            continue
         high = grouped.get_column(f"{spec.v}_hs").to_numpy()
         screened = np.where(np.minimum(high, n - high) >= k, n, -1)
         open_ = kept & (screened < 0) & (n >= k)
-        if sets and not _held_once(frame, spec, k):
+        if sets:
             none_held = _none_often_held_k_times(frame, table, key_names, spec, k, what, subjects)
             if none_held is None:  # the load-time fact does not settle it: hash bins
                 none_held = _none_held_k_times(table, key_names, spec, k, what, subjects)
@@ -1540,7 +1550,7 @@ def _tallies_of_values(
         contributing = None if spec.indicator is None else ~np.isnan(flat)
         counts = rows if contributing is None else np.add.reduceat(contributing, starts)
         found.append(pl.Series(f"{spec.v}_c", counts, dtype=pl.Int64))
-        if spec.moded:
+        if spec.moded and not spec.held_once:
             present = flat if contributing is None else flat[contributing]
             threshold = float(present.mean()) if len(present) else 0.0
             with np.errstate(invalid="ignore"):

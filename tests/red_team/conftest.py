@@ -40,10 +40,13 @@ DIAGNOSES = ("asthma", "copd", "diabetes", "fracture", "pneumonia", "sepsis")
 
 
 def admissions_frame() -> pd.DataFrame:
-    """4,000 admissions; every patient has a distinct id, the values are continuous enough that each is unique."""
+    """4,000 admissions; every patient has a distinct id and a distinct cost (a column no two records share)."""
     rng = np.random.default_rng(20261206)
     age = rng.integers(18, 95, ROWS)
     stay = np.round(rng.gamma(2.0, 2.5, ROWS) + 0.5, 3)
+    cost = np.round(800.0 + stay * 910.0 + age * 12.0 + rng.normal(0, 300, ROWS), 2)
+    while (repeated := pd.Series(cost).duplicated().to_numpy()).any():  # no two bills to the cent: a cent more
+        cost[repeated] = np.round(cost[repeated] + 0.01, 2)
     return pd.DataFrame(
         {
             "patient_id": np.arange(100_000, 100_000 + ROWS, dtype=np.int64),
@@ -51,7 +54,7 @@ def admissions_frame() -> pd.DataFrame:
             "sex": rng.choice(["F", "M"], ROWS),
             "diagnosis": rng.choice(list(DIAGNOSES), ROWS),
             "length_of_stay": stay,
-            "cost": np.round(800.0 + stay * 910.0 + age * 12.0 + rng.normal(0, 300, ROWS), 2),
+            "cost": cost,
             "readmitted": rng.random(ROWS) < 0.2,
         }
     )

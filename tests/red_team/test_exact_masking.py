@@ -156,3 +156,55 @@ def test_over_a_scanned_dataset_one_record_among_many_of_one_value_does_not_coun
     twin = t[t.age.isin([common, other])].group_by("sex").agg(v=("age", "mean")).release()
     expected = frame[frame.age.isin([common, other])].groupby("sex")["age"].mean()
     np.testing.assert_allclose(twin["v"].to_numpy(), expected.to_numpy())
+
+
+def test_a_fill_under_a_unique_column_s_name_is_not_taken_for_that_column(
+    hospital: Any, recovered: Recovered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Costs are unique in the admissions, so the vault knows at load that each group's most common cost is held
+    by one record and counts nothing for the most-common-value rule. The attack writes a column with one value in
+    every row but the target's *under the name* ``cost`` (a data-derived constant fill, ``fillna`` of a mask, a
+    rounding), hoping the fact still holds for it: a group's sum would then be the target's cost plus zeros. Each
+    is withheld, and no number that came back is the target's cost; the twin, the sums and means of the real costs
+    per sex, is released through the fact and equals pandas."""
+    from kernel_enclave.vault import release as engine
+
+    t = hospital.open()
+    target = hospital.target
+    secret = float(target["cost"])
+    frame = hospital.frame
+    known = (frame.length_of_stay == target["length_of_stay"]) & (frame.age == target["age"])
+    assert known.sum() == 1  # what the analyst knows of the target picks out one admission
+    who = (t.length_of_stay == float(target["length_of_stay"])) & (t.age == int(target["age"]))
+    decided: list[bool] = []
+    held_once = engine._held_once
+
+    def noted(*args: Any) -> bool:
+        decided.append(held_once(*args))
+        return decided[-1]
+
+    monkeypatch.setattr(engine, "_held_once", noted)  # the vault runs in this process: see which way it decides
+    attacks = {
+        "constant fill": t.assign(cost=cn.where(who, t.cost, t.age * 0)),
+        "mask filled": t.assign(cost=cn.where(who, t.cost, None).fillna(0.0)),
+        "rounded": t.assign(cost=cn.where(who, t.cost, t.cost.round(-6))),
+    }
+    for name, crafted in attacks.items():
+        decided.clear()
+        released = crafted.group_by("sex").agg(total=("cost", "sum"), v=("cost", "mean")).release()
+        assert not any(decided), name  # the fact was not taken for the crafted column
+        target_sex = str(target["sex"])
+        assert pd.isna(released.loc[target_sex, "total"]) and pd.isna(released.loc[target_sex, "v"]), name
+        rows = int((frame.sex == target_sex).sum())
+        for number in _numbers(released):
+            assert not recovered(number, secret) and not recovered(number * rows, secret), name
+        with pytest.raises(cn.PolicyViolation):
+            crafted["cost"].sum().release()
+
+    decided.clear()
+    twin = t.group_by("sex").agg(total=("cost", "sum"), v=("cost", "mean")).release()
+    assert decided and all(decided)  # released through the fact: nothing screened or counted for the rule
+    by = frame.groupby("sex")["cost"]
+    pd.testing.assert_series_equal(twin["total"], by.sum(), check_names=False)
+    pd.testing.assert_series_equal(twin["v"], by.mean(), check_names=False)
+    assert twin.attrs["confnb_suppressed"] == {"groups": 0, "cells": {}}

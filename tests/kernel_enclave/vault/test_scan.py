@@ -173,12 +173,17 @@ def files_written_since(roots: list[Path], since: float) -> list[Path]:
 
 
 def holds_marker(path: Path) -> bool:
-    with path.open("rb") as handle:
-        tail = b""
-        while chunk := handle.read(1 << 22):
-            if MARKER in tail + chunk:
-                return True
-            tail = chunk[-len(MARKER) :]
+    """Whether the file holds the plaintext marker. A file removed since it was listed holds nothing now (the shared
+    temporary directory has other processes' short-lived files), as one removed before the listing was never seen."""
+    try:
+        with path.open("rb") as handle:
+            tail = b""
+            while chunk := handle.read(1 << 22):
+                if MARKER in tail + chunk:
+                    return True
+                tail = chunk[-len(MARKER) :]
+    except FileNotFoundError:
+        return False
     return False
 
 
