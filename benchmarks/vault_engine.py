@@ -67,7 +67,7 @@ POLICY = f"""
 [policy]
 id = "bench-engine-v1"
 [release]
-allow = ["schema", "aggregate", "row_count"]
+allow = ["schema", "aggregate", "row_count", "window"]
 min_group_size = {MIN_GROUP_SIZE}
 """
 BASELINES = ("vs_polars", "vs_pandas")  # the per-operation ratios, each with its target

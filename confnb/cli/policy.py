@@ -31,7 +31,7 @@ signing_keys = ["VCEK", "VLEK"]
 id = "my-dataset-v1"                    # names this policy in audit logs and receipts
 
 [release]
-allow = ["schema", "row_count", "aggregate"]   # also: model_metrics, model_parameters, predict_public
+allow = ["schema", "row_count", "aggregate"]   # also: model_metrics, model_parameters, predict_public, window
 min_group_size = 10                     # every released aggregate row comes from at least this many records
 never_release = []                      # columns that appear in no released result
 max_rows = 1000

@@ -21,6 +21,7 @@ _KIND_TEXT = {
     "model_metrics": "the quality metrics of models trained on the data (accuracy, ROC AUC, RMSE, ...)",
     "model_parameters": "the parameters of trained models (coefficients, feature importances)",
     "predict_public": "predictions of trained models on data the analyst supplies",
+    "window": "results computed with window functions (a rank or a group statistic on every row)",
 }
 _BARE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -42,6 +43,12 @@ def explain_output(policy: OutputPolicy) -> list[str]:
             )
         else:
             lines.append("Aggregates over groups of any size may be released, even single records (min_group_size 1).")
+    if "window" in policy.allow and not dp:
+        lines.append(
+            "Window functions are allowed: a rank or a group statistic on every row carries other records' values "
+            "onto each row, so the rules below no longer bound what one release reveals about one record (a "
+            "difference of two group sums, or a filter on one, can give one person's value)."
+        )
     if "row_count" in policy.allow and policy.min_group_size > 1:
         lines.append(f"A row count is released only when it counts at least {policy.min_group_size} records.")
     if policy.never_release:

@@ -20,7 +20,17 @@ from confnb.policy.privacy import PrivacyPolicy, read_privacy
 from confnb.policy.schema import OUTPUT_TABLES, POLICY_TABLES, check_names
 from confnb.policy.toml import KeyLines, TableReader, brief, parse_policy, read_policy_text
 
-RELEASE_KINDS = ("schema", "row_count", "aggregate", "model_metrics", "model_parameters", "predict_public")
+RELEASE_KINDS = (
+    "schema",
+    "row_count",
+    "aggregate",
+    "model_metrics",
+    "model_parameters",
+    "predict_public",
+    # Not a result of its own: window functions (a rank or a group statistic on every row) in what is released. They
+    # let one record's value reach other rows, so exact mode's rules no longer bound what one release says about it.
+    "window",
+)
 TRACEBACK_MODES = ("full", "redacted")  # redacted: exception type and cell line only
 _STRICTNESS = {"full": 0, "redacted": 1}
 DEFAULT_MIME = ("text/plain",)

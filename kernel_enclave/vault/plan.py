@@ -979,6 +979,26 @@ def plan_datasets(plan: Mapping[str, Any], sources: Mapping[str, SourceTable]) -
     return node_datasets(parse_plan(plan), sources)
 
 
+def uses_window(plan: Mapping[str, Any]) -> bool:
+    """Whether a plan computes a window function anywhere: in a filter, an assigned column, either side of a join."""
+    pending: list[Node | Expr] = [parse_plan(plan)]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, Call):
+            if item.fn == "over":
+                return True
+            pending += item.args
+        elif isinstance(item, Join):
+            pending += [item.left, item.right]
+        elif isinstance(item, Filter):
+            pending += [item.input, item.predicate]
+        elif isinstance(item, Assign):
+            pending += [item.input, *(expr for _, expr in item.columns)]
+        elif not isinstance(item, Source | Col | Lit):
+            pending.append(item.input)
+    return False
+
+
 def plan_sources(plan: Mapping[str, Any], sources: Mapping[str, SourceTable]) -> dict[str, SourceTable]:
     """The source tables a plan reads, by handle (what running it again needs; unknown handles are refused)."""
     found: dict[str, SourceTable] = {}

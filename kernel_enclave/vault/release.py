@@ -103,6 +103,7 @@ from kernel_enclave.vault.plan import (
     require_columns,
     schema_of,
     to_arrow,
+    uses_window,
 )
 from kernel_enclave.vault.protocol import PolicyViolation, VaultError
 
@@ -163,6 +164,28 @@ def require_kind(kind: str, datasets: Iterable[str], policies: Mapping[str, Outp
     if failing:
         raise PolicyViolation("release.allow", failing, f"the output policy does not allow releasing {kind} results")
     return strictest(policies[d] for d in chosen).id
+
+
+def require_windows_allowed(
+    tree: Mapping[str, Any], datasets: Iterable[str], policies: Mapping[str, OutputPolicy], what: str
+) -> None:
+    """A plan that computes a window function reads rows only where every dataset's owner allows ``window``.
+
+    A window puts a statistic of other records on each row: the difference of two group sums over everyone and over
+    everyone but one person is that person's value on every row, which a mean then releases whole and a filter
+    turns into one bit per group of a grouped count. No rule on the released number sees it, so exact mode does not
+    let windows near a dataset unless its owner accepts that."""
+    if not uses_window(tree):
+        return
+    chosen = sorted(set(datasets))
+    failing = [d for d in chosen if d not in policies or not policies[d].allows("window")]
+    if failing or not chosen:
+        raise PolicyViolation(
+            "release.allow",
+            failing,
+            f"{what}: the output policy does not allow window functions (rank or transform with over): a group "
+            "statistic on every row carries other records' values; aggregate with group_by instead",
+        )
 
 
 def check_columns(columns_lineage: Mapping[str, Lineage], policies: Mapping[str, OutputPolicy], what: str) -> None:

@@ -390,6 +390,7 @@ class Vault:
     def _preview(self, header: dict[str, Any], buffers: list[bytes]) -> Reply:
         tree = _plan(header)
         datasets = plan.plan_datasets(tree, self._sources)
+        release.require_windows_allowed(tree, datasets, self._policies, "preview")
         # Under DP the public row count is the whole dataset's: a preview of a filtered table counts nothing.
         policies = self._exact_view() if _whole_dataset(tree) else self._exact_view(row_count=False)
         if all(name in policies and policies[name].allows("row_count") for name in datasets):
@@ -435,6 +436,7 @@ class Vault:
                     "release: the owner releases this dataset only with differential privacy; pass the privacy "
                     "loss to spend, e.g. .release(epsilon=0.1) or cn.set_epsilon(0.1)",
                 )
+        release.require_windows_allowed(tree, datasets, self._policies, "release")
         self._count_release(datasets, "release")
         checking = {name for name, policy in self._policies.items() if policy.checks_differences}
         sources = plan.plan_sources(tree, self._sources)
@@ -525,6 +527,7 @@ class Vault:
         used = plan.plan_datasets(tree, self._sources)
         if self._dp_datasets(used):
             return self._dp_fit(tree, header, used)
+        release.require_windows_allowed(tree, used, self._policies, "fit")
         fit_args = (header.get("estimator"), target, features, test_size, random_state, self._policies)
         # The plan's queries run here (cancellable in Polars); the training itself in a worker (models.fit).
         model = models.fit(plan.evaluate(tree, self._sources), *fit_args)
@@ -686,6 +689,7 @@ class Vault:
             self.audit.append("seal", model=model_id, datasets=datasets, digest=_bytes_digest(blob))
             return {"ok": True}, [blob]
         tree = _plan(header)
+        release.require_windows_allowed(tree, plan.plan_datasets(tree, self._sources), self._policies, "seal")
         source = plan.evaluate(tree, self._sources)
         datasets = sorted(source.datasets)
         # Which source record each row came from, and where each column's value came from a record (not from a

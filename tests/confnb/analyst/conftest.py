@@ -27,7 +27,7 @@ CLAIMS_POLICY = """
 [policy]
 id = "claims-test-v1"
 [release]
-allow = ["schema", "row_count", "aggregate", "model_metrics", "model_parameters", "predict_public"]
+allow = ["schema", "row_count", "aggregate", "model_metrics", "model_parameters", "predict_public", "window"]
 min_group_size = 10
 never_release = ["patient_id"]
 max_rows = 1000

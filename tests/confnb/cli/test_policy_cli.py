@@ -79,7 +79,7 @@ def test_check_reports_one_line_with_the_line_number(tmp_path):
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip() == (
         f"confnb: error: {target}:4: release.allow: 'everything' is not one of schema, "
-        "row_count, aggregate, model_metrics, model_parameters, predict_public"
+        "row_count, aggregate, model_metrics, model_parameters, predict_public, window"
     )
 
 

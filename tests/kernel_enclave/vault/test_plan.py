@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from plan_json import assign, col, fn, lit, src
 
-from kernel_enclave.vault.plan import SourceTable, evaluate, parse_plan, plan_datasets
+from kernel_enclave.vault.plan import SourceTable, evaluate, parse_plan, plan_datasets, uses_window
 from kernel_enclave.vault.protocol import VaultError
 
 CANARY = "CANARY-7f3a9c"
@@ -768,3 +768,21 @@ def test_float_columns_without_nan_are_known_through_selects_assignments_and_joi
     assert assigned.nan_free == frozenset({"copy", "v"})
     joined = evaluate({"node": "join", "left": src("l"), "right": src("r"), "on": ["k"]}, sources)
     assert joined.nan_free == frozenset({"clean", "v_x"})
+
+
+def test_a_window_is_found_wherever_the_plan_computes_one() -> None:
+    """The policy check on window functions reads the plan, not the query: a window in a filter's predicate, an
+    assigned column nested in other calls, or either side of a join is found; a plan without one is not."""
+    window = fn("over", col("cost"), func="sum", by=["g"])
+    nested = fn("gt", fn("sub", window, lit(1.0)), lit(0.0))
+    joined = {"node": "join", "left": src("a"), "right": {"node": "filter", "input": src("b"), "predicate": nested}}
+    joined |= {"on": ["id"]}
+    counted = {"node": "aggregate", "by": ["g"], "aggs": [{"name": "n", "column": None, "func": "count"}]}
+    plans = {
+        "assigned": assign(fn("mul", window, lit(2.0))),
+        "filtered": {"node": "filter", "input": src(), "predicate": nested},
+        "joined": {**counted, "input": joined},
+        "plain": {**counted, "input": {"node": "filter", "input": src(), "predicate": fn("gt", col("cost"), lit(0))}},
+    }
+    found = {name: uses_window(plan) for name, plan in plans.items()}
+    assert found == {"assigned": True, "filtered": True, "joined": True, "plain": False}

@@ -878,3 +878,24 @@ def test_any_aggregation_releases_or_raises_a_vault_error(
         assert released.table is not None
         assert released.table.num_rows <= 8
     assert "Traceback" not in message
+
+
+def test_window_functions_need_every_dataset_s_owner_to_allow_them() -> None:
+    """A plan computing a window reads rows only where every dataset's policy allows ``window``; the refusal names
+    the datasets whose owners do not, and a plan without a window is not asked about it."""
+    from kernel_enclave.vault.release import require_windows_allowed
+
+    kinds = frozenset({"schema", "aggregate"})
+    policies = {
+        "claims": OutputPolicy(id="claims", allow=kinds | {"window"}),
+        "members": OutputPolicy(id="members", allow=kinds),
+    }
+    ranked = {"node": "assign", "input": {"node": "source", "handle": "t"}}
+    ranked["columns"] = [["r", {"fn": "over", "args": [{"col": "cost"}], "func": "rank", "by": ["g"]}]]
+    require_windows_allowed(ranked, ["claims"], policies, "release")
+    with pytest.raises(PolicyViolation) as refused:
+        require_windows_allowed(ranked, ["claims", "members"], policies, "release")
+    assert refused.value.rule == "release.allow" and list(refused.value.datasets) == ["members"]
+    with pytest.raises(PolicyViolation):
+        require_windows_allowed(ranked, ["unknown"], policies, "release")  # no policy: no window
+    require_windows_allowed({"node": "source", "handle": "t"}, ["members"], policies, "release")
