@@ -16,7 +16,10 @@ number computed from ``cost``, also through ``cost * 2`` or ``cost + age``), and
 records (row counts, counts of a column, value counts, distinct counts, statistics of a flag). So a group's
 ``count(age)`` and ``mean(cost)`` may rest on record sets a few records apart (a few costs missing) without either
 being refused, while ``sum(cost)`` over everyone and ``sum(cost)`` over everyone but one patient are. A caller
-that gives no keys puts every set under one key (all compared).
+that gives no keys puts every set under one key (all compared). A number over a self-join (one dataset on both
+sides) rests on the records of both sides together, and on each side's records on their own, which are compared too:
+a side of a few chosen records joined onto every row of the other carries their values onto thousands of rows, and
+only that side's records show two of its numbers a record apart.
 
 The groups of a release added up are a number too (for counts and sums; a sum's keys appear twice, once with the
 prefix ``sum:`` under which its groups' union is compared): the groups of ``sum(cost)`` by sex over everyone but one

@@ -414,12 +414,31 @@ def _all_records(frame: SourceTable, label: str) -> tuple[RecordSet, ...]:
     found: dict[str, list[np.ndarray]] = {}
     for dataset, name in frame.records:
         found.setdefault(dataset, []).append(ids.get_column(name).drop_nulls().to_numpy())
-    return tuple((dataset, label, _union(parts), _COUNTED) for dataset, parts in sorted(found.items()))
+    sets: list[RecordSet] = []
+    for dataset, parts in sorted(found.items()):
+        union = _union(parts)
+        sets += [(dataset, label, union, _COUNTED), *_sides(dataset, label, parts, union, _COUNTED)]
+    return tuple(sets)
 
 
 def _union(parts: Sequence[np.ndarray]) -> np.ndarray:
     joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return np.unique(joined.astype(np.int64, copy=False))
+
+
+def _sides(dataset: str, label: str, parts: Sequence[np.ndarray], union: np.ndarray, keys: Set[str]) -> list[RecordSet]:
+    """Where a dataset is on several sides of a join (a self-join), each side's records on their own, beside their
+    union. One side can carry a few chosen records onto every row of the other (the target and a cover, joined on a
+    key of one value, a filter on the carried value): every number then rests on thousands of records, but only the
+    chosen side's records, compared on their own, show two numbers a record apart."""
+    if len(parts) < 2:
+        return []
+    found: list[RecordSet] = []
+    for side, part in enumerate(parts, 1):
+        ids = np.unique(part.astype(np.int64, copy=False))
+        if ids.size and ids.size != union.size:
+            found.append((dataset, f"{label} (side {side})", ids, frozenset(keys)))
+    return found
 
 
 def _weights(frame: SourceTable) -> tuple[str, int] | None:
@@ -2045,8 +2064,9 @@ def _number_sets(
                     label, ids = group, whole[dataset]
                 else:
                     label = f"{group} {cell.shown}" if by else cell.shown
-                record = (dataset, label, ids, _comparison_keys(frame, cell, dataset))
-                _emit(found, emitted, (dataset, *_bucket(ids)), record)
+                compared = _comparison_keys(frame, cell, dataset)
+                for record in [(dataset, label, ids, compared), *_sides(dataset, label, parts, ids, compared)]:
+                    _emit(found, emitted, (dataset, *_bucket(record[2])), record)
     return found
 
 
@@ -2180,7 +2200,9 @@ def _value_counts(
                 listed_ids = survivors.get_column(f"g_ids{i}")[row].drop_nulls().to_numpy()
                 per.setdefault(dataset, []).append(np.asarray(listed_ids, dtype=np.int64))
             label = f"value {survivors.get_column('k0')[row]!r}"
-            found += [(dataset, label, _union(parts), _COUNTED) for dataset, parts in sorted(per.items())]
+            for dataset, parts in sorted(per.items()):
+                union = _union(parts)
+                found += [(dataset, label, union, _COUNTED), *_sides(dataset, label, parts, union, _COUNTED)]
     result = survivors.select(pl.col("k0").alias(node.column), pl.col("count_all").alias("count"))
     return _Out(to_arrow(result, {}), int((~keep).sum()), {}, found)
 

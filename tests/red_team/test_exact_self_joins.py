@@ -1,0 +1,106 @@
+"""A self-join that carries one record's value onto other rows, read back through a grouped count.
+
+Join every admission, on a key of one value, to a few chosen rows of the same table: the target and a cover of
+patients whose costs are known to be high. Each joined row carries one of those patients' costs; a filter keeps the
+rows whose carried cost exceeds a threshold that differs per age. The cover always passes, the target only in the
+ages whose threshold its cost exceeds: each age's count is its patients times 14 or times 15, which brackets the
+target's cost in one release (one threshold per group). Every group has thousands of contributing records, and its
+records, both sides of the join together, differ from any other group's by thousands: only the records of the
+chosen side, compared on their own, show two groups one record apart. The vault compares the records of each
+occurrence of a dataset in a join separately, within a release and across releases (``release.difference``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+import confnb as cn
+
+from .test_exact_masking import Recovered, _numbers
+
+COVER_ABOVE = 20000.0  # 14 admissions cost more: the cover, which passes every threshold
+STEP = 100.0  # the thresholds, one per age: 1000 + 100 * (age - 18)
+
+
+def _carried(t: Any, hospital: Any, chosen: Any) -> Any:
+    """Every admission joined to the chosen rows of the same table on a key of one value: each row carries one of
+    their costs (``cost_y``)."""
+    one = t.assign(one=t.age * 0)
+    return one.join(one[chosen][["one", "cost"]], on="one")
+
+
+def _bracket(counts: pd.Series, frame: pd.DataFrame, cover: int) -> tuple[float, float] | None:
+    """Where the target's cost lies, read from which ages counted the cover and the target (``cover + 1`` per
+    patient) rather than the cover alone."""
+    ages = frame.age.value_counts()
+    passed = [int(age) for age, n in counts.items() if not pd.isna(n) and int(n) == ages[int(age)] * (cover + 1)]
+    if not passed:
+        return None
+    highest = max(passed)
+    return 1000.0 + STEP * (highest - 18), 1000.0 + STEP * (highest - 17)
+
+
+def test_a_cover_and_the_target_joined_onto_every_row_do_not_bracket_its_value(
+    hospital: Any, recovered: Recovered
+) -> None:
+    t = hospital.open()
+    frame = hospital.frame
+    target = hospital.target
+    secret = float(target["cost"])
+    cover = int((frame.cost > COVER_ABOVE).sum())
+    assert cover >= 10 and secret < COVER_ABOVE
+    who = (t.length_of_stay == float(target["length_of_stay"])) & (t.age == int(target["age"]))
+    joined = _carried(t, hospital, who | (t.cost > COVER_ABOVE))
+    passing = joined[joined["cost_y"] > (joined["age"] - 18) * STEP + 1000.0]
+    refused: cn.PolicyViolation | None = None
+    try:
+        counts = passing.group_by("age").agg(n=("age", "count")).release()
+    except cn.PolicyViolation as caught:
+        refused = caught
+    else:  # had it come back, the counts must not bracket the cost (they would, without the per-side comparison)
+        found = _bracket(counts["n"], frame, cover)
+        assert found is None or not found[0] < secret <= found[1], found
+    assert refused is not None and "release.difference" in str(refused)
+    refused = None
+    try:  # the same counts as value counts
+        by_age = passing.value_counts("age").release()
+    except cn.PolicyViolation as caught:
+        refused = caught
+    else:
+        found = _bracket(by_age, frame, cover)
+        assert found is None or not found[0] < secret <= found[1], found
+    assert refused is not None and "release.difference" in str(refused)
+    # A threshold for all ages at once, then another: the two sets of the chosen side are one record apart
+    # exactly when the target's cost lies between the thresholds, so the second is refused or says nothing new.
+    for counted in (lambda above: above["cost_x"].count(), lambda above: above.count()):
+        brackets, rules = [], []
+        for threshold in (secret - 50.0, secret + 50.0):
+            try:
+                released = counted(joined[joined["cost_y"] > threshold]).release()
+            except cn.PolicyViolation as again:
+                rules.append(again.rule)
+                continue
+            brackets.append(released)
+            for number in _numbers(released):
+                assert not recovered(number, secret)
+        assert len(set(brackets)) <= 1  # never both counts: they would differ by the target's patients
+        assert rules == ["release.difference"]
+
+
+def test_a_self_join_whose_sides_differ_by_many_records_is_released(hospital: Any) -> None:
+    """The twin: the same join onto the costliest admissions alone (no target among them), and a count per age of
+    the rows above each threshold, is released and equals pandas."""
+    t = hospital.open()
+    frame = hospital.frame
+    joined = _carried(t, hospital, t.cost > COVER_ABOVE)
+    passing = joined[joined["cost_y"] > (joined["age"] - 18) * STEP + 1000.0]
+    counts = passing.group_by("age").agg(n=("age", "count")).release()
+    cover = frame[frame.cost > COVER_ABOVE].cost.to_numpy()
+    expected = {
+        int(age): int(n) * int((cover > (int(age) - 18) * STEP + 1000.0).sum())
+        for age, n in frame.age.value_counts().items()
+    }
+    assert {int(age): int(n) for age, n in counts["n"].items()} == {a: n for a, n in expected.items() if n}
+    assert counts.attrs["confnb_suppressed"] == {"groups": 0, "cells": {}}
