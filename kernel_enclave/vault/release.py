@@ -1990,12 +1990,13 @@ def _emit(found: list[RecordSet], emitted: dict[Any, list[int]], key: Any, recor
 def _comparison_keys(frame: SourceTable, cell: _Cell, dataset: str | None = None) -> frozenset[str]:
     """The keys under which a number's record set of ``dataset`` is compared with others (see :mod:`.differences`):
     every dataset column its value derives from, and ``count`` for numbers that count records (a statistic of a flag
-    counts). After a join, the records of a dataset none of whose columns the number reads (the customers behind a
-    mean of their purchases) are counted towards its minimum but compared with nothing: the number says nothing
-    about their values, and the same customers stand behind every purchase category."""
+    counts). After a join, the records of a dataset none of whose columns the number reads (the accounts behind a
+    count of people) are compared as a count: the number says nothing of their values itself, but their values can
+    have chosen its rows (a filter on them after the join, a join onto a few chosen accounts), and a group's count of
+    people then says whether one account passed."""
     lineage = frame.lineage.get(cell.column, frozenset()) if cell.column is not None else frozenset()
     if dataset is not None and lineage and dataset not in {source for source, _ in lineage}:
-        return frozenset()
+        return _COUNTED
     if cell.column is None or cell.func == "count":
         return _COUNTED
     keys = {f"{source}:{column}" for source, column in lineage}

@@ -1,4 +1,4 @@
-"""A self-join that carries one record's value onto other rows, read back through a grouped count.
+"""A join that carries one record's value onto other rows, read back through a grouped count.
 
 Join every admission, on a key of one value, to a few chosen rows of the same table: the target and a cover of
 patients whose costs are known to be high. Each joined row carries one of those patients' costs; a filter keeps the
@@ -7,7 +7,9 @@ ages whose threshold its cost exceeds: each age's count is its patients times 14
 target's cost in one release (one threshold per group). Every group has thousands of contributing records, and its
 records, both sides of the join together, differ from any other group's by thousands: only the records of the
 chosen side, compared on their own, show two groups one record apart. The vault compares the records of each
-occurrence of a dataset in a join separately, within a release and across releases (``release.difference``).
+occurrence of a dataset in a join separately, within a release and across releases (``release.difference``). The
+same with two owners' datasets: a count of people reads no column of the accounts joined onto them, but the
+accounts' balances chose its rows, so the accounts behind each number are compared too, as a count.
 """
 
 from __future__ import annotations
@@ -104,3 +106,77 @@ def test_a_self_join_whose_sides_differ_by_many_records_is_released(hospital: An
     }
     assert {int(age): int(n) for age, n in counts["n"].items()} == {a: n for a, n in expected.items() if n}
     assert counts.attrs["confnb_suppressed"] == {"groups": 0, "cells": {}}
+
+
+def _two_owners(simulated_backend: Any) -> tuple[Any, dict[str, dict[str, Any]], pd.DataFrame, pd.DataFrame]:
+    """A vault holding two owners' datasets: people (age) and accounts (balance), both under k = 10."""
+    import numpy as np
+    import pyarrow as pa
+
+    from confnb.policy.output import OutputPolicy
+    from kernel_enclave.vault.keys import VaultKeys
+    from kernel_enclave.vault.vault import Vault
+
+    rng = np.random.default_rng(20261207)
+    people = pd.DataFrame({"pid": np.arange(3000), "age": rng.integers(18, 60, 3000), "one": 0})
+    balance = rng.uniform(1000.0, 9000.0, 200).round(2)
+    balance[:14] = 50000.0 + np.arange(14)  # the cover: the accounts above 40,000
+    balance[77] = 5234.5  # the target's
+    accounts = pd.DataFrame({"aid": np.arange(200), "balance": balance, "one": 0})
+    vault = Vault(backend=simulated_backend, keys=VaultKeys.generate())
+    kinds = frozenset({"schema", "aggregate", "row_count"})
+    sources = {
+        name: {
+            "node": "source",
+            "handle": vault.add_table(
+                name, pa.Table.from_pandas(frame, preserve_index=False), OutputPolicy(id=name, allow=kinds)
+            ),
+        }
+        for name, frame in (("people", people), ("accounts", accounts))
+    }
+    return vault, sources, people, accounts
+
+
+def _counts_by_age(sources: dict[str, dict[str, Any]], chosen: dict[str, Any]) -> dict[str, Any]:
+    """People joined on a key of one value to the chosen accounts; a count of people per age of the rows whose
+    carried balance exceeds the age's threshold."""
+    right = {"node": "select", "input": {"node": "filter", "input": sources["accounts"], "predicate": chosen}}
+    right["columns"] = ["one", "balance"]
+    joined = {"node": "join", "left": sources["people"], "right": right, "on": ["one"]}
+    threshold = {
+        "fn": "add",
+        "args": [
+            {"fn": "mul", "args": [{"fn": "sub", "args": [{"col": "age"}, {"lit": 18}]}, {"lit": 200.0}]},
+            {"lit": 1000.0},
+        ],
+    }
+    passing = {"node": "filter", "input": joined, "predicate": {"fn": "gt", "args": [{"col": "balance"}, threshold]}}
+    return {
+        "node": "aggregate",
+        "input": passing,
+        "by": ["age"],
+        "aggs": [{"name": "n", "column": "age", "func": "count"}],
+    }
+
+
+def test_another_owner_s_chosen_records_joined_onto_every_row_do_not_bracket_a_value(simulated_backend: Any) -> None:
+    """The same across two owners: a count of people reads no column of the accounts, but the accounts' balances
+    chose its rows, so the accounts behind each group are compared too (as a count)."""
+    vault, sources, people, accounts = _two_owners(simulated_backend)
+    secret = 5234.5
+    cover = {"fn": "gt", "args": [{"col": "balance"}, {"lit": 40000.0}]}
+    chosen = {"fn": "or", "args": [{"fn": "eq", "args": [{"col": "aid"}, {"lit": 77}]}, cover]}
+    reply, _ = vault.handle({"op": "release", "plan": _counts_by_age(sources, chosen)}, [])
+    if reply["ok"]:  # had it come back: the ages that counted 15 accounts a person bracket the balance
+        counted = vault._results[reply["result"]].table.to_pandas().set_index("age")["n"]
+        per_person = counted / people.groupby("age").size().loc[counted.index]
+        highest = max((int(age) for age, ratio in per_person.items() if ratio == 15), default=None)
+        assert highest is None or not 1000.0 + 200.0 * (highest - 18) < secret <= 1000.0 + 200.0 * (highest - 17)
+    assert reply["ok"] is False and reply["error"]["rule"] == "release.difference", reply
+    assert reply["error"]["datasets"] == ["accounts"] and "result" not in reply and str(secret) not in str(reply)
+    # The twin: onto the cover alone, every count is released, 14 per person of the age, as pandas counts it.
+    reply, _ = vault.handle({"op": "release", "plan": _counts_by_age(sources, cover)}, [])
+    assert reply["ok"] is True, reply
+    released = vault._results[reply["result"]].table.to_pandas().set_index("age")["n"]
+    expected = people.groupby("age").size() * int((accounts.balance > 40000.0).sum())
+    pd.testing.assert_series_equal(released.sort_index(), expected, check_names=False, check_dtype=False)
