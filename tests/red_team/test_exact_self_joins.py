@@ -26,7 +26,7 @@ COVER_ABOVE = 20000.0  # 14 admissions cost more: the cover, which passes every 
 STEP = 100.0  # the thresholds, one per age: 1000 + 100 * (age - 18)
 
 
-def _carried(t: Any, hospital: Any, chosen: Any) -> Any:
+def _carried(t: Any, chosen: Any) -> Any:
     """Every admission joined to the chosen rows of the same table on a key of one value: each row carries one of
     their costs (``cost_y``)."""
     one = t.assign(one=t.age * 0)
@@ -54,7 +54,7 @@ def test_a_cover_and_the_target_joined_onto_every_row_do_not_bracket_its_value(
     cover = int((frame.cost > COVER_ABOVE).sum())
     assert cover >= 10 and secret < COVER_ABOVE
     who = (t.length_of_stay == float(target["length_of_stay"])) & (t.age == int(target["age"]))
-    joined = _carried(t, hospital, who | (t.cost > COVER_ABOVE))
+    joined = _carried(t, who | (t.cost > COVER_ABOVE))
     passing = joined[joined["cost_y"] > (joined["age"] - 18) * STEP + 1000.0]
     refused: cn.PolicyViolation | None = None
     try:
@@ -96,7 +96,7 @@ def test_a_self_join_whose_sides_differ_by_many_records_is_released(hospital: An
     the rows above each threshold, is released and equals pandas."""
     t = hospital.open()
     frame = hospital.frame
-    joined = _carried(t, hospital, t.cost > COVER_ABOVE)
+    joined = _carried(t, t.cost > COVER_ABOVE)
     passing = joined[joined["cost_y"] > (joined["age"] - 18) * STEP + 1000.0]
     counts = passing.group_by("age").agg(n=("age", "count")).release()
     cover = frame[frame.cost > COVER_ABOVE].cost.to_numpy()
