@@ -2071,6 +2071,45 @@ def _number_sets(
     return found
 
 
+def _check_withheld_groups_apart(
+    frame: SourceTable, by: Sequence[str], grouped: pl.DataFrame, kept: np.ndarray, what: str, subjects: Sequence[str]
+) -> None:
+    """Refuse a grouped release whose withheld groups share a record of a dataset.
+
+    How many groups a release withheld is reported with it (``attrs["confnb_suppressed"]``): a count that one record
+    changes by one at most where it stands behind the rows of one group. A join that repeats a record on many rows
+    (the target joined onto every row by a key of one value) can put one record behind many withheld groups, and a
+    filter whose threshold differs per group then makes their number say where that record's value lies. Such a
+    release is withheld whole, which says one bit."""
+    repeating = [(dataset, hidden) for dataset, hidden in frame.records or () if hidden not in frame.unique]
+    if not repeating or int((~kept).sum()) < 2:
+        return
+    key_names = [f"k{i}" for i in range(len(by))]
+    withheld = grouped.filter(pl.Series(~kept, dtype=pl.Boolean)).select(key_names)
+    keys = [_key_expr(frame, name).alias(key) for key, name in zip(key_names, by, strict=True)]
+    with engine_errors(what, subjects):
+        rows = frame.data.select(*keys, *(pl.col(hidden) for _, hidden in repeating))
+        rows = rows.join(withheld.lazy(), on=key_names, how="semi")
+        most = [
+            rows.select(*key_names, hidden)
+            .drop_nulls(hidden)
+            .unique()
+            .group_by(hidden)
+            .len()
+            .select(pl.col("len").max().alias(hidden))
+            for _, hidden in repeating
+        ]
+        found = frame.collect(pl.concat(most, how="horizontal")).row(0)
+    shared = sorted({dataset for (dataset, _), groups in zip(repeating, found, strict=True) if (groups or 0) > 1})
+    if shared:
+        raise PolicyViolation(
+            "release.min_group_size",
+            shared,
+            f"{what}: groups withheld as too small share records (a join repeats them on many rows), so how many "
+            "were withheld could describe one record; the result is withheld whole",
+        )
+
+
 def _null_withheld(
     numbers: _Numbers, cells: Sequence[_Cell], keep: np.ndarray
 ) -> tuple[pl.DataFrame, dict[str, list[int]]]:
@@ -2133,6 +2172,8 @@ def _aggregate(
         if short and (len(cells) == 1 or len(short) == len(cells)):  # a scalar, or nothing left: withhold it
             failing = [d for _, cell in short for d, groups in numbers.failing[cell.name].items() if groups[0]]
             raise _refuse(failing, policies, f"aggregate: {quote(short[0][0].name)}")
+    else:
+        _check_withheld_groups_apart(frame, node.by, numbers.grouped, numbers.kept, "aggregate", subjects)
     survivors, positions = _null_withheld(numbers, cells, numbers.kept)
     result = survivors.select(
         *(pl.col(f"k{i}").alias(name) for i, name in enumerate(node.by)),
@@ -2184,6 +2225,7 @@ def _value_counts(
     keep = np.ones(grouped.height, dtype=bool)
     for dataset, counts in _counts(frame, grouped, "g").items():
         keep &= counts >= ks[dataset]
+    _check_withheld_groups_apart(frame, [node.column], grouped, keep, "value_counts", [quote(node.column)])
     survivors = grouped.filter(pl.Series(keep, dtype=pl.Boolean))
     found: list[RecordSet] = []
     if weights is not None:

@@ -180,3 +180,38 @@ def test_another_owner_s_chosen_records_joined_onto_every_row_do_not_bracket_a_v
     released = vault._results[reply["result"]].table.to_pandas().set_index("age")["n"]
     expected = people.groupby("age").size() * int((accounts.balance > 40000.0).sum())
     pd.testing.assert_series_equal(released.sort_index(), expected, check_names=False, check_dtype=False)
+
+
+def test_a_record_joined_onto_every_row_is_not_placed_by_how_many_groups_were_withheld(
+    hospital: Any, recovered: Recovered
+) -> None:
+    """The target alone joined onto every row: every group then rests on one record of the chosen side and is
+    withheld, but their number would say in how many ages the target's cost passed the threshold. Withheld groups
+    that share a record are withheld whole instead; the twin, a breakdown of one table whose small groups are
+    withheld, still says how many, as pandas counts them."""
+    t = hospital.open()
+    frame = hospital.frame
+    target = hospital.target
+    secret = float(target["cost"])
+    who = (t.length_of_stay == float(target["length_of_stay"])) & (t.age == int(target["age"]))
+    passing = (joined := _carried(t, who))[joined["cost_y"] > (joined["age"] - 18) * STEP + 1000.0]
+    for attempt in (
+        lambda: passing.group_by("age").agg(n=("age", "count")).release(),
+        lambda: passing.value_counts("age").release(),
+    ):
+        refused: cn.PolicyViolation | None = None
+        try:
+            released = attempt()
+        except cn.PolicyViolation as caught:
+            refused = caught
+        else:  # had it come back, the ages withheld would run from 18 to the last threshold the cost passed
+            highest = 18 + int(released.attrs["confnb_suppressed"]["groups"]) - 1
+            assert not 1000.0 + STEP * (highest - 18) < secret <= 1000.0 + STEP * (highest - 17), highest
+        assert refused is not None and refused.rule == "release.min_group_size", refused
+        assert str(secret) not in str(refused)
+
+    old = t[t.age > 90]
+    breakdown = old.group_by(["diagnosis", "sex", "readmitted"]).agg(n=("cost", "count")).release()
+    sizes = frame[frame.age > 90].groupby(["diagnosis", "sex", "readmitted"]).size()
+    assert breakdown.attrs["confnb_suppressed"]["groups"] == int((sizes < 10).sum()) > 0
+    assert breakdown["n"].tolist() == sizes[sizes >= 10].tolist()
