@@ -83,6 +83,7 @@ import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type in
 
 from confnb.policy.output import OutputPolicy, strictest
 from kernel_enclave.vault import stoppable
+from kernel_enclave.vault.combinations import isolating_groups
 from kernel_enclave.vault.differences import Sketch, sizes_of
 from kernel_enclave.vault.plan import (
     RELEASE_NODES,
@@ -689,6 +690,7 @@ class _Numbers:
     failing: dict[str, dict[str, np.ndarray]]  # cell -> dataset -> groups where it has fewer than k records
     record_sets: list[RecordSet]
     sketches: list[Sketch] | None = None  # instead of the record sets, where asked for and the route gives them
+    combined: frozenset[str] = frozenset()  # cells withheld because a combination of them rests on few records
 
     def withheld(self, cell: str) -> np.ndarray:
         bad = np.zeros(self.grouped.height, dtype=bool)
@@ -1020,8 +1022,27 @@ def _numbers(
             for d, counts in counts_of.items():
                 short[d] = short[d] | (counts < ks[d])
         failing[cell.name] = short
+    schema = _work_frame(frame, work, records_too=False).collect_schema()
 
-    numbers = _Numbers(grouped, group_records, kept, failing, [])
+    def joined_vector(cell: _Cell, form: str) -> tuple[tuple[str, str], pl.Expr] | None:
+        if cell.column is None:
+            return ("ones", ""), pl.lit(1.0)
+        v = values[(cell.column, cell.kind)]
+        if form == "present":
+            return (form, v), pl.col(v).is_not_null()
+        if not (schema[v].is_numeric() or schema[v] == pl.Boolean):
+            return None
+        value = pl.when(mask_of(cell.column, v)).then(pl.col(v).cast(pl.Float64)).otherwise(0.0)
+        return (form, v), value * value if form == "squares" else value
+
+    already = {name: np.logical_or.reduce([*by_dataset.values(), ~kept]) for name, by_dataset in failing.items()}
+    rows = _work_frame(frame, work, records_too=True)
+    combined = _combined(frame, rows, key_names, grouped, cells, joined_vector, already, kept, k, True)
+    for name, groups in combined.items():
+        for dataset in group_records:
+            failing[name][dataset] = failing[name].get(dataset, np.zeros(grouped.height, dtype=bool)) | groups
+
+    numbers = _Numbers(grouped, group_records, kept, failing, [], combined=frozenset(combined))
     if listing:
         numbers.record_sets = _number_sets(frame, numbers, by, cells, values, moded, k)
     elif sketching and weights is not None:
@@ -1538,8 +1559,35 @@ def _numbers_direct(
         for counts in extra:
             short = {d: bad | (counts < ks[d]) for d, bad in short.items()}
         failing[cell.name] = short
+    already = {name: np.logical_or.reduce([*by_dataset.values(), ~kept]) for name, by_dataset in failing.items()}
 
-    numbers = _Numbers(grouped.select(*key_names, *(cell.name for cell in cells)), group_records, kept, failing, [])
+    def direct_vector(cell: _Cell, form: str) -> tuple[tuple[str, str], pl.Expr] | None:
+        spec = inputs[(cell.column, cell.kind)] if cell.column is not None else None
+        flag = None if spec is None else spec.present if form == "present" else spec.indicator
+        if spec is None or (form == "present" and flag is None):
+            return ("ones", ""), pl.lit(1.0)  # every row is counted
+        if form == "present":
+            return (form, spec.v), pl.col(str(flag))
+        dtype = table.schema[spec.v]
+        if not (dtype.is_numeric() or dtype == pl.Boolean):
+            return None
+        value = pl.col(spec.v).cast(pl.Float64)
+        value = value if flag is None else pl.when(pl.col(flag)).then(value).otherwise(0.0)
+        return (form, spec.v), value * value if form == "squares" else value
+
+    combined = _combined(frame, table.lazy(), key_names, grouped, cells, direct_vector, already, kept, k, False)
+    for name, groups in combined.items():
+        for dataset in datasets:
+            failing[name][dataset] = failing[name].get(dataset, np.zeros(grouped.height, dtype=bool)) | groups
+
+    numbers = _Numbers(
+        grouped.select(*key_names, *(cell.name for cell in cells)),
+        group_records,
+        kept,
+        failing,
+        [],
+        combined=frozenset(combined),
+    )
     keys_of = {cell.name: _comparison_keys(frame, cell) for cell in cells}
     if listing:
         numbers.record_sets = _direct_sets(
@@ -1572,6 +1620,113 @@ def _numbers_direct(
                 numbers, datasets[0], by, order_cells, inputs, segments, {}, blocks, table, key_names, keys_of
             )
     return numbers
+
+
+# What each number adds up, row by row, for the rule on combinations of a release's numbers (see .combinations).
+_ADDS_UP: dict[str, tuple[str, ...]] = {
+    "rows": ("ones",),
+    "count": ("present",),
+    "sum": ("values",),
+    "mean": ("values",),  # (with the count of its column, its sum; without, a sum over an unknown count)
+    "std": ("values", "squares"),
+    "var": ("values", "squares"),
+}
+
+
+def _combined(
+    frame: SourceTable,
+    rows: pl.LazyFrame,
+    key_names: Sequence[str],
+    grouped: pl.DataFrame,
+    cells: Sequence[_Cell],
+    vector_of: Callable[[_Cell, str], tuple[tuple[str, str], pl.Expr] | None],
+    withheld: Mapping[str, np.ndarray],
+    kept: np.ndarray,
+    k: int,
+    by_records: bool,
+) -> dict[str, np.ndarray]:
+    """The cells withheld (in every group) because a combination of some group's numbers, with coefficients the
+    analyst knows, rests on fewer than k records of a dataset (see :mod:`.combinations`):
+    ``sum(cn.where(who, t.cost, t.age))`` beside ``sum(t.age)``. Withheld everywhere, not in that group alone: which
+    group it was would place the records.
+
+    ``rows``: the release's work rows, with its keys and each dataset occurrence's record ids (``r0``...) where the
+    frame has them (``by_records``; else each row is a distinct record); a record on several rows (after a join)
+    adds up its rows. ``vector_of(cell, form)`` gives a
+    number's vector of ``form`` (see :data:`_ADDS_UP`) as a key and an expression over the rows, or None where it
+    has none (the values of a string column). ``withheld``: per cell, the groups where it is withheld already (no
+    part of what they release). Only where a number reads a computed column: the columns of a dataset as they were
+    loaded agree on few rows only by the data's own doing, which the rules on each number already see (a column
+    constant but for a few rows)."""
+    linear = [cell for cell in cells if cell.func in _ADDS_UP]
+    read = {cell.column for cell in linear if cell.column is not None}
+    if not any(column not in frame.arrow_types or column in frame.masks for column in read):
+        return {}
+    exprs: dict[tuple[str, str], pl.Expr] = {}
+    by_cell: dict[str, list[tuple[str, str]]] = {}
+    for cell in linear:
+        by_cell[cell.name] = []
+        for form in _ADDS_UP[cell.func]:
+            found = vector_of(cell, form)
+            if found is not None:
+                exprs.setdefault(found[0], found[1])
+                by_cell[cell.name].append(found[0])
+    if len(exprs) < 2:
+        return {}
+    keys = list(exprs)
+    names = [f"\x01vector{i}" for i in range(len(keys))]
+    vectors = [exprs[key].cast(pl.Float64).fill_null(0.0).alias(name) for key, name in zip(keys, names, strict=True)]
+    index = grouped.select(key_names).with_row_index("\x01group") if key_names else None
+    involved: set[tuple[str, str]] = set()
+    for record in [f"r{i}" for i in range(len(frame.records))] if by_records and frame.records else [None]:
+        stoppable.check()
+        if record is None:  # each row a distinct record
+            per_record = rows.select(*key_names, *vectors)
+        else:
+            per_record = (
+                rows.select(*key_names, record, *vectors)
+                .drop_nulls(record)
+                .group_by([*key_names, record])
+                .agg(pl.col(names).sum())
+            )
+        if index is not None:  # each group's records, one group after another
+            listed = per_record.group_by(key_names).agg(pl.col(names)).join(index.lazy(), on=key_names, how="inner")
+            table = frame.collect(listed.sort("\x01group"))
+            groups = table.get_column("\x01group").to_numpy()
+            bounds = np.zeros(len(groups) + 1, dtype=np.int64)
+            np.cumsum(table.get_column(names[0]).list.len().to_numpy(), out=bounds[1:])
+            columns = [table.get_column(name).explode().to_numpy() for name in names]
+        else:
+            table = frame.collect(per_record)
+            groups, bounds = np.zeros(1, dtype=np.int64), np.array([0, table.height], dtype=np.int64)
+            columns = [table.get_column(name).to_numpy() for name in names]
+        # Groups that release the same numbers are searched together (usually all of them).
+        alike: dict[tuple[tuple[str, str], ...], list[int]] = {}
+        for position, group in enumerate(groups.tolist()):
+            if kept[group] and bounds[position + 1] > bounds[position]:
+                released = tuple(
+                    dict.fromkeys(
+                        key for cell in linear if not withheld[cell.name][group] for key in by_cell[cell.name]
+                    )
+                )
+                if len(released) >= 2:
+                    alike.setdefault(released, []).append(position)
+        for released, positions in alike.items():
+            stoppable.check()
+            chosen = [keys.index(key) for key in released]
+            at = np.asarray(positions)
+            if len(at) == len(groups):
+                picked, picked_bounds = [columns[j] for j in chosen], bounds
+            else:
+                taken = np.concatenate([np.arange(bounds[p], bounds[p + 1]) for p in at])
+                picked = [columns[j][taken] for j in chosen]
+                picked_bounds = np.zeros(len(at) + 1, dtype=np.int64)
+                np.cumsum(bounds[at + 1] - bounds[at], out=picked_bounds[1:])
+            isolated = isolating_groups(picked, picked_bounds, k)
+            involved.update(released[i] for i in np.flatnonzero(isolated))
+    # Withheld in every group: which group held the few records would say something of them.
+    everywhere = np.ones(len(kept), dtype=bool)
+    return {cell.name: everywhere for cell in linear if involved.intersection(by_cell[cell.name])}
 
 
 def _tallies_of_values(
@@ -2137,6 +2292,17 @@ def _refuse(failing: Iterable[str], policies: Mapping[str, OutputPolicy], what: 
     )
 
 
+def _refuse_combined(failing: Iterable[str], policies: Mapping[str, OutputPolicy], what: str) -> PolicyViolation:
+    datasets = sorted(set(failing))
+    k = max(policies[d].min_group_size for d in datasets)
+    return PolicyViolation(
+        "release.difference",
+        datasets,
+        f"{what}: numbers of this result agree on all but fewer than {k} records of the dataset; their difference "
+        "would describe those records",
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # aggregate
 
@@ -2171,6 +2337,8 @@ def _aggregate(
         short = [(agg, cell) for agg, cell in zip(node.aggs, cells, strict=True) if numbers.withheld(cell.name)[0]]
         if short and (len(cells) == 1 or len(short) == len(cells)):  # a scalar, or nothing left: withhold it
             failing = [d for _, cell in short for d, groups in numbers.failing[cell.name].items() if groups[0]]
+            if any(cell.name in numbers.combined for _, cell in short):
+                raise _refuse_combined(failing, policies, "aggregate")
             raise _refuse(failing, policies, f"aggregate: {quote(short[0][0].name)}")
     else:
         _check_withheld_groups_apart(frame, node.by, numbers.grouped, numbers.kept, "aggregate", subjects)

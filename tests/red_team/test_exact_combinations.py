@@ -1,0 +1,167 @@
+"""Two numbers of one release that agree on every row but the target's: their difference is the target's value.
+
+``sum(cn.where(who, t.cost, t.age))`` and ``sum(t.age)`` each rest on all 4,000 admissions and pass every rule on a
+released number (thousands of contributing records, no value held by most of them), yet the first less the second
+is the target's cost less their age, and ``sum(cn.where(who, 2 * t.age, t.age))`` less ``sum(t.age)`` is their age:
+the cost from one release of three numbers. A mask needs no ``where``: arithmetic that underflows to zero on every
+other row (``t.cost * exp(-1e9 * (t.cost - c) ** 2)``) does the same. The vault withholds the numbers of a
+combination that rests on fewer than k records, in every group. Each attack checks the numbers that came back
+against the secret, and shows that with the rule removed the same release gives it; the twins (derived columns
+that differ from the plain ones on many rows) are released and equal pandas.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import confnb as cn
+
+from .test_exact_masking import Recovered, _numbers
+
+
+@pytest.fixture
+def without_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vault (in this process) with the rule on combinations removed, to show that it is what protects."""
+    from kernel_enclave.vault import release
+
+    monkeypatch.setattr(release, "_combined", lambda *args, **kwargs: {})
+
+
+def _who(t: Any, hospital: Any) -> Any:
+    return t["cost"] == float(hospital.target["cost"])  # one attribute the analyst knows of the target picks it out
+
+
+def _cost_from(release: Any) -> float:
+    """The attack's arithmetic: (cost - age) + age, from the three sums."""
+    return float(release["masked_cost"] - release["ages"] + (release["masked_age"] - release["ages"]))
+
+
+def _three_sums(t: Any, who: Any) -> Any:
+    cost, age = t["cost"], t["age"]
+    crafted = t.assign(masked_cost=cn.where(who, cost, age), masked_age=cn.where(who, 2 * age, age))
+    return crafted.agg(masked_cost=("masked_cost", "sum"), masked_age=("masked_age", "sum"), ages=("age", "sum"))
+
+
+def test_two_sums_agreeing_on_all_rows_but_one_do_not_give_its_value(hospital: Any, recovered: Recovered) -> None:
+    t = hospital.open()
+    secret = float(hospital.target["cost"])
+    with pytest.raises(cn.PolicyViolation) as caught:
+        _three_sums(t, _who(t, hospital)).release()
+    assert caught.value.rule == "release.difference" and str(secret) not in str(caught.value)
+    # Grouped, the crafted numbers are withheld in every group (the target's group alone would say their sex);
+    # the count beside them is released and equal to pandas.
+    crafted = t.assign(masked_cost=cn.where(_who(t, hospital), t.cost, t.age))
+    grouped = crafted.group_by("sex").agg(
+        masked_cost=("masked_cost", "sum"), ages=("age", "sum"), patients=("age", "count")
+    )
+    released = grouped.release()
+    assert released["masked_cost"].isna().all() and released["ages"].isna().all()
+    assert released.attrs["confnb_suppressed"]["cells"] == {"masked_cost": ["F", "M"], "ages": ["F", "M"]}
+    pd.testing.assert_series_equal(
+        released["patients"], hospital.frame.groupby("sex")["age"].count(), check_names=False, check_dtype=False
+    )
+    for number in _numbers(released):
+        assert not recovered(number, secret)
+
+
+def test_without_the_rule_the_same_release_gives_the_cost(
+    hospital: Any, recovered: Recovered, without_the_rule: None
+) -> None:
+    """The attack is real: what the rule withholds above is the target's cost, to the cent."""
+    t = hospital.open()
+    assert recovered(_cost_from(_three_sums(t, _who(t, hospital)).release()), float(hospital.target["cost"]))
+
+
+@pytest.mark.parametrize(
+    "crafted",
+    [
+        # a mean: the difference times the row count
+        lambda t, who, c: (cn.where(who, t.cost, t.length_of_stay), "mean", "length_of_stay"),
+        # a column plus a mask of itself
+        lambda t, who, c: (t.cost + cn.where(who, t.cost, t.cost * 0), "sum", "cost"),
+        # no where at all: exp underflows to 0.0 on every other row, and is 1.0 on the target's
+        lambda t, who, c: (t.age + t.cost * ((t.cost - c) ** 2 * -1e9).exp(), "sum", "age"),
+    ],
+    ids=["mean-of-a-where", "column-plus-its-mask", "underflowing-arithmetic"],
+)
+def test_any_expression_that_agrees_with_a_column_on_all_rows_but_one_is_withheld_beside_it(
+    hospital: Any, recovered: Recovered, crafted: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = hospital.open()
+    secret = float(hospital.target["cost"])
+    expression, func, column = crafted(t, _who(t, hospital), secret)
+    query = t.assign(x=expression).agg(crafted=("x", func), plain=(column, func))
+    with pytest.raises(cn.PolicyViolation) as caught:
+        query.release()
+    assert str(secret) not in str(caught.value)
+    # The twin of the attack: without the rule the difference is the cost.
+    from kernel_enclave.vault import release
+
+    monkeypatch.setattr(release, "_combined", lambda *args, **kwargs: {})
+    given = query.release()
+    difference = float(given["crafted"] - given["plain"]) * (len(hospital.frame) if func == "mean" else 1)
+    target = hospital.target
+    expected = {"length_of_stay": secret - target["length_of_stay"], "cost": secret, "age": secret}[column]
+    assert abs(difference - expected) < 1e-3
+
+
+@pytest.mark.parametrize("route", ["joined", "scanned"])
+def test_the_same_attack_after_a_join_and_over_a_scanned_dataset(
+    hospital: Any, recovered: Recovered, route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other release routes: a join (a record's rows added up per record) and a dataset scanned from disk."""
+    if route == "scanned":
+        monkeypatch.setenv("CONFNB_VAULT_MEMORY_BUDGET", "0")
+    t = hospital.open()
+    if route == "scanned":
+        assert all(source.streaming for source in hospital.vault._sources.values())
+    else:
+        t = t.join(t.select(["patient_id", "sex"]).rename({"sex": "sex_again"}), on="patient_id")
+    secret = float(hospital.target["cost"])
+    with pytest.raises(cn.PolicyViolation) as caught:
+        _three_sums(t, _who(t, hospital)).release()
+    assert caught.value.rule == "release.difference"
+    crafted = t.assign(masked_cost=cn.where(_who(t, hospital), t["cost"], t["age"]))
+    released = crafted.group_by("sex").agg(masked_cost=("masked_cost", "sum"), ages=("age", "sum")).release()
+    assert released["masked_cost"].isna().all() and released["ages"].isna().all()
+    for number in _numbers(released):
+        assert not recovered(number, secret)
+    # The twin: the same numbers over a column that differs on half the rows, equal to pandas.
+    frame = hospital.frame
+    older = t.assign(older_cost=cn.where(t["age"] > 50, t["cost"], t["age"]))
+    twin = older.group_by("sex").agg(older_cost=("older_cost", "sum"), ages=("age", "sum")).release()
+    expected = frame.cost.where(frame.age > 50, frame.age).groupby(frame.sex).sum()
+    np.testing.assert_allclose(twin["older_cost"].to_numpy(), expected.to_numpy())
+    np.testing.assert_array_equal(twin["ages"].to_numpy(), frame.groupby("sex")["age"].sum().to_numpy())
+
+
+def test_derived_columns_that_differ_on_many_rows_are_released_with_pandas_values(hospital: Any) -> None:
+    t = hospital.open()
+    frame = hospital.frame
+    derived = t.assign(per_day=t.cost / t.length_of_stay, older_cost=cn.where(t.age > 50, t.cost, t.age))
+    released = (
+        derived.group_by("diagnosis")
+        .agg(
+            per_day=("per_day", "mean"),
+            spread=("per_day", "std"),
+            older_cost=("older_cost", "sum"),
+            ages=("age", "sum"),
+            patients=("age", "count"),
+        )
+        .release()
+    )
+    assert released.attrs["confnb_suppressed"] == {"groups": 0, "cells": {}}
+    plain = frame.assign(
+        per_day=frame.cost / frame.length_of_stay, older_cost=frame.cost.where(frame.age > 50, frame.age)
+    ).groupby("diagnosis")
+    np.testing.assert_allclose(released["per_day"].to_numpy(), plain["per_day"].mean().to_numpy())
+    np.testing.assert_allclose(released["spread"].to_numpy(), plain["per_day"].std().to_numpy())
+    np.testing.assert_allclose(released["older_cost"].to_numpy(), plain["older_cost"].sum().to_numpy())
+    np.testing.assert_array_equal(released["ages"].to_numpy(), plain["age"].sum().to_numpy())
+    whole = derived.agg(per_day=("per_day", "mean"), ages=("age", "sum"), patients=("age", "count")).release()
+    assert whole["per_day"] == pytest.approx((frame.cost / frame.length_of_stay).mean())
+    assert whole["ages"] == frame.age.sum() and whole["patients"] == len(frame)
