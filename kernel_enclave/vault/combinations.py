@@ -74,8 +74,10 @@ def isolating(vectors: Sequence[npt.NDArray[np.float64]], k: int) -> npt.NDArray
         column = scaled[:, j]
         np.copyto(column, vectors[j])
         column[~np.isfinite(column)] = 0.0
-        norms[j] = np.sqrt(column @ column)
-        if norms[j] > 0:
+        largest = np.abs(column).max()
+        if largest > 0:
+            column /= largest  # first to at most 1: the squares of 1e300 would overflow
+            norms[j] = np.sqrt(column @ column)
             column /= norms[j]
     columns = np.flatnonzero(norms > 0)
     scaled = scaled[:, columns] if columns.size < count else scaled
@@ -235,6 +237,7 @@ def isolating_groups(
     starts = bounds[:-1]
     group_of = np.repeat(np.arange(groups), sizes)
     finite = [np.where(np.isfinite(column), column, 0.0) for column in columns]
+    finite = [column / largest if (largest := np.abs(column).max()) > 0 else column for column in finite]
     norms = np.sqrt(np.stack([np.add.reduceat(column * column, starts) for column in finite], axis=1))
     scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
     scaled = [column * scale[group_of, j] for j, column in enumerate(finite)]

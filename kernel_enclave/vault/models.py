@@ -61,6 +61,7 @@ from sklearn.utils._param_validation import InvalidParameterError  # type: ignor
 
 from confnb.policy.output import OutputPolicy
 from kernel_enclave.vault import stoppable
+from kernel_enclave.vault.combinations import isolating
 from kernel_enclave.vault.plan import SourceTable
 from kernel_enclave.vault.protocol import PolicyViolation, VaultError
 from kernel_enclave.vault.release import check_columns, check_count, require_kind
@@ -562,6 +563,9 @@ class TrainedModel:
     input_records: tuple[Records, ...] | None = None
     min_group_size: Mapping[str, int] = field(default_factory=dict)
     leverage: float | None = None  # a linear model's largest training-row leverage, over its non-weak inputs
+    # A regression target that a combination of the numeric features (and a constant) matches on all but fewer than
+    # k records: whatever the model, its errors and coefficients describe those records (see _target_isolated).
+    target_isolated: bool = False
 
     def __repr__(self) -> str:
         return (
@@ -768,6 +772,7 @@ def fit(
         raise _failure("fit", name, exc) from None
     y = _target(work, target, task) if target is not None else None
     contributing = _contributing(source, target, kept) if target is not None else None
+    target_isolated = task == "regression" and _target_isolated(x, y, complete, _thresholds(source.datasets, policies))
     train_rows: np.ndarray[Any, Any]
     test_rows: np.ndarray[Any, Any] | None = None
     if test_size is not None:
@@ -872,7 +877,30 @@ def fit(
         input_records=None if input_records is None else tuple(MappingProxyType(r) for r in input_records),
         min_group_size=MappingProxyType(thresholds),
         leverage=leverage,
+        target_isolated=target_isolated,
     )
+
+
+def _target_isolated(x: Any, y: Any, complete: np.ndarray[Any, Any], thresholds: Mapping[str, int]) -> bool:
+    """Whether the target, on the complete rows, is a combination of the numeric features and a constant on all
+    but 1 to k - 1 of them (the rule on combinations of a release's numbers, :mod:`.combinations`).
+
+    ``cn.where(who, t.cost, t.age)`` as the target and ``age`` as the feature: the fit is exact everywhere but on
+    one record, so its coefficients, errors and predictions all carry that record's cost less its age. Where the
+    target sits on a plain combination of the features, any model learns it; the few records off it are all its
+    errors say."""
+    rows = np.flatnonzero(complete)
+    if y is None or rows.size == 0 or not thresholds:
+        return False
+    if isinstance(x, pd.DataFrame):
+        numeric = [
+            x[c].to_numpy(dtype=np.float64, na_value=np.nan) for c in x.columns if pd.api.types.is_numeric_dtype(x[c])
+        ]
+    else:
+        matrix = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        numeric = [matrix[:, j] for j in range(matrix.shape[1])]
+    vectors = [np.asarray(y, dtype=np.float64)[rows], *(column[rows] for column in numeric), np.ones(rows.size)]
+    return bool(isolating(vectors, max(thresholds.values()))[0])
 
 
 def _train(estimator: Any, x: Any, y: Any) -> tuple[Any, list[str]]:
@@ -1430,6 +1458,15 @@ def _check_target(model: TrainedModel, policies: Mapping[str, OutputPolicy], *, 
     _check_records(model.target_records, model, policies, what)
     if evaluation:
         _check_records(model.eval_target_records, model, policies, f"{what} on the evaluation set")
+    if model.target_isolated:  # after the rule on the target alone: a constant but in one row is its business
+        failing = sorted(model.datasets)
+        k = max((policies[d].min_group_size for d in failing if d in policies), default=0)
+        raise PolicyViolation(
+            "release.difference",
+            failing,
+            f"{model.estimator_name}: the target column {model.target!r} agrees with a combination of the features "
+            f"on all but fewer than {k} records, so what the model says of its errors is about those records",
+        )
 
 
 def _check_metrics(model: TrainedModel, policies: Mapping[str, OutputPolicy]) -> None:
@@ -1785,6 +1822,7 @@ def _facts(model: TrainedModel) -> dict[str, Any]:
     facts["input_records"] = None if model.input_records is None else [dict(r) for r in model.input_records]
     facts["min_group_size"] = dict(model.min_group_size)
     facts["leverage"] = model.leverage
+    facts["target_isolated"] = model.target_isolated
     return facts
 
 
@@ -1905,7 +1943,7 @@ def from_skops(data: bytes, description: Mapping[str, Any]) -> TrainedModel:
         }
         if set(lineage) != {*features, *([target] if target is not None else [])}:
             raise TypeError
-        if not all(key in facts for key in ("target_records", "feature_records", "input_records")):
+        if not all(key in facts for key in ("target_records", "feature_records", "input_records", "target_isolated")):
             raise VaultError(
                 "the sealed model carries no per-column record counts (it was sealed by an earlier vault); fit it again"
             )
@@ -1929,6 +1967,9 @@ def from_skops(data: bytes, description: Mapping[str, Any]) -> TrainedModel:
         thresholds = _records_fact(facts.get("min_group_size"), set(datasets)) or MappingProxyType({})
         leverage = facts.get("leverage")
         if leverage is not None and (isinstance(leverage, bool) or not isinstance(leverage, int | float)):
+            raise TypeError
+        target_isolated = facts["target_isolated"]
+        if not isinstance(target_isolated, bool):
             raise TypeError
         n_train, n_test = _count(facts["n_train"]), _count(facts["n_test"])
         categories = facts.get("warnings", [])
@@ -1958,6 +1999,7 @@ def from_skops(data: bytes, description: Mapping[str, Any]) -> TrainedModel:
         input_records=input_records,
         min_group_size=thresholds,
         leverage=None if leverage is None else float(leverage),
+        target_isolated=target_isolated,
     )
 
 

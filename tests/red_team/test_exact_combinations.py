@@ -165,3 +165,63 @@ def test_derived_columns_that_differ_on_many_rows_are_released_with_pandas_value
     whole = derived.agg(per_day=("per_day", "mean"), ages=("age", "sum"), patients=("age", "count")).release()
     assert whole["per_day"] == pytest.approx((frame.cost / frame.length_of_stay).mean())
     assert whole["ages"] == frame.age.sum() and whole["patients"] == len(frame)
+
+
+# -- a model whose target agrees with its features on all records but one ---------------------------------------
+
+
+def _crafted_fit(hospital: Any) -> Any:
+    from sklearn.linear_model import LinearRegression  # type: ignore[import-untyped]
+
+    t = hospital.open()
+    crafted = t.assign(y=cn.where(_who(t, hospital), t["cost"], t["age"]))
+    return cn.fit(LinearRegression(), crafted, target="y", features=["age"])
+
+
+def _cost_from_the_fit(hospital: Any, params: dict[str, Any]) -> float:
+    """The analyst's algebra: the fit moved from (intercept 0, slope 1) by (XᵀX)⁻¹ x_t (cost - age); XᵀX is the
+    row count and the sums of ages and their squares, which aggregates release."""
+    frame, target = hospital.frame, hospital.target
+    ages = frame.age.to_numpy(dtype=np.float64)
+    gram = np.array([[len(ages), ages.sum()], [ages.sum(), (ages**2).sum()]])
+    moved = np.array([params["intercept_"], params["coef_"]["age"] - 1.0])
+    direction = np.linalg.solve(gram, np.array([1.0, float(target.age)]))
+    return float(moved[1] / direction[1] + target.age)
+
+
+def test_a_model_whose_target_agrees_with_a_feature_on_all_records_but_one_releases_nothing(
+    hospital: Any, recovered: Recovered
+) -> None:
+    model = _crafted_fit(hospital)
+    secret = float(hospital.target["cost"])
+    for release in (model.params, model.metrics, model.score):
+        with pytest.raises(cn.PolicyViolation) as caught:
+            release()
+        assert caught.value.rule == "release.difference" and str(secret) not in str(caught.value)
+    with pytest.raises(cn.PolicyViolation):
+        model.predict(pd.DataFrame({"age": [int(hospital.target["age"])]}))
+
+
+def test_without_the_rule_the_fit_gives_the_cost(
+    hospital: Any, recovered: Recovered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kernel_enclave.vault import models
+
+    monkeypatch.setattr(models, "_target_isolated", lambda *args, **kwargs: False)
+    params = _crafted_fit(hospital).params()
+    assert recovered(round(_cost_from_the_fit(hospital, params), 2), float(hospital.target["cost"]))
+
+
+def test_a_regression_on_plain_columns_is_released_equal_to_scikit_learn(hospital: Any) -> None:
+    from sklearn.linear_model import LinearRegression  # type: ignore[import-untyped]
+
+    frame = hospital.frame
+    t = hospital.open()
+    derived = t.assign(per_day=t["cost"] / t["length_of_stay"])
+    model = cn.fit(LinearRegression(), derived, target="per_day", features=["age", "length_of_stay"])
+    x = frame[["age", "length_of_stay"]].to_numpy(np.float64)
+    expected = LinearRegression().fit(x, frame.cost / frame.length_of_stay)
+    released = model.params()
+    assert released["coef_"]["age"] == pytest.approx(expected.coef_[0], rel=1e-6)
+    assert released["intercept_"] == pytest.approx(expected.intercept_, rel=1e-6)
+    assert model.metrics()["n_train"] == len(frame)

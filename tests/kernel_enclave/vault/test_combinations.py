@@ -136,3 +136,15 @@ def test_many_groups_at_once_find_what_each_group_alone_finds(seed: int, groups:
     together = isolating_groups(columns, bounds, K)
     assert together.tolist() == alone.tolist()
     assert together[:2].all() == (0 <= planted_in < groups)
+
+
+def test_values_near_the_float_range_neither_overflow_nor_hide_a_combination() -> None:
+    data = _data(3000, 7)
+    huge = data["cost"] * 1e300
+    crafted = huge.copy()
+    crafted[5] = 0.0
+    assert isolating([huge, data["ones"]], K).tolist() == [False, False]
+    assert isolating([crafted, huge], K).all()
+    bounds = np.array([0, 1000, 2000, 3000] + [3000 + 20 * i for i in range(1, 20)])
+    wide = [np.concatenate([v, v[: bounds[-1] - 3000]]) for v in (crafted, huge)]
+    assert isolating_groups(wide, bounds, K).all()

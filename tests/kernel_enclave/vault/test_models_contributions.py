@@ -388,6 +388,7 @@ def test_a_sealed_model_keeps_its_column_counts_and_an_older_file_is_refused() -
     header = json.loads(json.dumps(describe(model)))
     restored = from_skops(data, header)
     assert restored.feature_records == model.feature_records and restored.input_records == model.input_records
+    assert restored.target_isolated == model.target_isolated
     assert params(restored, POLICIES) == params(model, POLICIES)
     with pytest.raises(PolicyViolation, match="feature 'who'"):
         export_refusal(restored)
@@ -398,7 +399,7 @@ def test_a_sealed_model_keeps_its_column_counts_and_an_older_file_is_refused() -
             content = archive.read(item)
             if item == "confnb-model.json":
                 facts = json.loads(content)
-                for key in ("target_records", "feature_records", "input_records", "min_group_size"):
+                for key in ("target_records", "feature_records", "input_records", "min_group_size", "target_isolated"):
                     facts.pop(key)
                 content = json.dumps(facts).encode()
             older.writestr(item, content)
