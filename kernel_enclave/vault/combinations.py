@@ -104,10 +104,20 @@ def _combination(scaled: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.bool
     transposed = whiten.T @ scaled.T  # the basis, one row per basis vector (each contiguous)
     basis = transposed.T
     leverage = np.einsum("ij,ij->j", transposed, transposed)
-    if leverage.max() < 1 / most - 1e-9:
-        return None  # no `most` rows hold a leverage of one together: no combination rests on them alone
-    found = _by_leverage(basis, whiten, leverage, rank, most)
-    return found if found is not None else _by_sampling(basis, whiten, rank, most)
+    if _below_one(leverage, most):
+        return None  # no `most` records hold a leverage of one together: no combination rests on them alone
+    found, sure = _by_sampling(basis, whiten, rank, most)
+    if found is not None or sure:
+        return found
+    return _by_leverage(basis, whiten, leverage, rank, most)
+
+
+def _below_one(leverage: npt.NDArray[np.float64], most: int) -> bool:
+    """Whether the ``most`` largest leverages add up to less than one: then no combination rests on ``most``
+    records or fewer (their leverages would add up to at least one, see the module)."""
+    if leverage.size > most:
+        leverage = np.partition(leverage, leverage.size - most)[leverage.size - most :]
+    return bool(leverage.sum() < 1 - 1e-6)
 
 
 def _by_leverage(
@@ -169,34 +179,46 @@ def _resting_on(
 
 def _by_sampling(
     basis: npt.NDArray[np.float64], whiten: npt.NDArray[np.float64], rank: int, most: int
-) -> npt.NDArray[np.bool_] | None:
+) -> tuple[npt.NDArray[np.bool_] | None, bool]:
     """The search by sampling (see the module): rank - 1 rows drawn at random, the combination that vanishes on
     them, kept if it vanishes on all but 1 to ``most`` rows. A combination that vanishes on all rows but ``most``
     is the one drawn whenever the rows drawn are among those; draws are repeated until that has failed to happen
-    with a chance below ``_MISSED``, from a fixed seed (the same request, the same answer)."""
+    with a chance below ``_MISSED``, from a fixed seed (the same request, the same answer). Also whether that
+    chance was kept (False: one vector, or too few draws allowed; the search by leverage then runs too)."""
     rows = basis.shape[0]
     if rank < 2:
-        return None
+        return None, False
     within = float(np.prod([(rows - most - i) / (rows - i) for i in range(rank - 1)]))
     if within <= 0:
-        return None
-    draws = 1 if within >= 1 else int(min(_DRAWS, np.ceil(np.log(_MISSED) / np.log1p(-within))))
-    draws = max(1, min(draws, _CELLS // rows))
+        return None, False
+    needed = 1 if within >= 1 else int(np.ceil(np.log(_MISSED) / np.log1p(-within)))
+    draws = max(1, min(needed, _DRAWS, _CELLS // rows))
     rng = np.random.default_rng(0)
     if rows <= _FEW_ROWS:
         drawn = np.argpartition(rng.random((draws, rows)), rank - 2, axis=1)[:, : rank - 1]
-    else:  # few draws from many rows
-        drawn = np.stack([rng.choice(rows, rank - 1, replace=False) for _ in range(draws)])
-    _, _, right = np.linalg.svd(basis[drawn])  # draws x (rank - 1) x rank
-    normals = right[:, -1, :]  # a combination (in the basis) vanishing on each draw's rows
+    else:  # few draws from many rows: a row drawn twice (rarely) makes a draw that finds nothing
+        drawn = rng.integers(0, rows, (draws, rank - 1))
+    normals = _normals(basis[drawn])  # a combination (in the basis) vanishing on each draw's rows
     values = np.abs(normals @ basis.T)  # draws x rows
     resting = (values > _NONZERO * values.max(axis=1, keepdims=True)).sum(axis=1)
     good = np.flatnonzero((resting >= 1) & (resting <= most))
     if not good.size:
-        return None
+        return None, draws >= needed
     best = good[np.argmin(resting[good])]
     coefficients = np.abs(whiten @ normals[best])
-    return np.asarray(coefficients > _NONZERO * coefficients.max())
+    return np.asarray(coefficients > _NONZERO * coefficients.max()), True
+
+
+def _normals(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """For each stack of rank - 1 rows of length rank (``rows[..., rank - 1, rank]``), the vector orthogonal to them
+    all: their signed minors (the cross product, in three dimensions); zero where the rows are dependent."""
+    rank = rows.shape[-1]
+    if rank == 2:
+        return np.stack([rows[..., 0, 1], -rows[..., 0, 0]], axis=-1)
+    if rank == 3:
+        return np.cross(rows[..., 0, :], rows[..., 1, :])
+    minors = [np.linalg.det(np.delete(rows, j, axis=-1)) * (-1.0) ** j for j in range(rank)]
+    return np.stack(minors, axis=-1)
 
 
 def _pivot_rows(values: npt.NDArray[np.float64]) -> list[int]:
@@ -259,6 +281,8 @@ def isolating_groups(
     most = np.minimum(k - 1, sizes - rank)
     peak = np.maximum.reduceat(leverage, starts)
     open_ = (most >= 1) & (rank >= 1) & (peak >= 1 / np.maximum(most, 1) - 1e-9)
+    for row in np.flatnonzero(open_):  # the exact bound, where the cheap one left the group open
+        open_[row] = not _below_one(leverage[bounds[row] : bounds[row + 1]], int(most[row]))
     # Groups of full rank are sampled together (the search by sampling, see the module); a group where a draw finds
     # a combination, or of lower rank, is searched on its own, which also says which numbers it uses.
     alone = open_ & (rank < count)
@@ -297,21 +321,24 @@ def _sampled_together(
         picked = rng.random((len(chosen), int(batch), rank - 1))
         rows = starts[:, None, None] + (picked * (ends - starts)[:, None, None]).astype(np.int64)
         drawn = np.stack([column[rows] for column in scaled], axis=-1)  # groups x draws x (rank - 1) x rank
-        _, _, right = np.linalg.svd(drawn)
-        normals = right[..., -1, :]  # groups x draws x rank
+        normals = _normals(drawn)  # groups x draws x rank
         lengths = ends - starts
-        whole = len(chosen) == len(bounds) - 1  # every group, in order: the rows as they are
-        taken = None if whole else np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)])
+        total = int(lengths.sum())
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        whole = len(chosen) == len(bounds) - 1  # every group, in order: the rows as they are
+        taken = None if whole else np.repeat(starts - offsets, lengths) + np.arange(total)
+        rows_of = [column if taken is None else column[taken] for column in scaled]
         limit = most[chosen]
         hit = np.zeros(len(chosen), dtype=bool)
-        for draw in range(int(batch)):  # one draw of every group at a time: rows in one contiguous pass
-            values = np.zeros(int(lengths.sum()))
-            for j, column in enumerate(scaled):
-                values += (column if taken is None else column[taken]) * np.repeat(normals[:, draw, j], lengths)
+        step = max(1, _CELLS // 4 // max(total, 1))  # draws evaluated together: a few million values at a time
+        for first in range(0, int(batch), step):
+            share = normals[:, first : first + step, :]
+            values = np.zeros((total, share.shape[1]))
+            for j, column in enumerate(rows_of):
+                values += column[:, None] * np.repeat(share[:, :, j], lengths, axis=0)
             values = np.abs(values)
-            largest = np.repeat(np.maximum.reduceat(values, offsets), lengths)
-            nonzero = np.add.reduceat(values > _NONZERO * largest, offsets)
-            hit |= (nonzero >= 1) & (nonzero <= limit)
+            largest = np.repeat(np.maximum.reduceat(values, offsets, axis=0), lengths, axis=0)
+            nonzero = np.add.reduceat(values > _NONZERO * largest, offsets, axis=0)
+            hit |= ((nonzero >= 1) & (nonzero <= limit[:, None])).any(axis=1)
         found[chosen] = hit
     return found

@@ -28,6 +28,7 @@ CHROMIUM = os.environ.get("CONFNB_CHROMIUM", "/usr/bin/chromium")
 EXERCISED = {
     "attest_verify",
     "broker_release",
+    "combination_rule",
     "dataset_ipc_load",  # test_dataset_loads.py
     "dataset_parquet_load",  # test_dataset_loads.py
     "difference_checks",
@@ -160,6 +161,16 @@ def test_difference_checks_runs(run_benchmark: RunBenchmark) -> None:
     assert result["earlier_releases"] == 20
     assert result["remembered_sets"] > 20  # the earlier releases, and the timed releases' own sets
     assert result["memory_bytes"]["remembered_sets"] > 0
+
+
+def test_combination_rule_runs(run_benchmark: RunBenchmark) -> None:
+    """Both groupings are timed after the releases with and without the rule were found equal."""
+    result = run_benchmark("combination_rule.py", "--rows", "20000", "--rounds", "1")
+    assert set(result["groupings"]) == {"4", "1000"}
+    for figures in result["groupings"].values():
+        assert set(figures["median_s"]) == {"with", "without"}
+        assert figures["ratio"] == figures["median_s"]["with"] / figures["median_s"]["without"]
+    assert result["summary"]["met"] is None and result["summary"]["target"] == "reported"
 
 
 def test_vault_engine_runs(run_benchmark: RunBenchmark) -> None:
