@@ -1688,6 +1688,7 @@ def _combined(
                 .drop_nulls(record)
                 .group_by([*key_names, record])
                 .agg(pl.col(names).sum())
+                .sort(record)  # the records in one order, whatever the group-by's: the same request, the same draws
             )
         if index is not None:  # each group's records, one group after another
             listed = per_record.group_by(key_names).agg(pl.col(names)).join(index.lazy(), on=key_names, how="inner")
