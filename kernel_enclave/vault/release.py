@@ -1022,7 +1022,8 @@ def _numbers(
             for d, counts in counts_of.items():
                 short[d] = short[d] | (counts < ks[d])
         failing[cell.name] = short
-    schema = _work_frame(frame, work, records_too=False).collect_schema()
+    rows = _work_frame(frame, work, records_too=True)
+    types: dict[str, pl.DataType] = {}  # found once, and only where the rule runs (a computed column is read)
 
     def joined_vector(cell: _Cell, form: str) -> tuple[tuple[str, str], pl.Expr] | None:
         if cell.column is None:
@@ -1030,13 +1031,15 @@ def _numbers(
         v = values[(cell.column, cell.kind)]
         if form == "present":
             return (form, v), pl.col(v).is_not_null()
-        if not (schema[v].is_numeric() or schema[v] == pl.Boolean):
+        if not types:
+            types.update(rows.collect_schema())
+        dtype = types[v]
+        if not (dtype.is_numeric() or dtype == pl.Boolean):
             return None
         value = pl.when(mask_of(cell.column, v)).then(pl.col(v).cast(pl.Float64)).otherwise(0.0)
         return (form, v), value * value if form == "squares" else value
 
     already = {name: np.logical_or.reduce([*by_dataset.values(), ~kept]) for name, by_dataset in failing.items()}
-    rows = _work_frame(frame, work, records_too=True)
     combined = _combined(frame, rows, key_names, grouped, cells, joined_vector, already, kept, k, True)
     for name, groups in combined.items():
         for dataset in group_records:
@@ -1652,12 +1655,11 @@ def _combined(
 
     ``rows``: the release's work rows, with its keys and each dataset occurrence's record ids (``r0``...) where the
     frame has them (``by_records``; else each row is a distinct record); a record on several rows (after a join)
-    adds up its rows. ``vector_of(cell, form)`` gives a
-    number's vector of ``form`` (see :data:`_ADDS_UP`) as a key and an expression over the rows, or None where it
-    has none (the values of a string column). ``withheld``: per cell, the groups where it is withheld already (no
-    part of what they release). Only where a number reads a computed column: the columns of a dataset as they were
-    loaded agree on few rows only by the data's own doing, which the rules on each number already see (a column
-    constant but for a few rows)."""
+    adds up its rows. ``vector_of(cell, form)`` gives a number's vector of ``form`` (see :data:`_ADDS_UP`) as a key
+    and an expression over the rows, or None where it has none (the values of a string column). ``withheld``: per
+    cell, the groups where it is withheld already (no part of what they release). Only where a number reads a
+    computed column: the columns of a dataset as they were loaded agree on few rows only by the data's own doing,
+    which the rules on each number already see (a column constant but for a few rows)."""
     linear = [cell for cell in cells if cell.func in _ADDS_UP]
     read = {cell.column for cell in linear if cell.column is not None}
     if not any(column not in frame.arrow_types or column in frame.masks for column in read):
@@ -2283,24 +2285,24 @@ def _null_withheld(
     return (grouped.with_columns(nulled) if nulled else grouped), positions
 
 
-def _refuse(failing: Iterable[str], policies: Mapping[str, OutputPolicy], what: str) -> PolicyViolation:
+def _refuse(
+    failing: Iterable[str], policies: Mapping[str, OutputPolicy], what: str, *, combined: bool = False
+) -> PolicyViolation:
+    """A number with too few contributing records; with ``combined``, numbers withheld by the rule on combinations
+    of a release's numbers (see :mod:`.combinations`)."""
     datasets = sorted(set(failing))
     k = max(policies[d].min_group_size for d in datasets)
+    if combined:
+        return PolicyViolation(
+            "release.difference",
+            datasets,
+            f"{what}: numbers of this result agree on all but fewer than {k} records of the dataset; their "
+            "difference would describe those records",
+        )
     return PolicyViolation(
         "release.min_group_size",
         datasets,
         f"{what} is computed from fewer than {k} contributing records of the dataset",
-    )
-
-
-def _refuse_combined(failing: Iterable[str], policies: Mapping[str, OutputPolicy], what: str) -> PolicyViolation:
-    datasets = sorted(set(failing))
-    k = max(policies[d].min_group_size for d in datasets)
-    return PolicyViolation(
-        "release.difference",
-        datasets,
-        f"{what}: numbers of this result agree on all but fewer than {k} records of the dataset; their difference "
-        "would describe those records",
     )
 
 
@@ -2339,7 +2341,7 @@ def _aggregate(
         if short and (len(cells) == 1 or len(short) == len(cells)):  # a scalar, or nothing left: withhold it
             failing = [d for _, cell in short for d, groups in numbers.failing[cell.name].items() if groups[0]]
             if any(cell.name in numbers.combined for _, cell in short):
-                raise _refuse_combined(failing, policies, "aggregate")
+                raise _refuse(failing, policies, "aggregate", combined=True)
             raise _refuse(failing, policies, f"aggregate: {quote(short[0][0].name)}")
     else:
         _check_withheld_groups_apart(frame, node.by, numbers.grouped, numbers.kept, "aggregate", subjects)
