@@ -9,7 +9,9 @@ code a vault request runs) in three ways, interleaved in a shuffled order over `
 2. **with**: the release with the sketch of every released number's record set (``record_sets=True,
    sketches=True``), checked against the kernel's :class:`~kernel_enclave.vault.differences.ReleaseMemory` and
    remembered, as ``Vault._release`` does (``ReleaseMemory.check_release`` with the vault's ``release_recipe``: a
-   set the sketches cannot rule out would be listed and compared exactly, inside the timing);
+   set the sketches cannot rule out would be listed and compared exactly, inside the timing), and the rule across
+   releases (:class:`~kernel_enclave.vault.earlier_values.EarlierValues`, holding the earlier releases too: none of
+   them, and no timed release, reads a computed column, so nothing is run again);
 3. **record sets listed**: the release listing its record sets, with no check (reported: what a release costs when
    its sets must be listed, as one near an earlier set is; the check's own time is also taken inside each "with"
    call).
@@ -139,6 +141,7 @@ def run(rows: int, groups: int, remembered: int, rounds: int, log: Callable[[str
     from confnb.policy.output import OutputPolicy
     from kernel_enclave.vault import release
     from kernel_enclave.vault.differences import Recipe, ReleaseMemory, Sketch, sketch_of, weight_bits
+    from kernel_enclave.vault.earlier_values import EarlierValues
     from kernel_enclave.vault.plan import SourceTable
     from kernel_enclave.vault.vault import release_recipe
 
@@ -153,6 +156,7 @@ def run(rows: int, groups: int, remembered: int, rounds: int, log: Callable[[str
     bits = weight_bits(rows)
     assert bits is not None
     memory = ReleaseMemory()
+    earlier = EarlierValues()  # the rule across releases, as the vault keeps it beside the memory
     listed = ReleaseMemory()  # the same sets listed, for the memory they would take as bitmaps
     listings = [0]
     started = time.perf_counter()
@@ -167,6 +171,7 @@ def run(rows: int, groups: int, remembered: int, rounds: int, log: Callable[[str
         recipe = Recipe(again, ("earlier", i))
         sketch = Sketch(DATASET, label, int(subset.size), sketch_of(subset, bits), EARLIER_KEYS, 0, bits)
         memory.remember(memory.check_release([sketch], [], {DATASET}, k, recipe=recipe, rows=dataset_rows))
+        earlier.remember(earlier.check({DATASET}, False, lambda: [], recipe.fingerprint, k))
         listed.admit([found], k)
     log(f"remembered {memory.remembered():,} earlier record sets in {time.perf_counter() - started:.1f} s")
     remembered_bytes = memory.memory_bytes()
@@ -207,7 +212,9 @@ def run(rows: int, groups: int, remembered: int, rounds: int, log: Callable[[str
         checked = memory.check_release(
             released.sketches, released.record_sets, {DATASET}, k, grouped=True, recipe=recipe, rows=dataset_rows
         )
+        combined = earlier.check({DATASET}, released.reads_computed, lambda: [], recipe.fingerprint, k)
         memory.remember(checked)
+        earlier.remember(combined)
         check_times.append(time.perf_counter() - started)
         return released
 

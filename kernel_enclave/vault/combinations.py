@@ -39,11 +39,16 @@ Gram matrices by segment sums, their draws in batches; only a group where someth
 
 What it costs: it runs only where a number reads a computed column (see :mod:`.release`), and then takes a few
 passes over the numbers' vectors; over a million records that is several times the release itself.
+
+Across two releases (:func:`isolating_across`, which :mod:`.earlier_values` runs): the same search over the
+records of both, the vectors of each release's groups apart, on each part of the records that the two releases'
+groups link together, and found only where a combination uses numbers of both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -57,6 +62,7 @@ _CELLS = 1 << 24  # draws times rows, at most: the sampled values' size
 _FEW_GROUPS = 16  # up to this many groups are searched one by one, more are screened together first
 _FEW_ROWS = 4096  # up to this many records, draws are made all at once (beyond, one by one)
 _RANK = 1e-9  # an eigenvalue of the vectors' Gram matrix this small relative to the largest one adds no rank
+_ACROSS_WIDEST = 32  # vectors per part of two releases searched group by group; beyond, one per number and release
 
 
 def isolating(vectors: Sequence[npt.NDArray[np.float64]], k: int) -> npt.NDArray[np.bool_]:
@@ -198,15 +204,24 @@ def _by_sampling(
         drawn = np.argpartition(rng.random((draws, rows)), rank - 2, axis=1)[:, : rank - 1]
     else:  # few draws from many rows: a row drawn twice (rarely) makes a draw that finds nothing
         drawn = rng.integers(0, rows, (draws, rank - 1))
-    normals = _normals(basis[drawn])  # a combination (in the basis) vanishing on each draw's rows
+    rows_drawn = basis[drawn]
+    normals = _normals(rows_drawn)  # a combination (in the basis) vanishing on each draw's rows
     values = np.abs(normals @ basis.T)  # draws x rows
     resting = (values > _NONZERO * values.max(axis=1, keepdims=True)).sum(axis=1)
     good = np.flatnonzero((resting >= 1) & (resting <= most))
     if not good.size:
-        return None, draws >= needed
+        return None, int(_independent(rows_drawn, normals).sum()) >= needed
     best = good[np.argmin(resting[good])]
     coefficients = np.abs(whiten @ normals[best])
     return np.asarray(coefficients > _NONZERO * coefficients.max()), True
+
+
+def _independent(rows: npt.NDArray[np.float64], normals: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+    """Which draws' rows are independent, so that their normal is the only combination vanishing on them (rows
+    that repeat a pattern, as records of one category do, leave more, and the draw settles nothing). A normal's
+    length is the volume the rows span, at most the product of their lengths."""
+    volume = np.prod(np.sqrt(np.einsum("...ij,...ij->...i", rows, rows)), axis=-1)
+    return np.asarray(np.sqrt(np.einsum("...i,...i->...", normals, normals)) > _NONZERO * volume)
 
 
 def _normals(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -311,7 +326,8 @@ def _sampled_together(
         needed = np.where(within >= 1, 1.0, np.ceil(np.log(_MISSED) / np.log1p(-np.minimum(within, 1 - 1e-16))))
     # a few sizes of batch, each a power of two
     draws = np.exp2(np.ceil(np.log2(np.clip(needed, 1, _DRAWS)))).astype(np.int64)
-    found = np.zeros(len(groups), dtype=bool)
+    # Where no draw can miss the few records, the group is searched alone (as _by_sampling leaves it).
+    found: npt.NDArray[np.bool_] = np.asarray(within <= 0)
     rng = np.random.default_rng(0)
     for batch in np.unique(draws):
         chosen = np.flatnonzero((draws == batch) & (within > 0))
@@ -329,7 +345,8 @@ def _sampled_together(
         taken = None if whole else np.repeat(starts - offsets, lengths) + np.arange(total)
         rows_of = [column if taken is None else column[taken] for column in scaled]
         limit = most[chosen]
-        hit = np.zeros(len(chosen), dtype=bool)
+        # A group where too few draws were of independent rows is searched alone (see _independent).
+        hit = _independent(drawn, normals).sum(axis=1) < needed[chosen]
         step = max(1, _CELLS // 4 // max(total, 1))  # draws evaluated together: a few million values at a time
         for first in range(0, int(batch), step):
             share = normals[:, first : first + step, :]
@@ -342,3 +359,140 @@ def _sampled_together(
             hit |= ((nonzero >= 1) & (nonzero <= limit[:, None])).any(axis=1)
         found[chosen] = hit
     return found
+
+
+# -- across two releases ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordValues:
+    """What each record of one dataset adds to a release's numbers: the records (sorted ids), the release's group
+    each is in (an index), and per vector (see the module) each record's entry, 0 where its group does not
+    release the number."""
+
+    records: npt.NDArray[np.int64]
+    groups: npt.NDArray[np.int64]
+    columns: tuple[npt.NDArray[np.float64], ...]
+
+
+def isolating_across(later: RecordValues, earlier: RecordValues, k: int) -> bool:
+    """Whether a combination of a later release's numbers with an earlier release's, over one dataset, rests on 1 to
+    ``k - 1`` records and uses numbers of both (each release alone was searched when it ran).
+
+    ``sum(t.age)`` released once and ``sum(cn.where(who, t.cost, t.age))`` later rest on the same records; their
+    difference rests on one. Each group's number may take its own coefficient, as each is released on its own, but
+    a combination is zero on a record only through the two groups (one per release) the record is in: so the
+    search runs on each part of the records that the two releases' groups link together (a group of one release
+    and a group of the other sharing a record are linked), with every group's vectors apart and each group's
+    indicator beside them (its size, which a count gives). A part with more than ``_ACROSS_WIDEST`` such vectors is
+    searched with one vector per number and release instead (the same coefficient in all of its groups)."""
+    if not later.columns or not earlier.columns or k < 2:
+        return False
+    if np.array_equal(later.records, earlier.records):  # the same records (the usual case): nothing to merge
+        records = later.records
+    else:
+        records = np.sort(np.concatenate([later.records, earlier.records]))
+        records = records[np.diff(records, prepend=-1) != 0] if len(records) else records
+    sides: list[tuple[npt.NDArray[np.int64], list[npt.NDArray[np.float64]]]] = []
+    for values in (later, earlier):
+        at = np.arange(len(records)) if values.records is records else np.searchsorted(records, values.records)
+        group = np.full(len(records), -1, dtype=np.int64)
+        group[at] = values.groups
+        entries = []
+        for column in values.columns:
+            entry = np.zeros(len(records))
+            entry[at] = column
+            entries.append(entry)
+        sides.append((group, entries))
+    part = _linked_parts(sides[0][0], sides[1][0])
+    parts = int(part.max(initial=-1)) + 1
+    # Labels sorted as 16-bit integers where they fit: NumPy's stable sort is then a radix sort.
+    order = np.argsort(part.astype(np.uint16) if parts <= 1 << 16 else part, kind="stable")
+    starts = np.flatnonzero(np.diff(part[order], prepend=-1))
+    ends = np.append(starts[1:], len(order))
+    # Parts of one group of each release at most (the same groups twice, or one release ungrouped within the
+    # other's groups) have the same vectors in the same places: searched together.
+    single = np.ones(parts, dtype=bool)
+    for group, _ in sides:
+        held = group >= 0
+        width = int(group.max(initial=-1)) + 1
+        pairs = _present(part[held] * width + group[held])
+        single &= np.bincount(pairs // max(width, 1), minlength=parts) <= 1
+    at_start = part[order[starts]]
+    together = single[at_start] & (ends - starts >= 2)
+    if together.any():
+        rows = np.concatenate([order[a:b] for a, b in zip(starts[together], ends[together], strict=True)])
+        bounds = np.concatenate([[0], np.cumsum(ends[together] - starts[together])])
+        together_vectors, together_owners = _part_vectors(sides, rows, merged=True)
+        used = isolating_groups(together_vectors, bounds, k)
+        owner = np.asarray(together_owners)
+        if used[owner == 0].any() and used[owner == 1].any():
+            return True
+    for start, end in zip(starts[~together], ends[~together], strict=True):
+        rows = order[start:end]
+        if len(rows) < 2:
+            continue
+        vectors: list[npt.NDArray[np.float64]] = []
+        owners: list[int] = []  # 0 the later release, 1 the earlier one, -1 a group's indicator
+        for merged in (False, True):
+            vectors, owners = _part_vectors(sides, rows, merged)
+            if merged or len(vectors) <= _ACROSS_WIDEST:
+                break
+        used = isolating(vectors, k)
+        owner = np.asarray(owners)
+        if used[owner == 0].any() and used[owner == 1].any():
+            return True
+    return False
+
+
+def _part_vectors(
+    sides: Sequence[tuple[npt.NDArray[np.int64], Sequence[npt.NDArray[np.float64]]]],
+    rows: npt.NDArray[np.intp],
+    merged: bool,
+) -> tuple[list[npt.NDArray[np.float64]], list[int]]:
+    """The vectors of one part of the records: per release, every group's vectors and indicator apart, or (merged)
+    each number's vector over all of the part's groups and one indicator of the release's records."""
+    vectors: list[npt.NDArray[np.float64]] = []
+    owners: list[int] = []
+    for side, (group, entries) in enumerate(sides):
+        within = group[rows]
+        present = _present(within[within >= 0])
+        for members in [within >= 0] if merged else [within == g for g in present]:
+            vectors.append(members.astype(np.float64))
+            owners.append(-1)
+            for entry in entries:
+                vectors.append(np.where(members, entry[rows], 0.0))
+                owners.append(side)
+    return vectors, owners
+
+
+def _present(values: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The distinct values among non-negative ``values``, in order: counted where they are few enough."""
+    if not len(values):
+        return values
+    if int(values.max()) < max(1 << 20, 4 * len(values)):
+        return np.flatnonzero(np.bincount(values))
+    return np.unique(values)
+
+
+def _linked_parts(first: npt.NDArray[np.int64], second: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Each record's part: the groups of two releases (-1: the record is in none of that release's) are linked
+    where they share a record, and the records of linked groups form one part (connected components, found by
+    propagating the least label along the links)."""
+    offset = int(first.max(initial=-1)) + 1
+    nodes = offset + int(second.max(initial=-1)) + 1
+    both = (first >= 0) & (second >= 0)
+    width = nodes - offset
+    pairs = _present(first[both] * width + second[both])
+    links = np.stack([pairs // width, pairs % width + offset], axis=1)
+    label = np.arange(nodes)
+    while links.size:
+        least = np.minimum(label[links[:, 0]], label[links[:, 1]])
+        updated = label.copy()
+        np.minimum.at(updated, links[:, 0], least)
+        np.minimum.at(updated, links[:, 1], least)
+        updated = updated[updated]  # follow the labels' own labels: long chains settle in few rounds
+        if np.array_equal(updated, label):
+            break
+        label = updated
+    return label[np.where(first >= 0, first, second + offset)]

@@ -28,13 +28,13 @@ by age is the sum over the ages withheld as too small. So the union of a grouped
 dataset and comparison key, when it has more than one) is checked and remembered like the sets of its numbers. The
 union covers every statistic under its key at once, so it is a little stricter than one union per statistic.
 
-What this does not stop: numbers over the same records whose values differ on a few of them (``sum(cn.where(who,
-t.cost, t.age))`` and ``sum(t.age)``), released in two requests (within one release, :mod:`.combinations` withholds
-them); numbers under different keys that an analyst makes measure the same thing (a sum of a
-0/1 expression computed from a column, against a count over a filter on it: one bit per pair), other combinations
-of three or more numbers (``A - B - C`` where each pair, and each
-release taken whole, differs by k or more; some of a release's groups added up), and reconstruction from many
-overlapping releases. The release limits (``max_releases``) bound how many releases an analyst can draw, and the
+What this does not stop by itself: numbers over the same records whose values differ on a few of them
+(``sum(cn.where(who, t.cost, t.age))`` and ``sum(t.age)``; within one release :mod:`.combinations` withholds them,
+across two :mod:`.earlier_values` refuses the later one); numbers under different keys that an analyst makes
+measure the same thing (a sum of a 0/1 expression computed from a column, against a count over a filter on it: one
+bit per pair), other combinations of three or more numbers (``A - B - C`` where each pair, and each release taken
+whole, differs by k or more; some of a release's groups added up), and reconstruction from many overlapping
+releases. The release limits (``max_releases``) bound how many releases an analyst can draw, and the
 differential-privacy mode bounds what they reveal.
 
 The sets are screened before anything is listed. The records of a dataset are split into classes by a hash of

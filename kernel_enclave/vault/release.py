@@ -74,7 +74,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -83,7 +84,7 @@ import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type in
 
 from confnb.policy.output import OutputPolicy, strictest
 from kernel_enclave.vault import stoppable
-from kernel_enclave.vault.combinations import isolating_groups
+from kernel_enclave.vault.combinations import RecordValues, isolating_groups
 from kernel_enclave.vault.differences import Sketch, sizes_of
 from kernel_enclave.vault.plan import (
     RELEASE_NODES,
@@ -143,6 +144,23 @@ class Released:
     record_sets: tuple[RecordSet, ...] = field(default=(), compare=False, repr=False)
     # with release(..., record_sets=True, sketches=True), where the route gives them: the sets' sketches instead
     sketches: tuple[Sketch, ...] | None = field(default=None, compare=False, repr=False)
+    # whether it released a sum, mean, count, std or var (or a group's size), and whether one reads a computed column
+    adds_up: bool = field(default=False, compare=False)
+    reads_computed: bool = field(default=False, compare=False)
+    # with release(..., values=True): what each record adds to those numbers, per dataset it read them from
+    values: tuple[tuple[str, RecordValues], ...] = field(default=(), compare=False, repr=False)
+
+
+@dataclass
+class _Gathered:
+    """What the rule on combinations saw while a release ran (see :func:`_combined`)."""
+
+    adds_up: bool = False
+    reads_computed: bool = False
+    values: list[tuple[str, RecordValues]] | None = None  # gathered only where asked for
+
+
+_GATHERED: ContextVar[_Gathered | None] = ContextVar("confnb_vault_gathered", default=None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,13 +272,37 @@ def release(
     *,
     record_sets: bool = False,
     sketches: bool = False,
+    values: bool = False,
 ) -> Released:
     """Evaluate a release plan and apply the output policy; raises PolicyViolation when the result is withheld.
 
     With ``record_sets`` the result also lists the records behind each released number, for difference checks;
     with ``sketches`` too, a release whose route can (see :mod:`.differences`) gives only each set's sketch
-    (``Released.sketches``), and ``release(plan, ..., record_sets=True)`` lists the same sets.
+    (``Released.sketches``), and ``release(plan, ..., record_sets=True)`` lists the same sets. With ``values``, it
+    gives what each record adds to its sums, means, counts, standard deviations and variances (``Released.values``),
+    for the rule on combinations across releases.
     """
+    gathered = _Gathered(values=[] if values else None)
+    token = _GATHERED.set(gathered)
+    try:
+        out = _release(plan, sources, policies, record_sets, sketches)
+    finally:
+        _GATHERED.reset(token)
+    return replace(
+        out,
+        adds_up=gathered.adds_up,
+        reads_computed=gathered.reads_computed,
+        values=tuple(gathered.values or ()),
+    )
+
+
+def _release(
+    plan: Mapping[str, Any],
+    sources: Mapping[str, SourceTable],
+    policies: Mapping[str, OutputPolicy],
+    record_sets: bool,
+    sketches: bool,
+) -> Released:
     node = parse_plan(plan)
     datasets = tuple(sorted(node_datasets(node, sources)))
     if not isinstance(node, RELEASE_NODES):
@@ -276,6 +318,8 @@ def release(
         try:
             out = _aggregate(node, frame, policies, record_sets, record_sets and sketches)
         except _ListedError:
+            if (gathered := _GATHERED.get()) is not None and gathered.values is not None:
+                gathered.values.clear()  # gathered again by the second run
             out = _aggregate(node, frame, policies, record_sets, False)
         index, series = node.by, len(node.aggs) == 1
     elif isinstance(node, ValueCounts):
@@ -1336,7 +1380,8 @@ def _numbers_direct(
     datasets = [frame.records[0][0]] if frame.records else sorted(frame.datasets)
 
     with engine_errors(what, subjects):
-        table = frame.collect(_work_frame(frame, work, records_too=listing or blocks_listed))
+        gathering = (gathered := _GATHERED.get()) is not None and gathered.values is not None
+        table = frame.collect(_work_frame(frame, work, records_too=listing or blocks_listed or gathering))
         if key_names and any(table.get_column(key).null_count() for key in key_names):
             table = table.drop_nulls(key_names)  # a null key forms no group (pandas' dropna)
         flags: list[pl.Expr] = []  # the indicator columns, then what is computed from them
@@ -1662,7 +1707,14 @@ def _combined(
     which the rules on each number already see (a column constant but for a few rows)."""
     linear = [cell for cell in cells if cell.func in _ADDS_UP]
     read = {cell.column for cell in linear if cell.column is not None}
-    if not any(column not in frame.arrow_types or column in frame.masks for column in read):
+    computed = any(column not in frame.arrow_types or column in frame.masks for column in read)
+    gathered = _GATHERED.get()
+    if gathered is not None:
+        gathered.adds_up |= bool(linear)
+        gathered.reads_computed |= computed
+    gathering = gathered is not None and gathered.values is not None and frame.records is not None
+    gathering = gathering and (by_records or "r0" in rows.collect_schema())
+    if not (computed or gathering) or not linear:
         return {}
     exprs: dict[tuple[str, str], pl.Expr] = {}
     by_cell: dict[str, list[tuple[str, str]]] = {}
@@ -1673,17 +1725,22 @@ def _combined(
             if found is not None:
                 exprs.setdefault(found[0], found[1])
                 by_cell[cell.name].append(found[0])
-    if len(exprs) < 2:
+    searched = computed and len(exprs) >= 2  # the rule within this release
+    if not (searched or gathering) or not exprs:
         return {}
     keys = list(exprs)
     names = [f"\x01vector{i}" for i in range(len(keys))]
     vectors = [exprs[key].cast(pl.Float64).fill_null(0.0).alias(name) for key, name in zip(keys, names, strict=True)]
     index = grouped.select(key_names).with_row_index("\x01group") if key_names else None
     involved: set[tuple[str, str]] = set()
-    for record in [f"r{i}" for i in range(len(frame.records))] if by_records and frame.records else [None]:
+    seen: list[tuple[str, np.ndarray, np.ndarray, list[np.ndarray]]] = []  # per occurrence, where values are gathered
+    with_ids = frame.records if (by_records or gathering) and frame.records else None
+    occurrences = list(enumerate(with_ids)) if with_ids else [(None, None)]
+    for position_of, occurrence in occurrences:
         stoppable.check()
-        if record is None:  # each row a distinct record
-            per_record = rows.select(*key_names, *vectors)
+        record = None if position_of is None else f"r{position_of}"
+        if record is None or not by_records:  # each row a distinct record (its id listed, where values are gathered)
+            per_record = rows.select(*key_names, *([] if record is None else [record]), *vectors)
         else:
             per_record = (
                 rows.select(*key_names, record, *vectors)
@@ -1692,17 +1749,23 @@ def _combined(
                 .agg(pl.col(names).sum())
                 .sort(record)  # the records in one order, whatever the group-by's: the same request, the same draws
             )
+        listed_names = [*names, record] if gathering and record is not None else names
         if index is not None:  # each group's records, one group after another
-            listed = per_record.group_by(key_names).agg(pl.col(names)).join(index.lazy(), on=key_names, how="inner")
+            listed = per_record.group_by(key_names).agg(pl.col(listed_names)).join(index.lazy(), on=key_names)
             table = frame.collect(listed.sort("\x01group"))
             groups = table.get_column("\x01group").to_numpy()
             bounds = np.zeros(len(groups) + 1, dtype=np.int64)
             np.cumsum(table.get_column(names[0]).list.len().to_numpy(), out=bounds[1:])
-            columns = [table.get_column(name).explode().to_numpy() for name in names]
+            columns = [table.get_column(name).explode().to_numpy() for name in listed_names]
         else:
             table = frame.collect(per_record)
             groups, bounds = np.zeros(1, dtype=np.int64), np.array([0, table.height], dtype=np.int64)
-            columns = [table.get_column(name).to_numpy() for name in names]
+            columns = [table.get_column(name).to_numpy() for name in listed_names]
+        if gathering and record is not None and occurrence is not None:
+            columns, ids = columns[: len(names)], columns[len(names)]
+            seen.append((occurrence[0], ids, np.repeat(groups, np.diff(bounds)), columns))
+        if not searched:
+            continue
         # Groups that release the same numbers are searched together (usually all of them).
         alike: dict[tuple[tuple[str, str], ...], list[int]] = {}
         for position, group in enumerate(groups.tolist()):
@@ -1729,7 +1792,29 @@ def _combined(
             involved.update(released[i] for i in np.flatnonzero(isolated))
     # Withheld in every group: which group held the few records would say something of them.
     everywhere = np.ones(len(kept), dtype=bool)
-    return {cell.name: everywhere for cell in linear if involved.intersection(by_cell[cell.name])}
+    combined = {cell.name: everywhere for cell in linear if involved.intersection(by_cell[cell.name])}
+    if gathering and gathered is not None and gathered.values is not None:
+        # A vector counts in a group where a number released there adds it up.
+        adds_in = np.zeros((len(keys), len(kept)), dtype=bool)
+        for cell in linear:
+            if cell.name not in combined:
+                for key in by_cell[cell.name]:
+                    adds_in[keys.index(key)] |= ~withheld[cell.name]
+        for dataset, ids, group_of, columns in seen:
+            order = _by_id(ids)
+            counted = [np.where(adds_in[j][group_of], column, 0.0)[order] for j, column in enumerate(columns)]
+            gathered.values.append((dataset, RecordValues(ids[order], group_of[order], tuple(counted))))
+    return combined
+
+
+def _by_id(ids: np.ndarray) -> np.ndarray:
+    """The order that sorts distinct record ids (row numbers, so mostly dense): placed by id where they are dense
+    enough, sorted otherwise."""
+    if not len(ids) or int(ids.max()) >= 4 * len(ids) + (1 << 20):
+        return np.argsort(ids, kind="stable")
+    position = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+    position[ids] = np.arange(len(ids))
+    return position[position >= 0]
 
 
 def _tallies_of_values(

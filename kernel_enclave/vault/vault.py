@@ -45,12 +45,13 @@ if TYPE_CHECKING:
     import pyarrow as pa  # type: ignore[import-untyped]
 
     from confnb.datasets.reader import read_verified
-    from kernel_enclave.vault import differences, dp, dp_models, export, models, plan, release, scan
+    from kernel_enclave.vault import differences, dp, dp_models, earlier_values, export, models, plan, release, scan
 else:
     pa = Deferred("pyarrow")
     differences = Deferred("kernel_enclave.vault.differences")
     dp = Deferred("kernel_enclave.vault.dp")
     dp_models = Deferred("kernel_enclave.vault.dp_models")
+    earlier_values = Deferred("kernel_enclave.vault.earlier_values")
     export = Deferred("kernel_enclave.vault.export")
     models = Deferred("kernel_enclave.vault.models")
     plan = Deferred("kernel_enclave.vault.plan")
@@ -153,6 +154,7 @@ class Vault:
         # The record sets behind every released number, for the difference checks; made by the first release
         # (it needs NumPy), kept for the kernel's lifetime.
         self._difference_memory: differences.ReleaseMemory | None = None
+        self._earlier_values: earlier_values.EarlierValues | None = None
         self.audit = KernelAuditLog(keys.signing_key, audit_path)
         self._handlers: dict[str, Callable[[dict[str, Any], list[bytes]], Reply]] = {
             "hello": self._hello,
@@ -452,14 +454,23 @@ class Vault:
         # datasets whose owners turned the checks on.
         k = {name: policy.min_group_size for name, policy in policies.items()}
         grouped = tree.get("node") == "value_counts" or (tree.get("node") == "aggregate" and bool(tree.get("by")))
+        recipe = release_recipe(tree, sources, policies)
         checked = self._memory().check_release(
             released.sketches,
             released.record_sets,
             checking,
             k,
             grouped=grouped,
-            recipe=release_recipe(tree, sources, policies),
+            recipe=recipe,
             rows=self._dataset_rows(policies),
+        )
+        # Refuses numbers that, with an earlier release's, rest on a few records (see .earlier_values).
+        combined = self._earlier().check(
+            checking & set(released.datasets) if released.adds_up else set(),
+            released.reads_computed,
+            lambda: release.release(tree, sources, policies, values=True).values,
+            recipe.fingerprint,
+            k,
         )
         operation = digest_of(tree)
         reply: dict[str, Any] = {
@@ -485,6 +496,7 @@ class Vault:
             released.kind, released.table, released.value, released.policy_id, released.datasets, operation
         )
         self._memory().remember(checked)  # released from here on: later releases are compared with it
+        self._earlier().remember(combined)
         reply["result"] = self._remember(result)
         self.audit.append(
             "release",
@@ -889,6 +901,12 @@ class Vault:
         if self._difference_memory is None:
             self._difference_memory = differences.ReleaseMemory()
         return self._difference_memory
+
+    def _earlier(self) -> earlier_values.EarlierValues:
+        """The releases so far, to combine a later one's numbers with (made by the first release, as the memory)."""
+        if self._earlier_values is None:
+            self._earlier_values = earlier_values.EarlierValues()
+        return self._earlier_values
 
     # -- differential privacy ---------------------------------------------------------------------------------
 

@@ -164,12 +164,15 @@ def test_difference_checks_runs(run_benchmark: RunBenchmark) -> None:
 
 
 def test_combination_rule_runs(run_benchmark: RunBenchmark) -> None:
-    """Both groupings are timed after the releases with and without the rule were found equal."""
+    """Both groupings are timed after the releases with and without the rule (and after an earlier release) were
+    found equal."""
     result = run_benchmark("combination_rule.py", "--rows", "20000", "--rounds", "1")
     assert set(result["groupings"]) == {"4", "1000"}
     for figures in result["groupings"].values():
-        assert set(figures["median_s"]) == {"with", "without"}
-        assert figures["ratio"] == figures["median_s"]["with"] / figures["median_s"]["without"]
+        medians = figures["median_s"]
+        assert set(medians) == {"with", "without", "after_an_earlier_release"}
+        assert figures["ratio"] == medians["with"] / medians["without"]
+        assert figures["after_an_earlier_release_ratio"] == medians["after_an_earlier_release"] / medians["without"]
     assert result["summary"]["met"] is None and result["summary"]["target"] == "reported"
 
 

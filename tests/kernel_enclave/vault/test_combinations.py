@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel_enclave.vault.combinations import isolating, isolating_groups
+from kernel_enclave.vault.combinations import RecordValues, isolating, isolating_across, isolating_groups
 
 K = 10
 
@@ -148,3 +148,117 @@ def test_values_near_the_float_range_neither_overflow_nor_hide_a_combination() -
     bounds = np.array([0, 1000, 2000, 3000] + [3000 + 20 * i for i in range(1, 20)])
     wide = [np.concatenate([v, v[: bounds[-1] - 3000]]) for v in (crafted, huge)]
     assert isolating_groups(wide, bounds, K).all()
+
+
+def _categories(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each record's diagnosis (6), sex (2) and age: records of one category repeat a pattern of indicators."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 6, rows), rng.integers(0, 2, rows), rng.integers(18, 95, rows).astype(float)
+
+
+def test_records_repeating_a_pattern_do_not_settle_the_search() -> None:
+    """Per category, an indicator and a sum: the draws of rank - 1 records fall on records of one category that
+    span less than the draw needs, and settle nothing; the search goes on and finds the planted record."""
+    diagnosis, sex, age = _categories(4000, 11)
+    crafted = age.copy()
+    crafted[123] = 7528.24
+    vectors = []
+    for d in range(6):
+        vectors += [(diagnosis == d).astype(float), np.where(diagnosis == d, crafted, 0.0)]
+    for s in range(2):
+        vectors += [(sex == s).astype(float), np.where(sex == s, age, 0.0)]
+    found = isolating(vectors, K)
+    assert found[1::2].all()  # every sum takes part (their totals differ on one record), no indicator need
+    plain = [np.where(diagnosis == d, age, 0.0) for d in range(6)] + vectors[12:]
+    assert not isolating(plain, K).any()  # the same sums over the age itself: every combination rests on 0 or many
+
+
+def test_many_groups_of_records_repeating_a_pattern_find_the_planted_one() -> None:
+    """The same structure in 20 groups at once (screened together, then searched alone): the planted group is
+    found, and the same sums over the age itself are not."""
+    diagnosis, sex, age = _categories(20 * 300, 16)
+    diagnosis %= 3
+    crafted = age.copy()
+    crafted[7 * 300 + 45] = 7528.24
+    vectors = []
+    for d in range(3):
+        vectors += [(diagnosis == d).astype(float), np.where(diagnosis == d, crafted, 0.0)]
+    vectors += [np.where(sex == s, age, 0.0) for s in range(2)]  # of full rank: screened together first
+    bounds = np.arange(0, 20 * 300 + 1, 300)
+    assert isolating_groups(vectors, bounds, K)[1::2].all()
+    plain = [np.where(diagnosis == j // 2, age, 0.0) if j % 2 else v for j, v in enumerate(vectors[:6])]
+    assert not isolating_groups(plain + vectors[6:], bounds, K).any()
+
+
+def _values(records: np.ndarray, groups: np.ndarray, *columns: np.ndarray) -> RecordValues:
+    return RecordValues(records.astype(np.int64), groups.astype(np.int64), tuple(c.astype(float) for c in columns))
+
+
+@pytest.mark.parametrize("later_groups", ["none", "sex", "diagnosis"])
+@pytest.mark.parametrize("earlier_groups", ["none", "sex"])
+def test_a_number_agreeing_with_an_earlier_release_on_all_records_but_one_is_found(
+    later_groups: str, earlier_groups: str
+) -> None:
+    diagnosis, sex, age = _categories(3000, 12)
+    crafted = age.copy()
+    crafted[77] = 7528.24
+    ids = np.arange(3000)
+    grouping = {"none": np.zeros(3000, dtype=np.int64), "sex": sex, "diagnosis": diagnosis}
+    earlier = _values(ids, grouping[earlier_groups], age)
+    assert isolating_across(_values(ids, grouping[later_groups], crafted), earlier, K)
+    assert not isolating_across(_values(ids, grouping[later_groups], 2 * age + 1), earlier, K)  # no record apart
+    spread = np.where(age > 50, crafted + 1000.0, age)  # differs on hundreds of records
+    assert not isolating_across(_values(ids, grouping[later_groups], spread), earlier, K)
+
+
+def test_each_group_may_take_its_own_coefficient() -> None:
+    """``where(who, cost, age * diagnosis_code)`` by diagnosis against ``sum(age)`` by sex: the sums by diagnosis
+    divided by their codes add up to the ages but for the target. One coefficient per number and release would not
+    see it; one per group does."""
+    diagnosis, sex, age = _categories(3000, 13)
+    ids = np.arange(3000)
+    scaled = age * (diagnosis + 1)
+    scaled[5] = 7528.24
+    earlier = _values(ids, sex, age)
+    assert isolating_across(_values(ids, diagnosis, scaled), earlier, K)
+
+
+def test_records_apart_are_compared_where_the_values_say_so() -> None:
+    """Sets made to differ (zeros on some records in one release, those records left out of the other): their
+    values still agree on all but the target's. Records that one release holds and the other does not, with values
+    there, leave no combination on few records."""
+    _, _, age = _categories(2000, 14)
+    ids = np.arange(2000)
+    zeroed = np.where(ids < 50, 0.0, age)
+    crafted = age.copy()
+    crafted[1500] = 7528.24
+    later = _values(ids[50:], np.zeros(1950), crafted[50:])
+    assert isolating_across(later, _values(ids, np.zeros(2000), zeroed), K)
+    assert not isolating_across(later, _values(ids, np.zeros(2000), age), K)  # the 50 ages stand in between
+    half = _values(ids[:1000], np.zeros(1000), crafted[:1000])  # the other half's ages stand outside
+    assert not isolating_across(half, _values(ids, np.zeros(2000), age), K)
+
+
+def test_a_pair_of_k_records_apart_is_not_found_and_k_minus_one_is() -> None:
+    _, _, age = _categories(500, 15)
+    ids = np.arange(500)
+    earlier = _values(ids, np.zeros(500), age)
+    for apart, found in ((K - 1, True), (K, False)):
+        crafted = age.copy()
+        crafted[:apart] += np.arange(1, apart + 1) * 13.0
+        assert isolating_across(_values(ids, np.zeros(500), crafted), earlier, K) is found
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(12 * K, 600), planted=st.integers(1, K - 1))
+def test_planted_pairs_are_found_and_releases_of_other_columns_are_not(seed: int, rows: int, planted: int) -> None:
+    data = _data(rows, seed)
+    rng = np.random.default_rng(seed + 2)
+    crafted = data["age"].copy()
+    at = rng.choice(rows, planted, replace=False)
+    crafted[at] = data["cost"][at]
+    ids = np.sort(rng.choice(10 * rows, rows, replace=False))
+    groups = rng.integers(0, 3, rows)
+    earlier = _values(ids, groups, data["age"], data["ones"])
+    assert isolating_across(_values(ids, groups, crafted), earlier, K)
+    assert not isolating_across(_values(ids, groups, data["cost"], data["stay"]), earlier, K)

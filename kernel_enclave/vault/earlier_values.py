@@ -1,0 +1,106 @@
+"""The rule on combinations across releases: no number combines with an earlier release's to rest on a few records.
+
+Within one release, :mod:`.combinations` withholds numbers whose combination rests on 1 to k - 1 records. Across
+releases the difference checks (:mod:`.differences`) compare record sets, not values: ``sum(t.age)`` in one request
+and ``sum(cn.where(who, t.cost, t.age))`` in the next rest on the same records, so both pass, and their difference
+is one patient's cost less their age. So the vault keeps, for each release of sums, means, counts, standard
+deviations or variances, how to run it again (its plan over the same source tables under the same policies, as the
+difference checks keep it) and whether one of those numbers reads a computed column. A later release over a
+dataset they share is compared with each such earlier release where either of the two reads a computed column:
+both are run again, gathering what each record adds to their released numbers, and
+:func:`~kernel_enclave.vault.combinations.isolating_across` looks for a combination using numbers of both that
+rests on 1 to k - 1 records. One is found: the later release is refused whole (``release.difference``). Two releases
+over columns as loaded are left to the difference checks: such columns agree on few rows only by the data's own
+doing, and where they do, the record sets say so.
+
+For the datasets whose owners turned the difference checks on (``[release] difference_checks``), for the kernel's
+lifetime, like them. What it costs: nothing for releases over columns as loaded with none remembered that read a
+computed column; otherwise running the release again and every earlier one over its datasets, and a search over
+their values. What it does not stop: three releases or more (``A - B - C``, each pair apart), which the release
+limits bound and the differential-privacy mode covers.
+
+Not thread-safe: the vault calls it under its request lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence, Set
+from dataclasses import dataclass
+
+from kernel_enclave.vault import stoppable
+from kernel_enclave.vault.combinations import RecordValues, isolating_across
+from kernel_enclave.vault.protocol import PolicyViolation
+
+RULE = "release.difference"
+Values = Callable[[], Sequence[tuple[str, RecordValues]]]  # runs a release again, gathering its records' values
+
+
+@dataclass(frozen=True)
+class _Earlier:
+    datasets: frozenset[str]
+    reads_computed: bool
+    values: Values
+    fingerprint: Hashable
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A release that passed :meth:`EarlierValues.check`, to remember once it is released."""
+
+    entry: _Earlier | None
+
+
+class EarlierValues:
+    """The releases a later release's numbers are combined with (see the module)."""
+
+    def __init__(self) -> None:
+        self._earlier: list[_Earlier] = []
+        self._fingerprints: set[Hashable] = set()
+
+    def __len__(self) -> int:
+        return len(self._earlier)
+
+    def check(
+        self,
+        datasets: Set[str],
+        reads_computed: bool,
+        values: Values,
+        fingerprint: Hashable,
+        min_group_size: Mapping[str, int],
+    ) -> Checked:
+        """Refuse a release (raise :class:`PolicyViolation`) whose numbers combine with an earlier release's to rest
+        on 1 to k - 1 records of a dataset in ``datasets`` (those it reads whose owners turned the checks on).
+        ``values`` runs it again gathering its records' values; ``fingerprint`` names its plan, tables and policies
+        (the same question asked again is compared with nothing new)."""
+        if not datasets:
+            return Checked(None)
+        entry = _Earlier(frozenset(datasets), reads_computed, values, fingerprint)
+        if fingerprint in self._fingerprints:
+            return Checked(None)
+        compared = [
+            earlier
+            for earlier in self._earlier
+            if (earlier.reads_computed or reads_computed) and earlier.datasets & entry.datasets
+        ]
+        if not compared:
+            return Checked(entry)
+        later = [(dataset, found) for dataset, found in values() if dataset in entry.datasets]
+        for earlier in compared:
+            stoppable.check()
+            for dataset, theirs in earlier.values():
+                for mine_dataset, mine in later:
+                    k = min_group_size.get(dataset, 1)
+                    if mine_dataset == dataset and isolating_across(mine, theirs, k):
+                        raise PolicyViolation(
+                            RULE,
+                            [dataset],
+                            f"release: with an earlier release, numbers of this result agree on all but fewer than "
+                            f"{k} records of the dataset; their difference would describe those records",
+                        )
+        return Checked(entry)
+
+    def remember(self, checked: Checked) -> None:
+        """Keep a release that was let through, for the releases after it."""
+        if checked.entry is not None and checked.entry.fingerprint not in self._fingerprints:
+            self._fingerprints.add(checked.entry.fingerprint)
+            self._earlier.append(checked.entry)
