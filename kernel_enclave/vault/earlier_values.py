@@ -11,7 +11,9 @@ both are run again, gathering what each record adds to their released numbers, a
 :func:`~kernel_enclave.vault.combinations.isolating_across` looks for a combination using numbers of both that
 rests on 1 to k - 1 records. One is found: the later release is refused whole (``release.difference``). Two releases
 over columns as loaded are left to the difference checks: such columns agree on few rows only by the data's own
-doing, and where they do, the record sets say so.
+doing, and where they do, the record sets say so. A regression counts as a release of the sums of its target (and
+of its target times each feature, :func:`~kernel_enclave.vault.models.target_values`): its coefficients are those
+sums. It is checked when it is fitted, before anything of it is released, and remembered for later releases.
 
 For the datasets whose owners turned the difference checks on (``[release] difference_checks``), for the kernel's
 lifetime, like them. What it costs: nothing for releases over columns as loaded with none remembered that read a

@@ -61,7 +61,7 @@ from sklearn.utils._param_validation import InvalidParameterError  # type: ignor
 
 from confnb.policy.output import OutputPolicy
 from kernel_enclave.vault import stoppable
-from kernel_enclave.vault.combinations import isolating
+from kernel_enclave.vault.combinations import RecordValues, isolating
 from kernel_enclave.vault.plan import SourceTable
 from kernel_enclave.vault.protocol import PolicyViolation, VaultError
 from kernel_enclave.vault.release import check_columns, check_count, require_kind
@@ -901,6 +901,30 @@ def _target_isolated(x: Any, y: Any, complete: np.ndarray[Any, Any], thresholds:
         numeric = [matrix[:, j] for j in range(matrix.shape[1])]
     vectors = [np.asarray(y, dtype=np.float64)[rows], *(column[rows] for column in numeric), np.ones(rows.size)]
     return bool(isolating(vectors, max(thresholds.values()))[0])
+
+
+def target_values(source: SourceTable, target: str, features: Sequence[str]) -> list[tuple[str, RecordValues]]:
+    """What each record adds to a regression's numbers, for the rule on combinations across releases (see
+    :mod:`.earlier_values`): its target and the target times each numeric feature, over the rows where all are
+    present. A linear model's coefficients are those sums (with the features' own): ``cn.where(who, t.cost, t.age)``
+    as the target, after ``sum(t.age)`` was released, gives the target's cost from the intercept. Per dataset
+    occurrence, a record on several rows (after a join) adds up its rows."""
+    table = source.table
+    numeric = [name for name in features if _is_numeric(table.schema.field(name).type)]
+    y = _target(table, target, "regression") if table.num_rows else np.zeros(0)
+    x = _matrix(table, numeric) if numeric else np.zeros((table.num_rows, 0))
+    rows = np.isfinite(y) & np.isfinite(x).all(axis=1)
+    columns = [y, *(y * x[:, j] for j in range(x.shape[1]))]
+    found: list[tuple[str, RecordValues]] = []
+    for dataset, ids in source.record_occurrences():
+        held = np.asarray(pc.is_valid(ids).to_numpy(zero_copy_only=False), dtype=bool) & rows
+        at = np.asarray(pc.fill_null(ids, 0).to_numpy(zero_copy_only=False), dtype=np.int64)[held]
+        records, inverse = np.unique(at, return_inverse=True)
+        sums = tuple(
+            np.bincount(inverse, weights=column[held], minlength=len(records)).astype(np.float64) for column in columns
+        )
+        found.append((dataset, RecordValues(records, np.zeros(len(records), dtype=np.int64), sums)))
+    return found
 
 
 def _train(estimator: Any, x: Any, y: Any) -> tuple[Any, list[str]]:

@@ -542,9 +542,34 @@ class Vault:
         release.require_windows_allowed(tree, used, self._policies, "fit")
         fit_args = (header.get("estimator"), target, features, test_size, random_state, self._policies)
         # The plan's queries run here (cancellable in Polars); the training itself in a worker (models.fit).
-        model = models.fit(plan.evaluate(tree, self._sources), *fit_args)
+        source = plan.evaluate(tree, self._sources)
+        model = models.fit(source, *fit_args)
+        combined = self._regression_combined(tree, source, model)
         operation = digest_of({"plan": tree, "estimator": header.get("estimator"), "target": target})
-        return self._fitted(model, tree, operation, n_train=model.n_train, n_test=model.n_test)
+        reply = self._fitted(model, tree, operation, n_train=model.n_train, n_test=model.n_test)
+        self._earlier().remember(combined)
+        return reply
+
+    def _regression_combined(
+        self, tree: dict[str, Any], source: plan.SourceTable, model: models.TrainedModel
+    ) -> earlier_values.Checked:
+        """Refuses a regression whose target combines with an earlier release's numbers to rest on a few records
+        (its coefficients are sums over the target: see :mod:`.earlier_values`), and how to compare it with later
+        releases. Fitted here, before anything of it is released: a refused fit keeps nothing."""
+        checking = {name for name, policy in self._policies.items() if policy.checks_differences}
+        target = model.target
+        if target is None or model.task != "regression":
+            return earlier_values.Checked(None)
+        features = list(model.features)
+        sources = plan.plan_sources(tree, self._sources)
+        computed = any(name not in source.arrow_types or name in source.masks for name in (target, *features))
+
+        def values() -> Sequence[tuple[str, Any]]:
+            return models.target_values(plan.evaluate(tree, sources), target, features)
+
+        fingerprint = ("fit", release_recipe(tree, sources, self._policies).fingerprint, target, tuple(features))
+        k = {name: policy.min_group_size for name, policy in self._policies.items()}
+        return self._earlier().check(checking & set(model.datasets), computed, values, fingerprint, k)
 
     def _fitted(
         self, model: models.TrainedModel | dp_models.DpModel, tree: dict[str, Any], operation: str, **facts: Any

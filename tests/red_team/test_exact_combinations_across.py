@@ -171,3 +171,61 @@ def test_the_same_attack_after_a_join_and_over_a_scanned_dataset(
     older = t.assign(y=cn.where(t["age"] > 50, t["cost"], t["age"])).group_by("sex").agg(y=("y", "sum")).release()
     expected = frame.cost.where(frame.age > 50, frame.age).groupby(frame.sex).sum()
     pd.testing.assert_series_equal(older["y"], expected, check_names=False, check_dtype=False)
+
+
+# -- a regression fitted to such an expression, beside sums released on their own ----------------------------------
+
+
+def _crafted_fit(t: Any, hospital: Any) -> Any:
+    """A target that is the age on every row but the target's, fitted on the length of stay (no feature it agrees
+    with, so the fit alone passes): its intercept and slope give the target's sum."""
+    from sklearn.linear_model import LinearRegression  # type: ignore[import-untyped]
+
+    crafted = t.assign(y=cn.where(_who(t, hospital), t["cost"], t["age"]))
+    return cn.fit(LinearRegression(), crafted, target="y", features=["length_of_stay"])
+
+
+def test_a_regression_whose_target_agrees_with_an_earlier_sum_but_on_one_record_is_refused(
+    hospital: Any, recovered: Recovered
+) -> None:
+    t = hospital.open()
+    secret = float(hospital.target["cost"])
+    ages = t.agg(ages=("age", "sum"), n=("age", "count"), stays=("length_of_stay", "sum")).release()
+    with pytest.raises(cn.PolicyViolation) as caught:
+        _crafted_fit(t, hospital)
+    assert caught.value.rule == "release.difference" and str(secret) not in str(caught.value)
+    assert not any(recovered(number, secret) for number in _numbers(ages))
+    # The twin: a regression on a derived target that differs from the age everywhere, equal to scikit-learn.
+    from sklearn.linear_model import LinearRegression  # type: ignore[import-untyped]
+
+    frame = hospital.frame
+    derived = t.assign(per_day=t["cost"] / t["length_of_stay"])
+    model = cn.fit(LinearRegression(), derived, target="per_day", features=["length_of_stay"])
+    expected = LinearRegression().fit(frame[["length_of_stay"]].to_numpy(np.float64), frame.cost / frame.length_of_stay)
+    assert model.params()["intercept_"] == pytest.approx(expected.intercept_, rel=1e-6)
+
+
+def test_a_sum_after_such_a_regression_is_refused(hospital: Any, recovered: Recovered) -> None:
+    """The fit first (nothing to combine it with yet: its parameters are released), then the sums: refused."""
+    t = hospital.open()
+    secret = float(hospital.target["cost"])
+    params = _crafted_fit(t, hospital).params()
+    with pytest.raises(cn.PolicyViolation) as caught:
+        t.agg(ages=("age", "sum")).release()
+    assert caught.value.rule == "release.difference"
+    assert not recovered(float(params["intercept_"]), secret)
+    frame = hospital.frame
+    stays = t.agg(stays=("length_of_stay", "sum")).release()  # a column the target does not agree with: released
+    assert int(stays["stays"]) == int(frame.length_of_stay.sum())
+
+
+def test_without_the_rule_the_regression_and_the_sums_give_the_cost(
+    hospital: Any, recovered: Recovered, without_the_rule: None
+) -> None:
+    t = hospital.open()
+    released = t.agg(ages=("age", "sum"), n=("age", "count"), stays=("length_of_stay", "sum")).release()
+    params = _crafted_fit(t, hospital).params()
+    n, stays = float(released["n"]), float(released["stays"])
+    target_sum = n * float(params["intercept_"]) + float(params["coef_"]["length_of_stay"]) * stays
+    cost = target_sum - float(released["ages"]) + float(hospital.target["age"])
+    assert recovered(round(cost, 2), float(hospital.target["cost"]))
