@@ -27,7 +27,7 @@ Not thread-safe: the vault calls it under its request lock.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kernel_enclave.vault import stoppable
 from kernel_enclave.vault.combinations import RecordValues, isolating_across
@@ -43,6 +43,7 @@ class _Earlier:
     reads_computed: bool
     values: Values
     fingerprint: Hashable
+    label: str = "release"  # how a refusal names it: the vault's id of its result or model
 
 
 @dataclass(frozen=True)
@@ -96,13 +97,14 @@ class EarlierValues:
                         raise PolicyViolation(
                             RULE,
                             [dataset],
-                            f"release: with an earlier release, numbers of this result agree on all but fewer than "
-                            f"{k} records of the dataset; their difference would describe those records",
+                            f"release: with an earlier release ({earlier.label}), numbers of this result agree on "
+                            f"all but fewer than {k} records of the dataset; their difference would describe those "
+                            "records",
                         )
         return Checked(entry)
 
-    def remember(self, checked: Checked) -> None:
-        """Keep a release that was let through, for the releases after it."""
+    def remember(self, checked: Checked, label: str = "release") -> None:
+        """Keep a release that was let through, for the releases after it; ``label`` names it in their refusals."""
         if checked.entry is not None and checked.entry.fingerprint not in self._fingerprints:
             self._fingerprints.add(checked.entry.fingerprint)
-            self._earlier.append(checked.entry)
+            self._earlier.append(replace(checked.entry, label=label))

@@ -496,8 +496,8 @@ class Vault:
             released.kind, released.table, released.value, released.policy_id, released.datasets, operation
         )
         self._memory().remember(checked)  # released from here on: later releases are compared with it
-        self._earlier().remember(combined)
         reply["result"] = self._remember(result)
+        self._earlier().remember(combined, f"result {reply['result']}")
         self.audit.append(
             "release",
             kind=released.kind,
@@ -547,7 +547,7 @@ class Vault:
         combined = self._regression_combined(tree, source, model)
         operation = digest_of({"plan": tree, "estimator": header.get("estimator"), "target": target})
         reply = self._fitted(model, tree, operation, n_train=model.n_train, n_test=model.n_test)
-        self._earlier().remember(combined)
+        self._earlier().remember(combined, f"model {reply[0]['model']}")
         return reply
 
     def _regression_combined(

@@ -38,7 +38,7 @@ class _Runs:
 
 
 def _remembered(memory: EarlierValues, runs: _Runs, computed: bool, key: str, datasets: set[str] | None = None) -> None:
-    memory.remember(memory.check(datasets or {"admissions"}, computed, runs, key, K))
+    memory.remember(memory.check(datasets or {"admissions"}, computed, runs, key, K), f"result {key}")
 
 
 def test_a_computed_number_agreeing_with_an_earlier_one_but_on_one_record_is_refused() -> None:
@@ -49,7 +49,7 @@ def test_a_computed_number_agreeing_with_an_earlier_one_but_on_one_record_is_ref
     with pytest.raises(PolicyViolation) as caught:
         memory.check({"admissions"}, True, crafted, "crafted", K)
     assert caught.value.rule == "release.difference" and caught.value.datasets == ("admissions",)
-    assert "7528" not in str(caught.value) and "earlier release" in str(caught.value)
+    assert "7528" not in str(caught.value) and "with an earlier release (result ages)" in str(caught.value)
     assert (ages.runs, crafted.runs) == (1, 1)
     # A derived column that is an exact function of the age everywhere passes, and is remembered.
     _remembered(memory, _Runs(_values(2 * AGES + 1)), True, "linear")
