@@ -7,7 +7,8 @@ is one patient's cost less their age. So the vault keeps, for each release of su
 deviations or variances, how to run it again (its plan over the same source tables under the same policies, as the
 difference checks keep it) and whether one of those numbers reads a computed column. A later release over a
 dataset they share is compared with each such earlier release where either of the two reads a computed column:
-both are run again, gathering what each record adds to their released numbers, and
+the earlier one is run again, gathering what each record adds to its released numbers (the later one gathered its
+own where the rule on combinations searched them, else it is run again too), and
 :func:`~kernel_enclave.vault.combinations.isolating_across` looks for a combination using numbers of both that
 rests on 1 to k - 1 records. One is found: the later release is refused whole (``release.difference``). Two releases
 over columns as loaded are left to the difference checks: such columns agree on few rows only by the data's own
@@ -17,9 +18,9 @@ sums. It is checked when it is fitted, before anything of it is released, and re
 
 For the datasets whose owners turned the difference checks on (``[release] difference_checks``), for the kernel's
 lifetime, like them. What it costs: nothing for releases over columns as loaded with none remembered that read a
-computed column; otherwise running the release again and every earlier one over its datasets, and a search over
-their values. What it does not stop: three releases or more (``A - B - C``, each pair apart), which the release
-limits bound and the differential-privacy mode covers.
+computed column; otherwise running every earlier one over its datasets again (and the release itself, where it
+reads no computed column), and a search over their values. What it does not stop: three releases or more
+(``A - B - C``, each pair apart), which the release limits bound and the differential-privacy mode covers.
 
 Not thread-safe: the vault calls it under its request lock.
 """

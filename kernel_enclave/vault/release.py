@@ -155,9 +155,10 @@ class Released:
 class _Gathered:
     """What the rule on combinations saw while a release ran (see :func:`_combined`)."""
 
+    asked: bool = False  # gather the values of every release, not only of those the rule searches
     adds_up: bool = False
     reads_computed: bool = False
-    values: list[tuple[str, RecordValues]] | None = None  # gathered only where asked for
+    values: list[tuple[str, RecordValues]] = field(default_factory=list)
 
 
 _GATHERED: ContextVar[_Gathered | None] = ContextVar("confnb_vault_gathered", default=None)
@@ -280,9 +281,9 @@ def release(
     with ``sketches`` too, a release whose route can (see :mod:`.differences`) gives only each set's sketch
     (``Released.sketches``), and ``release(plan, ..., record_sets=True)`` lists the same sets. With ``values``, it
     gives what each record adds to its sums, means, counts, standard deviations and variances (``Released.values``),
-    for the rule on combinations across releases.
+    for the rule on combinations across releases; a release the rule on combinations searches gives them anyway.
     """
-    gathered = _Gathered(values=[] if values else None)
+    gathered = _Gathered(asked=values)
     token = _GATHERED.set(gathered)
     try:
         out = _release(plan, sources, policies, record_sets, sketches)
@@ -292,7 +293,7 @@ def release(
         out,
         adds_up=gathered.adds_up,
         reads_computed=gathered.reads_computed,
-        values=tuple(gathered.values or ()),
+        values=tuple(gathered.values),
     )
 
 
@@ -318,7 +319,7 @@ def _release(
         try:
             out = _aggregate(node, frame, policies, record_sets, record_sets and sketches)
         except _ListedError:
-            if (gathered := _GATHERED.get()) is not None and gathered.values is not None:
+            if (gathered := _GATHERED.get()) is not None:
                 gathered.values.clear()  # gathered again by the second run
             out = _aggregate(node, frame, policies, record_sets, False)
         index, series = node.by, len(node.aggs) == 1
@@ -1380,7 +1381,8 @@ def _numbers_direct(
     datasets = [frame.records[0][0]] if frame.records else sorted(frame.datasets)
 
     with engine_errors(what, subjects):
-        gathering = (gathered := _GATHERED.get()) is not None and gathered.values is not None
+        gathered = _GATHERED.get()
+        gathering = gathered is not None and (gathered.asked or _reads_computed(frame, cells))
         table = frame.collect(_work_frame(frame, work, records_too=listing or blocks_listed or gathering))
         if key_names and any(table.get_column(key).null_count() for key in key_names):
             table = table.drop_nulls(key_names)  # a null key forms no group (pandas' dropna)
@@ -1670,6 +1672,17 @@ def _numbers_direct(
     return numbers
 
 
+def _reads_computed(frame: SourceTable, cells: Sequence[_Cell]) -> bool:
+    """Whether a sum, mean, count, std or var among ``cells`` reads a computed column: the rule on combinations
+    runs for it (the columns of a dataset as loaded agree on few rows only by the data's own doing)."""
+    return any(
+        cell.column is not None
+        and cell.func in _ADDS_UP
+        and (cell.column not in frame.arrow_types or cell.column in frame.masks)
+        for cell in cells
+    )
+
+
 # What each number adds up, row by row, for the rule on combinations of a release's numbers (see .combinations).
 _ADDS_UP: dict[str, tuple[str, ...]] = {
     "rows": ("ones",),
@@ -1706,13 +1719,14 @@ def _combined(
     computed column: the columns of a dataset as they were loaded agree on few rows only by the data's own doing,
     which the rules on each number already see (a column constant but for a few rows)."""
     linear = [cell for cell in cells if cell.func in _ADDS_UP]
-    read = {cell.column for cell in linear if cell.column is not None}
-    computed = any(column not in frame.arrow_types or column in frame.masks for column in read)
+    computed = _reads_computed(frame, cells)
     gathered = _GATHERED.get()
     if gathered is not None:
         gathered.adds_up |= bool(linear)
         gathered.reads_computed |= computed
-    gathering = gathered is not None and gathered.values is not None and frame.records is not None
+    # The values each record adds are kept where the rule searches them (or where asked): the rule across releases
+    # compares them with earlier releases' (see .earlier_values).
+    gathering = gathered is not None and (gathered.asked or computed) and frame.records is not None
     gathering = gathering and (by_records or "r0" in rows.collect_schema())
     if not (computed or gathering) or not linear:
         return {}
@@ -1793,7 +1807,7 @@ def _combined(
     # Withheld in every group: which group held the few records would say something of them.
     everywhere = np.ones(len(kept), dtype=bool)
     combined = {cell.name: everywhere for cell in linear if involved.intersection(by_cell[cell.name])}
-    if gathering and gathered is not None and gathered.values is not None:
+    if gathering and gathered is not None:
         # A vector counts in a group where a number released there adds it up.
         adds_in = np.zeros((len(keys), len(kept)), dtype=bool)
         for cell in linear:

@@ -468,7 +468,10 @@ class Vault:
         combined = self._earlier().check(
             checking & set(released.datasets) if released.adds_up else set(),
             released.reads_computed,
-            lambda: release.release(tree, sources, policies, values=True).values,
+            # A release the rule on combinations searched kept its records' values; another is run again for them.
+            (lambda: released.values)
+            if released.reads_computed
+            else (lambda: release.release(tree, sources, policies, values=True).values),
             recipe.fingerprint,
             k,
         )
