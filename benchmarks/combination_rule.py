@@ -119,7 +119,9 @@ def run(rows: int, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
 
         def after_an_earlier_release(sources: Any = sources, earlier: EarlierValues = earlier) -> Any:
             released = release.release(PLAN, sources, policies)  # (it keeps its records' values: the rule ran)
-            earlier.check({"bench"}, released.reads_computed, lambda: released.values, "later", k)  # raises if refused
+            # (raises if it refuses; kept for later releases, were it remembered: how to run it again)
+            again = lambda: release.release(PLAN, sources, policies, values=True).values  # noqa: E731
+            earlier.check({"bench"}, released.reads_computed, lambda: released.values, "later", k, again=again)
             return released
 
         checked, plain, later = with_rule(), without(), after_an_earlier_release()

@@ -71,14 +71,17 @@ class EarlierValues:
         values: Values,
         fingerprint: Hashable,
         min_group_size: Mapping[str, int],
+        *,
+        again: Values | None = None,
     ) -> Checked:
         """Refuse a release (raise :class:`PolicyViolation`) whose numbers combine with an earlier release's to rest
         on 1 to k - 1 records of a dataset in ``datasets`` (those it reads whose owners turned the checks on).
-        ``values`` runs it again gathering its records' values; ``fingerprint`` names its plan, tables and policies
-        (the same question asked again is compared with nothing new)."""
+        ``values`` gives its records' values now; ``again`` (``values`` if not given) runs it again for them, which
+        is what is kept for later releases (never the values themselves); ``fingerprint`` names its plan, tables and
+        policies (the same question asked again is compared with nothing new)."""
         if not datasets:
             return Checked(None)
-        entry = _Earlier(frozenset(datasets), reads_computed, values, fingerprint)
+        entry = _Earlier(frozenset(datasets), reads_computed, values if again is None else again, fingerprint)
         if fingerprint in self._fingerprints:
             return Checked(None)
         compared = [

@@ -465,15 +465,18 @@ class Vault:
             rows=self._dataset_rows(policies),
         )
         # Refuses numbers that, with an earlier release's, rest on a few records (see .earlier_values).
+
+        def again() -> Sequence[tuple[str, Any]]:
+            return release.release(tree, sources, policies, values=True).values
+
         combined = self._earlier().check(
             checking & set(released.datasets) if released.adds_up else set(),
             released.reads_computed,
             # A release the rule on combinations searched kept its records' values; another is run again for them.
-            (lambda: released.values)
-            if released.reads_computed
-            else (lambda: release.release(tree, sources, policies, values=True).values),
+            (lambda: released.values) if released.reads_computed else again,
             recipe.fingerprint,
             k,
+            again=again,
         )
         operation = digest_of(tree)
         reply: dict[str, Any] = {

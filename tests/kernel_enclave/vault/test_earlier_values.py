@@ -91,3 +91,15 @@ def test_a_refused_release_is_not_remembered() -> None:
     with pytest.raises(PolicyViolation):
         memory.check({"admissions"}, True, _Runs(_values(_crafted())), "crafted", K)
     assert len(memory) == 1
+
+
+def test_what_is_kept_is_how_to_run_a_release_again_not_its_values() -> None:
+    """A release hands its values over for its own check and how to run it again for later ones: the memory keeps
+    the second (a million records' values per release would not stay in the vault's memory)."""
+    memory = EarlierValues()
+    _remembered(memory, _Runs(_values(AGES)), False, "ages")
+    now, again = _Runs(_values(2 * AGES + 1)), _Runs(_values(2 * AGES + 1))
+    memory.remember(memory.check({"admissions"}, True, now, "linear", K, again=again), "result linear")
+    assert (now.runs, again.runs) == (1, 0)
+    memory.check({"admissions"}, False, _Runs(_values(AGES + 7)), "later", K)  # plain: compared with "linear" only
+    assert (now.runs, again.runs) == (1, 1)
