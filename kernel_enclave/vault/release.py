@@ -1816,8 +1816,12 @@ def _combined(
                     adds_in[keys.index(key)] |= ~withheld[cell.name]
         for dataset, ids, group_of, columns in seen:
             order = _by_id(ids)
-            counted = [np.where(adds_in[j][group_of], column, 0.0)[order] for j, column in enumerate(columns)]
-            gathered.values.append((dataset, RecordValues(ids[order], group_of[order], tuple(counted))))
+            groups = group_of[order]
+            counted = [
+                column[order] if adds_in[j].all() else np.where(adds_in[j][groups], column[order], 0.0)
+                for j, column in enumerate(columns)
+            ]
+            gathered.values.append((dataset, RecordValues(ids[order], groups, tuple(counted))))
     return combined
 
 
