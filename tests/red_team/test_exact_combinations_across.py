@@ -21,6 +21,7 @@ import pytest
 
 import confnb as cn
 
+from .test_exact_combinations import on_route
 from .test_exact_masking import Recovered, _numbers
 
 
@@ -150,18 +151,12 @@ def test_with_the_rule_records_set_apart_by_zeros_and_nulls_are_refused(hospital
     assert not any(recovered(number, secret) for number in _numbers(zeroed))
 
 
-@pytest.mark.parametrize("route", ["join", "scanned"])
+@pytest.mark.parametrize("route", ["joined", "scanned"])
 def test_the_same_attack_after_a_join_and_over_a_scanned_dataset(
     hospital: Any, recovered: Recovered, route: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The other release routes: a join (a record's rows added up per record) and a dataset scanned from disk."""
-    if route == "scanned":
-        monkeypatch.setenv("CONFNB_VAULT_MEMORY_BUDGET", "0")
-    t = hospital.open()
-    if route == "scanned":
-        assert all(source.streaming for source in hospital.vault._sources.values())
-    else:
-        t = t.join(t.select(["patient_id", "sex"]).rename({"sex": "sex_again"}), on="patient_id")
+    t = on_route(hospital, route, monkeypatch)
     secret = float(hospital.target["cost"])
     ages = t.group_by("sex").agg(ages=("age", "sum")).release()
     with pytest.raises(cn.PolicyViolation) as caught:
