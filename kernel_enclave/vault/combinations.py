@@ -366,9 +366,9 @@ def _sampled_together(
 
 @dataclass(frozen=True)
 class RecordValues:
-    """What each record of one dataset adds to a release's numbers: the records (sorted ids), the release's group
-    each is in (an index), and per vector (see the module) each record's entry, 0 where its group does not
-    release the number."""
+    """What each record of one dataset adds to a release's numbers: the records (sorted ids; a record once per group
+    it is in, as after a join its rows can be in several), the release's group of each entry (an index), and per
+    vector (see the module) each entry's value, 0 where its group does not release the number."""
 
     records: npt.NDArray[np.int64]
     groups: npt.NDArray[np.int64]
@@ -381,11 +381,12 @@ def isolating_across(later: RecordValues, earlier: RecordValues, k: int) -> bool
 
     ``sum(t.age)`` released once and ``sum(cn.where(who, t.cost, t.age))`` later rest on the same records; their
     difference rests on one. Each group's number may take its own coefficient, as each is released on its own, but
-    a combination is zero on a record only through the two groups (one per release) the record is in: so the
-    search runs on each part of the records that the two releases' groups link together (a group of one release
-    and a group of the other sharing a record are linked), with every group's vectors apart and each group's
-    indicator beside them (its size, which a count gives). A part with more than ``_ACROSS_WIDEST`` such vectors is
-    searched with one vector per number and release instead (the same coefficient in all of its groups)."""
+    a combination is zero on a record only through the groups the record is in: so the search runs on each part of
+    the records that the releases' groups link together (two groups sharing a record are linked, of one release or
+    of both), with every group's vectors apart and each group's indicator beside them (its size, which a count
+    gives). A part with more than ``_ACROSS_WIDEST`` such vectors is searched with one vector per number and release
+    instead (the same coefficient in all of its groups). A record may be in several groups of one release (after a
+    join, through rows of different groups): each of its groups then holds what its rows there add."""
     if not later.columns or not earlier.columns or k < 2:
         return False
     if np.array_equal(later.records, earlier.records):  # the same records (the usual case): nothing to merge
@@ -393,18 +394,8 @@ def isolating_across(later: RecordValues, earlier: RecordValues, k: int) -> bool
     else:
         records = np.sort(np.concatenate([later.records, earlier.records]))
         records = records[np.diff(records, prepend=-1) != 0] if len(records) else records
-    sides: list[tuple[npt.NDArray[np.int64], list[npt.NDArray[np.float64]]]] = []
-    for values in (later, earlier):
-        at = np.arange(len(records)) if values.records is records else np.searchsorted(records, values.records)
-        group = np.full(len(records), -1, dtype=np.int64)
-        group[at] = values.groups
-        entries = []
-        for column in values.columns:
-            entry = np.zeros(len(records))
-            entry[at] = column
-            entries.append(entry)
-        sides.append((group, entries))
-    part = _linked_parts(sides[0][0], sides[1][0])
+    sides = [_layers(values, records) for values in (later, earlier)]
+    part = _linked_parts(sides)
     parts = int(part.max(initial=-1)) + 1
     # Labels sorted as 16-bit integers where they fit: NumPy's stable sort is then a radix sort.
     order = np.argsort(part.astype(np.uint16) if parts <= 1 << 16 else part, kind="stable")
@@ -413,10 +404,10 @@ def isolating_across(later: RecordValues, earlier: RecordValues, k: int) -> bool
     # Parts of one group of each release at most (the same groups twice, or one release ungrouped within the
     # other's groups) have the same vectors in the same places: searched together.
     single = np.ones(parts, dtype=bool)
-    for group, _ in sides:
-        held = group >= 0
-        width = int(group.max(initial=-1)) + 1
-        pairs = _present(part[held] * width + group[held])
+    for layers in sides:
+        width = 1 + max(int(group.max(initial=-1)) for group, _ in layers)
+        held_pairs = [part[group >= 0] * width + group[group >= 0] for group, _ in layers]
+        pairs = _present(np.concatenate(held_pairs))
         single &= np.bincount(pairs // max(width, 1), minlength=parts) <= 1
     at_start = part[order[starts]]
     together = single[at_start] & (ends - starts >= 2)
@@ -445,23 +436,55 @@ def isolating_across(later: RecordValues, earlier: RecordValues, k: int) -> bool
     return False
 
 
+# One release's entries laid over all records: per layer, each record's group (-1: none) and entries; a record in
+# several groups of the release has its second group in the second layer, and so on.
+_Layers = list[tuple[npt.NDArray[np.int64], list[npt.NDArray[np.float64]]]]
+
+
+def _layers(values: RecordValues, records: npt.NDArray[np.int64]) -> _Layers:
+    """``values`` (sorted by record, a record once per group it is in) over ``records`` (sorted, distinct)."""
+    count = len(values.records)
+    same = values.records is records or np.array_equal(values.records, records)
+    at = np.arange(count) if same else np.searchsorted(records, values.records)
+    if same or bool(np.all(values.records[1:] > values.records[:-1])):  # each record in one group (the usual case)
+        layer = np.zeros(count, dtype=np.int64)
+    else:  # the entry's rank within its record's entries
+        first = np.flatnonzero(np.diff(values.records, prepend=values.records[0] - 1))
+        layer = np.arange(count) - np.repeat(first, np.diff(np.append(first, count)))
+    layers: _Layers = []
+    for depth in range(int(layer.max(initial=0)) + 1):
+        chosen = layer == depth
+        group = np.full(len(records), -1, dtype=np.int64)
+        group[at[chosen]] = values.groups[chosen]
+        entries = []
+        for column in values.columns:
+            entry = np.zeros(len(records))
+            entry[at[chosen]] = column[chosen]
+            entries.append(entry)
+        layers.append((group, entries))
+    return layers
+
+
 def _part_vectors(
-    sides: Sequence[tuple[npt.NDArray[np.int64], Sequence[npt.NDArray[np.float64]]]],
-    rows: npt.NDArray[np.intp],
-    merged: bool,
+    sides: Sequence[_Layers], rows: npt.NDArray[np.intp], merged: bool
 ) -> tuple[list[npt.NDArray[np.float64]], list[int]]:
     """The vectors of one part of the records: per release, every group's vectors and indicator apart, or (merged)
     each number's vector over all of the part's groups and one indicator of the release's records."""
     vectors: list[npt.NDArray[np.float64]] = []
     owners: list[int] = []
-    for side, (group, entries) in enumerate(sides):
-        within = group[rows]
-        present = _present(within[within >= 0])
-        for members in [within >= 0] if merged else [within == g for g in present]:
-            vectors.append(members.astype(np.float64))
+    for side, layers in enumerate(sides):
+        within = [group[rows] for group, _ in layers]
+        if merged:
+            chosen: list[int | None] = [None]
+        else:
+            chosen = [int(g) for g in _present(np.concatenate([w[w >= 0] for w in within]))]
+        for g in chosen:
+            members = [w >= 0 if g is None else w == g for w in within]
+            vectors.append((members[0] if len(members) == 1 else np.logical_or.reduce(members)).astype(np.float64))
             owners.append(-1)
-            for entry in entries:
-                vectors.append(np.where(members, entry[rows], 0.0))
+            for j in range(len(layers[0][1])):
+                held = [np.where(m, entries[j][rows], 0.0) for m, (_, entries) in zip(members, layers, strict=True)]
+                vectors.append(held[0] if len(held) == 1 else np.sum(held, axis=0))
                 owners.append(side)
     return vectors, owners
 
@@ -475,16 +498,26 @@ def _present(values: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     return np.unique(values)
 
 
-def _linked_parts(first: npt.NDArray[np.int64], second: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """Each record's part: the groups of two releases (-1: the record is in none of that release's) are linked
-    where they share a record, and the records of linked groups form one part (connected components, found by
-    propagating the least label along the links)."""
-    offset = int(first.max(initial=-1)) + 1
-    nodes = offset + int(second.max(initial=-1)) + 1
-    both = (first >= 0) & (second >= 0)
-    width = nodes - offset
-    pairs = _present(first[both] * width + second[both])
-    links = np.stack([pairs // width, pairs % width + offset], axis=1)
+def _linked_parts(sides: Sequence[_Layers]) -> npt.NDArray[np.int64]:
+    """Each record's part: the groups of the releases are linked where they share a record (across releases, or
+    within one where a record is in several of its groups), and the records of linked groups form one part
+    (connected components, found by propagating the least label along the links)."""
+    offsets, nodes = [], 0
+    for layers in sides:
+        offsets.append(nodes)
+        nodes += 1 + max(int(group.max(initial=-1)) for group, _ in layers)
+    placed = [
+        np.where(group >= 0, group + offset, -1)
+        for layers, offset in zip(sides, offsets, strict=True)
+        for group, _ in layers
+    ]
+    anchor = placed[0].copy()  # each record's first group: every other group it is in links to it
+    for node in placed[1:]:
+        anchor = np.where(anchor >= 0, anchor, node)
+    linked = [(anchor[node >= 0], node[node >= 0]) for node in placed[1:]]
+    width = max(nodes, 1)
+    pairs = _present(np.concatenate([a * width + b for a, b in linked])) if linked else np.zeros(0, np.int64)
+    links = np.stack([pairs // width, pairs % width], axis=1)
     label = np.arange(nodes)
     while links.size:
         least = np.minimum(label[links[:, 0]], label[links[:, 1]])
@@ -495,4 +528,4 @@ def _linked_parts(first: npt.NDArray[np.int64], second: npt.NDArray[np.int64]) -
         if np.array_equal(updated, label):
             break
         label = updated
-    return label[np.where(first >= 0, first, second + offset)]
+    return np.asarray(label[anchor], dtype=np.int64)

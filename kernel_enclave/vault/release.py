@@ -1826,13 +1826,15 @@ def _combined(
 
 
 def _by_id(ids: np.ndarray) -> np.ndarray:
-    """The order that sorts distinct record ids (row numbers, so mostly dense): placed by id where they are dense
-    enough, sorted otherwise."""
-    if not len(ids) or int(ids.max()) >= 4 * len(ids) + (1 << 20):
-        return np.argsort(ids, kind="stable")
-    position = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
-    position[ids] = np.arange(len(ids))
-    return position[position >= 0]
+    """The order that sorts record ids (row numbers, so mostly dense): placed by id where they are dense enough and
+    distinct, sorted otherwise (after a join a record is listed once per group it has rows in)."""
+    if len(ids) and int(ids.max()) < 4 * len(ids) + (1 << 20):
+        position = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+        position[ids] = np.arange(len(ids))
+        order = position[position >= 0]
+        if len(order) == len(ids):
+            return order
+    return np.argsort(ids, kind="stable")
 
 
 def _tallies_of_values(

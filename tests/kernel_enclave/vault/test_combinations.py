@@ -262,3 +262,22 @@ def test_planted_pairs_are_found_and_releases_of_other_columns_are_not(seed: int
     earlier = _values(ids, groups, data["age"], data["ones"])
     assert isolating_across(_values(ids, groups, crafted), earlier, K)
     assert not isolating_across(_values(ids, groups, data["cost"], data["stay"]), earlier, K)
+
+
+def test_a_record_in_several_groups_of_one_release_is_followed_through_each() -> None:
+    """After a join a record's rows can fall into several groups (a patient with stays in two wards): it is listed
+    once per group, and its groups are linked through it. The planted record is found; the plain twin is not."""
+    diagnosis, sex, age = _categories(1200, 17)
+    ids = np.arange(1200)
+    twice = ids[ids % 5 == 0]  # every fifth record also has rows in a second ward, adding half its age there
+    records = np.sort(np.concatenate([ids, twice]))
+    first = np.searchsorted(records, records) == np.arange(len(records))  # the first entry of each record
+    ward = np.where(first, diagnosis[records] % 3, 3)
+    crafted = age.copy()
+    crafted[601] = 7528.24
+    later = np.where(first, crafted[records], crafted[records] / 2)
+    plain = np.where(first, age[records], age[records] / 2)
+    earlier = _values(ids, sex, age)
+    assert isolating_across(_values(records, ward, later), earlier, K)
+    assert not isolating_across(_values(records, ward, plain), earlier, K)
+    assert isolating_across(earlier, _values(records, ward, later), K)  # either release may be the later one
