@@ -464,11 +464,11 @@ class Vault:
             recipe=recipe,
             rows=self._dataset_rows(policies),
         )
-        # Refuses numbers that, with an earlier release's, rest on a few records (see .earlier_values).
 
         def again() -> Sequence[tuple[str, Any]]:
             return release.release(tree, sources, policies, values=True).values
 
+        # Refuses numbers that, with an earlier release's, rest on a few records (see .earlier_values).
         combined = self._earlier().check(
             checking & set(released.datasets) if released.adds_up else set(),
             released.reads_computed,
