@@ -152,3 +152,18 @@ def recovered() -> Callable[[float | None, float], bool]:
         return estimate is not None and bool(np.isfinite(estimate)) and abs(float(estimate) - float(secret)) < 1e-6
 
     return same
+
+
+@pytest.fixture(params=["joined", "scanned"])
+def routed(request: pytest.FixtureRequest, hospital: Hospital, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The admissions on the other release routes: joined to themselves on the id (a record's rows are added up
+    per record), and scanned from disk (the vault given no memory for the dataset)."""
+    import confnb as cn
+
+    if request.param == "scanned":
+        monkeypatch.setenv("CONFNB_VAULT_MEMORY_BUDGET", "0")
+    t = cn.open("admissions")
+    if request.param == "scanned":
+        assert all(source.streaming for source in hospital.vault._sources.values())
+        return t
+    return t.join(t.select(["patient_id", "sex"]).rename({"sex": "sex_again"}), on="patient_id")

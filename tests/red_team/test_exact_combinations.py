@@ -109,24 +109,11 @@ def test_any_expression_that_agrees_with_a_column_on_all_rows_but_one_is_withhel
     assert abs(difference - expected) < 1e-3
 
 
-def on_route(hospital: Any, route: str, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The admissions on another release route: ``"joined"`` (joined to themselves on the id, so a record's rows
-    are added up per record) or ``"scanned"`` (the dataset scanned from disk, the vault given no memory for it)."""
-    if route == "scanned":
-        monkeypatch.setenv("CONFNB_VAULT_MEMORY_BUDGET", "0")
-    t = hospital.open()
-    if route == "scanned":
-        assert all(source.streaming for source in hospital.vault._sources.values())
-        return t
-    return t.join(t.select(["patient_id", "sex"]).rename({"sex": "sex_again"}), on="patient_id")
-
-
-@pytest.mark.parametrize("route", ["joined", "scanned"])
 def test_the_same_attack_after_a_join_and_over_a_scanned_dataset(
-    hospital: Any, recovered: Recovered, route: str, monkeypatch: pytest.MonkeyPatch
+    hospital: Any, recovered: Recovered, routed: Any
 ) -> None:
     """The other release routes: a join (a record's rows added up per record) and a dataset scanned from disk."""
-    t = on_route(hospital, route, monkeypatch)
+    t = routed
     secret = float(hospital.target["cost"])
     with pytest.raises(cn.PolicyViolation) as caught:
         _three_sums(t, _who(t, hospital)).release()

@@ -21,7 +21,6 @@ import pytest
 
 import confnb as cn
 
-from .test_exact_combinations import on_route
 from .test_exact_masking import Recovered, _numbers
 
 
@@ -151,12 +150,11 @@ def test_with_the_rule_records_set_apart_by_zeros_and_nulls_are_refused(hospital
     assert not any(recovered(number, secret) for number in _numbers(zeroed))
 
 
-@pytest.mark.parametrize("route", ["joined", "scanned"])
 def test_the_same_attack_after_a_join_and_over_a_scanned_dataset(
-    hospital: Any, recovered: Recovered, route: str, monkeypatch: pytest.MonkeyPatch
+    hospital: Any, recovered: Recovered, routed: Any
 ) -> None:
     """The other release routes: a join (a record's rows added up per record) and a dataset scanned from disk."""
-    t = on_route(hospital, route, monkeypatch)
+    t = routed
     secret = float(hospital.target["cost"])
     ages = t.group_by("sex").agg(ages=("age", "sum")).release()
     with pytest.raises(cn.PolicyViolation) as caught:
