@@ -6,7 +6,7 @@ decrypt it and stock Arrow can read the result. Loading maps the file, decrypts 
 threads straight into one Arrow-allocated buffer and lets Arrow read the stream from that buffer without copying:
 the columns of the returned table point into it, so the table costs about 1.0x its size in memory and the load runs
 at close to the speed of reading the plaintext file. :func:`iter_encrypted_ipc_batches` is the low-memory
-alternative that decrypts one segment at a time.
+alternative: it decrypts a window of segments at a time, also in parallel, and yields the record batches inside it.
 
 The associated data binds a file to its place: pass something that names it exactly (for a dataset: the dataset
 id, its version and the file name), so that a file cannot be swapped for, or replayed as, another file encrypted
@@ -30,10 +30,10 @@ import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type in
 from confnb.datasets.errors import DatasetFormatError, IntegrityError
 from confnb.datasets.streaming_aead import (
     AES256_GCM_HKDF_1MB,
-    DecryptingReader,
     Parameters,
     StreamEncryptor,
     decrypt_to_buffer,
+    iter_decrypt_windows,
     plaintext_size,
 )
 from confnb.fileio import atomic_output
@@ -46,6 +46,10 @@ __all__ = [
     "read_encrypted_ipc",
     "write_encrypted_ipc",
 ]
+
+# Segments per window of iter_encrypted_ipc_batches: 16 MiB, enough for every thread to have several segments, few
+# enough that memory holds a small fraction of any file worth reading this way.
+WINDOW_SEGMENTS = 16
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ def write_encrypted_ipc(
     )
 
 
-def _not_arrow(error: Exception, reader: DecryptingReader | None = None) -> Exception:
+def _not_arrow(error: Exception, reader: _WindowReader | None = None) -> Exception:
     """What to raise for an Arrow error: the decryption failure behind it if there was one (pyarrow passes Python
     exceptions from file objects through, but may wrap them), otherwise a format error."""
     if reader is not None and reader.error is not None:
@@ -203,28 +207,111 @@ def iter_encrypted_ipc_batches(
     key: bytes,
     associated_data: bytes,
     *,
+    window_segments: int = WINDOW_SEGMENTS,
+    threads: int | None = None,
     params: Parameters = AES256_GCM_HKDF_1MB,
 ) -> Iterator[pa.RecordBatch]:
-    """Yield the record batches of an encrypted Arrow IPC file, decrypting one segment at a time.
+    """Yield the record batches of an encrypted Arrow IPC file, decrypting ``window_segments`` segments at a time.
 
-    Memory holds the current batch plus two segments, whatever the file's size. Each batch is authentic when
-    yielded, but whether the file is complete is known only at the end: a truncated or extended file raises
+    Each window is decrypted on ``threads`` threads (default: the usable CPUs) into an Arrow buffer, and the batches
+    inside it are views into that buffer (a batch that straddles two windows is copied once), so memory holds the
+    windows the yielded batches still use plus the one being read, whatever the file's size. Each batch is authentic
+    when yielded, but whether the file is complete is known only at the end: a truncated or extended file raises
     :class:`IntegrityError` after the earlier batches were yielded, so consume the iterator to the end before
     trusting (or releasing anything derived from) what it gave. The file must also end where the Arrow stream
     ends; authentic bytes after the end-of-stream marker raise :class:`DatasetFormatError`.
     """
-    with open(path, "rb") as handle, DecryptingReader(key, associated_data, handle, params=params) as reader:
-        try:
-            stream = pa.ipc.open_stream(reader)
-        except pa.ArrowException as error:
-            raise _not_arrow(error, reader) from None
-        while True:
+    with open(path, "rb") as handle:
+        windows = iter_decrypt_windows(
+            key,
+            associated_data,
+            handle,
+            window_segments=window_segments,
+            threads=threads,
+            allocate=pa.allocate_buffer,
+            params=params,
+        )
+        reader = _WindowReader(windows)
+        with contextlib.closing(windows):
             try:
-                batch = stream.read_next_batch()
-            except StopIteration:
-                break
+                stream = pa.ipc.open_stream(reader)
             except pa.ArrowException as error:
                 raise _not_arrow(error, reader) from None
-            yield batch
-        if reader.read(1):  # also authenticates the final segment if Arrow stopped short of it
-            raise DatasetFormatError("the file holds data after the end of its Arrow IPC stream")
+            while True:
+                try:
+                    batch = stream.read_next_batch()
+                except StopIteration:
+                    break
+                except pa.ArrowException as error:
+                    raise _not_arrow(error, reader) from None
+                yield batch
+            if reader.read(1):  # also authenticates the final window if Arrow stopped short of it
+                raise DatasetFormatError("the file holds data after the end of its Arrow IPC stream")
+
+
+class _WindowReader:
+    """A read-only binary file object over decrypted windows (Arrow buffers) for Arrow's IPC reader: a read inside
+    one window is a zero-copy slice of it, a read across windows a copy. Decryption failures raise
+    :class:`IntegrityError` and are also kept in :attr:`error`, because pyarrow, in between, may translate them."""
+
+    def __init__(self, windows: Iterator[pa.Buffer]) -> None:
+        self._windows = windows
+        self._window: pa.Buffer | None = None
+        self._offset = 0  # within the current window
+        self._position = 0
+        self._done = False
+        self.closed = False
+        self.mode = "rb"
+        self.error: IntegrityError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _next_window(self) -> bool:
+        try:
+            self._window, self._offset = next(self._windows), 0
+        except StopIteration:
+            self._window, self._done = None, True
+            return False
+        except IntegrityError as error:
+            self.error, self._window, self._done = error, None, True
+            raise
+        return True
+
+    def read(self, size: int = -1) -> pa.Buffer | bytes:
+        if self.error is not None:
+            raise self.error
+        window = self._window
+        if window is not None and 0 <= size <= window.size - self._offset:  # the common case: inside one window
+            data = window.slice(self._offset, size)
+            self._offset += size
+            self._position += size
+            return data
+        parts: list[bytes] = []
+        wanted = size if size >= 0 else None
+        while wanted is None or wanted > 0:
+            exhausted = self._window is None or self._offset >= self._window.size
+            if exhausted and (self._done or not self._next_window()):
+                break
+            assert self._window is not None
+            available = self._window.size - self._offset
+            take = available if wanted is None else min(wanted, available)
+            parts.append(self._window.slice(self._offset, take).to_pybytes())
+            self._offset += take
+            if wanted is not None:
+                wanted -= take
+        joined = b"".join(parts)
+        self._position += len(joined)
+        return joined

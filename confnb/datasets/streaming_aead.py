@@ -40,10 +40,10 @@ import mmap
 import os
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Final, Protocol, cast
+from typing import Any, BinaryIO, Final, Protocol, TypeVar, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -63,6 +63,7 @@ __all__ = [
     "decrypt_to_buffer",
     "encrypt_stream",
     "iter_decrypt",
+    "iter_decrypt_windows",
     "plaintext_size",
 ]
 
@@ -76,6 +77,7 @@ _HASHES: Final[dict[str, type[hashes.HashAlgorithm]]] = {
     "SHA512": hashes.SHA512,
 }
 _PAGE_SIZE: Final = mmap.PAGESIZE
+_Window = TypeVar("_Window")  # a writable buffer a window of plaintext is decrypted into
 
 
 @dataclass(frozen=True)
@@ -460,6 +462,61 @@ def decrypt_to_buffer(
     return result
 
 
+def iter_decrypt_windows(
+    key: bytes,
+    associated_data: bytes,
+    source: BinaryIO,
+    *,
+    window_segments: int = 16,
+    threads: int | None = None,
+    allocate: Callable[[int], _Window] = bytearray,  # type: ignore[assignment]  # bytearray is one such buffer
+    params: Parameters = AES256_GCM_HKDF_1MB,
+) -> Generator[_Window, None, None]:
+    """Decrypt a ciphertext file a window at a time: ``window_segments`` consecutive segments, decrypted in
+    parallel straight into a buffer of their own (``allocate(size)``, e.g. ``pyarrow.allocate_buffer``), yielded in
+    order.
+
+    This is the streaming counterpart of :func:`decrypt_to_buffer`, for a file too large to hold decrypted: memory
+    holds one window plus one ciphertext segment per thread, and the segments of a window are read and decrypted
+    on ``threads`` threads (default: the usable CPUs), at close to the bulk path's speed where :func:`iter_decrypt`
+    decrypts and copies one segment at a time. ``source`` must be
+    a file with a descriptor: segments are read at their offsets (``os.preadv``), which the layout computes from
+    the file's length; its position is not used.
+
+    Each window is authentic when yielded (every one of its segments was); the file is known to be complete only
+    when the iterator ends without raising, as with :func:`iter_decrypt`. A file that shrinks while it is read
+    raises :class:`IntegrityError` rather than yielding a short window.
+    """
+    if window_segments < 1:
+        raise ValueError("window_segments must be at least 1")
+    fd = source.fileno()
+    layout = _Layout.of(os.fstat(fd).st_size, params)
+    header = os.pread(fd, params.header_size, 0)
+    if len(header) < params.header_size:
+        raise _truncated_header(len(header), params)
+    salt, prefix = _parse_header(header, params)
+    aead = _derive(key, salt, associated_data, params)
+    workers = max(1, min(_default_threads() if threads is None else threads, window_segments))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="confnb-decrypt") as pool:
+        for first in range(0, layout.segments, window_segments):
+            stop = min(first + window_segments, layout.segments)
+            end = layout.plaintext_start(stop) if stop < layout.segments else layout.plaintext_size
+            window = allocate(end - layout.plaintext_start(first))
+            with memoryview(cast(Any, window)) as raw, raw.cast("B") as target:
+                decrypt = _SegmentDecrypter(aead, prefix, layout, None, target, None, first_segment=first, fd=fd)
+                start = first
+                if first == 0:  # segment 0 alone first, so that a wrong key or associated data is reported as such
+                    decrypt.run(0, 1)
+                    decrypt.raise_first_failure()
+                    start = 1
+                runs = max(1, min(workers, stop - start))
+                bounds = [start + (stop - start) * k // runs for k in range(runs + 1)]
+                for future in [pool.submit(decrypt.run, a, b) for a, b in itertools.pairwise(bounds) if b > a]:
+                    future.result()  # the views into the window outlive no worker
+                decrypt.raise_first_failure()
+            yield window
+
+
 def _default_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -468,16 +525,24 @@ def _default_threads() -> int:
 
 
 class _SegmentDecrypter:
-    """Decrypts ranges of segments into the shared output; records failures instead of raising in workers."""
+    """Decrypts ranges of segments into a shared output; records failures instead of raising in workers.
+
+    ``target`` holds the plaintext from segment ``first_segment`` on (0: the whole file's). The ciphertext is
+    ``source`` (the whole ciphertext, sliced per segment) or, with ``fd``, read one segment at a time from that file
+    by each worker into a buffer of its own (``os.preadv`` releases the GIL, so reads and decryptions overlap).
+    """
 
     def __init__(
         self,
         aead: AESGCM,
         prefix: bytes,
         layout: _Layout,
-        source: memoryview,
+        source: memoryview | None,
         target: memoryview,
         mapping: mmap.mmap | None,
+        *,
+        first_segment: int = 0,
+        fd: int | None = None,
     ) -> None:
         self._aead = aead
         self._prefix = prefix
@@ -485,31 +550,62 @@ class _SegmentDecrypter:
         self._source = source
         self._target = target
         self._mapping = mapping
+        self._base = layout.plaintext_start(first_segment)
+        self._fd = fd
         self._failed = threading.Event()
         self._failures: list[int] = []
+        self._short: list[int] = []  # segments the file no longer held in full when read
         self._lock = threading.Lock()
 
     def run(self, first: int, stop: int) -> None:
+        if self._fd is None:
+            assert self._source is not None
+            self._decrypt(first, stop, self._source, 0)
+            return
+        read_buffer = bytearray(self._layout.params.segment_size)
+        with memoryview(read_buffer) as buffer:
+            for index in range(first, stop):
+                start, end = self._layout.ciphertext_range(index)
+                with buffer[: end - start] as place:
+                    if os.preadv(self._fd, [place], start) != end - start:
+                        with self._lock:
+                            self._short.append(index)
+                        self._failed.set()
+                        return
+                if not self._decrypt(index, index + 1, buffer, start):
+                    return
+
+    def _decrypt(self, first: int, stop: int, source: memoryview, source_start: int) -> bool:
+        """Segments ``first`` to ``stop`` from ``source`` (which begins at ciphertext offset ``source_start``)."""
         layout, last = self._layout, self._layout.segments - 1
         for index in range(first, stop):
             if self._failed.is_set():
-                return
+                return False
             start, end = layout.ciphertext_range(index)
-            offset = layout.plaintext_start(index)
+            offset = layout.plaintext_start(index) - self._base
             nonce = _nonce(self._prefix, index, index == last)
-            with self._source[start:end] as segment, self._target[offset : offset + end - start - TAG_SIZE] as out:
+            with (
+                source[start - source_start : end - source_start] as segment,
+                self._target[offset : offset + end - start - TAG_SIZE] as out,
+            ):
                 try:
                     self._aead.decrypt_into(nonce, segment, None, out)
                 except InvalidTag:
                     with self._lock:
                         self._failures.append(index)
                     self._failed.set()
-                    return
+                    return False
             if self._mapping is not None:
                 aligned = start - start % _PAGE_SIZE
                 self._mapping.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+        return True
 
     def raise_first_failure(self) -> None:
+        if self._short:
+            raise IntegrityError(
+                f"segment {min(self._short)} of {self._layout.segments} could not be read in full: the file was "
+                "truncated while it was read"
+            )
         if self._failures:
             raise _auth_failure(min(self._failures), self._layout.segments)
 

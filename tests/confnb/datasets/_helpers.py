@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -53,11 +54,26 @@ def _reader(key: bytes, aad: bytes, ciphertext: bytes, params: sa.Parameters) ->
         return b"".join(parts)
 
 
+def _windows(window_segments: int, threads: int) -> Decrypt:
+    def decrypt(key: bytes, aad: bytes, ciphertext: bytes, params: sa.Parameters) -> bytes:
+        with tempfile.TemporaryFile() as source:
+            source.write(ciphertext)
+            source.flush()
+            windows = sa.iter_decrypt_windows(
+                key, aad, source, window_segments=window_segments, threads=threads, params=params
+            )
+            return b"".join(bytes(window) for window in windows)
+
+    return decrypt
+
+
 DECRYPTERS: dict[str, Decrypt] = {
     "bulk-1-thread": _bulk_serial,
     "bulk-4-threads": _bulk_parallel,
     "iter_decrypt": _streaming,
     "DecryptingReader": _reader,
+    "windows-of-1-segment": _windows(1, 1),
+    "windows-of-3-segments-2-threads": _windows(3, 2),
 }
 
 

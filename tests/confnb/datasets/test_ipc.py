@@ -357,11 +357,34 @@ def test_batches_before_a_truncation_are_yielded_then_the_iterator_raises(encryp
     path, data = encrypted, encrypted.read_bytes()
     path.write_bytes(data[: 6 * SEG.segment_size])
     received: list[pa.RecordBatch] = []
-    iterator = iter_encrypted_ipc_batches(path, KEY, AAD, params=SEG)
+    iterator = iter_encrypted_ipc_batches(path, KEY, AAD, window_segments=2, params=SEG)
     with pytest.raises(IntegrityError):
         received.extend(iterator)  # extend keeps what arrived before the exception
     assert 0 < len(received) < 6
     assert_same(pa.Table.from_batches(received), table.slice(0, sum(b.num_rows for b in received)))
+
+
+def test_a_file_truncated_while_it_is_read_raises(encrypted: Path, table: pa.Table) -> None:
+    """The layout is computed from the length when reading starts; segments no longer there are not read as short
+    windows: the iterator fails, naming the truncation."""
+    iterator = iter_encrypted_ipc_batches(encrypted, KEY, AAD, window_segments=2, threads=2, params=SEG)
+    received = [next(iterator)]
+    with encrypted.open("r+b") as handle:
+        handle.truncate(4 * SEG.segment_size)
+    with pytest.raises(IntegrityError, match="truncated while it was read"):
+        received.extend(iterator)
+    assert_same(pa.Table.from_batches(received), table.slice(0, sum(b.num_rows for b in received)))
+
+
+@pytest.mark.parametrize(("window_segments", "threads"), [(1, 1), (3, 2), (1000, None)])
+def test_batches_are_the_table_whatever_the_window(
+    encrypted: Path, table: pa.Table, window_segments: int, threads: int | None
+) -> None:
+    """Batches inside one window are views into it, those straddling two are copied: the same table either way."""
+    found = iter_encrypted_ipc_batches(
+        encrypted, KEY, AAD, window_segments=window_segments, threads=threads, params=SEG
+    )
+    assert_same(pa.Table.from_batches(list(found)), table)
 
 
 # ------------------------------------------------------------------------------------------------- Tink
