@@ -122,6 +122,7 @@ SMALL_SET = 4096  # listed sets up to this size are indexed by their records, to
 _SKETCH_BYTES = 64  # what a set kept as a sketch costs beside its size and sketch: its entry and label reference
 _WEIGHT_FACTOR = 0x9E3779B97F4A7C15  # SplitMix64's increment, added to an id before it is mixed
 _WRAP = 1 << 64  # sketches are sums modulo 2**64
+_WEIGHT_BLOCK = 1 << 17  # ids given their weights per pass (a megabyte a temporary)
 DIGIT_BITS = 8  # a class's records are counted modulo 2**8 in a sketch: a byte
 _DIGIT = 1 << DIGIT_BITS
 _BIAS = int.from_bytes(bytes([_DIGIT // 2] * 8), "little")  # 128 in every byte
@@ -176,12 +177,16 @@ def _classes(ids: npt.NDArray[np.int64], bits: int) -> npt.NDArray[np.uint64]:
 
 def weights_of(ids: npt.NDArray[np.int64], bits: int) -> npt.NDArray[np.int64]:
     """The records' weights (see the module), as the vault stores them at load: 1 plus 1 in the class's digit,
-    made by shifts in place (a lookup by class costs as much again)."""
-    weights = _classes(ids, bits)
-    weights *= np.uint64(DIGIT_BITS)
-    weights += np.uint64(_digits_at(bits))
-    np.left_shift(np.uint64(1), weights, out=weights)
-    weights += np.uint64(1)
+    made by shifts in place (a lookup by class costs as much again), a block of ids at a time (the dozen passes
+    over a block stay in the CPU's cache: twice as fast as over a whole scanned frame)."""
+    weights = np.empty(ids.size, dtype=np.uint64)
+    for start in range(0, ids.size, _WEIGHT_BLOCK):
+        block = _classes(ids[start : start + _WEIGHT_BLOCK], bits)
+        block *= np.uint64(DIGIT_BITS)
+        block += np.uint64(_digits_at(bits))
+        np.left_shift(np.uint64(1), block, out=block)
+        block += np.uint64(1)
+        weights[start : start + block.size] = block
     return weights.view(np.int64)
 
 

@@ -34,7 +34,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property
 from typing import Any, Literal
@@ -292,6 +292,8 @@ class SourceTable:
     masks: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     bound: RowBound | None = field(default=None, compare=False, repr=False)  # None: count this table's rows
     weights: Mapping[str, tuple[str, int]] = field(default_factory=dict, compare=False, repr=False)
+    # A scanned dataset's float columns found free of NaN by its complete reads so far (see with_learned_facts).
+    learned_nan_free: Callable[[], frozenset[str]] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, pa.Table):  # an Arrow table, with record ids as Arrow arrays (tests, models)
@@ -403,6 +405,7 @@ class SourceTable:
         scan: pl.LazyFrame | Callable[[str, tuple[str, int] | None], pl.LazyFrame],
         arrow_schema: pa.Schema,
         rows: int | None = None,
+        learned_nan_free: Callable[[], frozenset[str]] | None = None,
     ) -> SourceTable:
         """A dataset too large for memory, read segment by segment as queries run (:mod:`.scan`).
 
@@ -410,7 +413,8 @@ class SourceTable:
         weight column (with the weights' count width), which the reader then fills as it reads (faster than Polars
         numbering the rows as they stream by). ``rows``: the row count as the signed manifest gives it (the reader
         fails a query over a file with any other count); without it the rows are counted when first needed, and
-        the dataset's releases list their record sets.
+        the dataset's releases list their record sets. ``learned_nan_free`` gives the float columns its complete
+        reads have found without NaN so far (see :meth:`with_learned_facts`).
         """
         names = list(arrow_schema.names)
         if len(set(names)) != len(names) or any("\x00" in name for name in names):
@@ -434,7 +438,17 @@ class SourceTable:
             True,
             bound=RowBound(facts.rows, {column: _fact(facts, column) for column in lineage}),
             weights={} if bits is None else {record: (weight, bits)},
+            learned_nan_free=learned_nan_free,
         )
+
+    def with_learned_facts(self) -> SourceTable:
+        """This scanned dataset as its complete reads have shown it: the float columns they found without NaN are
+        then read without a NaN-to-null pass, as a dataset in memory is from its load (the same results, faster).
+        Itself when nothing new was learned, or for any other table."""
+        if self.learned_nan_free is None:
+            return self
+        learned = self.learned_nan_free() & self.lineage.keys()
+        return self if learned <= self.nan_free else replace(self, nan_free=self.nan_free | learned)
 
     def collect(self, query: pl.LazyFrame) -> pl.DataFrame:
         """Run a query over this table: on Polars' streaming engine when a scanned dataset is behind it."""

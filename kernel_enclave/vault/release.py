@@ -621,6 +621,7 @@ def _normal(value: pl.Expr, floating: bool) -> pl.Expr:
 _BINS = 8
 _BIN_SEED = 0x636E62  # fixed: a group's bins depend on its values only
 _BIN_BITS = 64 // _BINS  # a bin's count in a packed sum of bins
+_COMPARED_OFTEN = 32  # up to this many values k records hold are binned by comparisons, more by a lookup
 
 
 def _streamed_off_mode(
@@ -642,6 +643,22 @@ def _streamed_off_mode(
         rows = rows.join(keys, on=key_names, how="semi", nulls_equal=True)
     off = pl.col(_COUNT).sum() - pl.col(_COUNT).max()
     return _per_group_of_values(frame, rows, key_names, grouped, value, off)
+
+
+def _often_binned(value: pl.Expr, often: pl.Series) -> pl.Expr:
+    """Each row's field in the packed bins of the values k records hold (see :func:`_numbers`): value i of
+    ``often`` adds 1 to bin ``i % _BINS``, any other value 0. A few values are compared one by one, bin by bin (the
+    comparisons run vectorised, several times faster than a hash lookup per row); many are looked up."""
+    if often.len() > _COMPARED_OFTEN:
+        fields = [1 << (_BIN_BITS * (i % _BINS)) for i in range(often.len())]
+        return value.replace_strict(often, fields, default=0, return_dtype=pl.UInt64)
+    values = often.to_list()
+    bins = [
+        pl.any_horizontal([value == pl.lit(held, often.dtype) for held in values[b::_BINS]]).cast(pl.UInt64)
+        * pl.lit(1 << (_BIN_BITS * b), pl.UInt64)
+        for b in range(min(_BINS, len(values)))
+    ]
+    return pl.sum_horizontal(bins)
 
 
 def _often_most(grouped: pl.DataFrame, v: str, bins: int) -> np.ndarray[Any, Any]:
@@ -876,9 +893,8 @@ def _numbers(
                     often = often.cast(dtype, strict=False).drop_nulls().unique(maintain_order=True)
                 often_bins[v] = min(often.len(), _BINS)
                 if often_bins[v]:
-                    fields = [1 << (_BIN_BITS * (i % _BINS)) for i in range(often.len())]
                     normal_value = _normal(value_exprs[v], _floating(frame, column, kind))
-                    binned = normal_value.replace_strict(often, fields, default=0, return_dtype=pl.UInt64)
+                    binned = _often_binned(normal_value, often)
                     held = frame.contributes(column) & value_exprs[v].is_not_null()
                     work.append(pl.when(held).then(binned).otherwise(0).fill_null(0).alias(f"{v}_of"))
                     exprs += [

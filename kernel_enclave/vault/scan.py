@@ -1,8 +1,9 @@
 """Datasets larger than the vault's memory: encrypted Arrow IPC files scanned segment by segment into Polars.
 
 A dataset whose plaintext would not fit the vault's memory budget is not decrypted up front. It becomes a Polars
-IO source (``polars.io.plugins.register_io_source``) whose reader decrypts each file one 1 MiB segment at a time
-(:func:`confnb.datasets.ipc.iter_encrypted_ipc_batches`), keeps only the columns the query needs (projection
+IO source (``polars.io.plugins.register_io_source``) whose reader decrypts each file a window of 1 MiB segments at
+a time, on every core (:func:`confnb.datasets.ipc.iter_encrypted_ipc_batches`; a window is the size of the frames
+handed to Polars), keeps only the columns the query needs (projection
 pushdown) and the rows its pushed-down filter keeps (predicate pushdown), and hands Polars' streaming engine one
 record batch at a time. Filters, group-bys and aggregates over such a dataset run in memory bounded by the batch
 and the aggregation state, not by the dataset. The reader also gives each row its record id (its position in the
@@ -24,18 +25,21 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
+import pyarrow.compute as pc  # type: ignore[import-untyped]
 
 from confnb.datasets.errors import IntegrityError
 from confnb.datasets.ipc import iter_encrypted_ipc_batches
 from confnb.datasets.manifest import VerifiedDataset
 from confnb.datasets.reader import ARROW_FORMAT, file_associated_data
+from confnb.datasets.streaming_aead import SEGMENT_SIZE
 from kernel_enclave.vault.differences import weights_of
 
 MEMORY_BUDGET_VARIABLE = "CONFNB_VAULT_MEMORY_BUDGET"
@@ -98,17 +102,68 @@ class Numbering:
     def names(self) -> list[str]:
         return [self.record_column] + ([self.weight_column] if self.weight_column and self.bits else [])
 
-    def columns(self, start: int, rows: int) -> dict[str, np.ndarray]:
-        ids = np.arange(start, start + rows, dtype=np.int64)
-        found = {self.record_column: ids}
-        if self.weight_column is not None and self.bits is not None:
-            found[self.weight_column] = weights_of(ids, self.bits)
+    def numbered(self, batches: list[Any], start: int, names: set[str]) -> list[Any]:
+        """The batches with the hidden columns among ``names``, their rows numbered from ``start``. Each batch gets
+        columns of its own: a frame of one chunk per batch takes them without rechunking, and arrays of a batch's
+        size are made two to three times faster than one array for the frame (memory the allocator reuses)."""
+        found = []
+        for read in batches:
+            ids = np.arange(start, start + read.num_rows, dtype=np.int64)
+            start += read.num_rows
+            batch = read.append_column(self.record_column, pa.array(ids)) if self.record_column in names else read
+            if self.weight_column is not None and self.bits is not None and self.weight_column in names:
+                batch = batch.append_column(self.weight_column, pa.array(weights_of(ids, self.bits)))
+            found.append(batch)
         return found
 
 
-def scan_dataset(verified: VerifiedDataset, key: bytes, numbering: Numbering | None = None) -> pl.LazyFrame:
+class NanFacts:
+    """Which float columns of a scanned dataset hold no NaN, as complete reads of it have shown.
+
+    A dataset in memory is checked once, at load, and its NaN-free columns are read without a NaN-to-null pass (see
+    :attr:`.plan.SourceTable.nan_free`); a scanned one cannot be checked without decrypting it, so the first query
+    that reads every file to its end checks each float column of every batch on the way, whatever the query reads,
+    and its findings hold for the dataset's lifetime in the vault (its files are authenticated and immutable).
+    Safe across threads: the vault may run one query while another's scan is in flight.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: frozenset[str] = frozenset()
+        self._known = False
+
+    def nan_free(self) -> frozenset[str]:
+        with self._lock:
+            return self._free
+
+    def known(self) -> bool:
+        with self._lock:
+            return self._known
+
+    def learn(self, free: Iterable[str]) -> None:
+        """What a complete read found: ``free``, every float column without a NaN in any batch."""
+        with self._lock:
+            self._free, self._known = frozenset(free), True
+
+
+def _floats_with_nan(batch: Any, floats: list[str]) -> set[str]:
+    """The columns of ``floats`` holding a NaN in ``batch`` (a type Arrow cannot check counts as holding one)."""
+    found = set()
+    for name in floats:
+        try:
+            if pc.any(pc.is_nan(batch.column(name))).as_py():
+                found.add(name)
+        except pa.ArrowNotImplementedError:
+            found.add(name)
+    return found
+
+
+def scan_dataset(
+    verified: VerifiedDataset, key: bytes, numbering: Numbering | None = None, nan_facts: NanFacts | None = None
+) -> pl.LazyFrame:
     """A lazy frame over an encrypted Arrow IPC dataset, read segment by segment when a query runs; with
-    ``numbering``, each row also carries its record id and weight, made as it is read."""
+    ``numbering``, each row also carries its record id and weight, made as it is read; with ``nan_facts``, the
+    first complete read learns which float columns hold no NaN."""
     manifest = verified.manifest
     arrow_schema = manifest.schema.to_arrow()
     files = [
@@ -121,6 +176,8 @@ def scan_dataset(verified: VerifiedDataset, key: bytes, numbering: Numbering | N
         schema[name] = pl.Int64
     share = memory_share()  # what the process may hold, whatever the configured budget for decrypting up front
     frame_bytes = FRAME_BYTES if share is None else max(2**20, min(FRAME_BYTES, share // FRAMES_PER_BUDGET))
+    window_segments = max(1, frame_bytes // SEGMENT_SIZE)  # each file is decrypted a frame's worth at a time
+    floats = [field.name for field in arrow_schema if pa.types.is_floating(field.type)]
 
     def read(
         with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, batch_size: int | None
@@ -131,13 +188,14 @@ def scan_dataset(verified: VerifiedDataset, key: bytes, numbering: Numbering | N
         read_columns = [name for name in arrow_schema.names if name in needed] or arrow_schema.names[:1]
         numbered = {name for name in hidden if name in needed}
         position = 0  # the record id of the next row: rows are numbered across the files, before any filter
+        checking = nan_facts is not None and bool(floats) and not nan_facts.known()
+        with_nan: set[str] = set()
 
-        def frame(batches: list[Any], rows: int) -> pl.DataFrame:
-            found = _frame(batches)
+        def frame(batches: list[Any]) -> pl.DataFrame:
             if numbered:
                 assert numbering is not None
-                made = numbering.columns(position, rows)
-                found = found.with_columns(pl.Series(name, made[name]) for name in numbered)
+                batches = numbering.numbered(batches, position, numbered)
+            found = _frame(batches)
             found = found if predicate is None else found.filter(predicate)
             return found.select(wanted)
 
@@ -146,28 +204,45 @@ def scan_dataset(verified: VerifiedDataset, key: bytes, numbering: Numbering | N
             pending: list[Any] = []
             pending_bytes = 0
             pending_rows = 0
-            for batch in iter_encrypted_ipc_batches(path, key, associated_data):
+            for batch in iter_encrypted_ipc_batches(path, key, associated_data, window_segments=window_segments):
                 seen += batch.num_rows
                 if not batch.schema.equals(arrow_schema):
                     raise IntegrityError(f"{manifest.dataset_id}: a file's schema is not the signed manifest's")
+                if checking:
+                    with_nan |= _floats_with_nan(batch, [name for name in floats if name not in with_nan])
                 pending.append(batch.select(read_columns))
                 pending_bytes += pending[-1].nbytes
                 pending_rows += batch.num_rows
                 if pending_bytes >= frame_bytes:
-                    yield frame(pending, pending_rows)
+                    yield frame(pending)
                     position += pending_rows
                     pending, pending_bytes, pending_rows = [], 0, 0
             if pending:
-                yield frame(pending, pending_rows)
+                yield frame(pending)
                 position += pending_rows
             if seen != rows:
                 raise IntegrityError(f"{manifest.dataset_id}: a file holds {seen} rows, its manifest says {rows}")
+        if checking:  # every file read to its end and found complete: what it showed holds for the dataset
+            assert nan_facts is not None
+            nan_facts.learn(name for name in floats if name not in with_nan)
 
     return pl.io.plugins.register_io_source(io_source=read, schema=schema)
 
 
 def _frame(batches: list[Any]) -> pl.DataFrame:
-    """A few record batches as one Polars frame (fewer, larger morsels for the engine)."""
-    frame = pl.from_arrow(pa.Table.from_batches(batches), rechunk=False)
+    """A few record batches as one Polars frame (fewer, larger morsels for the engine). Strings and binaries become
+    Arrow's view types first, which are Polars' own representation: Arrow makes the views several times faster than
+    Polars converts offsets, and Polars then takes the columns without copying."""
+    table = pa.Table.from_batches(batches)
+    viewed = pa.schema([field.with_type(_VIEWS.get(field.type, field.type)) for field in table.schema])
+    frame = pl.from_arrow(table if viewed.equals(table.schema) else table.cast(viewed), rechunk=False)
     assert isinstance(frame, pl.DataFrame)
     return frame
+
+
+_VIEWS = {
+    pa.string(): pa.string_view(),
+    pa.large_string(): pa.string_view(),
+    pa.binary(): pa.binary_view(),
+    pa.large_binary(): pa.binary_view(),
+}

@@ -190,6 +190,7 @@ class Vault:
                 stoppable.check()  # interrupted while it waited for its turn: it does not start
                 if op in _UNRECORDED_BY_HANDLER:
                     self.audit.append("request", op=op, operation=digest_of(_operation(header)))
+                self._adopt_learned_facts()
                 return handler(header, buffers)
             except Cancelled as cancelled:  # the analyst interrupted: stopped, recorded, answered (and discarded)
                 self.audit.append("cancelled", op=op, operation=digest_of(_operation(header)), **self._asked(header))
@@ -245,6 +246,12 @@ class Vault:
     def has_dataset(self, dataset_id: str) -> bool:
         """Whether the name is taken (advisory: :meth:`add_table` checks again under the lock)."""
         return dataset_id in self._opened
+
+    def _adopt_learned_facts(self) -> None:
+        """Scanned datasets learn which float columns hold no NaN as queries read them whole; later requests then
+        read those columns without a NaN-to-null pass (see ``SourceTable.with_learned_facts``)."""
+        for handle, frame in list(self._sources.items()):
+            self._sources[handle] = frame.with_learned_facts()
 
     def _register(
         self, dataset_id: str, frame: plan.SourceTable, policy: OutputPolicy, source: str, broker: str | None = None
@@ -315,13 +322,15 @@ class Vault:
             raise VaultError(f"{dataset_id!r}: the released output policy is not the one the signed manifest names")
         if scan.should_scan(verified):  # larger than the vault's memory budget: read segment by segment per query
             key = released.key
+            nan_facts = scan.NanFacts()
 
             def scanned(record: str, weight: tuple[str, int] | None) -> pl.LazyFrame:
                 numbering = scan.Numbering(record, *(weight or (None, None)))
-                return scan.scan_dataset(verified, key, numbering)
+                return scan.scan_dataset(verified, key, numbering, nan_facts)
 
             rows = sum(entry.rows for entry in manifest.files)
-            frame = plan.SourceTable.from_scan(dataset_id, scanned, manifest.schema.to_arrow(), rows)
+            schema = manifest.schema.to_arrow()
+            frame = plan.SourceTable.from_scan(dataset_id, scanned, schema, rows, nan_facts.nan_free)
         else:
             try:
                 table = read_verified(verified, released.key)

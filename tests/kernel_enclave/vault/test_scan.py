@@ -60,8 +60,9 @@ def tags(rows: int) -> pa.Array:
 
 
 @pytest.fixture
-def make_dataset(tmp_path: Path, simulated_tee_dir: Path) -> Iterator[Callable[[int], tuple[str, dict[str, Any]]]]:
-    """Encrypts a dataset of ``rows`` rows (g, x, tag) with the owner's tooling; yields the broker URL and truths."""
+def publish(tmp_path: Path, simulated_tee_dir: Path) -> Iterator[Callable[[Any], str]]:
+    """Encrypts record batches (a table or a reader) as the dataset ``big`` with the owner's tooling; yields a
+    function doing so that returns the URL of the broker serving its key."""
     from confnb.broker.local import serve_locally
     from confnb.broker.store import OwnerStore
     from confnb.datasets.owner import encrypt_dataset
@@ -71,33 +72,42 @@ def make_dataset(tmp_path: Path, simulated_tee_dir: Path) -> Iterator[Callable[[
     attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
     with contextlib.ExitStack() as stack:
 
-        def make(rows: int) -> tuple[str, dict[str, Any]]:
-            rng = np.random.default_rng(rows)
-            sums = np.zeros(GROUPS, dtype=np.int64)
-            counts = np.zeros(GROUPS, dtype=np.int64)
-            filtered = [0, 0]
-
-            def batches() -> Iterator[pa.RecordBatch]:
-                for start in range(0, rows, BATCH_ROWS):
-                    n = min(BATCH_ROWS, rows - start)
-                    g = rng.integers(0, GROUPS, n)
-                    x = rng.integers(-1000, 1000, n)
-                    sums[:] += np.bincount(g, weights=x, minlength=GROUPS).astype(np.int64)
-                    counts[:] += np.bincount(g, minlength=GROUPS)
-                    chosen = (g < 10) & (x > 500)
-                    filtered[0] += int(x[chosen].sum())
-                    filtered[1] += int(chosen.sum())
-                    yield pa.record_batch({"g": g, "x": x, "tag": tags(n)})
-
-            schema = pa.schema([("g", pa.int64()), ("x", pa.int64()), ("tag", pa.string())])
-            reader = pa.RecordBatchReader.from_batches(schema, batches())
+        def encrypted(source: Any) -> str:
             policy = OutputPolicy.from_toml(POLICY)
-            encrypt_dataset(reader, tmp_path / "datasets" / "big", store, "big", policy, attestation)
-            url = stack.enter_context(serve_locally(store))
-            truths = {"sums": sums, "counts": counts, "filtered_sum": filtered[0], "filtered_rows": filtered[1]}
-            return url, truths
+            encrypt_dataset(source, tmp_path / "datasets" / "big", store, "big", policy, attestation)
+            return stack.enter_context(serve_locally(store))
 
-        yield make
+        yield encrypted
+
+
+@pytest.fixture
+def make_dataset(publish: Callable[[Any], str]) -> Callable[[int], tuple[str, dict[str, Any]]]:
+    """Encrypts a dataset of ``rows`` rows (g, x, tag); returns the broker URL and the truths."""
+
+    def make(rows: int) -> tuple[str, dict[str, Any]]:
+        rng = np.random.default_rng(rows)
+        sums = np.zeros(GROUPS, dtype=np.int64)
+        counts = np.zeros(GROUPS, dtype=np.int64)
+        filtered = [0, 0]
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for start in range(0, rows, BATCH_ROWS):
+                n = min(BATCH_ROWS, rows - start)
+                g = rng.integers(0, GROUPS, n)
+                x = rng.integers(-1000, 1000, n)
+                sums[:] += np.bincount(g, weights=x, minlength=GROUPS).astype(np.int64)
+                counts[:] += np.bincount(g, minlength=GROUPS)
+                chosen = (g < 10) & (x > 500)
+                filtered[0] += int(x[chosen].sum())
+                filtered[1] += int(chosen.sum())
+                yield pa.record_batch({"g": g, "x": x, "tag": tags(n)})
+
+        schema = pa.schema([("g", pa.int64()), ("x", pa.int64()), ("tag", pa.string())])
+        url = publish(pa.RecordBatchReader.from_batches(schema, batches()))
+        truths = {"sums": sums, "counts": counts, "filtered_sum": filtered[0], "filtered_rows": filtered[1]}
+        return url, truths
+
+    return make
 
 
 class LimitedVault:
@@ -358,3 +368,100 @@ def test_a_scanned_dataset_numbers_and_weighs_its_records_as_the_decrypted_one(
     assert np.all(np.diff(ids) > 0) and ids[-1] > 3 * BATCH_ROWS  # positions in the whole dataset, not per segment
     assert np.array_equal(scanned.get_column(weight).to_numpy(), weights_of(ids, bits))
     assert sketches[0] == sketches[1]
+
+
+def float_table(rows: int) -> pa.Table:
+    """Two float columns without NaN (one float32), one with a NaN in its very last row, and a key."""
+    rng = np.random.default_rng(7)
+    holed = rng.normal(size=rows)
+    holed[-1] = np.nan  # in the last segment: only a read to the end sees it
+    return pa.table(
+        {
+            "g": rng.integers(0, 4, rows),
+            "clean": np.round(rng.normal(size=rows), 1),
+            "holed": holed,
+            "single": pa.array(rng.normal(size=rows), type=pa.float32()),
+        }
+    )
+
+
+FLOAT_PLANS: list[dict[str, Any]] = [
+    {
+        "node": "aggregate",
+        "by": ["g"],
+        "aggs": [
+            {"name": "c", "column": "clean", "func": "mean"},
+            {"name": "h", "column": "holed", "func": "count"},
+            {"name": "hs", "column": "holed", "func": "sum"},
+            {"name": "s", "column": "single", "func": "max"},
+        ],
+    },
+    {  # NaN compares unequal to everything, as in pandas: the row holding it passes != and fails ==
+        "node": "count",
+        "input": {"node": "filter", "predicate": {"fn": "ne", "args": [{"col": "holed"}, {"lit": 0.5}]}},
+    },
+    {"node": "count", "input": {"node": "filter", "predicate": {"fn": "not_null", "args": [{"col": "holed"}]}}},
+]
+
+
+def float_outcomes(vault: Any, handle: str) -> list[Any]:
+    """The releases of FLOAT_PLANS, floats rounded to 9 significant digits (a streamed sum adds in another order)."""
+
+    def on(plan: dict[str, Any]) -> dict[str, Any]:
+        source = {"node": "source", "handle": handle}
+        if plan["node"] == "aggregate":
+            return {**plan, "input": source}
+        return {**plan, "input": {**plan["input"], "input": source}}
+
+    def rounded(found: Any) -> Any:
+        if isinstance(found, float):
+            return float(f"{found:.9g}")
+        if isinstance(found, dict):
+            return {name: rounded(value) for name, value in found.items()}
+        if isinstance(found, list | tuple):
+            return type(found)(rounded(item) for item in found)
+        return found
+
+    return [rounded(outcome(on(plan), vault)) for plan in FLOAT_PLANS]
+
+
+def test_a_scanned_dataset_learns_which_float_columns_hold_no_nan(
+    publish: Callable[[Any], str], tmp_path: Path, simulated_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first query that reads the dataset to its end learns, from every batch, which float columns hold no NaN
+    (whatever columns the query reads); later requests read those without a NaN-to-null pass. The answers are the
+    decrypted dataset's before and after."""
+    url = publish(float_table(3 * BATCH_ROWS + 5))
+    vault, reply, _ = opened_big(url, str(2**40), tmp_path, simulated_backend, monkeypatch)
+    expected = float_outcomes(vault, reply["handle"])
+    assert vault._sources[reply["handle"]].nan_free == {"clean", "single"}  # checked at load, in memory
+
+    vault, reply, source = opened_big(url, "0", tmp_path, simulated_backend, monkeypatch)
+    assert source.nan_free == frozenset() and source.learned_nan_free is not None
+    means = {"node": "aggregate", "by": ["g"], "aggs": [{"name": "c", "column": "clean", "func": "mean"}]}
+    outcome({**means, "input": {"node": "source", "handle": reply["handle"]}}, vault)  # reads g and clean only
+    assert source.learned_nan_free() == {"clean", "single"}
+    assert float_outcomes(vault, reply["handle"]) == expected
+    vault.handle({"op": "hello"}, [])  # any request adopts what the scans learned
+    assert vault._sources[reply["handle"]].nan_free == {"clean", "single"}
+    assert float_outcomes(vault, reply["handle"]) == expected
+    rows = 3 * BATCH_ROWS + 5
+    assert expected[1][0] == rows and expected[2][0] == rows - 1  # the NaN row: unequal to 0.5, and missing
+
+
+def test_a_scan_that_fails_learns_nothing(
+    publish: Callable[[Any], str], tmp_path: Path, simulated_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that does not reach the end of every file (here: its last segment was altered after the dataset was
+    opened) proves nothing about the columns: nothing is learned, and the query fails."""
+    from confnb.datasets.owner import PART_NAME
+
+    url = publish(float_table(2 * BATCH_ROWS))
+    vault, reply, source = opened_big(url, "0", tmp_path, simulated_backend, monkeypatch)
+    part = tmp_path / "datasets" / "big" / PART_NAME
+    data = bytearray(part.read_bytes())
+    data[-20] ^= 1  # inside the last segment's ciphertext
+    part.write_bytes(bytes(data))
+    refused = outcome({"node": "count", "input": {"node": "source", "handle": reply["handle"]}}, vault)
+    assert refused == ("refused", "count failed on its input")
+    assert source.learned_nan_free is not None and source.learned_nan_free() == frozenset()
