@@ -9,7 +9,7 @@ in-memory one, from the medians of ``--rounds`` timed calls each. Target: at lea
 
 Exit status 0 when the target holds, 1 otherwise. Run with::
 
-    python benchmarks/vault_scan.py [--rows 5000000] [--rounds 7] [--json] [--out result.json]
+    python benchmarks/vault_scan.py [--rows 5000000] [--rounds 11] [--json] [--out result.json]
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=5_000_000, help="rows (default 5,000,000)")
-    parser.add_argument("--rounds", type=int, default=7, help="timed group-bys per mode (default 7)")
+    parser.add_argument("--rounds", type=int, default=11, help="timed group-bys per mode (default 11)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     add_output_argument(parser, "vault_scan")
     args = parser.parse_args()
