@@ -158,6 +158,49 @@ def test_over_a_scanned_dataset_one_record_among_many_of_one_value_does_not_coun
     np.testing.assert_allclose(twin["v"].to_numpy(), expected.to_numpy())
 
 
+def test_over_a_scanned_dataset_one_flag_among_many_of_the_other_does_not_count(
+    hospital: Any, recovered: Recovered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target beside every patient whose readmission flag is the other one: the sum or mean of the flags is the
+    target's flag plus a known multiple. Scanned from disk, a column holding few values that k patients share (two,
+    here) is binned by comparing each row with them as the query streams (more are looked up); either way a group in
+    which all but the target hold one value never passes. The twin, the readmission rate per sex, is released."""
+    from kernel_enclave.vault import release as engine
+
+    monkeypatch.setenv("CONFNB_VAULT_MEMORY_BUDGET", "0")
+    binned: list[int] = []
+    often_binned = engine._often_binned
+
+    def noted(value: Any, often: Any) -> Any:
+        binned.append(often.len())
+        return often_binned(value, often)
+
+    monkeypatch.setattr(engine, "_often_binned", noted)  # the vault runs in this process: see how it bins
+    t = hospital.open()
+    assert all(source.streaming for source in hospital.vault._sources.values())
+    frame, target = hospital.frame, hospital.target
+    secret = float(bool(target.readmitted))
+    others = frame.readmitted != target.readmitted
+    picked = t[(t.readmitted != bool(target.readmitted)) | (t.patient_id == hospital.target_id)]
+    rows = int(others.sum()) + 1
+    other_flag = 1.0 - secret
+    refusals: list[str] = []
+    for func in ("sum", "mean"):
+        try:
+            value = float(getattr(picked["readmitted"], func)().release())
+        except cn.PolicyViolation as refused:
+            refusals.append(str(refused))
+            continue
+        total = value if func == "sum" else value * rows
+        assert not recovered(total - other_flag * (rows - 1), secret), func
+        pytest.fail(f"the {func} of the target's flag beside {rows - 1} patients of the other flag was released")
+    assert len(refusals) == 2 and all("release.min_group_size" in text for text in refusals)
+    assert binned and all(count <= engine._COMPARED_OFTEN for count in binned)  # the flags' two values, compared
+    twin = t.group_by("sex").agg(rate=("readmitted", "mean")).release()
+    expected = frame.groupby("sex")["readmitted"].mean()
+    np.testing.assert_allclose(twin["rate"].to_numpy(), expected.loc[twin.index].to_numpy())
+
+
 def test_a_fill_under_a_unique_column_s_name_is_not_taken_for_that_column(
     hospital: Any, recovered: Recovered, monkeypatch: pytest.MonkeyPatch
 ) -> None:
