@@ -31,6 +31,7 @@ from confnb.datasets.errors import DatasetFormatError, IntegrityError
 from confnb.datasets.streaming_aead import (
     AES256_GCM_HKDF_1MB,
     Parameters,
+    PlaintextReader,
     StreamEncryptor,
     decrypt_to_buffer,
     iter_decrypt_windows,
@@ -249,69 +250,9 @@ def iter_encrypted_ipc_batches(
                 raise DatasetFormatError("the file holds data after the end of its Arrow IPC stream")
 
 
-class _WindowReader:
-    """A read-only binary file object over decrypted windows (Arrow buffers) for Arrow's IPC reader: a read inside
-    one window is a zero-copy slice of it, a read across windows a copy. Decryption failures raise
-    :class:`IntegrityError` and are also kept in :attr:`error`, because pyarrow, in between, may translate them."""
+class _WindowReader(PlaintextReader[pa.Buffer]):
+    """:class:`PlaintextReader` over decrypted windows (Arrow buffers) for Arrow's IPC reader: a read inside one
+    window is a zero-copy slice of it, so the record batches Arrow builds point into the window."""
 
-    def __init__(self, windows: Iterator[pa.Buffer]) -> None:
-        self._windows = windows
-        self._window: pa.Buffer | None = None
-        self._offset = 0  # within the current window
-        self._position = 0
-        self._done = False
-        self.closed = False
-        self.mode = "rb"
-        self.error: IntegrityError | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
-
-    def tell(self) -> int:
-        return self._position
-
-    def close(self) -> None:
-        self.closed = True
-
-    def _next_window(self) -> bool:
-        try:
-            self._window, self._offset = next(self._windows), 0
-        except StopIteration:
-            self._window, self._done = None, True
-            return False
-        except IntegrityError as error:
-            self.error, self._window, self._done = error, None, True
-            raise
-        return True
-
-    def read(self, size: int = -1) -> pa.Buffer | bytes:
-        if self.error is not None:
-            raise self.error
-        window = self._window
-        if window is not None and 0 <= size <= window.size - self._offset:  # the common case: inside one window
-            data = window.slice(self._offset, size)
-            self._offset += size
-            self._position += size
-            return data
-        parts: list[bytes] = []
-        wanted = size if size >= 0 else None
-        while wanted is None or wanted > 0:
-            exhausted = self._window is None or self._offset >= self._window.size
-            if exhausted and (self._done or not self._next_window()):
-                break
-            assert self._window is not None
-            available = self._window.size - self._offset
-            take = available if wanted is None else min(wanted, available)
-            parts.append(self._window.slice(self._offset, take).to_pybytes())
-            self._offset += take
-            if wanted is not None:
-                wanted -= take
-        joined = b"".join(parts)
-        self._position += len(joined)
-        return joined
+    def _piece(self, chunk: pa.Buffer, start: int, size: int) -> pa.Buffer:
+        return chunk.slice(start, size)

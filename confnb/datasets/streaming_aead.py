@@ -43,7 +43,7 @@ import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Final, Protocol, TypeVar, cast
+from typing import Any, BinaryIO, Final, Generic, Protocol, Self, TypeVar, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -58,6 +58,7 @@ __all__ = [
     "DecryptingReader",
     "IntegrityError",
     "Parameters",
+    "PlaintextReader",
     "StreamEncryptor",
     "ciphertext_size",
     "decrypt_to_buffer",
@@ -78,6 +79,7 @@ _HASHES: Final[dict[str, type[hashes.HashAlgorithm]]] = {
 }
 _PAGE_SIZE: Final = mmap.PAGESIZE
 _Window = TypeVar("_Window")  # a writable buffer a window of plaintext is decrypted into
+_Chunk = TypeVar("_Chunk")  # decrypted plaintext a reader serves reads from: bytes, a window
 
 
 @dataclass(frozen=True)
@@ -667,19 +669,21 @@ def iter_decrypt(
         current, ahead, filled = ahead, current, ahead_filled
 
 
-class DecryptingReader:
-    """A read-only binary file object over :func:`iter_decrypt`, for consumers that want ``read(n)``.
+class PlaintextReader(Generic[_Chunk]):
+    """A read-only binary file object over chunks of decrypted plaintext, for consumers that want ``read(n)``
+    (pyarrow's IPC reader): :func:`iter_decrypt`'s segments, or :func:`iter_decrypt_windows`' windows.
 
     ``read(n)`` always returns ``n`` bytes unless the stream ends (pyarrow's IPC reader treats a short read as a
-    truncated message). Failures raise :class:`IntegrityError` and are also kept in :attr:`error`, because a caller
-    in between (pyarrow) may translate the exception.
+    truncated message). A read inside one chunk is :meth:`_piece` of it (here a copy; a subclass may hand out a
+    zero-copy slice), a read across chunks one copy. Failures raise :class:`IntegrityError` and are also kept in
+    :attr:`error`, because a caller in between (pyarrow) may translate the exception.
     """
 
-    def __init__(
-        self, key: bytes, associated_data: bytes, source: BinaryIO, *, params: Parameters = AES256_GCM_HKDF_1MB
-    ) -> None:
-        self._segments = iter_decrypt(key, associated_data, source, params=params)
-        self._pending = memoryview(b"")
+    def __init__(self, chunks: Iterator[_Chunk]) -> None:
+        self._chunks = chunks
+        self._chunk: _Chunk | None = None
+        self._view = memoryview(b"")  # the current chunk, as bytes
+        self._offset = 0  # within the current chunk
         self._position = 0
         self._done = False
         self._closed = False
@@ -708,54 +712,63 @@ class DecryptingReader:
     def close(self) -> None:
         self._closed = True
 
-    def __enter__(self) -> DecryptingReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _next_segment(self) -> bool:
+    def _piece(self, chunk: _Chunk, start: int, size: int) -> Any:
+        """``size`` bytes of the current chunk from ``start``."""
+        return bytes(self._view[start : start + size])
+
+    def _next_chunk(self) -> bool:
         try:
-            self._pending = memoryview(next(self._segments))
+            self._chunk = next(self._chunks)
         except StopIteration:
-            self._done = True
+            self._chunk, self._view, self._done = None, memoryview(b""), True
             return False
         except IntegrityError as error:
-            self.error = error
-            self._done = True
+            self._chunk, self._view, self._done, self.error = None, memoryview(b""), True, error
             raise
+        self._view, self._offset = memoryview(cast(Any, self._chunk)).cast("B"), 0
         return True
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1) -> Any:
         if self._closed:
-            raise ValueError("read from a closed DecryptingReader")
+            raise ValueError(f"read from a closed {type(self).__name__}")
         if self.error is not None:
             raise self.error
-        parts: list[bytes | memoryview] = []
-        if size is None or size < 0:
-            parts.append(bytes(self._pending))
-            while self._next_segment():
-                parts.append(bytes(self._pending))
-            self._pending = memoryview(b"")
-            data = b"".join(parts)
-        elif len(self._pending) >= size:  # the common case: served from the current segment
-            data = bytes(self._pending[:size])
-            self._pending = self._pending[size:]
-        else:
-            wanted = size
-            while wanted:
-                if not self._pending and (self._done or not self._next_segment()):
-                    break
-                piece = self._pending[:wanted]
-                parts.append(piece)
-                self._pending = self._pending[len(piece) :]
-                wanted -= len(piece)
-            data = b"".join(parts)
-        self._position += len(data)
-        return data
+        if self._chunk is not None and 0 <= size <= len(self._view) - self._offset:  # inside the current chunk
+            data = self._piece(self._chunk, self._offset, size)
+            self._offset += size
+            self._position += size
+            return data
+        parts: list[memoryview] = []
+        wanted = size if size is not None and size >= 0 else None
+        while wanted is None or wanted > 0:
+            if self._offset >= len(self._view) and (self._done or not self._next_chunk()):
+                break
+            take = len(self._view) - self._offset if wanted is None else min(wanted, len(self._view) - self._offset)
+            parts.append(self._view[self._offset : self._offset + take])
+            self._offset += take
+            if wanted is not None:
+                wanted -= take
+        joined = b"".join(parts)
+        self._position += len(joined)
+        return joined
 
     def readinto(self, buffer: bytearray | memoryview) -> int:
         with memoryview(buffer) as view, view.cast("B") as target:
             data = self.read(len(target))
             target[: len(data)] = data
         return len(data)
+
+
+class DecryptingReader(PlaintextReader[bytes]):
+    """:class:`PlaintextReader` over :func:`iter_decrypt`: one segment at a time, from any binary stream."""
+
+    def __init__(
+        self, key: bytes, associated_data: bytes, source: BinaryIO, *, params: Parameters = AES256_GCM_HKDF_1MB
+    ) -> None:
+        super().__init__(iter_decrypt(key, associated_data, source, params=params))
