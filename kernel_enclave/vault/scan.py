@@ -35,7 +35,7 @@ import polars as pl
 import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 
-from confnb.datasets.errors import IntegrityError
+from confnb.datasets.errors import DatasetFormatError, IntegrityError
 from confnb.datasets.ipc import iter_encrypted_ipc_batches
 from confnb.datasets.manifest import VerifiedDataset
 from confnb.datasets.reader import ARROW_FORMAT, file_associated_data
@@ -117,20 +117,29 @@ class Numbering:
         return found
 
 
-class NanFacts:
-    """Which float columns of a scanned dataset hold no NaN, as complete reads of it have shown.
+class ScanFacts:
+    """What the reads of a scanned dataset have shown: which float columns hold no NaN, and whether a file failed
+    its checks.
 
     A dataset in memory is checked once, at load, and its NaN-free columns are read without a NaN-to-null pass (see
     :attr:`.plan.SourceTable.nan_free`); a scanned one cannot be checked without decrypting it, so the first query
     that reads every file to its end checks each float column of every batch on the way, whatever the query reads,
     and its findings hold for the dataset's lifetime in the vault (its files are authenticated and immutable).
-    Safe across threads: the vault may run one query while another's scan is in flight.
+
+    A file that fails authentication, or disagrees with the signed manifest, was altered on disk after the owner
+    sealed it: the dataset is then failed for the kernel's lifetime (every later read fails at once, with the same
+    reason), and :meth:`failures` counts the reads that failed so that the vault can tell the analyst which check
+    failed rather than that a query did. Safe across threads: the vault may run one query while another's scan is
+    in flight.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dataset_id: str) -> None:
+        self._dataset_id = dataset_id
         self._lock = threading.Lock()
         self._free: frozenset[str] = frozenset()
         self._known = False
+        self._failure: str | None = None
+        self._failures = 0
 
     def nan_free(self) -> frozenset[str]:
         with self._lock:
@@ -144,6 +153,28 @@ class NanFacts:
         """What a complete read found: ``free``, every float column without a NaN in any batch."""
         with self._lock:
             self._free, self._known = frozenset(free), True
+
+    def failure(self) -> str | None:
+        """Why the dataset failed, once a read found one of its files altered."""
+        with self._lock:
+            return self._failure
+
+    def failures(self) -> int:
+        with self._lock:
+            return self._failures
+
+    def fail(self, error: Exception) -> str:
+        """Record a read that failed (the first reason is kept); the reason, naming the dataset."""
+        reason = str(error)
+        if not reason.startswith(f"{self._dataset_id}: "):
+            reason = f"{self._dataset_id}: {reason}"
+        with self._lock:
+            self._failure = self._failure or (
+                f"dataset {self._dataset_id!r} failed its checks while it was read ({reason}): its files on disk "
+                "were altered after the owner sealed them; nothing read from them was released"
+            )
+            self._failures += 1
+            return self._failure
 
 
 def _floats_with_nan(batch: Any, floats: list[str]) -> set[str]:
@@ -159,11 +190,11 @@ def _floats_with_nan(batch: Any, floats: list[str]) -> set[str]:
 
 
 def scan_dataset(
-    verified: VerifiedDataset, key: bytes, numbering: Numbering | None = None, nan_facts: NanFacts | None = None
+    verified: VerifiedDataset, key: bytes, numbering: Numbering | None = None, facts: ScanFacts | None = None
 ) -> pl.LazyFrame:
     """A lazy frame over an encrypted Arrow IPC dataset, read segment by segment when a query runs; with
-    ``numbering``, each row also carries its record id and weight, made as it is read; with ``nan_facts``, the
-    first complete read learns which float columns hold no NaN."""
+    ``numbering``, each row also carries its record id and weight, made as it is read; with ``facts``, the first
+    complete read learns which float columns hold no NaN, and a read that finds a file altered fails the dataset."""
     manifest = verified.manifest
     arrow_schema = manifest.schema.to_arrow()
     files = [
@@ -179,7 +210,7 @@ def scan_dataset(
     window_segments = max(1, frame_bytes // SEGMENT_SIZE)  # each file is decrypted a frame's worth at a time
     floats = [field.name for field in arrow_schema if pa.types.is_floating(field.type)]
 
-    def read(
+    def read_all(
         with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, batch_size: int | None
     ) -> Iterator[pl.DataFrame]:
         # n_rows is a hint: every file is read to its end, so its completeness is checked before the query ends.
@@ -188,7 +219,7 @@ def scan_dataset(
         read_columns = [name for name in arrow_schema.names if name in needed] or arrow_schema.names[:1]
         numbered = {name for name in hidden if name in needed}
         position = 0  # the record id of the next row: rows are numbered across the files, before any filter
-        checking = nan_facts is not None and bool(floats) and not nan_facts.known()
+        checking = facts is not None and bool(floats) and not facts.known()
         with_nan: set[str] = set()
 
         def frame(batches: list[Any]) -> pl.DataFrame:
@@ -223,8 +254,21 @@ def scan_dataset(
             if seen != rows:
                 raise IntegrityError(f"{manifest.dataset_id}: a file holds {seen} rows, its manifest says {rows}")
         if checking:  # every file read to its end and found complete: what it showed holds for the dataset
-            assert nan_facts is not None
-            nan_facts.learn(name for name in floats if name not in with_nan)
+            assert facts is not None
+            facts.learn(name for name in floats if name not in with_nan)
+
+    def read(
+        with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, batch_size: int | None
+    ) -> Iterator[pl.DataFrame]:
+        failed = None if facts is None else facts.failure()
+        try:
+            if failed is not None:  # a file was found altered before: nothing of the dataset is read again
+                raise IntegrityError(failed)
+            yield from read_all(with_columns, predicate, n_rows, batch_size)
+        except (IntegrityError, DatasetFormatError) as error:
+            if facts is not None:
+                facts.fail(error)
+            raise
 
     return pl.io.plugins.register_io_source(io_source=read, schema=schema)
 

@@ -143,6 +143,7 @@ class Vault:
         self._dataset_path = dataset_path if dataset_path is not None else os.environ.get(DATASET_PATH_VARIABLE, "")
         self._lock = threading.Lock()
         self._sources: dict[str, plan.SourceTable] = {}
+        self._scans: dict[str, scan.ScanFacts] = {}  # what reads of each scanned dataset have shown
         self._opened: dict[str, str] = {}  # dataset id -> handle
         self._policies: dict[str, OutputPolicy] = {}
         self._models: dict[str, models.TrainedModel | dp_models.DpModel] = {}
@@ -186,6 +187,7 @@ class Vault:
             shown = op if isinstance(op, str) and op.isidentifier() and len(op) < 40 else "?"
             return error_reply(ProtocolError(f"unknown vault operation {shown!r}")), []
         with self._lock:
+            failed_reads = self._failed_reads()
             try:
                 stoppable.check()  # interrupted while it waited for its turn: it does not start
                 if op in _UNRECORDED_BY_HANDLER:
@@ -205,11 +207,16 @@ class Vault:
                     **self._asked(header),
                 )
                 return error_reply(violation), []
-            except VaultError as exc:
-                self.audit.append("error", op=op, operation=digest_of(_operation(header)), **self._asked(header))
-                return error_reply(exc), []
             except Exception as exc:
-                self.audit.append("error", op=op, operation=digest_of(_operation(header)), **self._asked(header))
+                # A scanned dataset's file found altered while this request read it: say which check failed.
+                altered = self._altered_since(failed_reads)
+                integrity = {} if altered is None else {"integrity": altered}
+                operation = digest_of(_operation(header))
+                self.audit.append("error", op=op, operation=operation, **integrity, **self._asked(header))
+                if altered is not None:
+                    return error_reply(VaultError(altered)), []
+                if isinstance(exc, VaultError):
+                    return error_reply(exc), []
                 return error_reply(VaultError(f"{op} failed inside the vault ({type(exc).__name__})")), []
 
     # -- datasets ---------------------------------------------------------------------------------------------
@@ -246,6 +253,16 @@ class Vault:
     def has_dataset(self, dataset_id: str) -> bool:
         """Whether the name is taken (advisory: :meth:`add_table` checks again under the lock)."""
         return dataset_id in self._opened
+
+    def _failed_reads(self) -> int:
+        return sum(facts.failures() for facts in self._scans.values())
+
+    def _altered_since(self, failed_reads: int) -> str | None:
+        """Why a read failed since there were ``failed_reads``: a scanned dataset's file found altered (the reads
+        are this request's, made under the request lock)."""
+        if self._failed_reads() == failed_reads:
+            return None
+        return next((facts.failure() for facts in self._scans.values() if facts.failure()), None)
 
     def _adopt_learned_facts(self) -> None:
         """Scanned datasets learn which float columns hold no NaN as queries read them whole; later requests then
@@ -322,15 +339,15 @@ class Vault:
             raise VaultError(f"{dataset_id!r}: the released output policy is not the one the signed manifest names")
         if scan.should_scan(verified):  # larger than the vault's memory budget: read segment by segment per query
             key = released.key
-            nan_facts = scan.NanFacts()
+            facts = self._scans[dataset_id] = scan.ScanFacts(dataset_id)
 
             def scanned(record: str, weight: tuple[str, int] | None) -> pl.LazyFrame:
                 numbering = scan.Numbering(record, *(weight or (None, None)))
-                return scan.scan_dataset(verified, key, numbering, nan_facts)
+                return scan.scan_dataset(verified, key, numbering, facts)
 
             rows = sum(entry.rows for entry in manifest.files)
             schema = manifest.schema.to_arrow()
-            frame = plan.SourceTable.from_scan(dataset_id, scanned, schema, rows, nan_facts.nan_free)
+            frame = plan.SourceTable.from_scan(dataset_id, scanned, schema, rows, facts.nan_free)
         else:
             try:
                 table = read_verified(verified, released.key)

@@ -449,11 +449,12 @@ def test_a_scanned_dataset_learns_which_float_columns_hold_no_nan(
     assert expected[1][0] == rows and expected[2][0] == rows - 1  # the NaN row: unequal to 0.5, and missing
 
 
-def test_a_scan_that_fails_learns_nothing(
+def test_a_file_altered_on_disk_fails_the_dataset_naming_the_check(
     publish: Callable[[Any], str], tmp_path: Path, simulated_backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A read that does not reach the end of every file (here: its last segment was altered after the dataset was
-    opened) proves nothing about the columns: nothing is learned, and the query fails."""
+    """A file altered after the dataset was opened (here a byte of its last segment): the request that reads it
+    fails naming the check that failed, not as a query failure; nothing is learned from the read; every later
+    request over the dataset fails the same way without reading it; the audit log's error entries say why."""
     from confnb.datasets.owner import PART_NAME
 
     url = publish(float_table(2 * BATCH_ROWS))
@@ -462,6 +463,14 @@ def test_a_scan_that_fails_learns_nothing(
     data = bytearray(part.read_bytes())
     data[-20] ^= 1  # inside the last segment's ciphertext
     part.write_bytes(bytes(data))
-    refused = outcome({"node": "count", "input": {"node": "source", "handle": reply["handle"]}}, vault)
-    assert refused == ("refused", "count failed on its input")
+    plan = {"node": "count", "input": {"node": "source", "handle": reply["handle"]}}
+    answers = [vault.handle({"op": "release", "plan": plan}, [])[0] for _ in range(2)]
+    for answer in answers:
+        assert not answer["ok"]
+        message = answer["error"]["message"]
+        assert message.startswith("dataset 'big' failed its checks while it was read (big: segment ")
+        assert "failed authentication" in message and "nothing read from them was released" in message
+    assert answers[0]["error"]["message"] == answers[1]["error"]["message"]
     assert source.learned_nan_free is not None and source.learned_nan_free() == frozenset()
+    errors = [entry for entry in vault.audit.entries() if entry["event"] == "error"]
+    assert [entry["fields"].get("integrity") for entry in errors] == [answers[0]["error"]["message"]] * 2
