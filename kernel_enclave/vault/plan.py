@@ -444,7 +444,8 @@ class SourceTable:
     def with_learned_facts(self) -> SourceTable:
         """This scanned dataset as its complete reads have shown it: the float columns they found without NaN are
         then read without a NaN-to-null pass, as a dataset in memory is from its load (the same results, faster).
-        Itself when nothing new was learned, or for any other table."""
+        Itself when nothing new was learned, or for any other table. A plan's source is evaluated so; the vault
+        keeps the table it registered."""
         if self.learned_nan_free is None:
             return self
         learned = self.learned_nan_free() & self.lineage.keys()
@@ -1045,7 +1046,9 @@ def evaluate_node(node: Node, sources: Mapping[str, SourceTable]) -> SourceTable
     plan and the types alone, never by a row's value.
     """
     if isinstance(node, Source):
-        return _source(node, sources)
+        # A scanned dataset as its reads have shown it so far. The registered table itself stays as it is: it names
+        # the question in the difference checks' recipes, and a question asked again must be recognised as such.
+        return _source(node, sources).with_learned_facts()
     if isinstance(node, RELEASE_NODES):
         kind = type(node).__name__.lower() if not isinstance(node, ValueCounts) else "value_counts"
         raise VaultError(f"a {kind} node may only be the root of a release plan")

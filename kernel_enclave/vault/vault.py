@@ -192,7 +192,6 @@ class Vault:
                 stoppable.check()  # interrupted while it waited for its turn: it does not start
                 if op in _UNRECORDED_BY_HANDLER:
                     self.audit.append("request", op=op, operation=digest_of(_operation(header)))
-                self._adopt_learned_facts()
                 return handler(header, buffers)
             except Cancelled as cancelled:  # the analyst interrupted: stopped, recorded, answered (and discarded)
                 self.audit.append("cancelled", op=op, operation=digest_of(_operation(header)), **self._asked(header))
@@ -263,12 +262,6 @@ class Vault:
         if self._failed_reads() == failed_reads:
             return None
         return next((facts.failure() for facts in self._scans.values() if facts.failure()), None)
-
-    def _adopt_learned_facts(self) -> None:
-        """Scanned datasets learn which float columns hold no NaN as queries read them whole; later requests then
-        read those columns without a NaN-to-null pass (see ``SourceTable.with_learned_facts``)."""
-        for handle, frame in list(self._sources.items()):
-            self._sources[handle] = frame.with_learned_facts()
 
     def _register(
         self, dataset_id: str, frame: plan.SourceTable, policy: OutputPolicy, source: str, broker: str | None = None

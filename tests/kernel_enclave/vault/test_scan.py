@@ -60,9 +60,9 @@ def tags(rows: int) -> pa.Array:
 
 
 @pytest.fixture
-def publish(tmp_path: Path, simulated_tee_dir: Path) -> Iterator[Callable[[Any], str]]:
-    """Encrypts record batches (a table or a reader) as the dataset ``big`` with the owner's tooling; yields a
-    function doing so that returns the URL of the broker serving its key."""
+def publish(tmp_path: Path, simulated_tee_dir: Path) -> Iterator[Callable[..., str]]:
+    """Encrypts record batches (a table or a reader) as the dataset ``big`` with the owner's tooling, under
+    ``POLICY`` or the policy given; yields a function doing so that returns the URL of the broker serving its key."""
     from confnb.broker.local import serve_locally
     from confnb.broker.store import OwnerStore
     from confnb.datasets.owner import encrypt_dataset
@@ -72,8 +72,8 @@ def publish(tmp_path: Path, simulated_tee_dir: Path) -> Iterator[Callable[[Any],
     attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
     with contextlib.ExitStack() as stack:
 
-        def encrypted(source: Any) -> str:
-            policy = OutputPolicy.from_toml(POLICY)
+        def encrypted(source: Any, policy_text: str = POLICY) -> str:
+            policy = OutputPolicy.from_toml(policy_text)
             encrypt_dataset(source, tmp_path / "datasets" / "big", store, "big", policy, attestation)
             return stack.enter_context(serve_locally(store))
 
@@ -81,7 +81,7 @@ def publish(tmp_path: Path, simulated_tee_dir: Path) -> Iterator[Callable[[Any],
 
 
 @pytest.fixture
-def make_dataset(publish: Callable[[Any], str]) -> Callable[[int], tuple[str, dict[str, Any]]]:
+def make_dataset(publish: Callable[..., str]) -> Callable[[int], tuple[str, dict[str, Any]]]:
     """Encrypts a dataset of ``rows`` rows (g, x, tag); returns the broker URL and the truths."""
 
     def make(rows: int) -> tuple[str, dict[str, Any]]:
@@ -426,31 +426,36 @@ def float_outcomes(vault: Any, handle: str) -> list[Any]:
 
 
 def test_a_scanned_dataset_learns_which_float_columns_hold_no_nan(
-    publish: Callable[[Any], str], tmp_path: Path, simulated_backend: Any, monkeypatch: pytest.MonkeyPatch
+    publish: Callable[..., str], tmp_path: Path, simulated_backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first query that reads the dataset to its end learns, from every batch, which float columns hold no NaN
-    (whatever columns the query reads); later requests read those without a NaN-to-null pass. The answers are the
-    decrypted dataset's before and after."""
-    url = publish(float_table(3 * BATCH_ROWS + 5))
+    (whatever columns the query reads); later plans read those without a NaN-to-null pass. The answers are the
+    decrypted dataset's before and after, and a question asked before and after the learning is still the same
+    question to the difference checks (recognised as asked again: nothing listed)."""
+    from kernel_enclave.vault.plan import Source, evaluate_node
+
+    url = publish(float_table(3 * BATCH_ROWS + 5), POLICY.replace("difference_checks = false", ""))
     vault, reply, _ = opened_big(url, str(2**40), tmp_path, simulated_backend, monkeypatch)
     expected = float_outcomes(vault, reply["handle"])
     assert vault._sources[reply["handle"]].nan_free == {"clean", "single"}  # checked at load, in memory
 
     vault, reply, source = opened_big(url, "0", tmp_path, simulated_backend, monkeypatch)
     assert source.nan_free == frozenset() and source.learned_nan_free is not None
-    means = {"node": "aggregate", "by": ["g"], "aggs": [{"name": "c", "column": "clean", "func": "mean"}]}
-    outcome({**means, "input": {"node": "source", "handle": reply["handle"]}}, vault)  # reads g and clean only
-    assert source.learned_nan_free() == {"clean", "single"}
-    assert float_outcomes(vault, reply["handle"]) == expected
-    vault.handle({"op": "hello"}, [])  # any request adopts what the scans learned
-    assert vault._sources[reply["handle"]].nan_free == {"clean", "single"}
+    means = {"node": "aggregate", "by": ["g"], "aggs": [{"name": "s", "column": "single", "func": "mean"}]}
+    asked = {"op": "release", "plan": {**means, "input": {"node": "source", "handle": reply["handle"]}}}
+    first, _ = vault.handle(asked, [])  # reads g and single only (whose values no two records share: sketched)
+    assert first["ok"] and source.learned_nan_free() == {"clean", "single"}
+    assert evaluate_node(Source(reply["handle"]), vault._sources).nan_free == {"clean", "single"}
+    assert vault._sources[reply["handle"]] is source  # the registered table is the one the first release named
+    again, _ = vault.handle(asked, [])
+    assert again["ok"] and vault._memory().listed() == 0
     assert float_outcomes(vault, reply["handle"]) == expected
     rows = 3 * BATCH_ROWS + 5
     assert expected[1][0] == rows and expected[2][0] == rows - 1  # the NaN row: unequal to 0.5, and missing
 
 
 def test_a_file_altered_on_disk_fails_the_dataset_naming_the_check(
-    publish: Callable[[Any], str], tmp_path: Path, simulated_backend: Any, monkeypatch: pytest.MonkeyPatch
+    publish: Callable[..., str], tmp_path: Path, simulated_backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file altered after the dataset was opened (here a byte of its last segment): the request that reads it
     fails naming the check that failed, not as a query failure; nothing is learned from the read; every later
