@@ -3,12 +3,12 @@
 A dataset whose plaintext would not fit the vault's memory budget is not decrypted up front. It becomes a Polars
 IO source (``polars.io.plugins.register_io_source``) whose reader decrypts each file a window of 1 MiB segments at
 a time, on every core (:func:`confnb.datasets.ipc.iter_encrypted_ipc_batches`; a window is the size of the frames
-handed to Polars), keeps only the columns the query needs (projection
-pushdown) and the rows its pushed-down filter keeps (predicate pushdown), and hands Polars' streaming engine one
-record batch at a time. Filters, group-bys and aggregates over such a dataset run in memory bounded by the batch
-and the aggregation state, not by the dataset. The reader also gives each row its record id (its position in the
-dataset, counted across segments and files before any filter) and its weight for the difference checks, so that a
-checked release sums its records' weights as it streams instead of listing their ids.
+handed to Polars), keeps only the columns the query needs (projection pushdown) and the rows its pushed-down filter
+keeps (predicate pushdown), and hands Polars' streaming engine a few record batches at a time. Filters, group-bys
+and aggregates over such a dataset run in memory bounded by the batches and the aggregation state, not by the
+dataset. The reader also gives each row its record id (its position in the dataset, counted across segments and
+files before any filter) and its weight for the difference checks, so that a checked release sums its records'
+weights as it streams instead of listing their ids.
 
 The reader is the vault's own code: nothing of a plan is a Python callable, and the predicate Polars passes in is an
 expression the vault compiled. Every batch is authenticated before Polars sees it, and a file is checked complete
@@ -163,8 +163,8 @@ class ScanFacts:
         with self._lock:
             return self._failures
 
-    def fail(self, error: Exception) -> str:
-        """Record a read that failed (the first reason is kept); the reason, naming the dataset."""
+    def fail(self, error: Exception) -> None:
+        """Record a read that failed; the first reason is kept, naming the dataset."""
         reason = str(error)
         if not reason.startswith(f"{self._dataset_id}: "):
             reason = f"{self._dataset_id}: {reason}"
@@ -174,7 +174,6 @@ class ScanFacts:
                 "were altered after the owner sealed them; nothing read from them was released"
             )
             self._failures += 1
-            return self._failure
 
 
 def _floats_with_nan(batch: Any, floats: list[str]) -> set[str]:
