@@ -479,3 +479,56 @@ def test_key_and_parameter_checks() -> None:
         sa.Parameters(hkdf_hash="MD5")
     with pytest.raises(ValueError, match="must not be negative"):
         sa.ciphertext_size(-1)
+
+
+# ------------------------------------------------------------------------------------------------- plaintext reader
+
+
+class _SlicingReader(sa.PlaintextReader[pa.Buffer]):
+    """As the IPC window reader: reads inside a chunk are zero-copy slices of it."""
+
+    def _piece(self, chunk: pa.Buffer, start: int, size: int) -> pa.Buffer:
+        return chunk.slice(start, size)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    chunks=st.lists(st.binary(max_size=40), max_size=8),
+    sizes=st.lists(st.integers(-1, 50), max_size=20),
+    slicing=st.booleans(),
+)
+def test_the_plaintext_reader_serves_any_reads_over_any_chunks(
+    chunks: list[bytes], sizes: list[int], slicing: bool
+) -> None:
+    """Whatever the chunks (empty ones too) and the reads (a read of -1 takes the rest), the bytes read are the
+    chunks' concatenation in order, every read but the last ones full, and tell() counts them."""
+    whole = b"".join(chunks)
+    reader: sa.PlaintextReader[Any] = (
+        _SlicingReader(iter([pa.py_buffer(chunk) for chunk in chunks])) if slicing else sa.PlaintextReader(iter(chunks))
+    )
+    got = b""
+    for size in sizes:
+        data = bytes(reader.read(size))
+        expected = whole[len(got) :] if size < 0 else whole[len(got) : len(got) + size]
+        assert data == expected
+        got += data
+        assert reader.tell() == len(got)
+    assert bytes(reader.read(-1)) == whole[len(got) :]
+    assert bytes(reader.read(1)) == b""
+
+
+def test_the_plaintext_reader_keeps_the_failure_and_refuses_after_close() -> None:
+    def failing() -> Iterator[bytes]:
+        yield b"abc"
+        raise IntegrityError("segment 1 of 2 failed authentication")
+
+    reader = sa.PlaintextReader(failing())
+    assert reader.read(2) == b"ab"
+    with pytest.raises(IntegrityError, match="segment 1"):
+        reader.read(5)
+    assert reader.error is not None
+    with pytest.raises(IntegrityError, match="segment 1"):
+        reader.read(1)  # the failure stays
+    reader.close()
+    with pytest.raises(ValueError, match="closed"):
+        reader.read(1)
