@@ -454,28 +454,35 @@ def test_a_scan_counts_the_values_k_records_hold_in_bins_as_it_streams(
         assert mean_a.size == 300 + often * per_group + crowd - (per_group + crowd)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     held=st.lists(st.integers(-50, 50), min_size=1, max_size=45, unique=True),
     rows=st.lists(st.one_of(st.none(), st.integers(-60, 60)), max_size=80),
-    as_float=st.booleans(),
+    kind=st.sampled_from(["Int64", "Float64", "String", "Categorical", "Boolean"]),
 )
 def test_the_bins_of_the_values_k_records_hold_are_compared_or_looked_up_alike(
-    held: list[int], rows: list[int | None], as_float: bool
+    held: list[int], rows: list[int | None], kind: str
 ) -> None:
     """A row's field in the packed bins: value i of the held values adds 1 to bin i % 8, others 0. Up to 32 held
-    values are compared one by one, more are looked up; both give the lookup's fields."""
-    dtype = pl.Float64 if as_float else pl.Int64
-    often = pl.Series("value", held, dtype=dtype)
-    frame = pl.DataFrame({"x": pl.Series(rows, dtype=dtype)})
-    fields = [1 << (engine._BIN_BITS * (i % engine._BINS)) for i in range(len(held))]
+    values are compared one by one, more are looked up; both give the lookup's fields, for every type of key."""
+
+    def typed(values: list[Any]) -> pl.Series:
+        if kind == "Boolean":
+            return pl.Series([None if v is None else v % 2 == 0 for v in values], dtype=pl.Boolean)
+        if kind in ("String", "Categorical"):
+            strings = pl.Series([None if v is None else f"v{v}" for v in values], dtype=pl.String)
+            return strings.cast(pl.Categorical) if kind == "Categorical" else strings
+        return pl.Series(values, dtype=getattr(pl, kind))
+
+    often = typed(held).unique(maintain_order=True).alias("value")
+    frame = pl.DataFrame({"x": typed(rows)})
+    fields = [1 << (engine._BIN_BITS * (i % engine._BINS)) for i in range(often.len())]
     looked_up = pl.col("x").replace_strict(often, fields, default=0, return_dtype=pl.UInt64).fill_null(0)
     expected = frame.select(looked_up).to_series().to_list()
     binned = frame.select(engine._often_binned(pl.col("x"), often).fill_null(0).cast(pl.UInt64)).to_series()
     assert binned.to_list() == expected
-    assert (len(held) <= engine._COMPARED_OFTEN) is (
-        "replace_strict" not in str(engine._often_binned(pl.col("x"), often))
-    )
+    compared = "replace_strict" not in str(engine._often_binned(pl.col("x"), often))
+    assert compared is (often.len() <= engine._COMPARED_OFTEN)
 
 
 @settings(max_examples=80, deadline=None)
