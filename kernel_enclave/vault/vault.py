@@ -253,15 +253,16 @@ class Vault:
         """Whether the name is taken (advisory: :meth:`add_table` checks again under the lock)."""
         return dataset_id in self._opened
 
-    def _failed_reads(self) -> int:
-        return sum(facts.failures() for facts in self._scans.values())
+    def _failed_reads(self) -> dict[str, int]:
+        return {dataset: facts.failures() for dataset, facts in self._scans.items()}
 
-    def _altered_since(self, failed_reads: int) -> str | None:
-        """Why a read failed since there were ``failed_reads``: a scanned dataset's file found altered (the reads
-        are this request's, made under the request lock)."""
-        if self._failed_reads() == failed_reads:
-            return None
-        return next((facts.failure() for facts in self._scans.values() if facts.failure()), None)
+    def _altered_since(self, failed_reads: dict[str, int]) -> str | None:
+        """Why a read failed since ``failed_reads`` were counted: a file of a scanned dataset this request read
+        found altered (the reads are this request's, made under the request lock)."""
+        for dataset, facts in self._scans.items():
+            if facts.failures() > failed_reads.get(dataset, 0):
+                return facts.failure()
+        return None
 
     def _register(
         self, dataset_id: str, frame: plan.SourceTable, policy: OutputPolicy, source: str, broker: str | None = None
