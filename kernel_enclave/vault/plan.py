@@ -318,6 +318,7 @@ class SourceTable:
             raise VaultError(f"dataset {quote(dataset_id)} has duplicate column names")
         lineage = {name: frozenset({(dataset_id, name)}) for name in names}
         loaded = cls.from_arrow(table, lineage, frozenset({dataset_id}), ())
+        loaded = replace(loaded, data=_repeated_strings_coded(loaded.data.collect()).lazy())
         return loaded._with_record_ids(dataset_id, DatasetFacts(loaded.data, False, table.num_rows))
 
     def _with_record_ids(self, dataset_id: str, facts: DatasetFacts) -> SourceTable:
@@ -633,6 +634,28 @@ def arrow_type_of(dtype: Any) -> Any:
     return found
 
 
+_CODED_SHARE = 4  # a string column is held coded when it has at most one distinct value per this many rows
+
+
+def _repeated_strings_coded(data: pl.DataFrame) -> pl.DataFrame:
+    """A dataset in memory with each string column that repeats its values held as Polars categoricals: four
+    bytes a row instead of the string, and a group-by on it hashes numbers (twice as fast as on the strings).
+
+    Nothing a plan sees changes: an expression reads such a column as its strings (as it reads an owner's
+    dictionary column, see :func:`_eval_expr`), a comparison with a string literal is made on the codes, group
+    keys and window partitions use the codes, which sort as their strings do, and a released key is a string again
+    (:func:`to_arrow`). Which columns are coded depends on the data, so no result and no error may depend on it:
+    tests run every release over both forms.
+    """
+    rows = data.height
+    strings = [name for name, dtype in data.schema.items() if dtype == pl.String]
+    if not strings or rows < _CODED_SHARE:
+        return data
+    distinct = data.select(pl.col(name).n_unique() for name in strings).row(0)
+    coded = [name for name, n in zip(strings, distinct, strict=True) if n * _CODED_SHARE <= rows]
+    return data.with_columns(pl.col(name).cast(pl.Categorical) for name in coded) if coded else data
+
+
 def _plain_arrow(kind: Any) -> Any:
     if pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
         return pa.string()
@@ -651,6 +674,8 @@ def to_arrow(frame: pl.DataFrame, arrow_types: Mapping[str, Any]) -> pa.Table:
     for position, arrow_field in enumerate(table.schema):
         column = table.column(position)
         wanted = arrow_types.get(arrow_field.name) or _plain_arrow(arrow_field.type)
+        if pa.types.is_dictionary(wanted) and arrow_field.name not in arrow_types:
+            wanted = wanted.value_type  # a group key of a coded string column (see _repeated_strings_coded)
         if column.type != wanted:
             try:
                 column = column.cast(wanted)
@@ -1346,7 +1371,7 @@ def _join(node: Join, left: SourceTable, right: SourceTable) -> SourceTable:
 
 def _join_key_type(left: Any, right: Any, shown: str) -> Any:
     """The type both sides' key is read as: equal types, or two integers, two floats, string and categorical."""
-    if left == right and not isinstance(left, pl.Categorical):
+    if left == right:  # categoricals too: every categorical of the vault shares Polars' global categories
         return None
     kinds = (_kind(left), _kind(right))
     if kinds == ("integer", "integer"):
@@ -1443,6 +1468,7 @@ class Value:
     literal: bool = False
     scalar: Any = None
     contributes: pl.Expr | None = None
+    coded: pl.Expr | None = None  # a coded string column's codes (see _repeated_strings_coded): compared directly
 
 
 def _kind(dtype: Any) -> str:
@@ -1475,12 +1501,14 @@ def _eval_expr(expr: Expr, frame: SourceTable) -> Value:
         require_columns(frame, [expr.name], "expression")
         dtype = frame.dtype(expr.name)
         column = pl.col(expr.name)
+        coded = None
         if isinstance(dtype, pl.Categorical | pl.Enum):  # read as its values, as pandas compares a category
+            coded = column if isinstance(dtype, pl.Categorical) else None
             column, dtype = column.cast(pl.String), pl.String
         label = f"column {quote(expr.name)} ({frame.arrow_type(expr.name)})"
         mask = frame.masks.get(expr.name)
         contributes = None if mask is None else pl.col(mask).fill_null(False)
-        return Value(column, dtype, lineage_of(frame, expr.name), label, contributes=contributes)
+        return Value(column, dtype, lineage_of(frame, expr.name), label, contributes=contributes, coded=coded)
     if isinstance(expr, Lit):
         dtype = _LITERAL_TYPES.get(type(expr.value), pl.Null)
         label = f"a {'null' if dtype == pl.Null else _type_name(dtype)} literal"
@@ -1594,6 +1622,9 @@ def _require_fillable(data: Value, fill: Value) -> None:
 def _call(expr: Call, args: list[Value], frame: SourceTable) -> pl.Expr:
     fn = expr.fn
     if fn in _COMPARISONS:
+        equality = _coded_equality(fn, args[0], args[1])
+        if equality is not None:
+            return equality
         left, right = _comparable(fn, args[0], args[1])
         return _compare(fn, left, right, _has_float(args))
     if fn in _ARITHMETIC:
@@ -1774,6 +1805,18 @@ def _compare(fn: str, left: pl.Expr, right: pl.Expr, floats: bool) -> pl.Expr:
     if fn == "gt":
         return left > right
     return left >= right
+
+
+def _coded_equality(fn: str, left: Value, right: Value) -> pl.Expr | None:
+    """``eq``/``ne`` of a coded string column and a string literal, on the codes (no string is materialised):
+    the same truth, and null where the column is null, as the strings compared. None for any other comparison."""
+    if fn not in ("eq", "ne"):
+        return None
+    for column, other in ((left, right), (right, left)):
+        if column.coded is not None and other.literal and isinstance(other.scalar, str):
+            text = pl.lit(other.scalar, dtype=pl.String)
+            return column.coded == text if fn == "eq" else column.coded != text
+    return None
 
 
 def _comparable(fn: str, left: Value, right: Value) -> tuple[pl.Expr, pl.Expr]:
