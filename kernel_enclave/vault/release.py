@@ -1576,33 +1576,17 @@ def _numbers_direct(
         mine = [cell for cell in order_cells if inputs[(cell.column or "", cell.kind)] is spec]
         flat, bounds = segments(f"{spec.v}_o")
         large: list[tuple[str, int, np.ndarray, np.ndarray | None, int, int]] = []
-        for row in (int(r) for r in np.nonzero(kept & (count[spec.v] >= k))[0]):
-            stoppable.check()
-            segment = flat[bounds[row] : bounds[row + 1]]
-            where = np.nonzero(~np.isnan(segment))[0] if spec.indicator is not None else None
-            values = segment if where is None else segment[where]
-            ranks = [_block_ranks(len(values), k, 0.5 if cell.q is None else cell.q) for cell in mine]
-            if _SORT_BELOW < len(values) <= _NUMPY_BELOW:
-                parted = np.partition(values, sorted({r for start, end in ranks for r in (start, end - 1)}))
-            sample = _Sample(values) if len(values) > _NUMPY_BELOW else None
-            for cell, (start, end) in zip(mine, ranks, strict=True):
-                if sample is not None:
-                    found = sample.block(start, end, listing or blocks_listed)
-                    if found is None:  # the sample's bracket missed: selected below, all at once
-                        large.append((cell.name, row, values, where, start, end))
-                        continue
-                    mean, inside = found
-                elif len(values) > _SORT_BELOW:
-                    # The block's values are exactly parted[start:end]; its records, with ties in row order:
-                    mean, inside = float(parted[start:end].mean()), None
-                    if listing or blocks_listed:
-                        _, inside = _block_mean(values, start, end, parted[start], parted[end - 1], True)
-                else:
-                    inside = np.sort(np.argsort(values, kind="stable")[start:end])  # ordinal rank: ties in row order
-                    mean = float(values[inside].mean())
-                columns[cell.name][row] = mean
-                if (listing or blocks_listed) and inside is not None:
-                    blocks.setdefault(cell.name, {})[row] = inside if where is None else where[inside]
+        wanted = [int(r) for r in np.nonzero(kept & (count[spec.v] >= k))[0]]
+        with_ids = listing or blocks_listed
+        for row in wanted:
+            stoppable.check()  # NumPy from here on: an interrupt is seen between groups
+            for name, mean, inside, where, missed in _group_blocks(flat, bounds, spec, mine, k, with_ids, row):
+                if missed is not None:  # the sample's bracket missed: selected below, all at once
+                    large.append((name, row, missed, where, *_block_ranks(len(missed), k, _q_of(mine, name))))
+                    continue
+                columns[name][row] = mean
+                if with_ids and inside is not None:
+                    blocks.setdefault(name, {})[row] = inside if where is None else where[inside]
         with engine_errors(what, subjects):
             bounding = _select_ranks(
                 [(values, rank) for _, _, values, _, start, end in large for rank in (start, end - 1)]
@@ -1918,12 +1902,64 @@ class _Sample:
         if not (below <= start and end <= below + len(found)):
             return None
         first, last = start - below, end - below
-        parted = np.partition(found, [first, last - 1])
-        mean = float(parted[first:last].mean())
         if not want_ids:
-            return mean, None
+            parted = np.partition(found, [first, last - 1])
+            return float(parted[first:last].mean()), None
+        # With the ranks either side: where no tie crosses an edge of the block, its records are the positions
+        # the selection put there (ties inside the block are all in it); else they are picked in row order.
+        edges = sorted({max(first - 1, 0), first, last - 1, min(last, len(found) - 1)})
+        order = np.argpartition(found, edges)
+        parted = found[order]
+        mean = float(parted[first:last].mean())
+        crossed = (first > 0 and parted[first - 1] == parted[first]) or (
+            last < len(found) and parted[last] == parted[last - 1]
+        )
+        if not crossed:
+            return mean, np.sort(where[order[first:last]])
         _, chosen = _block_mean(found, first, last, float(parted[first]), float(parted[last - 1]), True)
         return mean, None if chosen is None else where[chosen]
+
+
+_GroupBlock = tuple[str, float, np.ndarray | None, np.ndarray | None, np.ndarray | None]
+
+
+def _q_of(cells: Sequence[_Cell], name: str) -> float:
+    cell = next(cell for cell in cells if cell.name == name)
+    return 0.5 if cell.q is None else cell.q
+
+
+def _group_blocks(
+    flat: np.ndarray, bounds: np.ndarray, spec: _Input, cells: Sequence[_Cell], k: int, with_ids: bool, row: int
+) -> list[_GroupBlock]:
+    """The blocks of one group's order statistics: per cell, its name, the block's mean, its positions among the
+    contributing values (with ``with_ids``) and where those are in the group, or the values themselves when the
+    sample's bracket missed (selected afterwards, all at once)."""
+    segment = flat[bounds[row] : bounds[row + 1]]
+    where = np.nonzero(~np.isnan(segment))[0] if spec.indicator is not None else None
+    values = segment if where is None else segment[where]
+    ranks = [_block_ranks(len(values), k, 0.5 if cell.q is None else cell.q) for cell in cells]
+    if _SORT_BELOW < len(values) <= _NUMPY_BELOW:
+        parted = np.partition(values, sorted({r for start, end in ranks for r in (start, end - 1)}))
+    sample = _Sample(values) if len(values) > _NUMPY_BELOW else None
+    found: list[_GroupBlock] = []
+    for cell, (start, end) in zip(cells, ranks, strict=True):
+        inside: np.ndarray | None
+        if sample is not None:
+            block = sample.block(start, end, with_ids)
+            if block is None:
+                found.append((cell.name, 0.0, None, where, values))
+                continue
+            mean, inside = block
+        elif len(values) > _SORT_BELOW:
+            # The block's values are exactly parted[start:end]; its records, with ties in row order:
+            mean, inside = float(parted[start:end].mean()), None
+            if with_ids:
+                _, inside = _block_mean(values, start, end, parted[start], parted[end - 1], True)
+        else:
+            inside = np.sort(np.argsort(values, kind="stable")[start:end])  # ordinal rank: ties in row order
+            mean = float(values[inside].mean())
+        found.append((cell.name, mean, inside, where, None))
+    return found
 
 
 def _block_ranks(n: int, k: int, q: float) -> tuple[int, int]:
@@ -2139,8 +2175,11 @@ def _direct_sets(
         stoppable.check()  # NumPy from here on: an interrupt is seen between groups
         start, end = int(bounds[row]), int(bounds[row + 1])
         mine = ids[start:end]  # in row order: ascending unless the plan reordered rows
-        order = None if bool(np.all(mine[1:] > mine[:-1])) else np.argsort(mine, kind="stable")
-        whole = mine if order is None else mine[order]
+        order: np.ndarray | None = None
+        whole = mine  # sorted when a number other than an order statistic needs it
+        if any(released[cell.name][row] and cell.func not in _ORDER_FUNCS for cell in cells):
+            order = None if bool(np.all(mine[1:] > mine[:-1])) else np.argsort(mine, kind="stable")
+            whole = mine if order is None else mine[order]
         keys = tuple(numbers.grouped.get_column(f"k{i}")[row] for i in range(len(by)))
         group = f"group {keys!r}" if by else "all rows"
         emitted: dict[Any, list[int]] = {}  # a set's bucket (None: the group's own records) -> places in found
@@ -2157,10 +2196,12 @@ def _direct_sets(
                     inside = ~holders(spec.v, row, start, end) & (True if inside is None else inside)
                 if inside is not None and not inside.all():
                     chosen = mine[inside] if order is None else whole[inside[order]]
-            whole_group = chosen.size == whole.size  # a subset of the group's records, so all of them
+            whole_group = chosen.size == mine.size  # a subset of the group's records, so all of them
             label = group if whole_group else (f"{group} {cell.shown}" if by else cell.shown)
             key = None if whole_group else _bucket(chosen)
-            _emit(found, emitted, key, (dataset, label, whole if whole_group else chosen, keys_of[cell.name]))
+            # (a block holding the whole group is its ids sorted: the group's own records, as ``whole`` would be)
+            listed = whole if whole_group and cell.func not in _ORDER_FUNCS else chosen
+            _emit(found, emitted, key, (dataset, label, listed, keys_of[cell.name]))
     return found
 
 
