@@ -1886,6 +1886,8 @@ def _isin(value: Value, values: tuple[Any, ...]) -> pl.Expr:
             members = pl.Series(present, strict=True).cast(value.dtype) if present else pl.Series([], dtype=value.dtype)
         except Exception:
             raise VaultError(f"isin: the values do not fit {value.label}") from None
+    if value.coded is not None:  # a coded string column: its codes looked up, no string materialised
+        return pl.when(value.coded.is_null()).then(pl.lit(has_null)).otherwise(value.coded.is_in(members.implode()))
     data = _nan_to_null(value)
     return pl.when(data.is_null()).then(pl.lit(has_null)).otherwise(data.is_in(members))
 

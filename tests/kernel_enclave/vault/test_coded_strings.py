@@ -82,7 +82,11 @@ def request(rng: np.random.Generator) -> dict[str, Any]:
             {"fn": "eq", "args": [column, {"col": "name"}]},
             {"fn": "eq", "args": [column, {"lit": 3}]},  # a type error, named alike
         ]
-        source = {"node": "filter", "input": source, "predicate": predicates[int(rng.integers(0, len(predicates)))]}
+        predicate = predicates[int(rng.integers(0, len(predicates)))]
+        if rng.random() < 0.3:  # or a flag column, counted and summed
+            source = {"node": "assign", "input": source, "columns": [["i", predicate]]}
+        else:
+            source = {"node": "filter", "input": source, "predicate": predicate}
     elif shape < 0.65:  # a window over the string column
         over = {"fn": "over", "args": [{"col": "x"}], "func": str(rng.choice(["rank", "mean", "count"])), "by": ["g"]}
         source = {"node": "assign", "input": source, "columns": [["w", over]]}
