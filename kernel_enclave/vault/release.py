@@ -1905,18 +1905,15 @@ class _Sample:
         if not want_ids:
             parted = np.partition(found, [first, last - 1])
             return float(parted[first:last].mean()), None
-        # With the ranks either side: where no tie crosses an edge of the block, its records are the positions
-        # the selection put there (ties inside the block are all in it); else they are picked in row order.
-        edges = sorted({max(first - 1, 0), first, last - 1, min(last, len(found) - 1)})
-        order = np.argpartition(found, edges)
-        parted = found[order]
+        # With the ranks either side: where no tie crosses an edge of the block, its records are those holding a
+        # value between its lowest and highest (ties inside the block are all in it); else picked in row order.
+        parted = np.partition(found, sorted({max(first - 1, 0), first, last - 1, min(last, len(found) - 1)}))
         mean = float(parted[first:last].mean())
-        crossed = (first > 0 and parted[first - 1] == parted[first]) or (
-            last < len(found) and parted[last] == parted[last - 1]
-        )
+        low, high = float(parted[first]), float(parted[last - 1])
+        crossed = (first > 0 and parted[first - 1] == low) or (last < len(found) and parted[last] == high)
         if not crossed:
-            return mean, np.sort(where[order[first:last]])
-        _, chosen = _block_mean(found, first, last, float(parted[first]), float(parted[last - 1]), True)
+            return mean, where[np.flatnonzero((found >= low) & (found <= high))]
+        _, chosen = _block_mean(found, first, last, low, high, True)
         return mean, None if chosen is None else where[chosen]
 
 
