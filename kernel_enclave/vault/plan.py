@@ -30,7 +30,9 @@ Error messages name operations, columns and types, never a data value: Polars' o
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -635,6 +637,7 @@ def arrow_type_of(dtype: Any) -> Any:
 
 
 _CODED_SHARE = 4  # a string column is held coded when it has at most one distinct value per this many rows
+_CODED_ISIN = 16  # isin over a coded column compares the codes for up to this many values, reads strings beyond
 
 
 def _repeated_strings_coded(data: pl.DataFrame) -> pl.DataFrame:
@@ -1886,8 +1889,12 @@ def _isin(value: Value, values: tuple[Any, ...]) -> pl.Expr:
             members = pl.Series(present, strict=True).cast(value.dtype) if present else pl.Series([], dtype=value.dtype)
         except Exception:
             raise VaultError(f"isin: the values do not fit {value.label}") from None
-    if value.coded is not None:  # a coded string column: its codes looked up, no string materialised
-        return pl.when(value.coded.is_null()).then(pl.lit(has_null)).otherwise(value.coded.is_in(members.implode()))
+    if value.coded is not None and 0 < len(present) <= _CODED_ISIN:
+        # A coded string column compared with each value (no string materialised). Not looked up as a list: that
+        # would add the plan's strings to Polars' process-wide categories, which never shrink.
+        coded = value.coded
+        found = functools.reduce(operator.or_, (coded == pl.lit(v, dtype=pl.String) for v in present))
+        return pl.when(coded.is_null()).then(pl.lit(has_null)).otherwise(found)
     data = _nan_to_null(value)
     return pl.when(data.is_null()).then(pl.lit(has_null)).otherwise(data.is_in(members))
 

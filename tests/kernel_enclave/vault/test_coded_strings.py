@@ -77,6 +77,7 @@ def request(rng: np.random.Generator) -> dict[str, Any]:
             {"fn": "ne", "args": [text_literal(rng), column]},
             {"fn": "lt", "args": [column, text_literal(rng)]},
             {"fn": "isin", "args": [column], "values": [str(rng.choice(WORDS)), None][: int(rng.integers(1, 3))]},
+            {"fn": "isin", "args": [column], "values": [*WORDS, *(f"kind-{i}" for i in range(20))]},  # read as strings
             {"fn": "startswith", "args": [column], "prefix": str(rng.choice(["n", "s", "kind-1", ""]))},
             {"fn": "eq", "args": [{"fn": "upper", "args": [column]}, {"lit": "NORTH"}]},
             {"fn": "eq", "args": [column, {"col": "name"}]},
@@ -163,3 +164,31 @@ def test_coded_and_plain_strings_release_the_same(seed: int) -> None:
         released += mine[0] == "released"
         refused += mine[0] == "refused"
     assert released >= 10 and refused >= 1  # both outcomes were compared
+
+
+def categories_known() -> int:
+    """How many strings Polars' process-wide categories hold (they never shrink)."""
+    return len(pl.Series([WORDS[0]]).cast(pl.Categorical).cat.get_categories())
+
+
+def test_a_plans_strings_are_not_added_to_the_process_wide_categories() -> None:
+    """Comparing a coded column with a plan's strings must not intern them: the categories never shrink, so an
+    analyst sending fresh strings request after request would grow the vault without bound."""
+    sources = loaded(tables(np.random.default_rng(1), 400), True)
+    source = {"node": "source", "handle": "t"}
+    fresh = [f"never-seen-{i}" for i in range(40)]
+    before = categories_known()
+    for predicate in (
+        {"fn": "isin", "args": [{"col": "g"}], "values": fresh[:3]},  # compared on the codes
+        {"fn": "isin", "args": [{"col": "g"}], "values": fresh},  # past the codes' limit: read as strings
+        {"fn": "eq", "args": [{"col": "h"}, {"lit": fresh[5]}]},
+        {"fn": "eq", "args": [{"lit": fresh[6]}, {"col": "h"}]},
+    ):
+        plan = {
+            "node": "aggregate",
+            "input": {"node": "filter", "input": source, "predicate": {"fn": "not", "args": [predicate]}},
+            "by": [],
+            "aggs": [{"name": "n", "column": None, "func": "count"}],
+        }
+        assert outcome(plan, sources, 1, False)[0] == "released"
+    assert categories_known() == before
