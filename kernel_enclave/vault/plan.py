@@ -313,14 +313,17 @@ class SourceTable:
             object.__setattr__(self, "bound", converted.bound)
 
     @classmethod
-    def from_dataset(cls, dataset_id: str, table: pa.Table) -> SourceTable:
-        """A dataset as the vault decrypted it: each column's lineage is itself, each record's id its position."""
+    def from_dataset(cls, dataset_id: str, table: pa.Table, *, coded: bool = True) -> SourceTable:
+        """A dataset as the vault decrypted it: each column's lineage is itself, each record's id its position.
+        ``coded``: its repeated string columns are held coded (see :func:`_repeated_strings_coded`); not for an
+        analyst's uploads, whose strings would stay in Polars' process-wide categories for the kernel's life."""
         names = list(table.column_names)
         if len(set(names)) != len(names):
             raise VaultError(f"dataset {quote(dataset_id)} has duplicate column names")
         lineage = {name: frozenset({(dataset_id, name)}) for name in names}
         loaded = cls.from_arrow(table, lineage, frozenset({dataset_id}), ())
-        loaded = replace(loaded, data=_repeated_strings_coded(loaded.data.collect()).lazy())
+        if coded:
+            loaded = replace(loaded, data=_repeated_strings_coded(loaded.data.collect()).lazy())
         return loaded._with_record_ids(dataset_id, DatasetFacts(loaded.data, False, table.num_rows))
 
     def _with_record_ids(self, dataset_id: str, facts: DatasetFacts) -> SourceTable:

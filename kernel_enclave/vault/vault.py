@@ -238,7 +238,8 @@ class Vault:
         with self._lock:
             if dataset_id in self._opened:
                 raise VaultError(f"the dataset name {dataset_id!r} is already taken in this kernel")
-            handle = self._register(dataset_id, plan.SourceTable.from_dataset(dataset_id, table), policy, source)
+            frame = plan.SourceTable.from_dataset(dataset_id, table, coded=source != "upload")
+            handle = self._register(dataset_id, frame, policy, source)
             if record is not None:
                 try:
                     self.audit.append("upload", dataset=dataset_id, handle=handle, **record)

@@ -17,10 +17,13 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pytest
 
 from confnb.policy.output import RELEASE_KINDS, OutputPolicy
+from kernel_enclave.tee.simulated import SimulatedBackend
 from kernel_enclave.vault import plan as plans
 from kernel_enclave.vault import release as engine
+from kernel_enclave.vault.keys import VaultKeys
 from kernel_enclave.vault.plan import SourceTable
 from kernel_enclave.vault.protocol import PolicyViolation, VaultError
+from kernel_enclave.vault.vault import Vault
 
 FUNCS = ("count", "sum", "mean", "min", "max", "nunique", "median", "quantile")
 WORDS = ("north", "south", "east", "west", "Ñorth", "")  # "" and a non-ASCII value sort and compare as strings
@@ -192,3 +195,15 @@ def test_a_plans_strings_are_not_added_to_the_process_wide_categories() -> None:
         }
         assert outcome(plan, sources, 1, False)[0] == "released"
     assert categories_known() == before
+
+
+def test_an_analysts_upload_keeps_its_strings_plain(simulated_backend: SimulatedBackend) -> None:
+    """An upload's strings are not coded: they would join the process-wide categories for the kernel's life, and
+    an analyst can upload as often as they like. A dataset the vault opened is coded."""
+    vault = Vault(backend=simulated_backend, keys=VaultKeys.generate())
+    found = tables(np.random.default_rng(2), 400)
+    policy = policies(10)["d"]
+    uploaded = vault.add_table("mine", found["d"], policy)
+    opened = vault.add_table("theirs", found["d"], policy, source="broker")
+    assert vault._sources[uploaded].dtype("g") == pl.String
+    assert isinstance(vault._sources[opened].dtype("g"), pl.Categorical)
