@@ -22,6 +22,7 @@ import pytest
 import confnb as cn
 
 THRESHOLDS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # length-of-stay bins (days) an attacker would probe
+DIAGNOSES_PROBED = ("asthma", "copd", "diabetes", "fracture", "pneumonia", "sepsis")
 
 
 def attempt(release: Callable[[], Any]) -> tuple[Any, ...]:
@@ -184,3 +185,50 @@ def test_the_join_size_limit_answers_nothing_about_the_rows_a_request_reaches(
     released = own.agg(n=("age", "count"), total=("cost_again", "sum")).release()
     assert released["n"] == len(frame)
     assert released["total"] == pytest.approx(frame.cost.sum())
+
+
+def test_how_a_string_column_is_held_is_no_oracle(hospital: Any) -> None:
+    """The vault holds a string column that repeats its values as codes (``diagnosis`` and ``sex`` here); the same
+    values computed (``fillna`` of them) are plain strings in the vault. Every request must come out the same over
+    both: the same numbers, the same refusal rule, an error for the same requests. Otherwise an outcome would tell
+    whether a column has few distinct values, and the comparisons made on codes would be a second engine whose
+    answers nobody checked. The legitimate twin: the counts and means equal pandas'."""
+    t = hospital.open()
+    frame = hospital.frame
+    plain = t.assign(d=t.diagnosis.fillna("none"), s=t.sex.fillna("none"))
+    many = [*DIAGNOSES_PROBED, *(f"other-{i}" for i in range(20))]  # past the codes' comparisons: read as strings
+
+    def requests(table: Any, diagnosis: str, sex: str) -> list[Callable[[], Any]]:
+        column = table[diagnosis]
+        return [
+            lambda: table.value_counts(diagnosis).release(),
+            lambda: table.group_by([diagnosis, sex]).agg(n=("cost", "count"), m=("cost", "mean")).release(),
+            lambda: table[column == "copd"]["cost"].mean().release(),
+            lambda: table[column != "copd"]["length_of_stay"].sum().release(),
+            lambda: table[column.isin(["asthma", "sepsis"])]["age"].mean().release(),
+            lambda: table[column.isin(many)]["age"].count().release(),
+            lambda: table[column == "nowhere"]["cost"].mean().release(),  # no record: refused
+            lambda: table[column.str.startswith("s")]["cost"].sum().release(),
+            lambda: table[table[sex] == "F"].group_by(diagnosis).agg(m=("cost", "median")).release(),
+            lambda: table[column < "d"]["cost"].count().release(),
+        ]
+
+    def shape(outcome: tuple[Any, ...]) -> tuple[Any, ...]:
+        if outcome[0] != "released":
+            return outcome[:2]  # an error's or refusal's text names the column as written: the rule must agree
+        value = outcome[1]
+        if isinstance(value, pd.DataFrame):
+            return ("released", value.reset_index(drop=True).round(9).to_dict("list"))
+        if isinstance(value, tuple):
+            return ("released", tuple((k, round(float(v), 9)) for k, v in value))
+        return ("released", round(float(value), 9))
+
+    coded = [shape(attempt(request)) for request in requests(t, "diagnosis", "sex")]
+    computed = [shape(attempt(request)) for request in requests(plain, "d", "s")]
+    assert coded == computed
+    assert sum(outcome[0] == "released" for outcome in coded) >= 8
+    assert ("refused", "release.min_group_size") in coded
+    counts = t.value_counts("diagnosis").release()
+    assert counts.to_dict() == frame["diagnosis"].value_counts().to_dict()
+    means = t[t.diagnosis == "copd"]["cost"].mean().release()
+    assert means == pytest.approx(frame.loc[frame.diagnosis == "copd", "cost"].mean(), rel=1e-12)
