@@ -529,6 +529,9 @@ def _default_threads() -> int:
 class _SegmentDecrypter:
     """Decrypts ranges of segments into a shared output; records failures instead of raising in workers.
 
+    A failure stops the work on every later segment, never on an earlier one: whichever worker fails first, the
+    segment reported is the first one of the file that fails, so the message is the same on every run.
+
     ``target`` holds the plaintext from segment ``first_segment`` on (0: the whole file's). The ciphertext is
     ``source`` (the whole ciphertext, sliced per segment) or, with ``fd``, read one segment at a time from that file
     by each worker into a buffer of its own (``os.preadv`` releases the GIL, so reads and decryptions overlap).
@@ -554,7 +557,7 @@ class _SegmentDecrypter:
         self._mapping = mapping
         self._base = layout.plaintext_start(first_segment)
         self._fd = fd
-        self._failed = threading.Event()
+        self._stop_at = layout.segments  # the first segment found failing so far: later ones are not decrypted
         self._failures: list[int] = []
         self._short: list[int] = []  # segments the file no longer held in full when read
         self._lock = threading.Lock()
@@ -567,12 +570,12 @@ class _SegmentDecrypter:
         read_buffer = bytearray(self._layout.params.segment_size)
         with memoryview(read_buffer) as buffer:
             for index in range(first, stop):
+                if index > self._stop_at:
+                    return
                 start, end = self._layout.ciphertext_range(index)
                 with buffer[: end - start] as place:
                     if os.preadv(self._fd, [place], start) != end - start:
-                        with self._lock:
-                            self._short.append(index)
-                        self._failed.set()
+                        self._fail(self._short, index)
                         return
                 if not self._decrypt(index, index + 1, buffer, start):
                     return
@@ -581,7 +584,7 @@ class _SegmentDecrypter:
         """Segments ``first`` to ``stop`` from ``source`` (which begins at ciphertext offset ``source_start``)."""
         layout, last = self._layout, self._layout.segments - 1
         for index in range(first, stop):
-            if self._failed.is_set():
+            if index > self._stop_at:
                 return False
             start, end = layout.ciphertext_range(index)
             offset = layout.plaintext_start(index) - self._base
@@ -593,14 +596,17 @@ class _SegmentDecrypter:
                 try:
                     self._aead.decrypt_into(nonce, segment, None, out)
                 except InvalidTag:
-                    with self._lock:
-                        self._failures.append(index)
-                    self._failed.set()
+                    self._fail(self._failures, index)
                     return False
             if self._mapping is not None:
                 aligned = start - start % _PAGE_SIZE
                 self._mapping.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
         return True
+
+    def _fail(self, found: list[int], index: int) -> None:
+        with self._lock:
+            found.append(index)
+            self._stop_at = min(self._stop_at, index)
 
     def raise_first_failure(self) -> None:
         if self._short:

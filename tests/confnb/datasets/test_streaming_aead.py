@@ -11,6 +11,7 @@ import itertools
 import mmap
 import os
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -344,6 +345,27 @@ def test_swapped_segments(decrypt: Decrypt, seven_segments: tuple[bytes, bytes])
     ciphertext, size = seven_segments[1], SMALL.segment_size
     one, two = ciphertext[size : 2 * size], ciphertext[2 * size : 3 * size]
     assert "segment 1" in rejected(decrypt, ciphertext[:size] + two + one + ciphertext[3 * size :])
+
+
+def test_the_first_failing_segment_is_named_whichever_worker_fails_first(
+    decrypt: Decrypt, seven_segments: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two altered segments on different workers: the file's first is named on every run, not the one a worker
+    happened to reach first (a failure stops the work on later segments only). Segment 1's read is made slow, as
+    on a busy machine, so that the worker holding segment 2 fails first."""
+    ciphertext, size = seven_segments[1], SMALL.segment_size
+    altered = bytearray(ciphertext)
+    altered[size] ^= 1  # segment 1 (segment 0 and the header fill the first segment_size bytes)
+    altered[2 * size] ^= 1  # segment 2
+    read = os.preadv
+
+    def slow_at_segment_one(fd: int, buffers: Any, offset: int) -> int:
+        if offset == size:
+            time.sleep(0.2)
+        return read(fd, buffers, offset)
+
+    monkeypatch.setattr(sa.os, "preadv", slow_at_segment_one)
+    assert "segment 1 " in rejected(decrypt, bytes(altered))
 
 
 def test_duplicated_segment(decrypt: Decrypt, seven_segments: tuple[bytes, bytes]) -> None:
