@@ -1582,7 +1582,7 @@ def _numbers_direct(
             stoppable.check()  # NumPy from here on: an interrupt is seen between groups
             for name, mean, inside, where, missed in _group_blocks(flat, bounds, spec, mine, k, with_ids, row):
                 if missed is not None:  # the sample's bracket missed: selected below, all at once
-                    large.append((name, row, missed, where, *_block_ranks(len(missed), k, _q_of(mine, name))))
+                    large.append((name, row, missed[0], where, missed[1], missed[2]))
                     continue
                 columns[name][row] = mean
                 if with_ids and inside is not None:
@@ -1917,12 +1917,9 @@ class _Sample:
         return mean, None if chosen is None else where[chosen]
 
 
-_GroupBlock = tuple[str, float, np.ndarray | None, np.ndarray | None, np.ndarray | None]
-
-
-def _q_of(cells: Sequence[_Cell], name: str) -> float:
-    cell = next(cell for cell in cells if cell.name == name)
-    return 0.5 if cell.q is None else cell.q
+# (cell name, block mean, block positions, where those are in the group, or (values, start, end) for a block the
+# sample's bracket missed)
+_GroupBlock = tuple[str, float, np.ndarray | None, np.ndarray | None, tuple[np.ndarray, int, int] | None]
 
 
 def _group_blocks(
@@ -1944,7 +1941,7 @@ def _group_blocks(
         if sample is not None:
             block = sample.block(start, end, with_ids)
             if block is None:
-                found.append((cell.name, 0.0, None, where, values))
+                found.append((cell.name, 0.0, None, where, (values, start, end)))
                 continue
             mean, inside = block
         elif len(values) > _SORT_BELOW:
