@@ -24,6 +24,7 @@ from kernel_enclave.vault.keys import VaultKeys
 from kernel_enclave.vault.plan import SourceTable
 from kernel_enclave.vault.protocol import PolicyViolation, VaultError
 from kernel_enclave.vault.vault import Vault
+from tests.kernel_enclave.vault._released import assert_same_rows
 
 FUNCS = ("count", "sum", "mean", "min", "max", "nunique", "median", "quantile")
 WORDS = ("north", "south", "east", "west", "Ñorth", "")  # "" and a non-ASCII value sort and compare as strings
@@ -132,14 +133,7 @@ def same(coded: tuple[Any, ...], plain: tuple[Any, ...]) -> None:
         return
     assert coded[1] == plain[1]  # the same Arrow types: a released key is a string either way
     assert coded[3:] == plain[3:]  # withheld cells, record sets, sketches
-    for mine, theirs in zip(coded[2], plain[2], strict=True):
-        assert mine.keys() == theirs.keys()
-        for name, value in mine.items():
-            if isinstance(value, float) and isinstance(theirs[name], float):
-                assert value == pytest.approx(theirs[name], rel=1e-9, abs=1e-12, nan_ok=True), name
-            else:
-                assert value == theirs[name], name
-    assert len(coded[2]) == len(plain[2])
+    assert_same_rows(coded[2], plain[2])
 
 
 def test_repeated_strings_are_coded_and_distinct_ones_are_not() -> None:

@@ -25,6 +25,7 @@ from kernel_enclave.vault import release as engine
 from kernel_enclave.vault.differences import sketch_of
 from kernel_enclave.vault.plan import DatasetFacts, SourceTable
 from kernel_enclave.vault.protocol import PolicyViolation, VaultError
+from tests.kernel_enclave.vault._released import assert_same_rows
 
 FUNCS = ("count", "sum", "mean", "std", "var", "min", "max", "nunique", "median", "quantile")
 
@@ -55,14 +56,7 @@ def same(direct: tuple[Any, ...], general: tuple[Any, ...]) -> None:
         assert direct == general
         return
     assert direct[2:] == general[2:]  # withheld cells and record sets
-    assert len(direct[1]) == len(general[1])
-    for mine, theirs in zip(direct[1], general[1], strict=True):
-        assert mine.keys() == theirs.keys()
-        for name, value in mine.items():
-            if isinstance(value, float) and isinstance(theirs[name], float):
-                assert value == pytest.approx(theirs[name], rel=1e-9, abs=1e-12, nan_ok=True), name
-            else:
-                assert value == theirs[name], name
+    assert_same_rows(direct[1], general[1])
 
 
 def table(rng: np.random.Generator, n: int) -> dict[str, SourceTable]:
