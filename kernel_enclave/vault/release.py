@@ -833,7 +833,7 @@ def _numbers(
     for i, (weight, _) in enumerate(weights or ()):
         work.append(pl.col(weight).alias(f"w{i}"))
     moded = {values[(c.column, c.kind)] for c in cells if c.column is not None and c.func in _MODE_RULE}
-    split = _split_screened(frame, values, moded, k, simple or listing, sketching)
+    split = _split_screened(frame, values, moded, simple or listing)
     if split:
         schema = _work_frame(frame, work, records_too=False).collect_schema()
         for (column, kind), v in values.items():
@@ -922,6 +922,11 @@ def _numbers(
             ]
         elif v in split:
             exprs += _count_exprs(frame, f"{v}_h", mask & pl.col(f"{v}_b"), present_in)
+            if sketching and _held_often(frame, column, kind, k) is None:
+                # Whether a group holds a value k times decides what its sets leave out (see _held_k_times): with
+                # no load-time fact to tell, its largest value count, in the same pass (half the exact rule's cost).
+                normal = _normal(pl.col(v), _floating(frame, column, kind))
+                exprs.append(normal.filter(mask).unique_counts().max().cast(pl.Int64).alias(f"{v}_fmax"))
         else:
             exprs += mode_exprs(column, kind, v)
     for cell in cells:
@@ -1132,9 +1137,7 @@ def _split_screened(
     frame: SourceTable,
     values: Mapping[tuple[str, str], str],
     moded: Set[str],
-    k: int,
     screened_otherwise: bool,
-    sketching: bool,
 ) -> set[str]:
     """The work columns whose most-common-value rule :func:`_numbers` screens by a split of their values.
 
@@ -1142,20 +1145,15 @@ def _split_screened(
     its rows where it is present and the column contributes, so the records on the smaller side of a split of the
     values (:func:`_screen_bit`) differ from the most common value, as on the direct route; the groups that bound
     leaves open are counted exactly. Not where the rule is screened otherwise (one table) or decided with the
-    record sets listed (the holders of a value k records share are then listed too); with sketches, only for a
-    column whose values held k times are a load-time fact (how :func:`_held_k_times` then asks whether a group
-    holds one k times).
+    record sets listed (the holders of a value k records share are then listed too). With sketches, whether a group
+    holds a value k times is asked apart (:func:`_held_k_times`).
     """
     occurrences = frame.records or ()
     if screened_otherwise or frame.streaming or not occurrences:
         return set()
     if any(hidden not in frame.unique for _, hidden in occurrences):
         return set()
-    return {
-        v
-        for (column, kind), v in values.items()
-        if v in moded and not (sketching and _held_often(frame, column, kind, k) is None)
-    }
+    return {v for v in values.values() if v in moded}
 
 
 def _held_k_times(

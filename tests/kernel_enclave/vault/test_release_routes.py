@@ -577,13 +577,15 @@ def repeating_joined_tables(rng: np.random.Generator, n: int) -> dict[str, Sourc
     return sources
 
 
+@pytest.mark.parametrize("facts", ["found", "unknown"])
 @pytest.mark.parametrize("seed", range(3))
 def test_a_join_meeting_each_record_once_screens_the_most_common_value_rule_as_the_exact_count_decides(
-    seed: int,
+    seed: int, facts: str
 ) -> None:
     """After a join that meets each record at most once, the most-common-value rule is screened by a split of the
     values per dataset; the same requests with the exact count per group release the same numbers, withhold the
-    same cells and list (or sketch) the same record sets."""
+    same cells and list (or sketch) the same record sets. Also where no load-time fact says which values k records
+    hold (a column with too many of them): sketches then ask each group's largest value count in the same pass."""
     rng = np.random.default_rng(400 + seed)
     policies = {
         name: OutputPolicy(
@@ -591,8 +593,13 @@ def test_a_join_meeting_each_record_once_screens_the_most_common_value_rule_as_t
         )
         for name in ("d", "e")
     }
-    screened = {"split": 0, "opened": 0}
+    screened = {"split": 0, "opened": 0, "largest count": 0}
     counting = engine._split_screened
+    deciding = engine._held_k_times
+
+    def held_k_times(*args: Any, **kwargs: Any) -> bool:
+        screened["largest count"] += any(name.endswith("_fmax") for name in args[3].columns)
+        return deciding(*args, **kwargs)
 
     def split_screened(*args: Any, **kwargs: Any) -> set[str]:
         found = counting(*args, **kwargs)
@@ -626,18 +633,25 @@ def test_a_join_meeting_each_record_once_screens_the_most_common_value_rule_as_t
             plan["input"] = {"node": "assign", "input": plan["input"], "columns": [["balance", filled]]}
         sets = bool(rng.random() < 0.5)
         with pytest.MonkeyPatch.context() as patch:
+            if facts == "unknown":
+                patch.setattr(engine, "_held_often", lambda *args, **kwargs: None)
             patch.setattr(engine, "_split_screened", split_screened)
+            patch.setattr(engine, "_held_k_times", held_k_times)
             opened.clear()
             patch.setattr(engine, "_count_exprs", count_exprs)
             fast = outcome_of(plan, sources, sets)
             screened["opened"] += any(prefix.endswith("_nm") for prefix in opened)
         with pytest.MonkeyPatch.context() as patch:
+            if facts == "unknown":
+                patch.setattr(engine, "_held_often", lambda *args, **kwargs: None)
             patch.setattr(engine, "_split_screened", lambda *args, **kwargs: set())
             exact = outcome_of(plan, sources, sets)
         same(fast[:2] if fast[0] == "released" else fast, exact[:2] if exact[0] == "released" else exact)
         if fast[0] == "released":
             assert fast[2] == exact[2]
     assert screened["split"] >= 5 and screened["opened"] >= 1  # both the bound and its exact fallback were reached
+    if facts == "unknown":  # sketched releases asked each group's largest value count alongside the split
+        assert screened["largest count"] >= 3
 
 
 def unique_table(rng: np.random.Generator, k: int) -> dict[str, SourceTable]:
