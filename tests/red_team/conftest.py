@@ -60,11 +60,28 @@ def admissions_frame() -> pd.DataFrame:
     )
 
 
+def wards_frame(admissions: pd.DataFrame) -> pd.DataFrame:
+    """The ward of each admitted patient and the deposit they paid: none (0.0) for most, distinct amounts for the
+    rest, the target among them. One row per patient, so a join on ``patient_id`` meets each record once."""
+    rng = np.random.default_rng(20261208)
+    paid = rng.random(len(admissions)) < 0.3
+    paid[admissions.patient_id.to_numpy() == TARGET_ID] = True
+    amounts = np.round(100.0 + rng.permutation(len(admissions)) * 0.73, 2)  # no two deposits alike
+    return pd.DataFrame(
+        {
+            "patient_id": admissions.patient_id.to_numpy(),
+            "ward": rng.choice(["east", "north", "south", "west"], len(admissions)),
+            "deposit": np.where(paid, amounts, 0.0),
+        }
+    )
+
+
 @dataclass(frozen=True)
 class HospitalOwner:
     datasets: Path
     broker_url: str
     frame: pd.DataFrame
+    wards: pd.DataFrame  # a second table of the same owner, ``wards``: see wards_frame
 
 
 @contextlib.contextmanager
@@ -78,10 +95,12 @@ def serve_admissions(root: Path, policy_text: str) -> Iterator[HospitalOwner]:
     store = OwnerStore.create(root / "store")
     attestation = f'[attestation]\nallow_simulated = true\nmeasurements = ["{simulated_measurement().hex()}"]\n'
     frame = admissions_frame()
+    wards = wards_frame(frame)
     policy = OutputPolicy.from_toml(policy_text)
     encrypt_dataset(frame, root / "datasets" / "admissions", store, "admissions", policy, attestation)
+    encrypt_dataset(wards, root / "datasets" / "wards", store, "wards", policy, attestation)
     with serve_locally(store) as url:
-        yield HospitalOwner(root / "datasets", url, frame)
+        yield HospitalOwner(root / "datasets", url, frame, wards)
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +115,7 @@ class Hospital:
 
     frame: pd.DataFrame
     vault: Any
+    wards: pd.DataFrame
     policy: str = ADMISSIONS_POLICY
     target_id: int = TARGET_ID
 
@@ -137,7 +157,7 @@ def kernel(owner: HospitalOwner, simulated_backend: Any, monkeypatch: pytest.Mon
     monkeypatch.delenv("CONFNB_BROKER_URL", raising=False)
     monkeypatch.setenv("CONFNB_VAULT_SOCKET", str(socket_path))
     try:
-        yield Hospital(owner.frame, vault)
+        yield Hospital(owner.frame, vault, owner.wards)
     finally:
         current_session().close()
         server.close()

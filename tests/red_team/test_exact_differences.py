@@ -26,8 +26,11 @@ K = 10  # the fixture's min_group_size
 Recovered = Callable[[float | None, float], bool]
 
 
-def released_or_refused(make: Callable[[], Any], numbers: list[float]) -> Any:
-    """The released value (recorded in ``numbers`` for the recovery checks), or None after a difference refusal."""
+def released_or_refused(
+    make: Callable[[], Any], numbers: list[float], datasets: tuple[str, ...] = ("admissions",)
+) -> Any:
+    """The released value (recorded in ``numbers`` for the recovery checks), or None after a difference refusal
+    naming some of ``datasets`` (a release over a join is refused for the first dataset whose sets come near)."""
     try:
         value = make()
     except cn.PolicyViolation as violation:
@@ -35,7 +38,7 @@ def released_or_refused(make: Callable[[], Any], numbers: list[float]) -> Any:
     else:
         numbers.extend(np.asarray(value, dtype=np.float64).ravel().tolist())
         return value
-    assert refusal == (RULE, ("admissions",))
+    assert refusal[0] == RULE and refusal[1] and set(refusal[1]) <= set(datasets), refusal
     return None
 
 
@@ -205,6 +208,49 @@ def test_describe_of_everyone_minus_everyone_but_the_target_is_refused(hospital:
     kept = frame.cost[~frame.patient_id.isin(left_out)]
     assert but_k["count"] == len(kept) and but_k["mean"] == pytest.approx(kept.mean())
     assert but_k["std"] == pytest.approx(kept.std())
+
+
+def test_over_a_join_with_another_table_everyone_minus_everyone_but_the_target_is_refused(
+    hospital: Any, recovered: Recovered
+) -> None:
+    """The admissions joined to the owner's ``wards`` (one row per patient: the join meets each record once, and
+    each dataset's record sets are sketched from its own records). Leaving the target out is refused for a column
+    of either table, also for ``deposit``, whose most common value (none paid) most patients hold: a value k
+    records share is left out of its sets, and the rest still differ by the target."""
+    t = hospital.open()
+    joined = t.join(cn.open("wards"), on="patient_id")
+    frame, wards = hospital.frame, hospital.wards
+    deposit = float(wards.deposit[wards.patient_id == hospital.target_id].iloc[0])
+    assert deposit != 0.0 and (wards.deposit == 0.0).sum() > K
+    numbers: list[float] = []
+    everyone = released_or_refused(lambda: joined.agg(c=("cost", "sum"), d=("deposit", "sum")).release(), numbers)
+    assert everyone["c"] == pytest.approx(frame.cost.sum())
+    assert everyone["d"] == pytest.approx(wards.deposit.sum())
+    but_one = joined[joined["patient_id"] != hospital.target_id]
+    both = ("admissions", "wards")
+    assert released_or_refused(lambda: but_one.agg(c=("cost", "sum")).release(), numbers, both) is None
+    assert released_or_refused(lambda: but_one.agg(d=("deposit", "sum")).release(), numbers, both) is None
+    by_ward = joined.group_by("ward").agg(d=("deposit", "mean")).release()  # grouped: the same rule per ward
+    numbers += by_ward["d"].tolist()
+    ward = wards.ward[wards.patient_id == hospital.target_id].iloc[0]
+    in_ward = but_one[but_one["ward"] == ward]
+    assert released_or_refused(lambda: in_ward.agg(d=("deposit", "mean")).release(), numbers, both) is None
+    nothing_recovers(numbers, hospital.target.cost, recovered)
+    nothing_recovers(numbers, deposit, recovered)
+    paid_in_ward = wards[(wards.ward == ward) & (wards.deposit != 0.0)]
+    n = len(paid_in_ward)  # a mean over the ward's payers, with and without the target, would give the deposit
+    assert not any(recovered(n * a - (n - 1) * b, deposit) for a in numbers for b in numbers)
+
+
+def test_over_a_join_with_another_table_differing_by_k_records_is_released(hospital: Any) -> None:
+    t = hospital.open()
+    joined = t.join(cn.open("wards"), on="patient_id")
+    wards = hospital.wards
+    left_out = wards.patient_id[wards.deposit != 0.0].iloc[:K].tolist()
+    everyone = joined["deposit"].sum().release()
+    but_k = joined[~joined["patient_id"].isin(left_out)]["deposit"].sum().release()
+    assert everyone == pytest.approx(wards.deposit.sum())
+    assert but_k == pytest.approx(wards.deposit[~wards.patient_id.isin(left_out)].sum())
 
 
 def test_disjoint_halves_and_their_whole_are_released(hospital: Any) -> None:
