@@ -505,6 +505,39 @@ def test_the_bins_of_the_values_k_records_hold_are_compared_or_looked_up_alike(
     assert compared is (often.len() <= engine._COMPARED_OFTEN)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    lists=st.lists(st.lists(st.one_of(st.none(), st.integers(-5, 5)), max_size=6), min_size=1, max_size=12),
+    kind=st.sampled_from(["Int64", "UInt32", "Float64", "Boolean", "String"]),
+    cut=st.integers(0, 3),
+    chunks=st.booleans(),
+)
+def test_a_gathered_column_is_read_flat_as_exploding_it_reads_it(
+    lists: list[list[int | None]], kind: str, cut: int, chunks: bool
+) -> None:
+    """Groups' gathered values are read from their Arrow buffers (no copy for numbers without nulls): the same values
+    and group bounds as Polars' explode, with nulls (NaN for floats), empty lists, a sliced or chunked column."""
+    dtype = {"Int64": pl.Int64, "UInt32": pl.UInt32, "Float64": pl.Float64, "Boolean": pl.Boolean, "String": pl.String}
+    if kind == "UInt32":
+        lists = [[None if v is None else abs(v) for v in one] for one in lists]
+
+    def typed(one: list[int | None]) -> list[Any]:
+        return [None if v is None else (v > 0 if kind == "Boolean" else str(v) if kind == "String" else v) for v in one]
+
+    series = pl.Series("g", [typed(one) for one in lists], dtype=pl.List(dtype[kind]))
+    if chunks and len(lists) > 1:
+        half = len(lists) // 2
+        series = series.slice(0, half).append(series.slice(half))
+    series = series.slice(min(cut, len(lists) - 1))
+    flat, bounds = engine._flat_lists(series)
+    expected = series.explode(empty_as_null=False).to_numpy()
+    assert bounds.tolist() == [0, *np.cumsum(series.list.len().to_numpy()).tolist()]
+    assert flat.dtype == expected.dtype and len(flat) == len(expected)
+    assert [None if isinstance(v, float) and np.isnan(v) else v for v in flat.tolist()] == [
+        None if isinstance(v, float) and np.isnan(v) else v for v in expected.tolist()
+    ]
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     values=st.lists(
