@@ -1,7 +1,8 @@
 """A hospital's admissions behind a real vault, for the exact-mode attacks of a determined analyst.
 
-The data owner encrypts the table with their own tooling and registers it with a real broker on loopback; each test
-gets a fresh vault (a fresh kernel: no release remembered, no release counted) that obtains the key by attesting the
+The data owner encrypts the table (and ``wards``, a second table of theirs with one row per patient, for attacks over
+a join of two datasets) with their own tooling and registers it with a real broker on loopback; each test gets a
+fresh vault (a fresh kernel: no release remembered, no release counted) that obtains the keys by attesting the
 session's simulated TEE, and ``CONFNB_VAULT_SOCKET`` pointing at it, so ``import confnb as cn`` behaves as in a
 confidential kernel's executor. The plaintext stays with the test, so that what came back can be checked against
 the secret it must not reveal.
